@@ -1,0 +1,181 @@
+"""Worker-side estimators as optax-style gradient transformations.
+
+Each worker turns its clipped stochastic gradient(s) into the update it sends to
+the server. The training step vmaps these transforms over the worker axis, so
+every state below is per worker; stacked, its leaves gain a leading axis W.
+
+Three estimators (SPEC section 2.2):
+
+* ``sgd``: the clipped gradient itself.
+* ``momentum(beta)``: m_1 = g_1, m_t = beta * m_{t-1} + (1 - beta) * g_t.
+* ``mu2sgd(beta)``: the corrected momentum of mu2sgd (STORM-style),
+  d_1 = g(x_1; z_1), d_t = g(x_t; z_t) + (1 - beta_t) * (d_{t-1} - g(x_{t-1}; z_t)).
+  It needs the gradient at the previous query point on the same minibatch,
+  passed as the extra argument ``prev_grads``.
+
+Gradient clipping (SPEC 2.1) is applied by the step to every gradient before it
+reaches these transforms; see :func:`clip_by_global_norm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+ESTIMATOR_NAMES = ("sgd", "momentum", "mu2sgd")
+
+
+class EstimatorState(NamedTuple):
+  """State shared by all worker estimators."""
+  count: jax.Array  # int32 []: number of updates done so far
+  trace: PyTree     # like params: m_{t-1} (momentum) or d_{t-1} (mu2sgd); () for sgd
+
+
+def reference_round(value: jax.Array) -> jax.Array:
+  """The original program's schedule quirk: ``max(round(value, 3), 0.01)``."""
+  return jnp.maximum(jnp.round(value, 3), 0.01)
+
+
+def clip_by_global_norm(tree: PyTree, max_norm: Optional[float]) -> PyTree:
+  """Scales ``tree`` by ``min(1, max_norm / ||tree||)`` (global L2 norm).
+
+  Args:
+    tree: one worker's gradient pytree.
+    max_norm: the clipping threshold C; ``None`` disables clipping.
+
+  Returns:
+    The clipped pytree (same structure and dtypes).
+  """
+  if max_norm is None:
+    return tree
+  norm = optax.tree.norm(tree)
+  # Written with a `where` so that a zero gradient does not divide by zero.
+  scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+  return jax.tree.map(lambda g: (g * scale).astype(g.dtype), tree)
+
+
+def sgd() -> optax.GradientTransformationExtraArgs:
+  """The plain (already clipped) gradient, a baseline the reference lacks."""
+
+  def init_fn(params):
+    del params
+    return EstimatorState(count=jnp.zeros([], jnp.int32), trace=())
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return updates, EstimatorState(count=state.count + 1, trace=())
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def momentum(beta: float = 0.9) -> optax.GradientTransformationExtraArgs:
+  """Exponential moving average of gradients, started at the first gradient.
+
+  Args:
+    beta: the momentum coefficient; ``m_t = beta * m_{t-1} + (1 - beta) * g_t``.
+
+  Returns:
+    An optax transform whose state trace is ``m_{t-1}``.
+  """
+
+  def init_fn(params):
+    return EstimatorState(count=jnp.zeros([], jnp.int32),
+                          trace=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    first = state.count == 0
+    new = jax.tree.map(
+        lambda g, m: jnp.where(first, g, beta * m + (1 - beta) * g).astype(g.dtype),
+        updates, state.trace)
+    return new, EstimatorState(count=state.count + 1, trace=new)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mu2sgd_beta(t: jax.Array, beta: Optional[float], reference_rounding: bool) -> jax.Array:
+  """The corrected-momentum weight beta_t at round ``t`` (1-based).
+
+  Args:
+    t: the round number, ``t >= 1``.
+    beta: a fixed beta, or ``None`` for the schedule ``beta_t = 1 / t``.
+    reference_rounding: apply the reference's ``max(round(., 3), 0.01)``.
+
+  Returns:
+    beta_t as a float32 scalar.
+  """
+  value = (jnp.asarray(beta, jnp.float32) if beta is not None
+           else 1.0 / jnp.asarray(t, jnp.float32))
+  return reference_round(value) if reference_rounding else value
+
+
+def mu2sgd(beta: Optional[float] = None,
+           reference_rounding: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Corrected momentum of mu2sgd (the workers' half of the double momentum).
+
+  ``update(grads, state, prev_grads=...)`` where ``grads = g(x_t; z_t)`` and
+  ``prev_grads = g(x_{t-1}; z_t)`` are evaluated on the same minibatch.
+
+  Args:
+    beta: fixed beta; ``None`` uses ``beta_t = 1 / t``.
+    reference_rounding: reproduce the reference's rounding and 0.01 floor.
+
+  Returns:
+    An optax transform whose state trace is ``d_{t-1}``.
+  """
+
+  def init_fn(params):
+    return EstimatorState(count=jnp.zeros([], jnp.int32),
+                          trace=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None, *, prev_grads=None, **extra_args):
+    del params, extra_args
+    if prev_grads is None:
+      raise ValueError("mu2sgd needs prev_grads, the gradient at the previous query "
+                       "point on the same minibatch.")
+    t = state.count + 1
+    keep = 1.0 - mu2sgd_beta(t, beta, reference_rounding)
+    first = state.count == 0
+    new = jax.tree.map(
+        lambda g, d, gp: jnp.where(first, g, g + (keep * (d - gp)).astype(g.dtype)),
+        updates, state.trace, prev_grads)
+    return new, EstimatorState(count=t, trace=new)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+ESTIMATORS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
+    "sgd": lambda c: sgd(),
+    "momentum": lambda c: momentum(c.momentum),
+    "mu2sgd": lambda c: mu2sgd(
+        None if c.beta_schedule == "1/t" else c.momentum, c.reference_rounding),
+}
+
+
+def needs_previous_gradient(name: str) -> bool:
+  """Whether the estimator evaluates a second gradient at x_{t-1}."""
+  return name == "mu2sgd"
+
+
+def make_estimator(optim_config) -> optax.GradientTransformationExtraArgs:
+  """Builds the worker estimator named by ``optim_config.estimator``.
+
+  Args:
+    optim_config: the ``c.optim`` section (fields estimator, momentum,
+      beta_schedule, reference_rounding).
+
+  Returns:
+    The optax transform (one worker's; the step vmaps it).
+  """
+  name = optim_config.estimator
+  if name not in ESTIMATORS:
+    raise ValueError(f"Unknown estimator {name!r}; valid names: {', '.join(ESTIMATORS)}.")
+  if optim_config.beta_schedule not in ("1/t", "fixed"):
+    raise ValueError(f"optim.beta_schedule must be '1/t' or 'fixed', got "
+                     f"{optim_config.beta_schedule!r}.")
+  return ESTIMATORS[name](optim_config)

@@ -1,0 +1,104 @@
+"""Server-side optax transforms: weight decay, SGD and AnyTime averaging.
+
+The server keeps the query point x_t (the model that is evaluated, and the
+``params`` optax sees) and, for mu2sgd, the anchor iterate w_t inside the state
+of :func:`anytime_averaging`. One server step (SPEC section 2.3) is
+
+  w_{t+1} = w_t - lr * (a_t + lambda * x_t)
+  x_{t+1} = (1 - gamma_t) * x_t + gamma_t * w_{t+1}
+
+which is the chain ``add_decayed_weights(lambda) -> sgd(lr) -> anytime_averaging``
+applied with ``params = x_t``: the first two turn the aggregate a_t into the
+w-increment, the last one moves w and returns the increment of x.
+Without AnyTime averaging (momentum and sgd estimators) x = w and the chain is
+plain SGD.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftjax import estimators
+
+PyTree = Any
+
+
+class AnytimeState(NamedTuple):
+  """State of :func:`anytime_averaging`."""
+  count: jax.Array   # int32 []: server steps done
+  anchor: PyTree     # like params: the iterate w_t
+  alpha_sum: jax.Array  # float32 []: sum_{s<=t} alpha_s
+
+
+def anytime_gamma(t: jax.Array, alpha_sum: jax.Array, gamma: Optional[float],
+                  reference_rounding: bool) -> jax.Array:
+  """gamma_t = alpha_t / sum_{s<=t} alpha_s with alpha_t = t, or a fixed gamma."""
+  if gamma is None:
+    value = jnp.asarray(t, jnp.float32) / alpha_sum
+  else:
+    value = jnp.asarray(gamma, jnp.float32)
+  return estimators.reference_round(value) if reference_rounding else value
+
+
+def anytime_averaging(gamma: Optional[float] = None,
+                      reference_rounding: bool = False) -> optax.GradientTransformation:
+  """AnyTime averaging of the query point (the server's half of mu2sgd).
+
+  Expects ``updates`` to be the increment of the anchor w (``-lr * a_t`` after
+  the SGD transform) and ``params`` the current query point x_t.
+
+  Args:
+    gamma: fixed averaging weight, or ``None`` for alpha_t = t, i.e.
+      gamma_t = 2 / (t + 1) (gamma_1 = 1).
+    reference_rounding: reproduce the reference's ``max(round(., 3), 0.01)``.
+
+  Returns:
+    A transform whose output is ``x_{t+1} - x_t``.
+  """
+
+  def init_fn(params):
+    return AnytimeState(count=jnp.zeros([], jnp.int32),
+                        anchor=jax.tree.map(jnp.array, params),
+                        alpha_sum=jnp.zeros([], jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("anytime_averaging needs params (the query point x_t).")
+    t = state.count + 1
+    alpha_sum = state.alpha_sum + t.astype(jnp.float32)
+    g = anytime_gamma(t, alpha_sum, gamma, reference_rounding)
+    anchor = jax.tree.map(lambda w, u: w + u, state.anchor, updates)
+    new_updates = jax.tree.map(lambda w, x: (g * (w - x)).astype(x.dtype), anchor, params)
+    return new_updates, AnytimeState(count=t, anchor=anchor, alpha_sum=alpha_sum)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_server_optimizer(optim_config) -> optax.GradientTransformation:
+  """The server chain for the config's ``c.optim`` section.
+
+  Args:
+    optim_config: fields lr, weight_decay, estimator, gamma_schedule
+      ('anytime' | 'fixed'), gamma, reference_rounding.
+
+  Returns:
+    An optax transform; call ``update(aggregate, state, params=x)``.
+  """
+  c = optim_config
+  if c.lr <= 0:
+    raise ValueError(f"optim.lr must be positive, got {c.lr}.")
+  parts = []
+  if c.weight_decay:
+    parts.append(optax.add_decayed_weights(c.weight_decay))
+  parts.append(optax.sgd(c.lr))
+  if c.estimator == "mu2sgd":
+    if c.gamma_schedule not in ("anytime", "fixed"):
+      raise ValueError(f"optim.gamma_schedule must be 'anytime' or 'fixed', got "
+                       f"{c.gamma_schedule!r}.")
+    gamma = None if c.gamma_schedule == "anytime" else c.gamma
+    parts.append(anytime_averaging(gamma, c.reference_rounding))
+  return optax.chain(*parts)

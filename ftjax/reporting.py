@@ -1,0 +1,150 @@
+"""Metric writers: console table and progress bar, CSV and JSONL files, W&B.
+
+One :class:`Reporter` per run receives a flat dict of Python scalars at every
+evaluation and fans it out to
+
+* the console: a table row per evaluation above a tqdm progress bar with ETA;
+* ``metrics.csv`` and ``metrics.jsonl`` in the workdir (on resume, rows past
+  the restored step are dropped so that the files match an uninterrupted run);
+* Weights & Biases, only when ``c.wandb.enabled`` (online or offline mode).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import tqdm
+
+# Columns shown in the console table, in order, with their format.
+CONSOLE_COLUMNS = (  # (name, width, format spec)
+    ("step", 7, "d"),
+    ("train_loss", 10, ".4f"),
+    ("train_acc", 9, ".4f"),
+    ("test_loss", 9, ".4f"),
+    ("test_acc", 8, ".4f"),
+    ("steps_per_sec", 13, ".1f"),
+)
+
+
+def _truncate_jsonl(path: str, max_step: int) -> list[dict]:
+  rows = []
+  if os.path.exists(path):
+    with open(path) as fh:
+      for line in fh:
+        line = line.strip()
+        if line:
+          row = json.loads(line)
+          if row.get("step", 0) <= max_step:
+            rows.append(row)
+  return rows
+
+
+class Reporter:
+  """Writes evaluation rows to console, files and optionally W&B.
+
+  Args:
+    workdir: where metrics.csv and metrics.jsonl live.
+    total_steps: number of training rounds of the whole run (for the ETA).
+    start_step: the step the run (re)starts from; later rows are discarded.
+    wandb_config: the ``c.wandb`` section, or None.
+    run_config: the whole config, recorded by W&B.
+    show_progress: draw the tqdm bar (off in tests).
+  """
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
+               wandb_config=None, run_config: Optional[Mapping[str, Any]] = None,
+               show_progress: bool = True):
+    self.workdir = workdir
+    self.csv_path = os.path.join(workdir, "metrics.csv")
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.rows = _truncate_jsonl(self.jsonl_path, start_step)
+    self._rewrite_files()
+    self._header_printed = False
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                          dynamic_ncols=True, disable=not show_progress,
+                          file=sys.stderr, leave=False)
+    self._wandb = None
+    if wandb_config is not None and wandb_config.enabled:
+      import wandb  # Imported lazily: W&B is optional at run time.
+      self._wandb = wandb.init(
+          project=wandb_config.project, entity=wandb_config.entity or None,
+          name=wandb_config.name or None, mode=wandb_config.mode, dir=workdir,
+          config=dict(run_config or {}), resume="allow",
+          id=wandb_config.run_id or None)
+
+  def _columns(self) -> list[str]:
+    keys: list[str] = []
+    for row in self.rows:
+      for k in row:
+        if k not in keys:
+          keys.append(k)
+    return keys
+
+  def _rewrite_files(self) -> None:
+    with open(self.jsonl_path, "w") as fh:
+      for row in self.rows:
+        fh.write(json.dumps(row) + "\n")
+    with open(self.csv_path, "w", newline="") as fh:
+      writer = csv.DictWriter(fh, fieldnames=self._columns())
+      writer.writeheader()
+      writer.writerows(self.rows)
+
+  def advance(self, num_steps: int) -> None:
+    """Moves the progress bar by ``num_steps`` rounds."""
+    self._bar.update(num_steps)
+
+  def write(self, row: Mapping[str, Any]) -> None:
+    """Records one evaluation row (a flat dict of Python scalars)."""
+    row = dict(row)
+    new_columns = [k for k in row if k not in self._columns()]
+    self.rows.append(row)
+    if new_columns and len(self.rows) > 1:
+      self._rewrite_files()  # The CSV header changes; rewrite it whole.
+    else:
+      with open(self.jsonl_path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+      if len(self.rows) == 1:
+        self._rewrite_files()
+      else:
+        with open(self.csv_path, "a", newline="") as fh:
+          csv.DictWriter(fh, fieldnames=self._columns()).writerow(row)
+    self._print_row(row)
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+  def _print_row(self, row: Mapping[str, Any]) -> None:
+    if not self._header_printed:
+      header = " ".join(f"{name:>{width}}" for name, width, _ in CONSOLE_COLUMNS)
+      self._bar.write(header)
+      self._header_printed = True
+    cells = []
+    for name, width, spec in CONSOLE_COLUMNS:
+      value = row.get(name, math.nan)
+      try:
+        cells.append(f"{value:>{width}{spec}}")
+      except (ValueError, TypeError):
+        cells.append(f"{str(value):>{width}}")
+    self._bar.write(" ".join(cells))
+
+  def close(self) -> None:
+    """Closes the progress bar and the W&B run."""
+    self._bar.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+  """A Markdown table of ``rows`` restricted to ``columns`` (used by benchmarks)."""
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  for row in rows:
+    cells = []
+    for c in columns:
+      v = row.get(c, "")
+      cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
