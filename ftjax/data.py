@@ -388,6 +388,8 @@ def load_dataset(name: str, *, path: Optional[str] = None, data_dir: Optional[st
     mean, std = spec.mean, spec.std
   if mean is None:
     mean, std = channel_stats(arrays.train_images)
+    # A constant channel carries no signal; centre it without dividing by 0.
+    std = tuple(s if s > 0 else 1.0 for s in std)
   return Dataset(name=name, train_images=arrays.train_images, train_labels=arrays.train_labels,
                  test_images=arrays.test_images, test_labels=arrays.test_labels,
                  num_classes=arrays.num_classes, mean=tuple(mean), std=tuple(std),
