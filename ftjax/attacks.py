@@ -1,0 +1,656 @@
+"""Byzantine attacks: pure functions from this round's honest rows to Byzantine rows.
+
+An attack is an :class:`Attack` built by :func:`make_attack` from a name in the
+:data:`ATTACKS` table and a few static options. Calling it maps
+
+    (honest [H, ...], own [f, ...] or None, key, AttackContext) -> Byzantine rows [f, ...]
+
+for pytrees whose leaves carry a leading worker axis. The adversary is
+omniscient: it sees every honest update of the current round (SPEC section 4).
+
+Two families:
+
+* Attacks that run the honest estimator themselves (``none``, ``lf``, ``sf``;
+  ``uses_own_updates=True``): the training step computes the Byzantine
+  workers' own updates (for ``lf`` on flipped labels, see :func:`flip_labels`)
+  and passes them as ``own``.
+* Omniscient attacks (everything else): ``own`` is ``None`` and the rows are
+  built from the honest ones. ``ipm``, ``alie``, ``min_max``, ``min_sum`` and
+  the ``optimal_*`` line searches make all Byzantine workers send one vector.
+
+All norms and distances are global over the leaves of the pytree. Options are
+Python values fixed at construction, so an attack can be closed over inside
+``jax.jit``; the output is a deterministic function of the inputs and the key.
+docs/attacks.md lists every attack with its formula and defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Aggregator = Callable[[PyTree, jax.Array], tuple]
+
+# The inverse golden ratio, the shrink factor of golden-section search.
+_INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackContext:
+  """What an attack may know besides the honest rows.
+
+  Attributes:
+    num_byzantine: f, the number of Byzantine rows to produce (static).
+    aggregator: the server's full aggregation rule ``(updates[W, ...], key) ->
+      (out, diagnostics)``, meta-aggregator included; the ``optimal_*`` attacks
+      line-search against it.
+    num_classes: number of classes C of the task (for label flipping).
+  """
+  num_byzantine: int
+  aggregator: Optional[Aggregator] = None
+  num_classes: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+  """A configured attack; call it as ``attack(honest, own, key, ctx)``.
+
+  Attributes:
+    name: the canonical name (aliases are resolved).
+    uses_own_updates: True when the Byzantine workers run the honest estimator
+      themselves (``none``, ``lf``, ``sf``): the step must compute their updates
+      and pass them as ``own``. False for omniscient attacks, whose Byzantine
+      gradients the step may skip.
+    flips_labels: True only for ``lf``: the step feeds the Byzantine workers the
+      labels ``(C - 1) - y``.
+    options: the resolved options as sorted ``(name, value)`` pairs.
+    needs_aggregator: True when ``ctx.aggregator`` must be set.
+    min_honest: the fewest honest rows the formula is defined for.
+  """
+  name: str
+  uses_own_updates: bool
+  flips_labels: bool
+  options: tuple = ()
+  needs_aggregator: bool = False
+  min_honest: int = 1
+  fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
+
+  def __call__(self, honest: PyTree, own: Optional[PyTree], key: jax.Array,
+               ctx: AttackContext) -> PyTree:
+    """Produces this round's Byzantine rows.
+
+    Args:
+      honest: this round's honest updates, leaves shaped ``[H, ...]``.
+      own: the Byzantine workers' own honest-estimator updates, leaves shaped
+        ``[f, ...]``, when ``uses_own_updates``; otherwise ignored (pass None).
+      key: PRNG key of this round's attack randomness.
+      ctx: the static :class:`AttackContext`.
+
+    Returns:
+      The Byzantine rows: the structure of ``honest`` with leading axis f and
+      the dtypes of ``honest``.
+
+    Raises:
+      ValueError: on inconsistent shapes, a missing aggregator or too few
+        honest rows, before anything is computed.
+    """
+    if self.fn is None:
+      raise ValueError("Build attacks with make_attack(name, **options), not Attack(...).")
+    f = _check_context(ctx, self)
+    num_honest = _check_rows(honest, "honest")
+    if num_honest < self.min_honest:
+      raise ValueError(
+          f"Attack {self.name!r} needs at least {self.min_honest} honest rows (it uses "
+          f"their unbiased standard deviation), got {num_honest}; use fewer Byzantine "
+          "workers or another attack.")
+    if self.uses_own_updates:
+      if own is None:
+        if f:
+          raise ValueError(f"Attack {self.name!r} sends the Byzantine workers' own updates: "
+                           f"pass them as `own` with leading axis f={f}.")
+        own = _empty_rows(honest)
+      else:
+        _check_own(own, honest, f, self.name)
+    if f == 0:
+      return _empty_rows(honest)
+    rows = self.fn(honest, own, key, ctx, num_honest, f)
+    return jax.tree.map(lambda r, h: r.astype(h.dtype), rows, honest)
+
+
+# --------------------------------------------------------------------------
+# Public helpers
+
+
+def flip_labels(labels: jax.Array, num_classes: int) -> jax.Array:
+  """The label-flipping map of the ``lf`` attack: ``y -> (C - 1) - y``.
+
+  Args:
+    labels: integer class labels in ``[0, C)``, any shape.
+    num_classes: C.
+
+  Returns:
+    The flipped labels, same shape and dtype.
+  """
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 2:
+    raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
+  return (num_classes - 1 - labels).astype(labels.dtype)
+
+
+def alie_z(num_workers: int, num_byzantine: int) -> float:
+  """The ALIE scale of SPEC section 4: ``z = Phi^{-1}((m - f - s) / (m - f))``.
+
+  With ``s = floor(m / 2 + 1) - f`` and Phi the standard normal CDF; 1.2206 for
+  m = 17, f = 8.
+
+  Args:
+    num_workers: m, all workers (honest and Byzantine).
+    num_byzantine: f.
+
+  Returns:
+    z as a Python float.
+
+  Raises:
+    ValueError: when the counts are invalid or the quantile falls outside
+      (0, 1), where the formula has no finite value.
+  """
+  for what, v in (("num_workers", num_workers), ("num_byzantine", num_byzantine)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise ValueError(f"{what} must be an integer, got {v!r}.")
+  m, f = int(num_workers), int(num_byzantine)
+  if not 0 <= f < m:
+    raise ValueError(f"Need 0 <= num_byzantine < num_workers, got m={m}, f={f}.")
+  s = math.floor(m / 2 + 1) - f
+  q = (m - f - s) / (m - f)
+  if not 0.0 < q < 1.0:
+    raise ValueError(
+        f"The ALIE formula gives the quantile (m - f - s)/(m - f) = {q:.4g} for m={m}, f={f}, "
+        "outside (0, 1); pass an explicit z, e.g. make_attack('alie', z=1.0).")
+  return statistics.NormalDist().inv_cdf(q)
+
+
+def canonical_name(name: str) -> str:
+  """Resolves an attack name or alias (case and ``-``/``_`` insensitive).
+
+  Args:
+    name: e.g. ``"empire"``, ``"ALIE"``, ``"min-max"``.
+
+  Returns:
+    The canonical name, e.g. ``"ipm"``, ``"alie"``, ``"min_max"``.
+
+  Raises:
+    ValueError: for an unknown name, listing the valid ones.
+  """
+  if not isinstance(name, str):
+    raise ValueError(f"An attack name must be a string, got {name!r}.")
+  key = name.strip().lower().replace("-", "_")
+  if key not in ATTACKS:
+    raise ValueError(f"Unknown attack {name!r}; valid names: {', '.join(sorted(ATTACKS))}.")
+  return ATTACKS[key].name
+
+
+def make_attack(name: str, **options) -> Attack:
+  """Builds an attack from its name and options.
+
+  Args:
+    name: a key of :data:`ATTACKS` (aliases ``empire`` = ``ipm``, ``little`` =
+      ``alie``; ``min-max`` is read as ``min_max``).
+    **options: the attack's options (see docs/attacks.md); missing ones take
+      their defaults, None for an option with a default means "the default".
+
+  Returns:
+    The configured :class:`Attack`.
+
+  Raises:
+    ValueError: for an unknown name or option, or an invalid option value.
+  """
+  spec = ATTACKS[canonical_name(name)]
+  unknown = sorted(set(options) - set(spec.defaults))
+  if unknown:
+    valid = ", ".join(sorted(spec.defaults)) or "none"
+    raise ValueError(f"Unknown option(s) {', '.join(unknown)} for attack {spec.name!r}; "
+                     f"valid options: {valid}.")
+  resolved = {}
+  for opt, default in spec.defaults.items():
+    value = options.get(opt, default)
+    if value is None:
+      value = default
+    resolved[opt] = spec.checks[opt](f"{spec.name}.{opt}", value)
+  if spec.cross_check is not None:
+    spec.cross_check(spec.name, resolved)
+  return Attack(name=spec.name, uses_own_updates=spec.uses_own_updates,
+                flips_labels=spec.flips_labels, options=tuple(sorted(resolved.items())),
+                needs_aggregator=spec.needs_aggregator, min_honest=spec.min_honest,
+                fn=spec.build(**resolved))
+
+
+# --------------------------------------------------------------------------
+# Input checks (plain Python on static shapes: they run before any tracing work)
+
+
+def _check_context(ctx: AttackContext, attack: Attack) -> int:
+  if not isinstance(ctx, AttackContext):
+    raise ValueError(f"ctx must be an AttackContext, got {type(ctx).__name__}.")
+  f = ctx.num_byzantine
+  if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
+    raise ValueError(f"AttackContext.num_byzantine must be an integer >= 0, got {f!r}.")
+  if attack.needs_aggregator and f and ctx.aggregator is None:
+    raise ValueError(f"Attack {attack.name!r} line-searches against the server's aggregator: "
+                     "set AttackContext(aggregator=...) to the rule in use.")
+  return int(f)
+
+
+def _check_rows(tree: PyTree, what: str) -> int:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    raise ValueError(f"`{what}` has no array leaves.")
+  counts = set()
+  for leaf in leaves:
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise ValueError(f"`{what}` leaves must be arrays, got {type(leaf).__name__}.")
+    if len(leaf.shape) < 1:
+      raise ValueError(f"`{what}` leaves need a leading worker axis; got a scalar leaf.")
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise ValueError(f"`{what}` leaves must be floating point, got dtype {leaf.dtype}.")
+    counts.add(leaf.shape[0])
+  if len(counts) != 1:
+    raise ValueError(f"All `{what}` leaves must share the leading worker axis, got sizes "
+                     f"{sorted(counts)}.")
+  n = counts.pop()
+  if n < 1:
+    raise ValueError(f"`{what}` must hold at least one row.")
+  return n
+
+
+def _check_own(own: PyTree, honest: PyTree, f: int, name: str) -> None:
+  if jax.tree.structure(own) != jax.tree.structure(honest):
+    raise ValueError(f"Attack {name!r}: `own` must have the pytree structure of `honest`.")
+  for o, h in zip(jax.tree.leaves(own), jax.tree.leaves(honest)):
+    if tuple(o.shape) != (f,) + tuple(h.shape[1:]):
+      raise ValueError(f"Attack {name!r}: `own` leaves must be shaped [f={f}, ...] like the "
+                       f"honest rows, got {tuple(o.shape)} against {tuple(h.shape)}.")
+
+
+# --------------------------------------------------------------------------
+# Tree arithmetic (norms are global over leaves)
+
+
+def _acc_dtype(tree: PyTree):
+  """Accumulate norms in float64 when the tree is float64, else float32."""
+  if any(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(tree)):
+    return jnp.float64
+  return jnp.float32
+
+
+def _empty_rows(honest: PyTree) -> PyTree:
+  return jax.tree.map(lambda h: jnp.zeros((0,) + h.shape[1:], h.dtype), honest)
+
+
+def _mean(rows: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), rows)
+
+
+def _std(rows: PyTree) -> PyTree:
+  # ddof=1: ALIE estimates the spread of the honest distribution from H samples.
+  return jax.tree.map(lambda x: jnp.std(x, axis=0, ddof=1), rows)
+
+
+def _sq_norm(tree: PyTree, acc) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(acc))) for x in jax.tree.leaves(tree))
+
+
+def _repeat(row: PyTree, f: int) -> PyTree:
+  return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (f,) + x.shape), row)
+
+
+def _along(base: PyTree, direction: PyTree, scale: jax.Array) -> PyTree:
+  """``base + scale * direction`` leaf by leaf, in the leaves' dtypes."""
+  return jax.tree.map(lambda b, d: (b + scale.astype(d.dtype) * d).astype(d.dtype),
+                      base, direction)
+
+
+# --------------------------------------------------------------------------
+# Attack bodies. Each builder takes the resolved options and returns
+# fn(honest, own, key, ctx, num_honest, f) -> rows with leading axis f.
+
+
+def _build_own(**_):
+  """none and lf: the Byzantine workers send what their honest estimator gave."""
+  return lambda honest, own, key, ctx, h, f: own
+
+
+def _build_sf(**_):
+  return lambda honest, own, key, ctx, h, f: jax.tree.map(jnp.negative, own)
+
+
+def _build_ipm(eps):
+  def fn(honest, own, key, ctx, h, f):
+    return _repeat(jax.tree.map(lambda m: -eps * m, _mean(honest)), f)
+  return fn
+
+
+def _build_alie(z):
+  def fn(honest, own, key, ctx, h, f):
+    scale = alie_z(h + f, f) if z is None else z
+    row = jax.tree.map(lambda m, s: m - scale * s, _mean(honest), _std(honest))
+    return _repeat(row, f)
+  return fn
+
+
+def _build_mimic(index):
+  def fn(honest, own, key, ctx, h, f):
+    if index >= h:
+      raise ValueError(f"mimic.index={index} but there are only {h} honest rows; "
+                       f"use an index in [0, {h - 1}].")
+    return _repeat(jax.tree.map(lambda x: x[index], honest), f)
+  return fn
+
+
+def _build_gaussian(sigma, center):
+  def fn(honest, own, key, ctx, h, f):
+    leaves, treedef = jax.tree.flatten(honest)
+    keys = jax.random.split(key, len(leaves))
+    rows = []
+    for k, x in zip(keys, leaves):
+      # Independent noise per Byzantine worker, as independent faulty devices would send.
+      noise = sigma * jax.random.normal(k, (f,) + x.shape[1:], x.dtype)
+      rows.append(noise + jnp.mean(x, axis=0) if center == "mean" else noise)
+    return jax.tree.unflatten(treedef, rows)
+  return fn
+
+
+def _build_constant(value):
+  def fn(honest, own, key, ctx, h, f):
+    return jax.tree.map(lambda x: jnp.full((f,) + x.shape[1:], value, x.dtype), honest)
+  return fn
+
+
+def _line_search(honest, base, direction, f, aggregator, key, grid, refine_steps,
+                 batch_size):
+  """The scale s maximising ||agg(honest + f x (base + s direction)) - mean(honest)||.
+
+  A fixed grid (vmapped, or lax.map in chunks of ``batch_size``) followed by
+  ``refine_steps`` golden-section steps inside the grid cell pair around the
+  best grid point. The refinement only replaces the grid winner when it does
+  strictly better, so the result is never worse than any grid candidate.
+  """
+  acc = _acc_dtype(honest)
+  mu = _mean(honest)
+
+  def damage(s):
+    row = _along(base, direction, s)
+    rows = jax.tree.map(lambda x, r: jnp.concatenate([x, jnp.broadcast_to(r[None], (f,) + r.shape)]),
+                        honest, row)
+    out, _ = aggregator(rows, key)
+    dist = jnp.sqrt(_sq_norm(jax.tree.map(lambda o, m: o.astype(acc) - m.astype(acc), out, mu),
+                             acc))
+    # A NaN aggregate says nothing about distance; never let it win the argmax.
+    return jnp.where(jnp.isnan(dist), -jnp.inf, dist)
+
+  grid_a = jnp.asarray(grid, acc)
+  if batch_size is None or batch_size >= len(grid):
+    values = jax.vmap(damage)(grid_a)
+  else:
+    values = jax.lax.map(damage, grid_a, batch_size=batch_size)
+  i = jnp.argmax(values)
+  best_s, best_v = grid_a[i], values[i]
+  if not refine_steps:
+    return best_s
+
+  n = len(grid)
+  lo = grid_a[jnp.maximum(i - 1, 0)]
+  hi = grid_a[jnp.minimum(i + 1, n - 1)]
+  x1 = hi - _INV_PHI * (hi - lo)
+  x2 = lo + _INV_PHI * (hi - lo)
+  v1, v2 = damage(x1), damage(x2)
+
+  def golden_step(_, carry):
+    lo, hi, x1, x2, v1, v2 = carry
+    keep_left = v1 >= v2  # the maximum lies in [lo, x2]
+    lo = jnp.where(keep_left, lo, x1)
+    hi = jnp.where(keep_left, x2, hi)
+    x_new = jnp.where(keep_left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
+    v_new = damage(x_new)  # one aggregator call per step
+    x1, x2, v1, v2 = (jnp.where(keep_left, x_new, x2), jnp.where(keep_left, x1, x_new),
+                      jnp.where(keep_left, v_new, v2), jnp.where(keep_left, v1, v_new))
+    return lo, hi, x1, x2, v1, v2
+
+  _, _, x1, x2, v1, v2 = jax.lax.fori_loop(0, refine_steps, golden_step,
+                                           (lo, hi, x1, x2, v1, v2))
+  x_ref, v_ref = jnp.where(v1 >= v2, x1, x2), jnp.maximum(v1, v2)
+  return jnp.where(v_ref > best_v, x_ref, best_s)
+
+
+def _search_grid(low, high, num_candidates, reference):
+  """The static candidate scales: an even grid plus the reference scale."""
+  grid = np.linspace(low, high, num_candidates)
+  if reference is not None and np.isfinite(reference):
+    # Always trying the fixed attack's scale guarantees the search is at least as damaging.
+    grid = np.unique(np.append(grid, reference))
+  return grid
+
+
+def _build_optimal(kind, low, high, num_candidates, refine_steps, batch_size):
+  def fn(honest, own, key, ctx, h, f):
+    mu = _mean(honest)
+    if kind == "ipm":
+      base = jax.tree.map(jnp.zeros_like, mu)
+      direction = jax.tree.map(jnp.negative, mu)
+      reference = _IPM_REFERENCE_EPS
+    else:
+      base = mu
+      direction = jax.tree.map(jnp.negative, _std(honest))
+      try:
+        reference = alie_z(h + f, f)
+      except ValueError:
+        reference = None
+    grid = _search_grid(low, high, num_candidates, reference)
+    scale = _line_search(honest, base, direction, f, ctx.aggregator, key, grid,
+                         refine_steps, batch_size)
+    return _repeat(_along(base, direction, scale), f)
+  return fn
+
+
+def _centered_gram(honest, acc):
+  """Gram matrix of the centred honest rows, summed over leaves: [H, H]."""
+  mu = _mean(honest)
+  gram = 0.0
+  for x, m in zip(jax.tree.leaves(honest), jax.tree.leaves(mu)):
+    c = (x.astype(acc) - m.astype(acc)).reshape(x.shape[0], -1)
+    gram = gram + jnp.matmul(c, c.T, precision=jax.lax.Precision.HIGHEST)
+  return gram
+
+
+def _build_min_distance(kind, perturbation, solver, gamma_init, steps):
+  """min_max / min_sum of Shejwalkar and Houmansadr (NDSS 2021).
+
+  With c_i = h_i - mu and p the perturbation, ||mu + g p - h_i||^2 is the
+  quadratic a_i + 2 g b_i + g^2 |p|^2 in g (a_i = |c_i|^2, b_i = -<c_i, p>),
+  so after one pass over the rows every feasibility test is O(H) scalars.
+  """
+  def fn(honest, own, key, ctx, h, f):
+    acc = _acc_dtype(honest)
+    mu = _mean(honest)
+    if perturbation == "unit":
+      norm = jnp.sqrt(_sq_norm(mu, acc))
+      inv = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+      p = jax.tree.map(lambda m: -(m.astype(acc) * inv), mu)
+    elif perturbation == "std":
+      p = jax.tree.map(lambda s: -s.astype(acc), _std(honest))
+    else:
+      p = jax.tree.map(lambda m: -jnp.sign(m).astype(acc), mu)
+
+    gram = _centered_gram(honest, acc)
+    a = jnp.diagonal(gram)
+    sq_dists = jnp.maximum(a[:, None] + a[None, :] - 2.0 * gram, 0.0)
+    b = -sum(jnp.matmul((x.astype(acc) - m.astype(acc)).reshape(h, -1), q.reshape(-1),
+                        precision=jax.lax.Precision.HIGHEST)
+             for x, m, q in zip(jax.tree.leaves(honest), jax.tree.leaves(mu),
+                                jax.tree.leaves(p)))
+    c = _sq_norm(p, acc)
+    if kind == "min_max":
+      threshold = jnp.max(sq_dists)
+      def excess(g):  # max_i |mal - h_i|^2 - max_{i,j} |h_i - h_j|^2
+        return jnp.max(a + 2.0 * g * b + g * g * c) - threshold
+    else:
+      threshold = jnp.max(jnp.sum(sq_dists, axis=1))
+      a_sum, b_sum = jnp.sum(a), jnp.sum(b)
+      def excess(g):  # sum_i |mal - h_i|^2 - max_k sum_j |h_k - h_j|^2
+        return a_sum + 2.0 * g * b_sum + h * g * g * c - threshold
+
+    if solver == "exact":
+      safe_c = jnp.where(c > 0, c, 1.0)
+      if kind == "min_max":
+        roots = (-b + jnp.sqrt(jnp.maximum(b * b - c * (a - threshold), 0.0))) / safe_c
+        gamma = jnp.min(roots)
+      else:
+        gamma = (-b_sum + jnp.sqrt(jnp.maximum(b_sum * b_sum - h * c * (a_sum - threshold),
+                                               0.0))) / (h * safe_c)
+      gamma = jnp.where(c > 0, jnp.maximum(gamma, 0.0), 0.0)
+    else:
+      # Grow the bracket by doubling (fixed count), then bisect (fixed count);
+      # `lo` stays feasible throughout, and it is what we send.
+      def grow(_, carry):
+        lo, hi = carry
+        ok = excess(hi) <= 0
+        return jnp.where(ok, hi, lo), jnp.where(ok, 2.0 * hi, hi)
+      lo, hi = jax.lax.fori_loop(0, _GROW_STEPS, grow,
+                                 (jnp.zeros([], acc), jnp.asarray(gamma_init, acc)))
+      def bisect(_, carry):
+        lo, hi = carry
+        mid = 0.5 * (lo + hi)
+        ok = excess(mid) <= 0
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+      gamma, _ = jax.lax.fori_loop(0, steps, bisect, (lo, hi))
+    row = jax.tree.map(lambda m, q: m.astype(acc) + gamma * q, mu, p)
+    return _repeat(row, f)
+  return fn
+
+
+# The reference command line's IPM eps; optimal_ipm always tries it.
+_IPM_REFERENCE_EPS = 0.5
+# Doublings of gamma_init allowed when bracketing min-max/min-sum's gamma.
+_GROW_STEPS = 40
+
+
+# --------------------------------------------------------------------------
+# Option checks: (qualified option name, value) -> normalised value
+
+
+def _finite(what, v):
+  if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+      or not math.isfinite(v):
+    raise ValueError(f"{what} must be a finite number, got {v!r}.")
+  return float(v)
+
+
+def _nonnegative(what, v):
+  v = _finite(what, v)
+  if v < 0:
+    raise ValueError(f"{what} must be >= 0, got {v}.")
+  return v
+
+
+def _positive(what, v):
+  v = _finite(what, v)
+  if v <= 0:
+    raise ValueError(f"{what} must be > 0, got {v}.")
+  return v
+
+
+def _int_at_least(lowest):
+  def check(what, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lowest:
+      raise ValueError(f"{what} must be an integer >= {lowest}, got {v!r}.")
+    return int(v)
+  return check
+
+
+def _optional(check):
+  def wrapped(what, v):
+    return None if v is None else check(what, v)
+  return wrapped
+
+
+def _choice(*valid):
+  def check(what, v):
+    if v not in valid:
+      raise ValueError(f"{what} must be one of {', '.join(map(repr, valid))}; got {v!r}.")
+    return v
+  return check
+
+
+def _check_range(name, opts):
+  if not opts["low"] < opts["high"]:
+    raise ValueError(f"{name}: need low < high for the search range, got "
+                     f"low={opts['low']}, high={opts['high']}.")
+
+
+class _Spec(NamedTuple):
+  name: str                            # canonical name
+  build: Callable[..., Callable]       # (**options) -> fn(honest, own, key, ctx, H, f)
+  defaults: Mapping[str, Any]          # option -> default (None: computed, e.g. alie's z)
+  checks: Mapping[str, Callable]       # option -> (what, value) -> normalised value
+  uses_own_updates: bool = False
+  flips_labels: bool = False
+  needs_aggregator: bool = False
+  min_honest: int = 1
+  cross_check: Optional[Callable] = None
+
+
+def _search_spec(name, kind):
+  return _Spec(
+      name, lambda **o: _build_optimal(kind, **o),
+      defaults=dict(low=0.0, high=10.0, num_candidates=21, refine_steps=8, batch_size=None),
+      checks=dict(low=_finite, high=_finite, num_candidates=_int_at_least(2),
+                  refine_steps=_int_at_least(0), batch_size=_optional(_int_at_least(1))),
+      needs_aggregator=True, min_honest=2 if kind == "alie" else 1, cross_check=_check_range)
+
+
+def _distance_spec(name):
+  return _Spec(
+      name, lambda **o: _build_min_distance(name, **o),
+      defaults=dict(perturbation="unit", solver="bisection", gamma_init=10.0, steps=40),
+      checks=dict(perturbation=_choice("unit", "std", "sign"),
+                  solver=_choice("bisection", "exact"), gamma_init=_positive,
+                  steps=_int_at_least(1)),
+      min_honest=2)
+
+
+_IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=0.1), checks=dict(eps=_finite))
+_ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optional(_finite)),
+              min_honest=2)
+_OPTIMAL_IPM = _search_spec("optimal_ipm", "ipm")
+_OPTIMAL_ALIE = _search_spec("optimal_alie", "alie")
+
+# Every accepted attack name (lower case, "_" for "-") -> its spec. Aliases
+# share their target's spec, whose `name` is the canonical one.
+ATTACKS: dict[str, _Spec] = {
+    "none": _Spec("none", _build_own, {}, {}, uses_own_updates=True),
+    "lf": _Spec("lf", _build_own, {}, {}, uses_own_updates=True, flips_labels=True),
+    "sf": _Spec("sf", _build_sf, {}, {}, uses_own_updates=True),
+    "ipm": _IPM,
+    "empire": _IPM,
+    "alie": _ALIE,
+    "little": _ALIE,
+    "mimic": _Spec("mimic", _build_mimic, defaults=dict(index=0),
+                   checks=dict(index=_int_at_least(0))),
+    "gaussian": _Spec("gaussian", _build_gaussian, defaults=dict(sigma=1.0, center="mean"),
+                      checks=dict(sigma=_nonnegative, center=_choice("mean", "zero"))),
+    "inf": _Spec("inf", lambda: _build_constant(jnp.inf), {}, {}),
+    "nan": _Spec("nan", lambda: _build_constant(jnp.nan), {}, {}),
+    "optimal_ipm": _OPTIMAL_IPM,
+    "optimal_alie": _OPTIMAL_ALIE,
+    "min_max": _distance_spec("min_max"),
+    "min_sum": _distance_spec("min_sum"),
+}
