@@ -426,14 +426,102 @@ def _check_round(num_examples, num_workers, batch_size, what="the dataset"):
         f"{num_examples // num_workers} or use fewer workers.")
 
 
+_FEISTEL_ROUNDS = 8
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finaliser: a cheap, well-avalanched bijection of uint32."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _feistel_permute(x: jax.Array, round_keys: jax.Array, half_bits: jax.Array,
+                     size: jax.Array) -> jax.Array:
+  """Images of ``x`` (all < size) under a keyed permutation of [0, size).
+
+  A balanced Feistel network on 2 * half_bits bits is a bijection of
+  [0, 4**half_bits) for any round function; cycle-walking (re-applying it until
+  the value falls below ``size``) restricts it to a bijection of [0, size).
+  With 4**half_bits < 4 * size a walk takes under 4 applications on average.
+  ``half_bits`` and ``size`` may be traced and broadcast against ``x``.
+  """
+  half_bits = jnp.asarray(half_bits, jnp.uint32)
+  mask = (jnp.uint32(1) << half_bits) - jnp.uint32(1)
+
+  def encrypt(v):
+    left, right = v >> half_bits, v & mask
+    for k in range(_FEISTEL_ROUNDS):
+      left, right = right, left ^ (_mix32(right ^ round_keys[k]) & mask)
+    return (left << half_bits) | right
+
+  def walk(state):
+    v, _ = state
+    out = jnp.where(v >= size, encrypt(v), v)
+    return out, jnp.any(out >= size)
+
+  v = encrypt(x.astype(jnp.uint32))
+  v, _ = jax.lax.while_loop(lambda state: state[1], walk, (v, jnp.any(v >= size)))
+  return v.astype(jnp.int32)
+
+
+def _half_bits(size: jax.Array) -> jax.Array:
+  """Smallest h >= 1 with 4**h >= size (size >= 1, may be traced)."""
+  bits = 32 - jax.lax.clz(jnp.maximum(jnp.asarray(size, jnp.uint32) - 1, 1))
+  return (bits + 1) // 2
+
+
+def _shuffle_permutation(key, epoch, num_examples, start, count):
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+  return jax.lax.dynamic_slice(perm, (start,), (count,)).astype(jnp.int32)
+
+
+def _shuffle_feistel(key, epoch, num_examples, start, count):
+  round_keys = jax.random.bits(jax.random.fold_in(key, epoch), (_FEISTEL_ROUNDS,), jnp.uint32)
+  positions = jnp.asarray(start, jnp.uint32) + jnp.arange(count, dtype=jnp.uint32)
+  return _feistel_permute(positions, round_keys, _half_bits(num_examples),
+                          jnp.uint32(num_examples))
+
+
+# Both give every epoch a fresh uniform-looking permutation of the train split.
+SHUFFLES: dict[str, Callable[..., jax.Array]] = {
+    # jax.random.permutation of all N per round: a sort of N, ~O(N log N).
+    "permutation": _shuffle_permutation,
+    # Keyed Feistel bijection evaluated only at the W*b positions of the round:
+    # O(W*b) per round whatever N is (a pseudo-random, not exactly uniform, shuffle).
+    "feistel": _shuffle_feistel,
+}
+
+
+def epoch_permutation(key: jax.Array, epoch: Union[int, jax.Array], num_examples: int,
+                      shuffle: str = "permutation") -> jax.Array:
+  """The whole shuffle of one epoch that :func:`round_indices` walks through.
+
+  Args:
+    key: the data PRNG key.
+    epoch: the epoch number; may be traced.
+    num_examples: N (static).
+    shuffle: a key of :data:`SHUFFLES`.
+
+  Returns:
+    int32 [N], a permutation of 0..N-1.
+  """
+  _check_name("shuffle", shuffle, SHUFFLES)
+  return SHUFFLES[shuffle](key, jnp.asarray(epoch, jnp.int32), num_examples, 0, num_examples)
+
+
 def round_indices(key: jax.Array, step: Union[int, jax.Array], num_examples: int,
-                  num_workers: int, batch_size: int) -> jax.Array:
+                  num_workers: int, batch_size: int, *, shuffle: str = "permutation"
+                  ) -> jax.Array:
   """Example indices of one i.i.d. round (SPEC section 5), jittable.
 
   Each epoch is a fresh permutation of the train split, seeded by
-  ``fold_in(key, epoch)``; round r of the epoch takes its W*b entries from
-  position r*W*b on, worker i getting the i-th chunk of b. The last incomplete
-  round of an epoch is dropped, so there are N // (W*b) rounds per epoch.
+  ``fold_in(key, epoch)`` (:func:`epoch_permutation`); round r of the epoch
+  takes its W*b entries from position r*W*b on, worker i getting the i-th
+  chunk of b. The last incomplete round of an epoch is dropped, so there are
+  N // (W*b) rounds per epoch.
 
   Args:
     key: the data PRNG key (the same for every step).
@@ -441,18 +529,20 @@ def round_indices(key: jax.Array, step: Union[int, jax.Array], num_examples: int
     num_examples: N, the train split size (static).
     num_workers: W (static).
     batch_size: b (static).
+    shuffle: a key of :data:`SHUFFLES`; "permutation" (the default) sorts all
+      N per round, "feistel" costs O(W*b) per round.
 
   Returns:
     int32 [W, b] indices into the train split, all distinct.
   """
   _check_round(num_examples, num_workers, batch_size)
+  _check_name("shuffle", shuffle, SHUFFLES)
   per_round = num_workers * batch_size
   rounds_per_epoch = num_examples // per_round
   step = jnp.asarray(step, jnp.int32)
   epoch, r = step // rounds_per_epoch, step % rounds_per_epoch
-  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-  chunk = jax.lax.dynamic_slice(perm, (r * per_round,), (per_round,))
-  return chunk.astype(jnp.int32).reshape(num_workers, batch_size)
+  chunk = SHUFFLES[shuffle](key, epoch, num_examples, r * per_round, per_round)
+  return chunk.reshape(num_workers, batch_size)
 
 
 class Partition(NamedTuple):
@@ -591,8 +681,31 @@ def check_partition(partition: Partition, batch_size: int) -> None:
         f"batch_size={batch_size}; lower the batch size or partition with min_size={batch_size}.")
 
 
+def _shard_slots_permutation(key, size, width, start, count):
+  perm = jax.random.permutation(key, width)
+  # Keep the permuted slots that hold data, in permuted order: a scatter to
+  # their rank among valid slots (O(S), no second sort).
+  valid = perm < size
+  rank = jnp.cumsum(valid) - 1
+  compact = jnp.zeros(width, jnp.int32).at[jnp.where(valid, rank, width)].set(
+      perm.astype(jnp.int32), mode="drop")
+  return jax.lax.dynamic_slice(compact, (start,), (count,))
+
+
+def _shard_slots_feistel(key, size, width, start, count):
+  del width
+  round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+  positions = jnp.asarray(start, jnp.uint32) + jnp.arange(count, dtype=jnp.uint32)
+  return _feistel_permute(positions, round_keys, _half_bits(size), size.astype(jnp.uint32))
+
+
+# Same names as SHUFFLES; shard sizes are traced here, hence separate versions.
+_SHARD_SLOTS = {"permutation": _shard_slots_permutation, "feistel": _shard_slots_feistel}
+
+
 def worker_round_indices(key: jax.Array, step: Union[int, jax.Array], table: jax.Array,
-                         sizes: jax.Array, batch_size: int) -> jax.Array:
+                         sizes: jax.Array, batch_size: int, *, shuffle: str = "permutation"
+                         ) -> jax.Array:
   """Example indices of one round with per-worker shards, jittable.
 
   Worker i walks its own shard in per-epoch shuffles (seeded by
@@ -607,10 +720,13 @@ def worker_round_indices(key: jax.Array, step: Union[int, jax.Array], table: jax
     table: int32 [W, S] from :class:`Partition`.
     sizes: int32 [W] shard sizes.
     batch_size: b (static).
+    shuffle: a key of :data:`SHUFFLES`; "permutation" shuffles all S slots
+      per round, "feistel" costs O(b) per worker and round.
 
   Returns:
     int32 [W, b] indices into the train split.
   """
+  _check_name("shuffle", shuffle, SHUFFLES)
   num_workers, width = table.shape
   if batch_size > width:
     raise ValueError(f"batch_size={batch_size} exceeds the largest shard ({width}); "
@@ -618,19 +734,13 @@ def worker_round_indices(key: jax.Array, step: Union[int, jax.Array], table: jax
   table = jnp.asarray(table, jnp.int32)
   sizes = jnp.asarray(sizes, jnp.int32)
   step = jnp.asarray(step, jnp.int32)
+  slots_fn = _SHARD_SLOTS[shuffle]
 
   def one_worker(i, row, size):
     rounds = jnp.maximum(size // batch_size, 1)
     epoch, r = step // rounds, step % rounds
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, i), epoch), width)
-    # Keep the permuted slots that hold data, in permuted order: a scatter to
-    # their rank among valid slots (O(S), no second sort).
-    valid = perm < size
-    rank = jnp.cumsum(valid) - 1
-    compact = jnp.zeros(width, jnp.int32).at[jnp.where(valid, rank, width)].set(
-        perm.astype(jnp.int32), mode="drop")
-    slots = jax.lax.dynamic_slice(compact, (r * batch_size,), (batch_size,))
-    return row[slots]
+    worker_key = jax.random.fold_in(jax.random.fold_in(key, i), epoch)
+    return row[slots_fn(worker_key, size, width, r * batch_size, batch_size)]
 
   return jax.vmap(one_worker)(jnp.arange(num_workers), table, sizes)
 

@@ -249,17 +249,23 @@ N, W, B = 50, 3, 4  # 12 per round, 4 rounds per epoch, 2 examples dropped per e
 KEY = jax.random.key(7)
 
 
-def _rounds(key, steps):
-  return np.stack([np.asarray(data.round_indices(key, s, N, W, B)) for s in steps])
+def _rounds(key, steps, shuffle="permutation"):
+  return np.stack([np.asarray(data.round_indices(key, s, N, W, B, shuffle=shuffle))
+                   for s in steps])
 
 
-def test_round_indices_epoch_structure():
-  rounds = _rounds(KEY, range(8))
+@pytest.mark.parametrize("shuffle", sorted(data.SHUFFLES))
+def test_round_indices_epoch_structure(shuffle):
+  rounds = _rounds(KEY, range(8), shuffle)
   assert rounds.shape == (8, W, B) and rounds.dtype == np.int32
   for epoch in range(2):
     drawn = rounds[4 * epoch: 4 * epoch + 4].reshape(-1)
     assert np.unique(drawn).size == drawn.size == 48  # no repeats within an epoch
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(KEY, epoch), N))
+    perm = np.asarray(data.epoch_permutation(KEY, epoch, N, shuffle))
+    np.testing.assert_array_equal(np.sort(perm), np.arange(N))
+    if shuffle == "permutation":  # the contract's exact definition
+      np.testing.assert_array_equal(
+          perm, jax.random.permutation(jax.random.fold_in(KEY, epoch), N))
     # The epoch is a prefix of its permutation; the incomplete tail is dropped.
     np.testing.assert_array_equal(drawn, perm[:48])
     assert not set(perm[48:]) & set(drawn.tolist())
@@ -276,25 +282,51 @@ def test_round_indices_deterministic_and_key_dependent():
   assert not np.array_equal(_rounds(KEY, [0]), _rounds(jax.random.key(8), [0]))
 
 
-def test_round_indices_jit_traced_step_no_recompile():
+@pytest.mark.parametrize("shuffle", sorted(data.SHUFFLES))
+def test_round_indices_jit_traced_step_no_recompile(shuffle):
   traces = []
 
   def f(step):
     traces.append(1)
-    return data.round_indices(KEY, step, N, W, B)
+    return data.round_indices(KEY, step, N, W, B, shuffle=shuffle)
 
   jitted = jax.jit(f)
   for s in range(6):
-    np.testing.assert_array_equal(jitted(jnp.int32(s)), _rounds(KEY, [s])[0])
+    np.testing.assert_array_equal(jitted(jnp.int32(s)), _rounds(KEY, [s], shuffle)[0])
   assert len(traces) == 1
   # Also inside lax.scan, the way the training loop calls it.
   _, scanned = jax.lax.scan(lambda c, s: (c, f(s)), 0, jnp.arange(6, dtype=jnp.int32))
-  np.testing.assert_array_equal(scanned, _rounds(KEY, range(6)))
+  np.testing.assert_array_equal(scanned, _rounds(KEY, range(6), shuffle))
 
 
-def test_round_indices_refuses_oversized_round():
+def test_round_indices_refuses_bad_arguments():
   with pytest.raises(ValueError, match="at most 16"):
     data.round_indices(KEY, 0, N, 3, 17)
+  with pytest.raises(ValueError, match="valid names: feistel, permutation"):
+    data.round_indices(KEY, 0, N, W, B, shuffle="sorted")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000])
+def test_feistel_shuffle_is_a_permutation(n):
+  perms = [np.asarray(data.epoch_permutation(KEY, e, n, "feistel")) for e in range(3)]
+  for perm in perms:
+    assert perm.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+  if n >= 16:
+    assert not np.array_equal(perms[0], perms[1])
+
+
+def test_feistel_shuffle_looks_uniform():
+  # Where element 0 lands and which element comes first, over 1000 epochs of
+  # N = 10: each of the 10 outcomes should get ~100; a bias of the Feistel
+  # rounds or of cycle-walking would show as a skewed count.
+  perms = np.asarray(jax.jit(jax.vmap(
+      lambda e: data.epoch_permutation(KEY, e, 10, "feistel")))(jnp.arange(1000)))
+  first = np.bincount(perms[:, 0], minlength=10)
+  position_of_0 = np.bincount(np.argmax(perms == 0, axis=1), minlength=10)
+  for counts in (first, position_of_0):
+    chi2 = ((counts - 100.0) ** 2 / 100.0).sum()
+    assert chi2 < 30, counts  # 9 degrees of freedom: P(chi2 > 30) < 0.001
 
 
 # ----------------------------------------------------------------------------
@@ -358,7 +390,8 @@ def test_partition_errors():
     data.partition_indices(0, _labels(), 4, scheme="dirichlet", alpha=0.0)
 
 
-def test_worker_round_indices_draws_from_own_shard():
+@pytest.mark.parametrize("shuffle", sorted(data.SHUFFLES))
+def test_worker_round_indices_draws_from_own_shard(shuffle):
   # Unequal shards: 10, 7 and 16 examples -> 3, 2 and 5 rounds per epoch at b = 3.
   shards = [np.arange(0, 10), np.arange(10, 17), np.arange(17, 33)]
   part = data._pack(shards)  # pylint: disable=protected-access
@@ -368,7 +401,7 @@ def test_worker_round_indices_draws_from_own_shard():
 
   def f(step):
     traces.append(1)
-    return data.worker_round_indices(KEY, step, part.table, part.sizes, b)
+    return data.worker_round_indices(KEY, step, part.table, part.sizes, b, shuffle=shuffle)
 
   jitted = jax.jit(f)
   out = np.stack([np.asarray(jitted(jnp.int32(s))) for s in range(30)])
@@ -382,8 +415,8 @@ def test_worker_round_indices_draws_from_own_shard():
       assert np.unique(drawn).size == drawn.size  # no repeats within its epoch
   # Every example of the 16-example shard is reached over its epochs.
   assert set(out[:, 2].reshape(-1).tolist()) == set(shards[2].tolist())
-  np.testing.assert_array_equal(out[4], data.worker_round_indices(KEY, 4, part.table,
-                                                                   part.sizes, b))
+  np.testing.assert_array_equal(
+      out[4], data.worker_round_indices(KEY, 4, part.table, part.sizes, b, shuffle=shuffle))
 
 
 def test_check_partition_refuses_small_shards():
