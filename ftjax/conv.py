@@ -1,0 +1,400 @@
+"""Convolution, pooling and BatchNorm layers with a fast per-worker gradient on CPU.
+
+The training step differentiates each worker's loss separately under
+``jax.vmap(jax.value_and_grad(loss), in_axes=(None, None, 0, 0))``. For a
+convolution, the forward pass and the input gradient vmap cleanly (the worker
+axis folds into the batch axis because the kernel is shared), but the *weight*
+gradient is a per-worker convolution with two batched operands, which JAX
+lowers to a grouped convolution that XLA:CPU runs far below its matmul speed.
+
+The "patches" implementation keeps XLA's convolution for the forward pass and
+the input gradient, and computes the weight gradient in a ``jax.custom_vjp`` as
+an einsum between the input's patches and the output cotangent. Under vmap that
+einsum becomes one batched matmul over workers. "im2col" writes the whole
+convolution (forward included) as patches times a matmul and lets autodiff do
+the rest; it is kept because it is what the benchmark compares against.
+
+Max pooling follows the same idea: XLA's reduce-window backward
+(select-and-scatter) is slow under vmap on CPU, so the CPU implementations use a
+reshape-based 2x2 max pool whose custom backward sends the cotangent to the
+first maximum of each window, as select-and-scatter does, so both paths give
+the same gradients.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+# --------------------------------------------------------------------------
+# Convolution formulations. All take x [N, H, W, C] and kernel [kh, kw, C, O].
+
+
+def _xla_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)), dimension_numbers=_DIMS)
+
+
+def _patches(x: Array, kh: int, kw: int, stride: int, padding: int) -> Array:
+  """Returns the input's patches [N, Ho, Wo, kh*kw*C], ordered (i, j, c) like HWIO.
+
+  Built from shifted strided slices; lax.conv_general_dilated_patches is an
+  identity-kernel convolution and is much slower on CPU.
+  """
+  n, h, w, c = x.shape
+  if padding:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  ho = (h + 2 * padding - kh) // stride + 1
+  wo = (w + 2 * padding - kw) // stride + 1
+  if kh == kw == 1:
+    return x[:, : stride * (ho - 1) + 1 : stride, : stride * (wo - 1) + 1 : stride, :]
+  cols = [x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(cols, axis=3).reshape(n, ho, wo, kh * kw * c)
+
+
+def _im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  kh, kw, c, o = kernel.shape
+  p = _patches(x, kh, kw, stride, padding)
+  return jnp.einsum("nhwk,ko->nhwo", p, kernel.reshape(kh * kw * c, o))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patches_vjp_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return _xla_conv(x, kernel, stride, padding)
+
+
+def _patches_vjp_fwd(x, kernel, stride, padding):
+  return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _patches_vjp_bwd(stride, padding, res, dy):
+  x, kernel = res
+  kh, kw, c, o = kernel.shape
+  # The input gradient is XLA's transposed convolution: with a shared kernel it
+  # stays one convolution over all workers' examples under vmap.
+  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
+  (dx,) = x_vjp(dy)
+  # The weight gradient as a matmul over patches: under vmap a batched matmul
+  # instead of a grouped convolution.
+  p = _patches(x, kh, kw, stride, padding)
+  dk = jnp.einsum("nhwk,nhwo->ko", p, dy).reshape(kh, kw, c, o)
+  return dx, dk
+
+
+_patches_vjp_conv.defvjp(_patches_vjp_fwd, _patches_vjp_bwd)
+
+
+def _patches_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return _patches_vjp_conv(x, kernel, stride, padding)
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_grad_fn(kernel_shape: tuple[int, ...], dtype: Any, stride: int, padding: int):
+  """Returns wgrad(x, dy) -> dL/dkernel whose vmap runs one convolution per example group.
+
+  Under vmap with both operands batched, XLA's weight-gradient convolution turns
+  into a grouped convolution that is several times slower on CPU than the same
+  number of independent per-worker convolutions, so the batching rule unrolls
+  the vmapped axis (its size is the number of workers: small and static).
+  """
+  kernel_aval = jax.ShapeDtypeStruct(kernel_shape, dtype)
+
+  @jax.custom_batching.custom_vmap
+  def wgrad(x, dy):
+    conv_t = jax.linear_transpose(lambda k: _xla_conv(x, k, stride, padding), kernel_aval)
+    return conv_t(dy)[0]
+
+  @wgrad.def_vmap
+  def _rule(axis_size, in_batched, x, dy):
+    x_batched, dy_batched = in_batched
+    outs = [wgrad(x[i] if x_batched else x, dy[i] if dy_batched else dy)
+            for i in range(axis_size)]
+    return jnp.stack(outs), True
+
+  return wgrad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _unrolled_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return _xla_conv(x, kernel, stride, padding)
+
+
+def _unrolled_bwd(stride, padding, res, dy):
+  x, kernel = res
+  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
+  (dx,) = x_vjp(dy)
+  wgrad = _weight_grad_fn(tuple(kernel.shape), jnp.dtype(kernel.dtype), stride, padding)
+  return dx, wgrad(x, dy).astype(kernel.dtype)
+
+
+_unrolled_conv.defvjp(_patches_vjp_fwd, _unrolled_bwd)
+
+
+# --------------------------------------------------------------------------
+# Max pooling (kernel 2, stride 2, floor mode as in PyTorch).
+
+
+def _xla_max_pool(x: Array) -> Array:
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+def _split_windows(x: Array) -> Array:
+  """[N, H, W, C] -> [N, H/2, 2, W/2, 2, C], odd trailing rows/columns dropped (a bitcast)."""
+  n, h, w, c = x.shape
+  return x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def _reshape_max_pool(x: Array) -> Array:
+  return _split_windows(x).max(axis=(2, 4))
+
+
+def _reshape_max_pool_fwd(x):
+  y = _reshape_max_pool(x)
+  return y, (x, y)
+
+
+def _reshape_max_pool_bwd(res, dy):
+  x, y = res
+  n, h, w, c = x.shape
+  hit = _split_windows(x) == y[:, :, None, :, None, :]
+  # The first maximum in row-major window order gets the whole cotangent, as in
+  # XLA's select-and-scatter, so "xla" and the CPU paths agree on ties. Written
+  # with elementwise ops on the split layout so that XLA fuses it into one loop.
+  h0, h1 = hit[:, :, 0], hit[:, :, 1]
+  first = jnp.stack([
+      jnp.stack([h0[:, :, :, 0], h0[:, :, :, 1] & ~h0[:, :, :, 0]], axis=3),
+      jnp.stack([h1[:, :, :, 0] & ~h0.any(axis=3),
+                 h1[:, :, :, 1] & ~h1[:, :, :, 0] & ~h0.any(axis=3)], axis=3),
+  ], axis=2)
+  g = jnp.where(first, dy[:, :, None, :, None, :], 0).astype(x.dtype)
+  g = g.reshape(n, h // 2 * 2, w // 2 * 2, c)
+  dx = jnp.pad(g, ((0, 0), (0, h - h // 2 * 2), (0, w - w // 2 * 2), (0, 0)))
+  return (dx,)
+
+
+_reshape_max_pool.defvjp(_reshape_max_pool_fwd, _reshape_max_pool_bwd)
+
+
+# --------------------------------------------------------------------------
+# The table of implementations.
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvImpl:
+  """One formulation of the convolution and 2x2 max pool.
+
+  Attributes:
+    conv: (x [N,H,W,C], kernel [kh,kw,C,O], stride, padding) -> [N,Ho,Wo,O].
+    max_pool: x [N,H,W,C] -> [N,H//2,W//2,C].
+    doc: one line for error messages and the benchmark table.
+  """
+  conv: Callable[[Array, Array, int, int], Array]
+  max_pool: Callable[[Array], Array]
+  doc: str
+
+
+CONV_IMPLS: dict[str, ConvImpl] = {
+    "xla": ConvImpl(_xla_conv, _xla_max_pool,
+                    "lax.conv_general_dilated and reduce-window max pool, autodiff backward"),
+    "patches": ConvImpl(_patches_conv, _reshape_max_pool,
+                        "XLA forward and input gradient, weight gradient as an einsum over "
+                        "patches (custom VJP); reshape max pool"),
+    "unrolled": ConvImpl(_unrolled_conv, _reshape_max_pool,
+                         "XLA forward and input gradient, XLA weight gradient run once per "
+                         "worker (custom VJP + custom vmap); reshape max pool"),
+    "im2col": ConvImpl(_im2col_conv, _reshape_max_pool,
+                       "whole convolution as patches @ kernel, autodiff backward; "
+                       "reshape max pool"),
+}
+
+# "auto" resolves per backend. On CPU the value is the fastest formulation
+# measured by benchmarks/grad_formulations.py; accelerators keep XLA's own.
+_AUTO: dict[str, str] = {"cpu": "unrolled"}
+_AUTO_DEFAULT = "xla"
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """Resolves a user-typed convolution implementation name.
+
+  Args:
+    conv_impl: "auto" (fastest measured formulation on CPU, "xla" on GPU/TPU)
+      or one of the keys of ``CONV_IMPLS``.
+
+  Returns:
+    A key of ``CONV_IMPLS``.
+
+  Raises:
+    ValueError: if the name is unknown.
+  """
+  if conv_impl == "auto":
+    return _AUTO.get(jax.default_backend(), _AUTO_DEFAULT)
+  if not isinstance(conv_impl, str) or conv_impl not in CONV_IMPLS:
+    valid = ", ".join(["auto", *CONV_IMPLS])
+    raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of: {valid}.")
+  return conv_impl
+
+
+# --------------------------------------------------------------------------
+# Flax modules.
+
+
+def torch_uniform(fan_in: int) -> Callable[..., Array]:
+  """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  (kaiming_uniform with a=sqrt(5) reduces to this bound for the weight, and
+  PyTorch uses the same bound for the bias.)
+
+  Args:
+    fan_in: number of inputs feeding one output unit.
+
+  Returns:
+    A Flax initializer.
+  """
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv(nn.Module):
+  """2-D convolution with PyTorch-style symmetric integer padding.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side.
+    stride: stride in both spatial dimensions.
+    padding: zeros added on each side of both spatial dimensions.
+    use_bias: whether to add a bias.
+    dtype: parameter and computation dtype.
+    impl: a key of ``CONV_IMPLS`` (already resolved).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    k = self.kernel_size
+    init = torch_uniform(c * k * k)
+    kernel = self.param("kernel", init, (k, k, c, self.features), self.dtype)
+    y = CONV_IMPLS[self.impl].conv(x.astype(self.dtype), kernel, self.stride, self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", init, (self.features,), self.dtype)
+    return y
+
+
+class Dense(nn.Module):
+  """Fully connected layer with PyTorch's default init.
+
+  Attributes:
+    features: output units.
+    dtype: parameter and computation dtype.
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = torch_uniform(x.shape[-1])
+    kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
+    bias = self.param("bias", init, (self.features,), self.dtype)
+    return x.astype(self.dtype) @ kernel + bias
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with PyTorch's semantics.
+
+  Training normalises with the batch's biased variance and updates the running
+  statistics with the unbiased one (as torch.nn.BatchNorm2d does); evaluation
+  normalises with the running statistics.
+
+  Attributes:
+    momentum: Flax convention, running = momentum * running + (1 - momentum) *
+      batch; 0.9 is PyTorch's momentum=0.1.
+    epsilon: added to the variance (PyTorch default 1e-5).
+    dtype: parameter, statistics and computation dtype.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    c = x.shape[-1]
+    x = x.astype(self.dtype)
+    scale = self.param("scale", nn.initializers.ones, (c,), self.dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
+    run_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), self.dtype)
+    run_var = self.variable("batch_stats", "var", jnp.ones, (c,), self.dtype)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = x.mean(axes)
+      # Two-pass variance: E[x^2]-E[x]^2 loses digits that float64 parity needs.
+      var = jnp.square(x - mean).mean(axes)
+      if not self.is_initializing():
+        n = x.size // c
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        run_mean.value = m * run_mean.value + (1 - m) * lax.stop_gradient(mean)
+        run_var.value = m * run_var.value + (1 - m) * lax.stop_gradient(unbiased)
+    else:
+      mean, var = run_mean.value, run_var.value
+    inv = lax.rsqrt(var + self.epsilon) * scale
+    return x * inv + (bias - mean * inv)
+
+
+class MaxPool2(nn.Module):
+  """2x2 max pool with stride 2 (floor mode).
+
+  Attributes:
+    impl: a key of ``CONV_IMPLS`` (already resolved).
+  """
+  impl: str = "xla"
+
+  def __call__(self, x: Array) -> Array:
+    return CONV_IMPLS[self.impl].max_pool(x)
+
+
+# --------------------------------------------------------------------------
+# Optional step restructuring (measured in benchmarks/grad_formulations.py).
+
+
+def per_worker_value_and_grad(loss_fn: Callable, params: Any, batch_stats: Any,
+                              x: Array, y: Array):
+  """Per-worker ``value_and_grad`` of ``loss_fn``; same outputs as the plain vmap.
+
+  Equivalent to ``jax.vmap(jax.value_and_grad(loss_fn, has_aux=True),
+  in_axes=(None, None, 0, 0))(params, batch_stats, x, y)``; kept as a named entry
+  point so a faster structure can be swapped in without touching the step.
+
+  Args:
+    loss_fn: (params, batch_stats, x [b,...], y [b]) -> (loss, aux).
+    params: model parameters, shared by all workers.
+    batch_stats: BatchNorm running statistics, shared by all workers.
+    x: inputs [W, b, ...].
+    y: integer labels [W, b].
+
+  Returns:
+    ((loss [W], aux stacked on W), grads stacked on W).
+  """
+  return jax.vmap(jax.value_and_grad(loss_fn, has_aux=True),
+                  in_axes=(None, None, 0, 0))(params, batch_stats, x, y)

@@ -1,0 +1,242 @@
+"""Tests for ftjax.models and ftjax.conv: sizes, BatchNorm semantics, and that
+every convolution formulation computes the same outputs and per-worker gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ftjax import conv as conv_lib
+from ftjax import models
+
+IMPLS = sorted(conv_lib.CONV_IMPLS)
+FAST_IMPLS = [i for i in IMPLS if i != "xla"]
+
+
+def _init(model, shape, dtype=jnp.float32, seed=0):
+  return model.init(jax.random.key(seed), jnp.zeros(shape, dtype), train=False)
+
+
+def _n_params(variables):
+  return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+def _loss_fn(model):
+  def loss_fn(params, batch_stats, x, y):
+    logits, mut = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                              train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, (logits, mut["batch_stats"])
+  return loss_fn
+
+
+def _per_worker_grads(model, variables, x, y):
+  f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
+  return jax.jit(f)(variables["params"], variables["batch_stats"], x, y)
+
+
+# --------------------------------------------------------------------------
+# Sizes.
+
+
+def test_param_counts_match_reference():
+  shapes = lambda name, shape: jax.eval_shape(lambda: _init(models.make_model(name), shape))
+  mnist = shapes("simple_mnist", (1, 28, 28, 1))
+  assert _n_params(mnist) == 29_034
+  resnet = shapes("resnet18", (1, 32, 32, 3))
+  assert _n_params(resnet) == 11_173_962
+  cifar = shapes("simple_cifar10", (1, 32, 32, 3))
+  dense = cifar["params"]["Dense_0"]["kernel"]
+  assert dense.shape == (32 * 8 * 8, 10)
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("simple_mnist", (3, 8, 8, 1)), ("simple_mnist", (3, 28, 28, 1)),
+    ("simple_cifar10", (2, 32, 32, 3)), ("tiny_cnn", (3, 8, 8, 1)), ("mlp", (3, 8, 8, 1)),
+])  # resnet18's output is checked in test_resnet18_formulations_agree_at_tiny_batch.
+def test_output_shapes_and_collections(name, shape):
+  model = models.make_model(name, num_classes=7, conv_impl="xla")
+  variables = _init(model, shape)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.ones(shape))
+  assert logits.shape == (shape[0], 7)
+  assert np.all(np.isfinite(logits))
+  assert ("batch_stats" in variables) == (name != "mlp")
+
+
+# --------------------------------------------------------------------------
+# BatchNorm.
+
+
+def test_batchnorm_train_uses_batch_stats_and_updates_running_stats():
+  bn = conv_lib.BatchNorm()
+  x = jax.random.normal(jax.random.key(1), (5, 3, 2, 4)) * 3.0 + 2.0
+  variables = bn.init(jax.random.key(0), x, train=True)
+  # Initialisation leaves PyTorch's initial running statistics.
+  np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(4))
+  np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones(4))
+
+  y, mut = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+  xn = np.asarray(x, np.float64).reshape(-1, 4)
+  expect = (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 4), expect, rtol=1e-4, atol=1e-5)
+  # PyTorch: momentum 0.1, and the running variance uses the unbiased estimate.
+  np.testing.assert_allclose(mut["batch_stats"]["mean"], 0.1 * xn.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(mut["batch_stats"]["var"], 0.9 + 0.1 * xn.var(0, ddof=1),
+                             rtol=1e-5)
+
+  # Evaluation normalises with the running statistics, not the batch's.
+  stats = mut["batch_stats"]
+  y_eval = bn.apply({"params": variables["params"], "batch_stats": stats}, x, train=False)
+  expect_eval = (xn - np.asarray(stats["mean"])) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
+  np.testing.assert_allclose(np.asarray(y_eval).reshape(-1, 4), expect_eval, rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_model_train_mode_couples_examples_eval_mode_does_not():
+  model = models.make_model("tiny_cnn", conv_impl="xla")
+  variables = _init(model, (4, 8, 8, 1))
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+  x2 = x.at[3].multiply(5.0)  # changes only the last example
+  train = lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  evaluate = lambda x: model.apply(variables, x, train=False)
+  assert not np.allclose(train(x)[:3], train(x2)[:3], atol=1e-4)
+  np.testing.assert_allclose(evaluate(x)[:3], evaluate(x2)[:3], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Formulations agree.
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (5, 1, 2, 7), (3, 2, 1, 7), (1, 2, 0, 6), (3, 1, 0, 5)])
+def test_conv_formulations_match_xla_under_vmap(impl, kernel, stride, padding, size):
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (3, 2, size, size, 3))  # [W, b, H, W, C]
+  k = jax.random.normal(keys[1], (kernel, kernel, 3, 5))
+  out_size = (size + 2 * padding - kernel) // stride + 1
+  dy = jax.random.normal(keys[2], (3, 2, out_size, out_size, 5))
+
+  def grads(conv):
+    def f(k, x, dy):
+      return jnp.vdot(conv(x, k, stride, padding), dy)
+    return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1)), in_axes=(None, 0, 0)))(
+        k, x, dy)
+
+  (v_ref, (dk_ref, dx_ref)) = grads(conv_lib.CONV_IMPLS["xla"].conv)
+  (v, (dk, dx)) = grads(conv_lib.CONV_IMPLS[impl].conv)
+  assert dk.shape == (3,) + k.shape  # one weight gradient per worker
+  np.testing.assert_allclose(v, v_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_max_pool_gradient_breaks_ties_like_xla(impl):
+  # Integer-valued input: many tied maxima; odd width checks the floor mode.
+  x = jnp.round(jax.random.normal(jax.random.key(4), (2, 3, 6, 7, 2)) * 1.5)
+  w = jax.random.normal(jax.random.key(5), (3, 3, 3, 2))
+
+  def grad(pool):
+    return jax.jit(jax.vmap(jax.grad(lambda x: jnp.vdot(pool(x), w))))(x)
+
+  ref = grad(conv_lib.CONV_IMPLS["xla"].max_pool)
+  got = grad(conv_lib.CONV_IMPLS[impl].max_pool)
+  assert float(jnp.abs(ref).sum()) > 0
+  np.testing.assert_array_equal(got, ref)
+
+
+def _model_case(name, dtype, impl, shape, workers=3, batch=4):
+  model = models.make_model(name, dtype=dtype, conv_impl=impl)
+  variables = _init(model, (1,) + shape, dtype)
+  x = jax.random.normal(jax.random.key(6), (workers, batch) + shape, dtype)
+  y = jax.random.randint(jax.random.key(7), (workers, batch), 0, 10)
+  return model, variables, x, y
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("name,shape", [
+    ("simple_mnist", (10, 10, 1)), ("tiny_cnn", (8, 8, 1))])
+def test_per_worker_gradients_match_xla_float32(impl, name, shape):
+  model, variables, x, y = _model_case(name, jnp.float32, "xla", shape)
+  fast = models.make_model(name, conv_impl=impl)
+  # Same variables: the formulation must not change the parameter tree.
+  assert jax.tree.structure(_init(fast, (1,) + shape)) == jax.tree.structure(variables)
+  (loss_ref, (logits_ref, stats_ref)), g_ref = _per_worker_grads(model, variables, x, y)
+  (loss, (logits, stats)), g = _per_worker_grads(fast, variables, x, y)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               stats, stats_ref)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5), g, g_ref)
+  # Gradients really are per worker.
+  leaf = jax.tree.leaves(g)[0]
+  assert leaf.shape[0] == 3 and not np.allclose(leaf[0], leaf[1])
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_per_worker_gradients_match_xla_float64(impl):
+  with jax.enable_x64(True):
+    model, variables, x, y = _model_case("simple_mnist", jnp.float64, "xla", (10, 10, 1))
+    assert jax.tree.leaves(variables)[0].dtype == jnp.float64
+    fast = models.make_model("simple_mnist", dtype=jnp.float64, conv_impl=impl)
+    (loss_ref, _), g_ref = _per_worker_grads(model, variables, x, y)
+    (loss, _), g = _per_worker_grads(fast, variables, x, y)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-13)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+                 g, g_ref)
+
+
+def test_vmapped_gradient_equals_each_workers_own_gradient():
+  impl = models.resolve_conv_impl("auto")
+  model, variables, x, y = _model_case("simple_mnist", jnp.float32, impl, (8, 8, 1))
+  _, g = _per_worker_grads(model, variables, x, y)
+  loss_fn = _loss_fn(model)
+  for wkr in range(x.shape[0]):
+    _, gw = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        variables["params"], variables["batch_stats"], x[wkr], y[wkr])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[wkr], b, rtol=1e-4, atol=1e-6),
+                 g, gw)
+
+
+def test_resnet18_formulations_agree_at_tiny_batch():
+  impl = FAST_IMPLS[0] if "unrolled" not in FAST_IMPLS else "unrolled"
+  model, variables, x, y = _model_case("resnet18", jnp.float32, "xla", (4, 4, 3),
+                                       workers=2, batch=2)
+  fast = models.make_model("resnet18", conv_impl=impl)
+  (loss_ref, _), g_ref = _per_worker_grads(model, variables, x, y)
+  (loss, (logits, _)), g = _per_worker_grads(fast, variables, x, y)
+  assert logits.shape == (2, 2, 10)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), g, g_ref)
+
+
+# --------------------------------------------------------------------------
+# Names and bad input.
+
+
+def test_unknown_names_and_bad_arguments_are_refused():
+  with pytest.raises(ValueError, match="simple_mnist.*resnet18"):
+    models.make_model("lenet")
+  with pytest.raises(ValueError, match="auto.*xla.*patches"):
+    models.make_model("simple_mnist", conv_impl="cudnn")
+  with pytest.raises(ValueError, match="auto.*xla"):
+    models.resolve_conv_impl("fast")
+  with pytest.raises(ValueError, match="float32 or float64"):
+    models.make_model("mlp", dtype=jnp.int32)
+  with pytest.raises(ValueError, match="num_classes"):
+    models.make_model("mlp", num_classes=1)
+  if not jax.config.read("jax_enable_x64"):
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+      models.make_model("mlp", dtype=jnp.float64)
+
+
+def test_auto_resolves_by_backend():
+  for name in conv_lib.CONV_IMPLS:
+    assert models.resolve_conv_impl(name) == name
+  auto = models.resolve_conv_impl("auto")
+  assert auto in conv_lib.CONV_IMPLS
+  if jax.default_backend() == "cpu":
+    assert auto != "xla"  # the plain formulation is the slow one on CPU
+  else:
+    assert auto == "xla"
