@@ -17,6 +17,19 @@ take a ``key`` are pure JAX and jittable: :func:`round_indices` (the SPEC's
 i.i.d. sampling), :func:`worker_round_indices` (per-worker shards for
 non-i.i.d. splits made by :func:`partition_indices`), :func:`preprocess` and
 :func:`augment_crop_flip`.
+
+Two shuffles are offered (:data:`SHUFFLES`). "permutation", the default, is
+``jax.random.permutation`` of the whole split, recomputed every round; it costs
+a sort of N per round. "feistel" evaluates a keyed bijection only at the round's
+W*b positions. Measured on the shared 2-core CPU dev box, timing
+``jax.jit(lambda s: round_indices(key, s, N, 17, 4, shuffle=...))`` over 100
+steps (median): N=60,000 takes 23.0 ms per round with "permutation" and
+0.06 ms with "feistel"; N=1,438 (digits) takes 0.36 ms and 0.07 ms.
+
+The digits split is stratified 80/20 per class with ``np.random.default_rng(0)``
+(1,438 train, 359 test images). MNIST from the SPEC's .npz loaded as ``"npz"``
+gets train-split statistics mean 0.130660, std 0.308108, which round to the
+SPEC's 0.1307 and 0.3081.
 """
 
 from __future__ import annotations
@@ -356,7 +369,7 @@ def load_dataset(name: str, *, path: Optional[str] = None, data_dir: Optional[st
     data_dir: TFDS data directory; only for TFDS names. None uses the TFDS
       default.
     mean: per-channel mean on [0, 1] overriding the table (and the computed
-      train-split statistics).
+      train-split statistics; a constant channel there gets std 1).
     std: per-channel std on [0, 1], likewise.
     augment: training augmentation overriding the table, a key of
       :data:`AUGMENTATIONS`.

@@ -68,11 +68,24 @@ def test_tfds_loader_reads_all_records_in_order(monkeypatch, name, shape, augmen
     np.testing.assert_allclose(ds.std, [x.std()], rtol=1e-10)
 
 
-def test_tfds_cifar100_coarse_uses_its_label_feature():
-  with mock_tfds(num_examples=4):
-    ds = data.load_dataset("cifar100/coarse")
-  assert ds.num_classes == 20
-  assert ds.train_labels.max() < 20
+@pytest.mark.parametrize("name", sorted(n for n, s in data.DATASETS.items() if s.source == "tfds"))
+def test_every_tfds_entry_names_real_features(name):
+  spec = data.DATASETS[name]
+  with mock_tfds(num_examples=3) as tfds:
+    ds = data.load_dataset(name)
+    features = tfds.builder(spec.tfds_name).info.features
+  assert ds.train_images.shape[1:] == tuple(features[spec.image_key].shape)
+  assert ds.num_classes == features[spec.label_key].num_classes
+  assert len(ds.mean) == len(ds.std) == ds.train_images.shape[-1]
+  if name == "cifar100/coarse":
+    assert ds.num_classes == 20
+
+
+def test_tfds_large_split_shows_progress(monkeypatch, capsys):
+  monkeypatch.setattr(data, "_PROGRESS_MIN_RECORDS", 4)
+  with mock_tfds(num_examples=5):
+    data.load_dataset("mnist")
+  assert "mnist train" in capsys.readouterr().err
 
 
 def test_tfds_missing_data_raises_one_clear_error(tmp_path):
