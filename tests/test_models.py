@@ -11,6 +11,9 @@ from ftjax import models
 
 IMPLS = sorted(conv_lib.CONV_IMPLS)
 FAST_IMPLS = [i for i in IMPLS if i != "xla"]
+# im2col is kept only as a benchmark baseline and is slow to compile: its layers
+# are checked here, the whole-model comparisons run on the custom-VJP paths.
+MODEL_IMPLS = [i for i in FAST_IMPLS if i != "im2col"]
 
 
 def _init(model, shape, dtype=jnp.float32, seed=0):
@@ -107,9 +110,9 @@ def test_model_train_mode_couples_examples_eval_mode_does_not():
 # Formulations agree.
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
-@pytest.mark.parametrize("kernel,stride,padding,size", [
-    (5, 1, 2, 7), (3, 2, 1, 7), (1, 2, 0, 6), (3, 1, 0, 5)])
+@pytest.mark.parametrize("impl,kernel,stride,padding,size", [
+    (impl, *case) for impl in MODEL_IMPLS for case in [(5, 1, 2, 7), (3, 2, 1, 7), (1, 2, 0, 6)]
+] + [("im2col", 3, 2, 1, 7)])
 def test_conv_formulations_match_xla_under_vmap(impl, kernel, stride, padding, size):
   keys = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(keys[0], (3, 2, size, size, 3))  # [W, b, H, W, C]
@@ -131,7 +134,8 @@ def test_conv_formulations_match_xla_under_vmap(impl, kernel, stride, padding, s
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", sorted({  # one case per distinct max-pool function
+    conv_lib.CONV_IMPLS[i].max_pool: i for i in FAST_IMPLS}.values()))
 def test_max_pool_gradient_breaks_ties_like_xla(impl):
   # Integer-valued input: many tied maxima; odd width checks the floor mode.
   x = jnp.round(jax.random.normal(jax.random.key(4), (2, 3, 6, 7, 2)) * 1.5)
@@ -146,6 +150,18 @@ def test_max_pool_gradient_breaks_ties_like_xla(impl):
   np.testing.assert_array_equal(got, ref)
 
 
+_REFERENCE = {}
+
+
+def _reference_grads(name, dtype, shape):
+  """The plain-vmap ("xla") results, computed once per model, dtype and shape."""
+  key = (name, jnp.dtype(dtype).name, shape)
+  if key not in _REFERENCE:
+    model, variables, x, y = _model_case(name, dtype, "xla", shape)
+    _REFERENCE[key] = (variables, x, y, _per_worker_grads(model, variables, x, y))
+  return _REFERENCE[key]
+
+
 def _model_case(name, dtype, impl, shape, workers=3, batch=4):
   model = models.make_model(name, dtype=dtype, conv_impl=impl)
   variables = _init(model, (1,) + shape, dtype)
@@ -154,15 +170,15 @@ def _model_case(name, dtype, impl, shape, workers=3, batch=4):
   return model, variables, x, y
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", MODEL_IMPLS)
 @pytest.mark.parametrize("name,shape", [
     ("simple_mnist", (10, 10, 1)), ("tiny_cnn", (8, 8, 1))])
 def test_per_worker_gradients_match_xla_float32(impl, name, shape):
-  model, variables, x, y = _model_case(name, jnp.float32, "xla", shape)
+  variables, x, y, ref = _reference_grads(name, jnp.float32, shape)
+  (loss_ref, (logits_ref, stats_ref)), g_ref = ref
   fast = models.make_model(name, conv_impl=impl)
   # Same variables: the formulation must not change the parameter tree.
   assert jax.tree.structure(_init(fast, (1,) + shape)) == jax.tree.structure(variables)
-  (loss_ref, (logits_ref, stats_ref)), g_ref = _per_worker_grads(model, variables, x, y)
   (loss, (logits, stats)), g = _per_worker_grads(fast, variables, x, y)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
   np.testing.assert_allclose(logits, logits_ref, rtol=1e-4, atol=1e-5)
@@ -174,13 +190,13 @@ def test_per_worker_gradients_match_xla_float32(impl, name, shape):
   assert leaf.shape[0] == 3 and not np.allclose(leaf[0], leaf[1])
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("impl", MODEL_IMPLS)
 def test_per_worker_gradients_match_xla_float64(impl):
   with jax.enable_x64(True):
-    model, variables, x, y = _model_case("simple_mnist", jnp.float64, "xla", (10, 10, 1))
+    variables, x, y, ((loss_ref, _), g_ref) = _reference_grads(
+        "simple_mnist", jnp.float64, (10, 10, 1))
     assert jax.tree.leaves(variables)[0].dtype == jnp.float64
     fast = models.make_model("simple_mnist", dtype=jnp.float64, conv_impl=impl)
-    (loss_ref, _), g_ref = _per_worker_grads(model, variables, x, y)
     (loss, _), g = _per_worker_grads(fast, variables, x, y)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-13)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
@@ -191,24 +207,21 @@ def test_vmapped_gradient_equals_each_workers_own_gradient():
   impl = models.resolve_conv_impl("auto")
   model, variables, x, y = _model_case("simple_mnist", jnp.float32, impl, (8, 8, 1))
   _, g = _per_worker_grads(model, variables, x, y)
-  loss_fn = _loss_fn(model)
+  one_worker = jax.jit(jax.value_and_grad(_loss_fn(model), has_aux=True))
   for wkr in range(x.shape[0]):
-    _, gw = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        variables["params"], variables["batch_stats"], x[wkr], y[wkr])
+    _, gw = one_worker(variables["params"], variables["batch_stats"], x[wkr], y[wkr])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[wkr], b, rtol=1e-4, atol=1e-6),
                  g, gw)
 
 
-def test_resnet18_formulations_agree_at_tiny_batch():
-  impl = FAST_IMPLS[0] if "unrolled" not in FAST_IMPLS else "unrolled"
-  model, variables, x, y = _model_case("resnet18", jnp.float32, "xla", (4, 4, 3),
-                                       workers=2, batch=2)
-  fast = models.make_model("resnet18", conv_impl=impl)
-  (loss_ref, _), g_ref = _per_worker_grads(model, variables, x, y)
-  (loss, (logits, _)), g = _per_worker_grads(fast, variables, x, y)
-  assert logits.shape == (2, 2, 10)
-  np.testing.assert_allclose(loss, loss_ref, rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), g, g_ref)
+def test_resnet18_output_shape():
+  model = models.make_model("resnet18", num_classes=7)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(lambda: _init(model, (1, 32, 32, 3)))
+  logits, mut = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x)
+  assert logits.shape == (2, 7)
+  assert jax.tree.structure(mut["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
 
 
 # --------------------------------------------------------------------------
