@@ -1,0 +1,23 @@
+r"""MNIST, the paper's setting: 17 workers, 8 Byzantine, mu2sgd, CTMA over cwtm.
+
+From TFDS (prepared once with `tfds build mnist`, see README):
+  python main.py --config configs/mnist.py --workdir /tmp/ftjax/mnist
+From a local .npz with the layout of SPEC section 5 (no TFDS needed):
+  python main.py --config configs/mnist.py:/path/to/mnist.npz --workdir /tmp/ftjax/mnist
+"""
+
+from configs import default
+
+
+def get_config(arg=None):
+  """MNIST config; ``arg`` is an optional path to an .npz file."""
+  c = default.get_config()
+  c.num_steps = 1000
+  c.eval_every = 50
+  if arg:
+    c.data.name = "npz"
+    c.data.path = arg
+  else:
+    c.data.name = "mnist"
+  c.model.name = "simple_mnist"
+  return c

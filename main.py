@@ -1,0 +1,41 @@
+r"""ftjax command line: train and evaluate one run from a config file.
+
+  python main.py --config configs/default.py --workdir /tmp/ftjax/default \
+    --config.workers.num=17 --config.aggregator.name=cwtm \
+    --config.aggregator.meta=ctma --config.attack.name=alie
+
+Running the same command again with the same --workdir resumes from the latest
+checkpoint.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ftjax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py), optionally file.py:arg.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for metrics, config and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.INFO)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train.ConfigError, train.TrainingDiverged) as e:
+    # Bad input and divergence are the user's to fix: one clear line, no traceback.
+    print(f"ftjax: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

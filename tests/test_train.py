@@ -1,0 +1,187 @@
+"""The training system end to end: step semantics, attacks wired, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from ftjax import attacks
+from ftjax import data as data_lib
+from ftjax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """A config that compiles and runs in seconds on two CPU cores."""
+  c = default.get_config()
+  c.num_steps = 6
+  c.eval_every = 3
+  c.progress = False
+  c.workers.num = 5
+  c.workers.byzantine = 1
+  c.workers.batch_size = 4
+  c.model.name = "tiny_cnn"
+  c.data.eval_batch_size = 512
+  for key, value in overrides.items():
+    section = c
+    *path, last = key.split(".")
+    for p in path:
+      section = section[p]
+    section[last] = value
+  return c
+
+
+def test_f0_avg_sgd_step_equals_plain_minibatch_sgd():
+  c = tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg", "aggregator.meta": "none",
+                     "attack.name": "none", "optim.estimator": "sgd", "optim.clip": None,
+                     "model.name": "mlp"})
+  setup = train.build(c)
+  state = train.init_state(setup, c.seed)
+  ds = setup.dataset
+  data = train.DeviceData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
+  new_state, _ = jax.jit(train.make_train_step(setup))(state, data)
+
+  idx = data_lib.round_indices(train._purpose_key(state, train._KEY_DATA), state.step,
+                               ds.train_images.shape[0], 5, 4).reshape(-1)
+  x = data_lib.preprocess(ds.train_images[np.asarray(idx)], ds.mean, ds.std, jnp.float32)
+  y = jnp.asarray(ds.train_labels[np.asarray(idx)])
+
+  def loss(params):
+    logits = setup.model.apply({"params": params}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  want = jax.tree.map(lambda p, g: p - c.optim.lr * g, state.params, jax.grad(loss)(state.params))
+  for got_leaf, want_leaf in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=2e-5, atol=2e-6)
+  assert int(new_state.step) == 1
+
+
+@pytest.mark.parametrize("name", sorted(attacks.ATTACKS))
+def test_every_attack_runs_through_the_step(name):
+  c = tiny_config(**{"attack.name": name, "num_steps": 2, "eval_every": 2})
+  setup = train.build(c)
+  state = train.init_state(setup, c.seed)
+  ds = setup.dataset
+  data = train.DeviceData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
+  chunk = train.make_chunk_fn(setup)
+  state, metrics = chunk(state, data, 2)
+  assert int(state.step) == 2
+  assert bool(metrics["finite"]), name  # ctma(cwtm) with f=1 survives every attack
+  assert np.isfinite(metrics["train_loss"])
+  # Omniscient attacks skip the Byzantine gradients; own-update attacks keep them.
+  expected_rows = 5 if setup.attack.uses_own_updates else 4
+  assert jax.tree.leaves(state.worker_state)[0].shape[0] == expected_rows
+
+
+def test_label_flipping_changes_the_byzantine_labels_only():
+  c = tiny_config(**{"attack.name": "lf"})
+  setup = train.build(c)
+  assert setup.attack.flips_labels and setup.num_computed == 5
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+    return [json.loads(line) for line in fh]
+
+
+def test_resume_gives_identical_metrics(tmp_path):
+  c = tiny_config()
+  full = str(tmp_path / "full")
+  train.train_and_evaluate(c, full)
+  parts = str(tmp_path / "parts")
+  c_half = tiny_config(num_steps=3)
+  train.train_and_evaluate(c_half, parts)
+  assert [r["step"] for r in _rows(parts)] == [3]
+  train.train_and_evaluate(c, parts)  # same workdir: resumes at step 3
+  a, b = _rows(full), _rows(parts)
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+  for ra, rb in zip(a, b):
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+      assert ra[key] == rb[key], key
+  assert os.path.isdir(os.path.join(parts, "checkpoints", "best"))
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+  c = tiny_config(num_steps=3)
+  train.train_and_evaluate(c, str(tmp_path))
+  with pytest.raises(train.ConfigError, match="attack.name"):
+    train.train_and_evaluate(tiny_config(**{"attack.name": "sf"}), str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"workers.byzantine": 3}, "fewer than half"),
+    ({"aggregator.name": "mean_of_medians"}, "mean_of_medians"),
+    ({"attack.name": "teleport"}, "teleport"),
+    ({"model.name": "vit"}, "vit"),
+    ({"optim.estimator": "adam"}, "adam"),
+    ({"workers.batch_size": 10_000}, "batch_size"),
+    ({"data.partition": "by_colour"}, "by_colour"),
+    ({"aggregator.options": {"gm": {"iterations": 3}}}, "iterations"),
+    ({"data.name": "npz", "data.path": "/nonexistent/mnist.npz"}, "mnist.npz"),
+    ({"dtype": "bfloat16"}, "float32"),
+])
+def test_bad_configs_are_refused_before_compiling(overrides, message, tmp_path):
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(train.ConfigError, match="workdir"):
+    train.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+  # No defence, no clipping and a huge learning rate: the model blows up.
+  c = tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg", "aggregator.meta": "none",
+                     "attack.name": "none", "optim.clip": None, "optim.lr": 1e30,
+                     "optim.estimator": "sgd", "model.name": "mlp", "eval_every": 1,
+                     "num_steps": 20})
+  with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path))
+  latest = os.listdir(tmp_path / "checkpoints" / "latest")
+  rows = _rows(str(tmp_path))
+  assert all(np.isfinite(r["train_loss"]) for r in rows)
+  if rows:
+    assert str(rows[-1]["step"]) in latest
+
+
+def test_main_end_to_end(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+         os.path.join(ROOT, "configs", "default.py"), "--workdir", str(workdir),
+         "--config.num_steps=4", "--config.eval_every=2", "--config.workers.num=5",
+         "--config.workers.byzantine=1", "--config.workers.batch_size=4",
+         "--config.model.name=tiny_cnn", "--config.attack.name=ipm",
+         "--config.aggregator.name=cwmed", "--config.aggregator.meta=nnm+ctma"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = _rows(str(workdir))
+  assert [r["step"] for r in rows] == [2, 4]
+  assert 0.0 <= rows[-1]["test_acc"] <= 1.0
+  with open(workdir / "metrics.csv") as fh:
+    header = fh.readline().strip().split(",")
+  for column in ("step", "train_loss", "train_acc", "test_loss", "test_acc", "wall_time",
+                 "steps_per_sec"):
+    assert column in header
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["aggregator"]["meta"] == "nnm+ctma"
+
+
+def test_main_reports_bad_input_in_one_line(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+         os.path.join(ROOT, "configs", "default.py"), "--workdir", str(tmp_path),
+         "--config.workers.byzantine=9"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr
+  assert "ftjax: error:" in out.stderr and "fewer than half" in out.stderr
