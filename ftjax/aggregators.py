@@ -195,14 +195,15 @@ def _meamed(f: int) -> _RuleFn:
   Sorted values s_0 <= ... <= s_{W-1}: the W-f closest to the median form a
   window [k, k + W - f). The f dropped values are the f farthest among the
   bottom distances a_j = m - s_j and top distances b_j = s_{W-1-j} - m, both
-  decreasing in j, so k = #{j < f : a_j > b_{f-1-j}}; an exact tie drops the
-  upper value (which also makes the rule permutation invariant).
+  decreasing in j, so k = #{j < f : a_j > b_{f-1-j}} (b_{f-1-j} = s_{W-f+j});
+  an exact tie drops the upper value (which keeps the rule permutation
+  invariant, unlike a tie-break by worker index).
   """
   def leaf_fn(leaf):
     w = leaf.shape[0]
     s = selection.sorted_rows(leaf)
     m = s[(w - 1) // 2] if w % 2 else (s[w // 2 - 1] + s[w // 2]) * jnp.asarray(0.5, leaf.dtype)
-    k = sum((m - s[j] > s[f - 1 - j + (w - f)] - m).astype(jnp.int32) for j in range(f)) \
+    k = sum((m - s[j] > s[w - f + j] - m).astype(jnp.int32) for j in range(f)) \
         if f else jnp.zeros(leaf.shape[1:], jnp.int32)
     zero = jnp.zeros((), leaf.dtype)
     terms = list(s[f:w - f])
@@ -340,25 +341,44 @@ def _ctma(inner: _RuleFn, f: int, keep_ties: bool = False) -> _RuleFn:
   return fn
 
 
+def nearest_neighbour_mix(updates: PyTree, f: int) -> PyTree:
+  """Nearest Neighbour Mixing: row i becomes the mean of the W-f rows nearest x_i.
+
+  x_i itself is always one of them; other ties go to the lowest index. A row
+  with a non-finite coordinate is returned unchanged (its neighbourhood is
+  meaningless, and the rule applied next treats it as faulty); finite rows
+  never mix with it while at most f rows are faulty.
+
+  Args:
+    updates: pytree stacked on a leading worker axis W.
+    f: number of Byzantine rows (0 <= f < W).
+
+  Returns:
+    The mixed rows, same structure, shapes and dtypes as ``updates``.
+  """
+  w = _num_rows(updates)
+  dist, centred, center, finite = _centered_gram(updates)
+  # -1 on the diagonal: x_i is always among its own neighbours, even when
+  # other rows coincide with it.
+  dist = jnp.where(jnp.eye(w, dtype=bool), -1.0, dist)
+  order = jnp.argsort(dist, axis=1, stable=True)[:, :w - f]
+  mix = jnp.zeros((w, w), dist.dtype).at[jnp.arange(w)[:, None], order].set(1.0 / (w - f))
+
+  def mix_leaf(leaf, y, c):
+    # Rows of ``mix`` sum to one, so mixing centred rows and adding the centre
+    # back gives the mixed original rows without the cancellation.
+    mixed = (jnp.dot(mix.astype(y.dtype), y, precision=jax.lax.Precision.HIGHEST)
+             .reshape(leaf.shape) + c[None])
+    shape = (w,) + (1,) * (leaf.ndim - 1)
+    return jnp.where(finite.reshape(shape), mixed, leaf)
+
+  return jax.tree.map(mix_leaf, updates, centred, center)
+
+
 def _nnm(inner: _RuleFn, f: int) -> _RuleFn:
-  """Nearest Neighbour Mixing: y_i = mean of the W-f rows nearest x_i; A(y)."""
+  """Nearest Neighbour Mixing then A: A(nearest_neighbour_mix(x))."""
   def fn(x, key):
-    w = _num_rows(x)
-    dist, centred, center, finite = _centered_gram(x)
-    # -1 on the diagonal: x_i is always among its own neighbours, even when
-    # other rows coincide with it.
-    dist = jnp.where(jnp.eye(w, dtype=bool), -1.0, dist)
-    order = jnp.argsort(dist, axis=1, stable=True)[:, :w - f]
-    mix = jnp.zeros((w, w), dist.dtype).at[jnp.arange(w)[:, None], order].set(1.0 / (w - f))
-
-    def mix_leaf(leaf, y, c):
-      mixed = (jnp.dot(mix.astype(y.dtype), y, precision=jax.lax.Precision.HIGHEST)
-               .reshape(leaf.shape) + c[None])
-      shape = (w,) + (1,) * (leaf.ndim - 1)
-      # A faulty row's neighbourhood is meaningless; it stays faulty for A.
-      return jnp.where(finite.reshape(shape), mixed, leaf)
-
-    return inner(jax.tree.map(mix_leaf, x, centred, center), key)
+    return inner(nearest_neighbour_mix(x, f), key)
   return fn
 
 
