@@ -94,6 +94,10 @@ class Reporter:
       writer.writeheader()
       writer.writerows(self.rows)
 
+  def note(self, message: str) -> None:
+    """Prints a one-line message above the progress bar."""
+    self._bar.write(message, file=sys.stderr)
+
   def advance(self, num_steps: int) -> None:
     """Moves the progress bar by ``num_steps`` rounds."""
     self._bar.update(num_steps)

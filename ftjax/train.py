@@ -24,7 +24,6 @@ import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -554,7 +553,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   restored = checkpointer.restore_latest(state)
   if restored is not None:
     state, meta = restored
-    logging.info("Resumed from step %d in %s.", int(state.step), workdir)
   start_step = int(state.step)
 
   train_data = make_device_data(setup)
@@ -565,6 +563,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       workdir, total_steps=config.num_steps, start_step=start_step,
       wandb_config=config.wandb, run_config=json.loads(config.to_json()),
       show_progress=config.progress)
+  if restored is not None:
+    reporter.note(f"Resumed from the checkpoint at step {start_step} in {workdir}.")
 
   compiled = {}  # chunk length -> compiled executable (at most two lengths)
 
@@ -572,7 +572,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if length not in compiled:
       tic = time.perf_counter()
       compiled[length] = chunk_fn.lower(state, train_data, length).compile()
-      logging.info("Compiled a chunk of %d steps in %.1f s.", length, time.perf_counter() - tic)
+      reporter.note(f"Compiled a chunk of {length} rounds in {time.perf_counter() - tic:.1f} s.")
     return compiled[length]
 
   row = reporter.rows[-1] if reporter.rows else {}
