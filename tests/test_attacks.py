@@ -275,6 +275,15 @@ def test_optimal_finds_interior_maximum(kind):
   assert s < 9.5  # the maximum is interior, not the end of the range
 
 
+def test_optimal_always_tries_the_reference_scale():
+  # Grid {3, 10} lies beyond the filter radius; only the reference eps 0.5 does damage.
+  honest, f = honest_tree(h=7, seed=2), 2
+  attack = make_attack("optimal_ipm", low=3.0, high=10.0, num_candidates=2, refine_steps=0)
+  out = call(attack, honest, f, aggregator=radius_filter_agg)
+  for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(honest)):
+    np.testing.assert_allclose(o, np.broadcast_to(-0.5 * x.mean(0), o.shape), rtol=1e-5)
+
+
 def test_optimal_batched_map_matches_vmap():
   honest, f = honest_tree(h=6, seed=3), 2
   a = call(make_attack("optimal_alie"), honest, f)
