@@ -329,7 +329,7 @@ def _centered_clipping(f: int, tau: float = 10.0, iters: int = 1, init: str = "m
 def _ctma(inner: _RuleFn, f: int, keep_ties: bool = False) -> _RuleFn:
   """Centered Trimmed Meta Aggregator: mean of the W-f rows nearest to A(x)."""
   def fn(x, key):
-    x0, diag = inner(x, key)
+    x0, diag = _isolated(inner, x, key)
     w = _num_rows(x)
     r = _row_sqdist(x, x0)
     if keep_ties:  # reference quirk: every row tied at the cut-off stays in
@@ -380,6 +380,20 @@ def _nnm(inner: _RuleFn, f: int) -> _RuleFn:
   def fn(x, key):
     return inner(nearest_neighbour_mix(x, f), key)
   return fn
+
+
+def _isolated(rule: _RuleFn, x: PyTree, key) -> tuple[PyTree, Diagnostics]:
+  """Runs ``rule`` as its own XLA computation (both branches of one cond).
+
+  When a sorting network's output has further consumers (ctma's distances),
+  XLA on CPU splits the network into ~20 fusions that each write a full row,
+  and ctma(cwtm) cost 15x cwtm. A cond branch is fused on its own, keeping the
+  network one loop; the predicate depends on the data so XLA cannot fold it.
+  Under vmap the cond becomes a select and both (identical) branches run.
+  """
+  first = jax.tree.leaves(x)[0]
+  pred = jnp.isnan(first.reshape(-1)[0])
+  return jax.lax.cond(pred, lambda v: rule(v, key), lambda v: rule(v, key), x)
 
 
 def _nnm_ctma(inner: _RuleFn, f: int, keep_ties: bool = False) -> _RuleFn:

@@ -25,9 +25,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# Above this many rows the network's compile time (seconds at W=65) outweighs
+# Above this many rows the network's compile time (3 s per leaf at W=65) outweighs
 # its speed; see docs/benchmarks/aggregators.md.
-NETWORK_MAX_ROWS = 64
+NETWORK_MAX_ROWS = 80
 # Unrolled row sums compile in ~1 s per leaf at W=257 and still beat a masked
 # matrix-vector product; beyond this a matvec keeps compile time bounded.
 UNROLL_MAX_ROWS = 320
@@ -83,12 +83,13 @@ def sorted_rows(x: jax.Array) -> list[jax.Array]:
     A list of W arrays of shape ``x.shape[1:]``; entry ``j`` holds the j-th
     smallest value of every coordinate. Unused entries cost nothing under jit.
   """
-  x = nan_to_posinf(x)
   w = x.shape[0]
   if w > NETWORK_MAX_ROWS:
-    s = jnp.sort(x, axis=0)
+    s = jnp.sort(nan_to_posinf(x), axis=0)
     return [s[j] for j in range(w)]
-  rows = [x[j] for j in range(w)]
+  # Row by row: a whole-array select would be materialised as a [W, d] copy
+  # whenever x has another consumer (ctma's distances).
+  rows = [nan_to_posinf(x[j]) for j in range(w)]
   for a, b in batcher_network(w):
     rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
   return rows
