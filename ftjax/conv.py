@@ -161,24 +161,27 @@ def _reshape_max_pool(x: Array) -> Array:
 
 
 def _reshape_max_pool_fwd(x):
-  y = _reshape_max_pool(x)
-  return y, (x, y)
+  return _reshape_max_pool(x), x
 
 
-def _reshape_max_pool_bwd(res, dy):
-  x, y = res
+def _reshape_max_pool_bwd(x, dy):
   n, h, w, c = x.shape
-  hit = _split_windows(x) == y[:, :, None, :, None, :]
+  win = _split_windows(x)
+  a, b = win[:, :, 0, :, 0], win[:, :, 0, :, 1]
+  c_, d = win[:, :, 1, :, 0], win[:, :, 1, :, 1]
   # The first maximum in row-major window order gets the whole cotangent, as in
-  # XLA's select-and-scatter, so "xla" and the CPU paths agree on ties. Written
-  # with elementwise ops on the split layout so that XLA fuses it into one loop.
-  h0, h1 = hit[:, :, 0], hit[:, :, 1]
-  first = jnp.stack([
-      jnp.stack([h0[:, :, :, 0], h0[:, :, :, 1] & ~h0[:, :, :, 0]], axis=3),
-      jnp.stack([h1[:, :, :, 0] & ~h0.any(axis=3),
-                 h1[:, :, :, 1] & ~h1[:, :, :, 0] & ~h0.any(axis=3)], axis=3),
-  ], axis=2)
-  g = jnp.where(first, dy[:, :, None, :, None, :], 0).astype(x.dtype)
+  # XLA's select-and-scatter, so "xla" and the CPU paths agree on ties. The
+  # winner comes from comparisons among x alone, never from x == max(x): XLA may
+  # recompute x in this fusion with different rounding than in the forward one.
+  take_b = b > a
+  take_c = c_ > jnp.maximum(a, b)
+  take_d = d > jnp.maximum(jnp.maximum(a, b), c_)
+  zero = jnp.zeros_like(dy)
+  g_d = jnp.where(take_d, dy, zero)
+  g_c = jnp.where(take_c & ~take_d, dy, zero)
+  g_b = jnp.where(take_b & ~take_c & ~take_d, dy, zero)
+  g_a = jnp.where(~take_b & ~take_c & ~take_d, dy, zero)
+  g = jnp.stack([jnp.stack([g_a, g_b], axis=3), jnp.stack([g_c, g_d], axis=3)], axis=2)
   g = g.reshape(n, h // 2 * 2, w // 2 * 2, c)
   dx = jnp.pad(g, ((0, 0), (0, h - h // 2 * 2), (0, w - w // 2 * 2), (0, 0)))
   return (dx,)
@@ -320,6 +323,58 @@ class Dense(nn.Module):
     return x.astype(self.dtype) @ kernel + bias
 
 
+def _bn_stats(x: Array):
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  xc = x - mean
+  # Two-pass variance: E[x^2]-E[x]^2 loses digits that float64 parity needs.
+  return mean, xc, jnp.square(xc).mean(axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float):
+  """Training-mode BatchNorm over all axes but the last.
+
+  Args:
+    x: activations [..., C].
+    scale: [C].
+    bias: [C].
+    epsilon: added to the variance.
+
+  Returns:
+    (normalised x, batch mean [C], biased batch variance [C]).
+  """
+  mean, xc, var = _bn_stats(x)
+  return xc * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+  mean, xc, var = _bn_stats(x)
+  rstd = lax.rsqrt(var + epsilon)
+  xhat = xc * rstd
+  return (xhat * scale + bias, mean, var), (xhat, rstd, scale)
+
+
+def _bn_bwd(epsilon, res, cts):
+  # The closed-form backward needs two fused reductions and one elementwise pass,
+  # where autodiff of the forward makes XLA walk the activations several times.
+  del epsilon  # Enters through rstd.
+  xhat, rstd, scale = res
+  dy, dmean, dvar = cts
+  axes = tuple(range(xhat.ndim - 1))
+  n = xhat.size // xhat.shape[-1]
+  dbias = dy.sum(axes)
+  dscale = (dy * xhat).sum(axes)
+  dx = (scale * rstd) * (dy - dbias / n - xhat * (dscale / n))
+  # Cotangents of the returned statistics (zero in the models, which stop their
+  # gradient, but kept so the function is correct on its own).
+  dx = dx + dmean / n + xhat * (2 * dvar / (n * rstd))
+  return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over all axes but the last, with PyTorch's semantics.
 
@@ -346,18 +401,15 @@ class BatchNorm(nn.Module):
     run_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), self.dtype)
     run_var = self.variable("batch_stats", "var", jnp.ones, (c,), self.dtype)
     if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = x.mean(axes)
-      # Two-pass variance: E[x^2]-E[x]^2 loses digits that float64 parity needs.
-      var = jnp.square(x - mean).mean(axes)
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         n = x.size // c
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         run_mean.value = m * run_mean.value + (1 - m) * lax.stop_gradient(mean)
         run_var.value = m * run_var.value + (1 - m) * lax.stop_gradient(unbiased)
-    else:
-      mean, var = run_mean.value, run_var.value
+      return y
+    mean, var = run_mean.value, run_var.value
     inv = lax.rsqrt(var + self.epsilon) * scale
     return x * inv + (bias - mean * inv)
 

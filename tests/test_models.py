@@ -253,3 +253,23 @@ def test_auto_resolves_by_backend():
     assert auto != "xla"  # the plain formulation is the slow one on CPU
   else:
     assert auto == "xla"
+
+
+def test_batch_norm_custom_gradient_matches_autodiff():
+  x = jax.random.normal(jax.random.key(8), (3, 4, 5, 6)) * 2.0 + 1.0
+  scale = jnp.linspace(0.5, 2.0, 6)
+  bias = jnp.linspace(-1.0, 1.0, 6)
+  w = [jax.random.normal(jax.random.key(9 + i), s) for i, s in enumerate([x.shape, (6,), (6,)])]
+
+  def reference(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = jnp.square(x - mean).mean((0, 1, 2))
+    return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias, mean, var
+
+  def loss(fn):  # also sends cotangents into the returned statistics
+    return lambda *a: sum(jnp.vdot(o, wi) for o, wi in zip(fn(*a), w))
+
+  custom = lambda x, s, b: conv_lib.batch_norm_train(x, s, b, 1e-5)
+  for got, ref in zip(jax.grad(loss(custom), argnums=(0, 1, 2))(x, scale, bias),
+                      jax.grad(loss(reference), argnums=(0, 1, 2))(x, scale, bias)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
