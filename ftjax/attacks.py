@@ -412,21 +412,26 @@ def _line_search(honest, base, direction, f, aggregator, key, grid, refine_steps
   hi = grid_a[jnp.minimum(i + 1, n - 1)]
   x1 = hi - _INV_PHI * (hi - lo)
   x2 = lo + _INV_PHI * (hi - lo)
-  v1, v2 = damage(x1), damage(x2)
+  unknown = jnp.full([], -jnp.inf, values.dtype)
 
-  def golden_step(_, carry):
+  # Steps 0 and 1 evaluate the two interior points, later steps are golden-section
+  # steps; one aggregator call per step keeps a single copy of it in the loop body.
+  def step(k, carry):
     lo, hi, x1, x2, v1, v2 = carry
     keep_left = v1 >= v2  # the maximum lies in [lo, x2]
-    lo = jnp.where(keep_left, lo, x1)
-    hi = jnp.where(keep_left, x2, hi)
-    x_new = jnp.where(keep_left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
-    v_new = damage(x_new)  # one aggregator call per step
-    x1, x2, v1, v2 = (jnp.where(keep_left, x_new, x2), jnp.where(keep_left, x1, x_new),
-                      jnp.where(keep_left, v_new, v2), jnp.where(keep_left, v1, v_new))
-    return lo, hi, x1, x2, v1, v2
+    g_lo = jnp.where(keep_left, lo, x1)
+    g_hi = jnp.where(keep_left, x2, hi)
+    x_gold = jnp.where(keep_left, g_hi - _INV_PHI * (g_hi - g_lo),
+                       g_lo + _INV_PHI * (g_hi - g_lo))
+    v = damage(jnp.where(k == 0, x1, jnp.where(k == 1, x2, x_gold)))
+    golden = (g_lo, g_hi,
+              jnp.where(keep_left, x_gold, x2), jnp.where(keep_left, x1, x_gold),
+              jnp.where(keep_left, v, v2), jnp.where(keep_left, v1, v))
+    start = (lo, hi, x1, x2, jnp.where(k == 0, v, v1), jnp.where(k == 1, v, v2))
+    return jax.tree.map(lambda a, b: jnp.where(k >= 2, a, b), golden, start)
 
-  _, _, x1, x2, v1, v2 = jax.lax.fori_loop(0, refine_steps, golden_step,
-                                           (lo, hi, x1, x2, v1, v2))
+  _, _, x1, x2, v1, v2 = jax.lax.fori_loop(0, refine_steps + 2, step,
+                                           (lo, hi, x1, x2, unknown, unknown))
   x_ref, v_ref = jnp.where(v1 >= v2, x1, x2), jnp.maximum(v1, v2)
   return jnp.where(v_ref > best_v, x_ref, best_s)
 

@@ -185,7 +185,7 @@ def test_pytree_shapes_dtypes_jit_and_determinism(name):
     assert not np.allclose(out["dense"], other["dense"])
 
 
-@pytest.mark.parametrize("name", ["alie", "min_sum", "optimal_ipm", "gaussian", "sf"])
+@pytest.mark.parametrize("name", ["alie", "min_sum", "optimal_ipm"])
 def test_float64(name):
   with jax.enable_x64(True):
     attack = make_attack(name)
@@ -205,13 +205,6 @@ def test_no_byzantine_workers_gives_empty_rows(name):
 
 # --------------------------------------------------------------------------
 # Line-search attacks
-
-
-def damage_traced(aggregator, honest, byz):
-  rows = jax.tree.map(lambda h, b: jnp.concatenate([h, b]), honest, byz)
-  out, _ = aggregator(rows, jax.random.key(0))
-  return jnp.sqrt(sum(jnp.sum((o - x.mean(0)) ** 2)
-                      for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(honest))))
 
 
 def damage(aggregator, honest, byz):
@@ -267,9 +260,15 @@ def test_optimal_finds_interior_maximum(kind):
   for a, b, d in zip(jax.tree.leaves(rows_of(out, 0)), jax.tree.leaves(base),
                      jax.tree.leaves(direction)):
     np.testing.assert_allclose(a, b + s * d, rtol=1e-4, atol=1e-5)
-  brute = max(jax.jit(jax.vmap(lambda t: damage_traced(radius_filter_agg, honest, jax.tree.map(
-      lambda b, d: jnp.broadcast_to(b + t * d, (f,) + b.shape), base, direction))))(
-          jnp.linspace(0.0, 10.0, 2001)))
+  # Brute force in NumPy over a fine grid of scales.
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  h_np = np.concatenate([np.reshape(x, (7, -1)) for x in jax.tree.leaves(honest)], axis=1)
+  b_np, d_np = flat(base), flat(direction)
+  mu_np, brute = h_np.mean(0), 0.0
+  for t in np.linspace(0.0, 10.0, 2001):
+    rows = np.concatenate([h_np, np.tile(b_np + t * d_np, (f, 1))])
+    keep = np.linalg.norm(rows - np.median(rows, 0), axis=1) <= 5.0
+    brute = max(brute, np.linalg.norm(rows[keep].mean(0) - mu_np))
   found = damage(radius_filter_agg, honest, out)
   assert found >= 0.98 * brute
   assert s < 9.5  # the maximum is interior, not the end of the range
@@ -407,3 +406,30 @@ def test_with_library_aggregator():
   optimal = jax.jit(lambda h, k: make_attack("optimal_alie")(
       h, None, k, AttackContext(num_byzantine=f, aggregator=agg)))(honest, jax.random.key(0))
   assert damage(agg, honest, optimal) >= damage(agg, honest, fixed) * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["min_max", "min_sum"])
+def test_min_distance_degenerate_rows_stay_finite(kind):
+  ctx = AttackContext(num_byzantine=2)
+  for perturbation in ("unit", "std", "sign"):
+    attack = make_attack(kind, perturbation=perturbation)
+    fn = jax.jit(lambda h: attack(h, None, jax.random.key(0), ctx))
+    for value in (0.0, 2.0):  # identical rows, with zero and non-zero mean
+      out = fn({"a": jnp.full((4, 3), value)})["a"]
+      np.testing.assert_allclose(out, np.full((2, 3), value), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["optimal_alie", "min_max"])
+def test_vmap_over_independent_runs(name):
+  # DESIGN: several runs may be batched by a vmap over a leading runs axis.
+  attack = make_attack(name)
+  ctx = AttackContext(num_byzantine=2, aggregator=median_agg)
+  runs = [honest_tree(h=5, seed=s) for s in (7, 8)]
+  keys = jax.random.split(jax.random.key(0), 2)
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *runs)
+  batched = jax.jit(jax.vmap(lambda h, k: attack(h, None, k, ctx)))(stacked, keys)
+  one_run = jax.jit(lambda h, k: attack(h, None, k, ctx))
+  for r, (honest, key) in enumerate(zip(runs, keys)):
+    single = one_run(honest, key)
+    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
+      np.testing.assert_allclose(a[r], b, rtol=1e-5, atol=1e-6)
