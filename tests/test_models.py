@@ -1,5 +1,7 @@
 """Tests for ftjax.models and ftjax.conv: sizes, BatchNorm semantics, and that
 every convolution formulation computes the same outputs and per-worker gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,18 @@ MODEL_IMPLS = [i for i in FAST_IMPLS if i != "im2col"]
 
 
 def _init(model, shape, dtype=jnp.float32, seed=0):
-  return model.init(jax.random.key(seed), jnp.zeros(shape, dtype), train=False)
+  # One compiled program (op-by-op init compiles a sampler per parameter shape).
+  init = jax.jit(lambda key: model.init(key, jnp.zeros(shape, dtype), train=False))
+  return init(jax.random.key(seed, impl="rbg"))  # threefry compiles ~10x slower here
+
+
+def _normal(seed, shape, dtype=np.float32):
+  # NumPy data: jax.random.normal costs a compile per shape, seconds on CPU.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _labels(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 10, shape), jnp.int32)
 
 
 def _n_params(variables):
@@ -72,7 +85,7 @@ def test_output_shapes_and_collections(name, shape):
 
 def test_batchnorm_train_uses_batch_stats_and_updates_running_stats():
   bn = conv_lib.BatchNorm()
-  x = jax.random.normal(jax.random.key(1), (5, 3, 2, 4)) * 3.0 + 2.0
+  x = _normal(1, (5, 3, 2, 4)) * 3.0 + 2.0
   variables = bn.init(jax.random.key(0), x, train=True)
   # Initialisation leaves PyTorch's initial running statistics.
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros(4))
@@ -98,7 +111,7 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_stats():
 def test_model_train_mode_couples_examples_eval_mode_does_not():
   model = models.make_model("tiny_cnn", conv_impl="xla")
   variables = _init(model, (4, 8, 8, 1))
-  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+  x = _normal(2, (4, 8, 8, 1))
   x2 = x.at[3].multiply(5.0)  # changes only the last example
   train = lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
   evaluate = lambda x: model.apply(variables, x, train=False)
@@ -110,24 +123,28 @@ def test_model_train_mode_couples_examples_eval_mode_does_not():
 # Formulations agree.
 
 
+@functools.lru_cache(maxsize=None)
+def _conv_grads_fn(impl, stride, padding):
+  conv = conv_lib.CONV_IMPLS[impl].conv
+  f = lambda k, x, dy: jnp.vdot(conv(x, k, stride, padding), dy)
+  return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1)), in_axes=(None, 0, 0)))
+
+
+def _conv_grads(impl, k, x, dy, stride, padding):
+  return _conv_grads_fn(impl, stride, padding)(k, x, dy)  # compiled once per shape
+
+
 @pytest.mark.parametrize("impl,kernel,stride,padding,size", [
     (impl, *case) for impl in MODEL_IMPLS for case in [(5, 1, 2, 7), (3, 2, 1, 7), (1, 2, 0, 6)]
 ] + [("im2col", 3, 2, 1, 7)])
 def test_conv_formulations_match_xla_under_vmap(impl, kernel, stride, padding, size):
-  keys = jax.random.split(jax.random.key(3), 3)
-  x = jax.random.normal(keys[0], (3, 2, size, size, 3))  # [W, b, H, W, C]
-  k = jax.random.normal(keys[1], (kernel, kernel, 3, 5))
+  x = _normal(3, (3, 2, size, size, 3))  # [W, b, H, W, C]
+  k = _normal(4, (kernel, kernel, 3, 5))
   out_size = (size + 2 * padding - kernel) // stride + 1
-  dy = jax.random.normal(keys[2], (3, 2, out_size, out_size, 5))
+  dy = _normal(5, (3, 2, out_size, out_size, 5))
 
-  def grads(conv):
-    def f(k, x, dy):
-      return jnp.vdot(conv(x, k, stride, padding), dy)
-    return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1)), in_axes=(None, 0, 0)))(
-        k, x, dy)
-
-  (v_ref, (dk_ref, dx_ref)) = grads(conv_lib.CONV_IMPLS["xla"].conv)
-  (v, (dk, dx)) = grads(conv_lib.CONV_IMPLS[impl].conv)
+  (v_ref, (dk_ref, dx_ref)) = _conv_grads("xla", k, x, dy, stride, padding)
+  (v, (dk, dx)) = _conv_grads(impl, k, x, dy, stride, padding)
   assert dk.shape == (3,) + k.shape  # one weight gradient per worker
   np.testing.assert_allclose(v, v_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-4, atol=1e-4)
@@ -138,8 +155,8 @@ def test_conv_formulations_match_xla_under_vmap(impl, kernel, stride, padding, s
     conv_lib.CONV_IMPLS[i].max_pool: i for i in FAST_IMPLS}.values()))
 def test_max_pool_gradient_breaks_ties_like_xla(impl):
   # Integer-valued input: many tied maxima; odd width checks the floor mode.
-  x = jnp.round(jax.random.normal(jax.random.key(4), (2, 3, 6, 7, 2)) * 1.5)
-  w = jax.random.normal(jax.random.key(5), (3, 3, 3, 2))
+  x = jnp.round(_normal(6, (2, 3, 6, 7, 2)) * 1.5)
+  w = _normal(7, (3, 3, 3, 2))
 
   def grad(pool):
     return jax.jit(jax.vmap(jax.grad(lambda x: jnp.vdot(pool(x), w))))(x)
@@ -165,8 +182,8 @@ def _reference_grads(name, dtype, shape):
 def _model_case(name, dtype, impl, shape, workers=3, batch=4):
   model = models.make_model(name, dtype=dtype, conv_impl=impl)
   variables = _init(model, (1,) + shape, dtype)
-  x = jax.random.normal(jax.random.key(6), (workers, batch) + shape, dtype)
-  y = jax.random.randint(jax.random.key(7), (workers, batch), 0, 10)
+  x = _normal(8, (workers, batch) + shape, dtype)
+  y = _labels(9, (workers, batch))
   return model, variables, x, y
 
 
@@ -190,8 +207,8 @@ def test_per_worker_gradients_match_xla_float32(impl, name, shape):
   assert leaf.shape[0] == 3 and not np.allclose(leaf[0], leaf[1])
 
 
-@pytest.mark.parametrize("impl", MODEL_IMPLS)
-def test_per_worker_gradients_match_xla_float64(impl):
+def test_per_worker_gradients_match_xla_float64():
+  impl = models.resolve_conv_impl("auto")
   with jax.enable_x64(True):
     variables, x, y, ((loss_ref, _), g_ref) = _reference_grads(
         "simple_mnist", jnp.float64, (10, 10, 1))
@@ -256,10 +273,10 @@ def test_auto_resolves_by_backend():
 
 
 def test_batch_norm_custom_gradient_matches_autodiff():
-  x = jax.random.normal(jax.random.key(8), (3, 4, 5, 6)) * 2.0 + 1.0
+  x = _normal(10, (3, 4, 5, 6)) * 2.0 + 1.0
   scale = jnp.linspace(0.5, 2.0, 6)
   bias = jnp.linspace(-1.0, 1.0, 6)
-  w = [jax.random.normal(jax.random.key(9 + i), s) for i, s in enumerate([x.shape, (6,), (6,)])]
+  w = [_normal(11 + i, s) for i, s in enumerate([x.shape, (6,), (6,)])]
 
   def reference(x, scale, bias):
     mean = x.mean((0, 1, 2))
@@ -270,6 +287,6 @@ def test_batch_norm_custom_gradient_matches_autodiff():
     return lambda *a: sum(jnp.vdot(o, wi) for o, wi in zip(fn(*a), w))
 
   custom = lambda x, s, b: conv_lib.batch_norm_train(x, s, b, 1e-5)
-  for got, ref in zip(jax.grad(loss(custom), argnums=(0, 1, 2))(x, scale, bias),
-                      jax.grad(loss(reference), argnums=(0, 1, 2))(x, scale, bias)):
+  grads = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(x, scale, bias)
+  for got, ref in zip(grads(custom), grads(reference)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
