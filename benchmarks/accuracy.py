@@ -112,8 +112,9 @@ def main(argv):
       results = json.load(fh)
   command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
   seeds = [int(s) for s in FLAGS.seeds]
-  plan = [(a, d, s) for a in FLAGS.attacks for d in DEFENCES
-          for s in (seeds if d.startswith("ctma") else seeds[:FLAGS.undefended_seeds])]
+  # Seed-major, so that an interrupted run still covers every attack once.
+  plan = [(a, d, s) for i, s in enumerate(seeds) for a in FLAGS.attacks for d in DEFENCES
+          if d.startswith("ctma") or i < FLAGS.undefended_seeds]
   for i, (attack, defence, seed) in enumerate(plan):
     key = f"{attack}|{defence}|{seed}|{FLAGS.steps}|{FLAGS.dtype}"
     if key in results:
