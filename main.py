@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from ftjax import train
@@ -27,6 +28,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    # Libraries (Orbax) log every checkpoint at INFO; the console table is enough.
+    logging.set_verbosity(logging.WARNING)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, train.TrainingDiverged) as e:

@@ -14,6 +14,7 @@ See the attack bite (no defence):
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg=None):
@@ -52,22 +53,51 @@ def get_config(arg=None):
   c.optim.beta_schedule = "1/t"  # mu2sgd corrected-momentum weight: "1/t" or "fixed"
   c.optim.gamma_schedule = "anytime"  # mu2sgd query-point averaging: "anytime" (alpha_t = t) or "fixed"
   c.optim.gamma = 0.1          # the fixed gamma when gamma_schedule="fixed"
-  c.optim.clip = 2.0           # per-worker gradient clipping to this L2 norm; None disables
+  c.optim.clip = 2.0           # per-worker gradient clipping to this L2 norm; 0 (or None) disables
   c.optim.weight_decay = 0.0   # lambda in w <- w - lr * (a + lambda * x)
   c.optim.reference_rounding = False  # reproduce the original's max(round(., 3), 0.01) schedules
 
   c.aggregator = ml_collections.ConfigDict()
   c.aggregator.name = "cwtm"   # base rule (or a full spec such as "arc(ctma(cwtm))" with meta="none")
   c.aggregator.meta = "ctma"   # "none", "ctma", "nnm", "nnm+ctma", "bucketing", "clip", "arc"
-  c.aggregator.options = ml_collections.ConfigDict()  # per-rule options, see below
-  c.aggregator.options.gm = dict(iters=3, nu=0.1, init="zero")  # Weiszfeld steps, smoothing, start
-  c.aggregator.options.cwmed = dict(lower=False)   # True: the reference's lower median for even W
-  c.aggregator.options.ctma = dict(keep_ties=False)  # True: the reference's tie quirk
+  c.aggregator.options = ml_collections.ConfigDict()  # per-rule options (docs/aggregators.md)
+  o = c.aggregator.options
+  o.cwmed = dict(lower=False)  # True: the reference's lower median for even W
+  o.gm = dict(iters=3,         # Weiszfeld iterations T
+              nu=0.1,          # smoothing: weights 1 / max(distance, nu)
+              init="mean",     # start: "mean", "cwmed", or "zero" (the reference)
+              tol=placeholder(float),  # set to iterate until the step is below tol ...
+              max_iters=100)   # ... for at most this many iterations
+  o.multikrum = dict(num_selected=placeholder(int))  # rows averaged (None = W - f)
+  o.centered_clipping = dict(tau=10.0,  # clipping radius around the centre
+                             iters=1,   # clipping iterations
+                             init="mean")  # first centre: "mean", "cwmed" or "zero"
+  o.ctma = dict(keep_ties=False)  # True: the reference's tie quirk (keeps every tied row)
+  o["nnm+ctma"] = dict(keep_ties=False)  # same switch for nnm+ctma
+  o.bucketing = dict(bucket_size=placeholder(int))  # s (None = floor(W / (2f)))
+  o.clip = dict(tau=1.0)       # static clipping of every row to this norm
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.name = "alie"       # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan, optimal_ipm, ...
-  c.attack.options = ml_collections.ConfigDict()  # per-attack options, see below
-  c.attack.options.ipm = dict(eps=0.5)  # send -eps * mean(honest)
+  c.attack.name = "alie"       # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan,
+                               # optimal_ipm, optimal_alie, min_max, min_sum (docs/attacks.md)
+  c.attack.options = ml_collections.ConfigDict()  # per-attack options
+  a = c.attack.options
+  a.ipm = dict(eps=0.5)        # send -eps * mean(honest); 0.5 as the reference's command line
+  a.alie = dict(z=placeholder(float))  # send mean - z * std (None = z of SPEC section 4)
+  a.mimic = dict(index=0)      # the honest row to copy
+  a.gaussian = dict(sigma=1.0,  # noise standard deviation
+                    center="mean")  # "mean" (honest mean + noise) or "zero" (pure noise)
+  for name in ("optimal_ipm", "optimal_alie"):
+    a[name] = dict(low=0.0,    # smallest scale tried
+                   high=10.0,  # largest scale tried
+                   num_candidates=21,  # grid evaluated in one vmap
+                   refine_steps=8,     # golden-section steps after the grid
+                   batch_size=placeholder(int))  # grid points per lax.map batch (None = all)
+  for name in ("min_max", "min_sum"):
+    a[name] = dict(perturbation="unit",  # "unit", "std" or "sign"
+                   solver="bisection",   # "bisection" or "exact"
+                   gamma_init=10.0,      # first upper bound of the bisection
+                   steps=40)             # bisection steps
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True  # Orbax checkpoints of the latest and best state; resume from latest

@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.aggregator.options.gm.init = "zero"
   c.aggregator.options.cwmed.lower = True
   c.aggregator.options.ctma.keep_ties = True
+  c.aggregator.options["nnm+ctma"].keep_ties = True
   c.attack.name = "lf"
   c.attack.options.ipm.eps = 0.5
   return c

@@ -143,8 +143,9 @@ def build(config: ml_collections.ConfigDict,
   if c.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
   dtype = jnp.float64 if c.dtype == "float64" else jnp.float32
-  if c.optim.clip is not None and c.optim.clip <= 0:
-    raise ConfigError(f"optim.clip must be positive or None (no clipping), got {c.optim.clip}.")
+  if c.optim.clip is not None and c.optim.clip < 0:
+    raise ConfigError(f"optim.clip must be positive, or 0 / None for no clipping, got "
+                      f"{c.optim.clip}.")
 
   try:  # The libraries' own ValueErrors carry the sentence to show the user.
     aggregator = aggregators_lib.make_aggregator(
@@ -327,7 +328,7 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
   ds = setup.dataset
   w, f, h, n, b = (setup.num_workers, setup.num_byzantine, setup.num_honest,
                    setup.num_computed, setup.batch_size)
-  clip = c.optim.clip
+  clip = c.optim.clip or None  # 0 (typeable on the command line) or None: no clipping
   needs_prev = estimators.needs_previous_gradient(c.optim.estimator)
   value_and_grad = jax.vmap(jax.value_and_grad(make_loss_fn(setup.model), has_aux=True),
                             in_axes=(None, None, 0, 0))
