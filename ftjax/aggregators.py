@@ -62,7 +62,9 @@ def _row_sqdist(x: PyTree, center: PyTree | None = None) -> jax.Array:
   total = None
   for i, leaf in enumerate(jax.tree.leaves(x)):
     diff = leaf if center is None else leaf - jax.tree.leaves(center)[i][None]
-    part = jnp.sum(jnp.square(diff).reshape(leaf.shape[0], -1), axis=1)
+    diff = diff.reshape(leaf.shape[0], -1)
+    # A row-wise dot: ~25% faster on CPU than sum(square(diff), axis=1).
+    part = jnp.einsum("wd,wd->w", diff, diff, precision=jax.lax.Precision.HIGHEST)
     total = part if total is None else total + part
   return selection.nan_to_posinf(total)
 
@@ -128,7 +130,9 @@ def _centered_gram(x: PyTree) -> tuple[jax.Array, PyTree, PyTree, jax.Array]:
   """
   w = _num_rows(x)
   finite = _row_finite(x)
-  center = jax.tree.map(_median_leaf, x)
+  # In its own computation: fused into the [W, d] centring below, XLA redid
+  # the median's sorting network once per row (krum 8.0 s at W=65, d=1e6).
+  center = _isolated(lambda v, k: (jax.tree.map(_median_leaf, v), {}), x, None)[0]
   gram = None
   centred = []
   for leaf, c in zip(jax.tree.leaves(x), jax.tree.leaves(center)):
@@ -152,10 +156,10 @@ def _centered_gram(x: PyTree) -> tuple[jax.Array, PyTree, PyTree, jax.Array]:
 
 def _median_leaf(leaf: jax.Array, lower: bool = False) -> jax.Array:
   w = leaf.shape[0]
-  rows = selection.sorted_rows(leaf)
   if lower or w % 2:
-    return rows[(w - 1) // 2]
-  return (rows[w // 2 - 1] + rows[w // 2]) * jnp.asarray(0.5, leaf.dtype)
+    return selection.order_statistics(leaf, [(w - 1) // 2])[0]
+  a, b = selection.order_statistics(leaf, [w // 2 - 1, w // 2])
+  return (a + b) * jnp.asarray(0.5, leaf.dtype)
 
 
 def _avg(f: int) -> _RuleFn:
@@ -180,8 +184,7 @@ def _cwmed(f: int, lower: bool = False) -> _RuleFn:
 def _cwtm(f: int) -> _RuleFn:
   def trimmed(leaf):
     w = leaf.shape[0]
-    rows = selection.sorted_rows(leaf)
-    return selection.sum_rows(rows[f:w - f]) / jnp.asarray(w - 2 * f, leaf.dtype)
+    return selection.trimmed_sum(leaf, f, w - f - 1) / jnp.asarray(w - 2 * f, leaf.dtype)
 
   def fn(x, key):
     del key
@@ -222,7 +225,8 @@ def _init_point(x: PyTree, init: str) -> PyTree:
     return jax.tree.map(lambda l: jnp.zeros(l.shape[1:], l.dtype), x)
   if init == "mean":  # mean of the finite rows: one NaN row must not poison it
     return _masked_mean(x, _row_finite(x))
-  return jax.tree.map(_median_leaf, x)  # "cwmed"
+  # "cwmed", isolated so that its consumers cannot duplicate the network.
+  return _isolated(lambda v, k: (jax.tree.map(_median_leaf, v), {}), x, None)[0]
 
 
 def _gm(f: int, iters: int = 3, nu: float = 0.1, init: str = "zero",

@@ -453,3 +453,51 @@ def test_network_is_a_sorting_network_zero_one():
     for a, b in selection.batcher_network(n):
       rows[a], rows[b] = np.minimum(rows[a], rows[b]), np.maximum(rows[a], rows[b])
     assert np.all(np.diff(np.stack(rows), axis=0) >= 0)
+
+
+# --------------------------------------------------------------------------
+# Radix select (W above the network limit)
+# --------------------------------------------------------------------------
+
+
+def _faulty_ties(w, n, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-3, 4, size=(w, n)).astype(np.float32)  # many ties
+  x[:, n // 2:] = rng.standard_normal((w, n - n // 2)) * 1e3
+  x[rng.random(x.shape) < 0.05] = np.nan
+  x[rng.random(x.shape) < 0.03] = np.inf
+  x[rng.random(x.shape) < 0.03] = -np.inf
+  x[rng.random(x.shape) < 0.03] = -0.0
+  return x
+
+
+@pytest.mark.parametrize("w", [selection.NETWORK_MAX_ROWS + 1, 100])
+def test_radix_order_statistics_exact(w):
+  # 300 columns: one full chunk of the cache loop plus a remainder chunk.
+  x = _faulty_ties(w, 300, w)
+  ranks = [0, 7, w // 2, w - 1]
+  got = jax.jit(lambda a: selection.order_statistics(a, ranks))(jnp.asarray(x))
+  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
+  for g, r in zip(got, ranks):
+    np.testing.assert_array_equal(np.asarray(g), s[r])
+
+
+@pytest.mark.parametrize("w,lo,hi", [(81, 20, 60), (81, 40, 40), (90, 0, 89), (90, 3, 80)])
+def test_radix_trimmed_sum_matches_sorted_sum(w, lo, hi):
+  x = _faulty_ties(w, 300, lo + hi)
+  got = np.asarray(jax.jit(lambda a: selection.trimmed_sum(a, lo, hi))(jnp.asarray(x)))
+  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0).astype(np.float64)
+  with np.errstate(invalid="ignore"):
+    expected = s[lo:hi + 1].sum(0)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
+  assert np.array_equal(np.isfinite(got), np.isfinite(expected))
+
+
+def test_large_w_cwtm_robust_to_huge_rows():
+  # f rows of 1e30 must not cost the honest mean any precision (no sum-then-subtract).
+  w, f = 97, 24
+  x = np.random.default_rng(1).standard_normal((w, 500)).astype(np.float32)
+  x[:f] = 1e30
+  got, _ = jax.jit(agg_lib.make_aggregator("cwtm", f).__call__)(jnp.asarray(x))
+  s = np.sort(x, axis=0)[f:w - f].astype(np.float64).mean(0)
+  np.testing.assert_allclose(np.asarray(got), s, rtol=1e-5, atol=1e-6)
