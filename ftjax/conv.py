@@ -7,12 +7,16 @@ axis folds into the batch axis because the kernel is shared), but the *weight*
 gradient is a per-worker convolution with two batched operands, which JAX
 lowers to a grouped convolution that XLA:CPU runs far below its matmul speed.
 
-The "patches" implementation keeps XLA's convolution for the forward pass and
-the input gradient, and computes the weight gradient in a ``jax.custom_vjp`` as
-an einsum between the input's patches and the output cotangent. Under vmap that
-einsum becomes one batched matmul over workers. "im2col" writes the whole
-convolution (forward included) as patches times a matmul and lets autodiff do
-the rest; it is kept because it is what the benchmark compares against.
+The "unrolled" implementation (the CPU default) keeps XLA's convolution for
+the forward pass and the input gradient and computes the weight gradient in a
+``jax.custom_vjp`` whose ``custom_vmap`` rule runs XLA's plain weight-gradient
+convolution once per worker (the vmapped axis is small and static) instead of
+one grouped convolution; first layers with at most a few input channels use a
+fused shifted-input sum for the forward pass. "patches" computes the weight
+gradient as an einsum between the input's patches and the output cotangent
+(under vmap a batched matmul), and "im2col" writes the whole convolution as
+patches times a matmul; both are kept as measured alternatives
+(benchmarks/grad_formulations.py). Every formulation gives the same gradients.
 
 Max pooling follows the same idea: XLA's reduce-window backward
 (select-and-scatter) is slow under vmap on CPU, so the CPU implementations use a
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -87,8 +91,10 @@ def _patches_vjp_bwd(stride, padding, res, dy):
   (dx,) = x_vjp(dy)
   # The weight gradient as a matmul over patches: under vmap a batched matmul
   # instead of a grouped convolution.
-  p = _patches(x, kh, kw, stride, padding)
-  dk = jnp.einsum("nhwk,nhwo->ko", p, dy).reshape(kh, kw, c, o)
+  # Flattened to one contracting axis first: XLA:CPU runs a dot with three
+  # contracting axes several times slower than the same matmul.
+  p = _patches(x, kh, kw, stride, padding).reshape(-1, kh * kw * c)
+  dk = jnp.einsum("mk,mo->ko", p, dy.reshape(-1, o)).reshape(kh, kw, c, o)
   return dx, dk
 
 
@@ -456,29 +462,3 @@ class MaxPool2(nn.Module):
 
   def __call__(self, x: Array) -> Array:
     return CONV_IMPLS[self.impl].max_pool(x)
-
-
-# --------------------------------------------------------------------------
-# Optional step restructuring (measured in benchmarks/grad_formulations.py).
-
-
-def per_worker_value_and_grad(loss_fn: Callable, params: Any, batch_stats: Any,
-                              x: Array, y: Array):
-  """Per-worker ``value_and_grad`` of ``loss_fn``; same outputs as the plain vmap.
-
-  Equivalent to ``jax.vmap(jax.value_and_grad(loss_fn, has_aux=True),
-  in_axes=(None, None, 0, 0))(params, batch_stats, x, y)``; kept as a named entry
-  point so a faster structure can be swapped in without touching the step.
-
-  Args:
-    loss_fn: (params, batch_stats, x [b,...], y [b]) -> (loss, aux).
-    params: model parameters, shared by all workers.
-    batch_stats: BatchNorm running statistics, shared by all workers.
-    x: inputs [W, b, ...].
-    y: integer labels [W, b].
-
-  Returns:
-    ((loss [W], aux stacked on W), grads stacked on W).
-  """
-  return jax.vmap(jax.value_and_grad(loss_fn, has_aux=True),
-                  in_axes=(None, None, 0, 0))(params, batch_stats, x, y)
