@@ -45,6 +45,7 @@ flags.DEFINE_list("dims", ["10000", "1000000"], "Coordinates d.")
 flags.DEFINE_bool("resnet", True, "Also W=17 at d=1.1e7 (ResNet-18 size).")
 flags.DEFINE_list("rules", RULES, "Specs to time.")
 flags.DEFINE_integer("reps", 5, "Timed calls per cell (the median is reported).")
+flags.DEFINE_integer("np_reps", 5, "Timed calls of the NumPy baselines (cap to save time).")
 flags.DEFINE_float("max_gb", 6.0, "Skip (W, d) whose float32 working set would exceed this.")
 flags.DEFINE_float("slow_s", 20.0, "A call slower than this is timed once, marked '*'.")
 flags.DEFINE_string("out", "docs/benchmarks/aggregators.md", "Markdown output.")
@@ -206,7 +207,8 @@ def bench_cell(w, d, rules, reps):
     compile_s = time.perf_counter() - tic
     ms, slow = _time(lambda: jax.block_until_ready(fn(x, key)), reps)
     np_fn = NUMPY.get(spec)
-    np_ms, np_slow = _time(lambda: np_fn(xn, f), reps) if np_fn else (float("nan"), False)
+    np_ms, np_slow = (_time(lambda: np_fn(xn, f), min(reps, FLAGS.np_reps)) if np_fn
+                      else (float("nan"), False))
     rows.append(dict(spec=spec, ms=ms, slow=slow, np_ms=np_ms, np_slow=np_slow,
                      compile_s=compile_s))
     print(f"W={w} d={d} f={f} {spec:22s} {ms:10.2f} ms{'*' if slow else ' '} "
@@ -219,7 +221,8 @@ def markdown(cells, skipped, command):
       "# Aggregator speed (CPU, float32)", "",
       "Produced by `" + command + "` on the shared 2-core CPU machine",
       f"(jax {jax.__version__}, other jobs running at the same time: medians of "
-      f"{FLAGS.reps} calls after a warm-up; '*' = slower than {FLAGS.slow_s:g} s, timed once).",
+      f"{FLAGS.reps} calls after a warm-up, NumPy baselines {min(FLAGS.reps, FLAGS.np_reps)}; "
+      f"'*' = slower than {FLAGS.slow_s:g} s, timed once).",
       "f = W // 4; one [W, d] float32 leaf. `mem` is the fastest single read of the array",
       "(the hardware bound); `x mem` and `x numpy` are ratios of the rule's time to those.",
       "NumPy baselines are straightforward implementations (np.partition / np.sort / one Gram",
@@ -252,18 +255,23 @@ def main(argv):
   elif FLAGS.resnet:
     grid.append((17, 11_000_000))
   cells, skipped = [], []
-  for w, d in grid:
+  for w, d in sorted(grid, key=lambda wd: wd[0] * wd[1]):  # small cells first
     # Input, NumPy copy, one [W, d] temporary (Gram centring, sort) and slack.
     if 4 * w * d * 4 / 2**30 > FLAGS.max_gb:
       skipped.append((w, d))
       continue
     cells.append(bench_cell(w, d, FLAGS.rules, FLAGS.reps))
+    write(cells, skipped)  # after every cell, so a stopped run leaves its tables
+  print(write(cells, skipped))
+
+
+def write(cells, skipped):
   command = "python benchmarks/aggregators.py " + " ".join(sys.argv[1:])
   text = markdown(cells, skipped, command.strip())
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as fh:
     fh.write(text)
-  print(text)
+  return text
 
 
 if __name__ == "__main__":
