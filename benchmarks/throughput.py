@@ -85,7 +85,8 @@ def _time_chunks(run, state, data, length, reps):
 
 
 def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist",
-              conv_impl="auto", workers=17, byzantine=8, batch=16, length=None, reps=None):
+              conv_impl="auto", workers=17, byzantine=8, batch=16, length=None, reps=None,
+              loop="auto"):
   """Steps per second, FLOPs per step and bytes of one configuration."""
   length = length or FLAGS.chunk
   reps = reps or FLAGS.reps
@@ -101,11 +102,11 @@ def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist
   setup = train.build(c, dataset)
   state = train.init_state(setup, c.seed)
   data = train.DeviceData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels))
-  compiled = train.make_chunk_fn(setup).lower(state, data, length).compile()
-  flops = _cost(compiled, "flops") / length
-  steps_per_sec = _time_chunks(compiled, state, data, length, reps)
+  compiled = train.make_chunk_fn(setup, loop)(state, data, length)
+  flops = compiled.flops_per_step
+  steps_per_sec = _time_chunks(compiled.run, state, data, length, reps)
   return {"steps_per_sec": steps_per_sec, "gflop_per_step": flops / 1e9,
-          "gflops": flops * steps_per_sec / 1e9, "memory_mib": _memory_bytes(compiled) / 2**20}
+          "gflops": flops * steps_per_sec / 1e9, "memory_mib": compiled.memory_bytes / 2**20}
 
 
 def time_plain_sgd(dataset, dtype, total_batch, model="simple_mnist"):

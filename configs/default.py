@@ -26,6 +26,8 @@ def get_config(arg=None):
   c.num_steps = 600            # training rounds (iterations)
   c.eval_every = 50            # rounds per compiled chunk; evaluate + checkpoint after each
   c.progress = True            # draw a progress bar with ETA on stderr
+  c.loop = "auto"              # rounds between evaluations: "scan" (lax.scan), "host" (async
+                               # dispatch of the jitted round), "auto" = host on CPU, scan elsewhere
 
   c.workers = ml_collections.ConfigDict()
   c.workers.num = 17           # W: number of workers
@@ -44,7 +46,7 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp
-  c.model.conv_impl = "auto"   # "auto" (fastest for the backend), "xla" or "patches"
+  c.model.conv_impl = "auto"   # "auto" (unrolled on CPU, xla elsewhere), "xla", "unrolled", "patches", "im2col"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.estimator = "mu2sgd"  # worker estimator: "mu2sgd", "momentum" or "sgd"

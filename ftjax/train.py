@@ -9,7 +9,8 @@ Sections:
 3. :func:`make_train_step`: the pure round ``(state, data) -> (state, metrics)``.
    Workers are a vmapped axis; Byzantine rows are overwritten by the attack;
    the robust aggregator reduces the worker axis; the server optax chain steps.
-4. :func:`make_chunk_fn` scans several rounds between evaluations and
+4. :func:`make_chunk_fn` runs the rounds between evaluations (a ``lax.scan``,
+   or on CPU an asynchronous host loop over the jitted round) and
    :func:`make_eval_fn` evaluates on the whole test split in batches.
 5. :func:`train_and_evaluate`: the loop, with metrics, checkpoints and resume.
 """
@@ -46,7 +47,7 @@ PyTree = Any
 _KEY_INIT, _KEY_DATA, _KEY_AUGMENT, _KEY_ATTACK, _KEY_AGGREGATOR = range(5)
 
 # Config fields that may change between an interrupted run and its resume.
-_RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress")
+_RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "loop")
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,8 @@ def build(config: ml_collections.ConfigDict,
     raise ConfigError(f"workers.batch_size must be at least 1, got {b}.")
   if c.num_steps < 1 or c.eval_every < 1:
     raise ConfigError("num_steps and eval_every must be at least 1.")
+  if c.loop not in LOOPS:
+    raise ConfigError(f"Unknown loop {c.loop!r}; valid: {', '.join(LOOPS)}.")
   if c.dtype not in ("float32", "float64"):
     raise ConfigError(f"dtype must be 'float32' or 'float64', got {c.dtype!r}.")
   if c.dtype == "float64":
@@ -375,6 +378,9 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
     else:
       rows = honest
     key = jax.random.fold_in(_purpose_key(state, _KEY_AGGREGATOR), step)
+    # Materialise the rows: without the barrier XLA fuses the estimator and the
+    # attack into the aggregator's selection network and recomputes them there.
+    rows = jax.lax.optimization_barrier(rows)
     aggregate, diagnostics = setup.aggregator(rows, key)
 
     server_updates, server_state = setup.server_tx.update(
@@ -404,25 +410,107 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
 # --------------------------------------------------------------------------
 
 
-def make_chunk_fn(setup: Setup) -> Callable:
-  """``chunk(state, data, length) -> (state, mean metrics)``, jitted.
+LOOPS = ("auto", "scan", "host")
 
-  ``length`` rounds run inside one ``lax.scan``; the state buffers are donated.
-  The metrics are the means over the chunk, plus ``finite``: whether the new
-  parameters are all finite.
+
+def resolve_loop(loop: str) -> str:
+  """The chunk loop for this backend: "scan" on accelerators, "host" on CPU.
+
+  On XLA:CPU the body of a ``lax.scan``/``while`` loop runs this step about
+  ten times slower than the same computation compiled on its own (measured:
+  ~2 s against ~75 ms per round for simple_mnist, W=17, b=16; see
+  docs/benchmarks/throughput.md), so on CPU a chunk is a host loop that
+  dispatches the jitted, donated round asynchronously, with no host sync
+  until the evaluation.
   """
+  if loop not in LOOPS:
+    raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
+  if loop == "auto":
+    return "host" if jax.default_backend() == "cpu" else "scan"
+  return loop
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
+class CompiledChunk(NamedTuple):
+  """``run(state, data) -> (state, mean metrics)`` for one chunk length."""
+  run: Callable
+  flops_per_step: float    # XLA's cost analysis of one round
+  memory_bytes: float      # XLA's memory analysis (arguments + outputs + temporaries)
+
+
+def _cost(compiled, length: int) -> tuple[float, float]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = float((analysis or {}).get("flops", float("nan"))) / length
+  mem = compiled.memory_analysis()
+  memory = (float(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                  + mem.output_size_in_bytes) if mem is not None else float("nan"))
+  return flops, memory
+
+
+def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
+  """``compile(state, data, length) -> CompiledChunk``: rounds between evaluations.
+
+  With ``loop="scan"`` the ``length`` rounds run inside one jitted
+  ``lax.scan``; with ``loop="host"`` a host loop dispatches the jitted round
+  ``length`` times without waiting for it. Either way the state buffers are
+  donated, the example indices of the whole chunk are drawn on device first,
+  and the returned metrics are the means over the chunk plus ``finite``
+  (whether the new parameters are all finite). Compiling for a length twice
+  returns the cached executable.
+  """
+  loop = resolve_loop(loop)
   train_step = make_train_step(setup)
   chunk_indices = make_chunk_indices(setup)
+  cache = {}
 
-  def chunk(state, data, length):
+  def scan_chunk(state, data, length):
     indices = chunk_indices(state, data, length)
     state, metrics = jax.lax.scan(lambda s, idx: train_step(s, data, idx), state, indices)
     metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-    leaves = jax.tree.leaves(state.params)
-    metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(l).all() for l in leaves]))
+    metrics["finite"] = _all_finite(state.params)
     return state, metrics
 
-  return jax.jit(chunk, static_argnums=2, donate_argnums=0)
+  def one_round(state, data, indices, i):
+    return train_step(state, data, indices[i])
+
+  def summarize(state, metrics):
+    metrics = jax.tree.map(lambda *m: jnp.stack(m).mean(0), *metrics)
+    metrics["finite"] = _all_finite(state.params)
+    return metrics
+
+  def compile_chunk(state, data, length):
+    if length in cache:
+      return cache[length]
+    if loop == "scan":
+      compiled = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).lower(
+          state, data, length).compile()
+      result = CompiledChunk(compiled, *_cost(compiled, length))
+    else:
+      indices_fn = jax.jit(chunk_indices, static_argnums=2).lower(state, data, length).compile()
+      indices = jax.eval_shape(functools.partial(chunk_indices, length=length), state, data)
+      step = jax.jit(one_round, donate_argnums=0).lower(
+          state, data, indices, jnp.int32(0)).compile()
+      _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
+      summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
+
+      def run(state, data):
+        idx = indices_fn(state, data)
+        metrics = []
+        for i in range(length):
+          state, m = step(state, data, idx, jnp.int32(i))
+          metrics.append(m)
+        return state, summary(state, metrics)
+
+      result = CompiledChunk(run, *_cost(step, 1))
+    cache[length] = result
+    return result
+
+  return compile_chunk
 
 
 class EvalData(NamedTuple):
@@ -558,7 +646,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_data = make_device_data(setup)
   eval_data = make_eval_data(setup.dataset, config.data.eval_batch_size)
-  chunk_fn = make_chunk_fn(setup)
+  chunk_fn = make_chunk_fn(setup, config.loop)
   eval_fn = make_eval_fn(setup)
   reporter = reporting.Reporter(
       workdir, total_steps=config.num_steps, start_step=start_step,
@@ -567,14 +655,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     reporter.note(f"Resumed from the checkpoint at step {start_step} in {workdir}.")
 
-  compiled = {}  # chunk length -> compiled executable (at most two lengths)
+  compiled_lengths = set()  # at most two: eval_every and a shorter last chunk
 
   def compiled_chunk(length):
-    if length not in compiled:
-      tic = time.perf_counter()
-      compiled[length] = chunk_fn.lower(state, train_data, length).compile()
+    tic = time.perf_counter()
+    run = chunk_fn(state, train_data, length).run
+    if length not in compiled_lengths:
+      compiled_lengths.add(length)
       reporter.note(f"Compiled a chunk of {length} rounds in {time.perf_counter() - tic:.1f} s.")
-    return compiled[length]
+    return run
 
   row = reporter.rows[-1] if reporter.rows else {}
   wall_start = time.perf_counter() - meta["wall_time"]

@@ -71,8 +71,7 @@ def test_every_attack_runs_through_the_step(name):
   state = train.init_state(setup, c.seed)
   ds = setup.dataset
   data = train.DeviceData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
-  chunk = train.make_chunk_fn(setup)
-  state, metrics = chunk(state, data, 2)
+  state, metrics = train.make_chunk_fn(setup)(state, data, 2).run(state, data)
   assert int(state.step) == 2
   assert bool(metrics["finite"]), name  # ctma(cwtm) with f=1 survives every attack
   assert np.isfinite(metrics["train_loss"])
@@ -185,3 +184,42 @@ def test_main_reports_bad_input_in_one_line(tmp_path):
   assert out.returncode == 1
   assert "Traceback" not in out.stderr
   assert "ftjax: error:" in out.stderr and "fewer than half" in out.stderr
+
+
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_second_chunk_does_not_recompile(loop):
+  setup = train.build(tiny_config(loop=loop))
+  state = train.init_state(setup, 1)
+  data = train.make_device_data(setup)
+  chunk_fn = train.make_chunk_fn(setup, loop)
+  first = chunk_fn(state, data, 3)
+  state, _ = first.run(state, data)
+  with jax.log_compiles():
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("jax").addHandler(handler)
+    try:
+      again = chunk_fn(state, data, 3)
+      state, metrics = again.run(state, data)
+      jax.block_until_ready(metrics)
+    finally:
+      logging.getLogger("jax").removeHandler(handler)
+  assert again is first
+  assert not [r for r in records if "Compiling" in r.getMessage()], records
+  assert int(state.step) == 6 and first.flops_per_step > 0
+
+
+def test_scan_and_host_loops_agree():
+  results = []
+  for loop in ("scan", "host"):
+    setup = train.build(tiny_config(loop=loop))
+    state = train.init_state(setup, 1)
+    data = train.make_device_data(setup)
+    state, metrics = train.make_chunk_fn(setup, loop)(state, data, 3).run(state, data)
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (pa, ma), (pb, mb) = results
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-4)
