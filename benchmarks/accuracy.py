@@ -34,6 +34,11 @@ flags.DEFINE_list("attacks", ["lf", "sf", "ipm", "alie"], "Attacks to run.")
 flags.DEFINE_integer("steps", 1000, "Training rounds per run.")
 flags.DEFINE_integer("eval_every", 250, "Evaluate every this many rounds.")
 flags.DEFINE_string("dtype", "float32", "float32 or float64.")
+flags.DEFINE_list("schedules", ["clean", "reference"],
+                  "mu2sgd schedules: clean (beta_t = 1/t, gamma_t = 2/(t+1)) and/or reference "
+                  "(the original's rounding to 3 decimals with a 0.01 floor).")
+flags.DEFINE_list("all_seed_attacks", ["alie", "sf"],
+                  "Attacks run with every seed; the others run with the first seed only.")
 flags.DEFINE_string("out", "docs/benchmarks/accuracy.md", "Markdown output.")
 FLAGS = flags.FLAGS
 
@@ -43,7 +48,7 @@ REFERENCE = {"alie": {250: 95.1, 500: 96.0, 1000: 96.4},
 DEFENCES = {"ctma(cwtm)": ("cwtm", "ctma"), "avg (no defence)": ("avg", "none")}
 
 
-def run_config(attack, defence, seed):
+def run_config(attack, defence, seed, schedule):
   name, meta = DEFENCES[defence]
   c = mnist.get_config(FLAGS.data)
   c.seed = seed
@@ -57,6 +62,7 @@ def run_config(attack, defence, seed):
   c.aggregator.name, c.aggregator.meta = name, meta
   c.attack.name = attack
   c.attack.options.ipm.eps = 0.5
+  c.optim.reference_rounding = schedule == "reference"
   return c
 
 
@@ -71,12 +77,16 @@ def write_markdown(results, path, command):
       f"lr 0.1, clipping 2.0, {FLAGS.dtype}. Test accuracy (%) on the 10,000 test images: the "
       "median over seeds, with min-max when there are several. The reference column is the "
       "original PyTorch program (float64, seed 1) on the same machines.", "",
-      "| attack | aggregator | seeds | " + " | ".join(f"acc@{s}" for s in steps)
-      + " | reference " + "/".join(str(s) for s in steps) + " |",
-      "|---|---|---|" + "---|" * len(steps) + "---|"]
+      "Schedules: *clean* is SPEC's beta_t = 1/t and gamma_t = 2/(t+1); *reference* is the "
+      "original program's rounding of both to 3 decimals with a 0.01 floor "
+      "(`optim.reference_rounding=True`).", "",
+      "| attack | aggregator | schedules | seeds | " + " | ".join(f"acc@{s}" for s in steps)
+      + " | original program " + "/".join(str(s) for s in steps) + " |",
+      "|---|---|---|---|" + "---|" * len(steps) + "---|"]
   for attack in FLAGS.attacks:
-    for defence in DEFENCES:
-      runs = [r for r in results.values() if r["attack"] == attack and r["defence"] == defence]
+    for defence, schedule in [(d, s) for d in DEFENCES for s in ("clean", "reference")]:
+      runs = [r for r in results.values() if r["attack"] == attack and r["defence"] == defence
+              and r.get("schedule", "clean") == schedule]
       if not runs:
         continue
       cells = []
@@ -91,9 +101,11 @@ def write_markdown(results, path, command):
       ref = REFERENCE.get(attack) if defence.startswith("ctma") else None
       ref_cell = "/".join(f"{ref[s]:.1f}" for s in steps if s in ref) if ref else ""
       seeds = ",".join(str(r["seed"]) for r in runs)
-      lines.append(f"| {attack} | {defence} | {seeds} | " + " | ".join(cells) + f" | {ref_cell} |")
+      lines.append(f"| {attack} | {defence} | {schedule} | {seeds} | " + " | ".join(cells)
+                   + f" | {ref_cell} |")
   lines += ["", "Wall time per run (s): " + ", ".join(
-      f"{r['attack']}/{r['defence'].split()[0]}/{r['seed']}: {r['wall_time']:.0f}"
+      f"{r['attack']}/{r['defence'].split()[0]}/{r.get('schedule', 'clean')}/{r['seed']}: "
+      f"{r['wall_time']:.0f}"
       for r in results.values()), ""]
   with open(path, "w") as fh:
     fh.write("\n".join(lines))
@@ -113,22 +125,32 @@ def main(argv):
   command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
   seeds = [int(s) for s in FLAGS.seeds]
   # Seed-major, so that an interrupted run still covers every attack once.
-  plan = [(a, d, s) for i, s in enumerate(seeds) for a in FLAGS.attacks for d in DEFENCES
-          if d.startswith("ctma") or i < FLAGS.undefended_seeds]
-  for i, (attack, defence, seed) in enumerate(plan):
+  plan = []
+  for i, seed in enumerate(seeds):
+    for attack in FLAGS.attacks:
+      if i and attack not in FLAGS.all_seed_attacks:
+        continue
+      for schedule in FLAGS.schedules:
+        plan.append((attack, "ctma(cwtm)", seed, schedule))
+      if i < FLAGS.undefended_seeds:
+        plan.append((attack, "avg (no defence)", seed, FLAGS.schedules[0]))
+  for i, (attack, defence, seed, schedule) in enumerate(plan):
     key = f"{attack}|{defence}|{seed}|{FLAGS.steps}|{FLAGS.dtype}"
+    if schedule != "clean":
+      key += f"|{schedule}"
     if key in results:
       continue
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-      train.train_and_evaluate(run_config(attack, defence, seed), workdir, dataset=dataset)
+      train.train_and_evaluate(run_config(attack, defence, seed, schedule), workdir,
+                               dataset=dataset)
       with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
-    results[key] = {"attack": attack, "defence": defence, "seed": seed,
+    results[key] = {"attack": attack, "defence": defence, "seed": seed, "schedule": schedule,
                     "steps": FLAGS.steps, "dtype": FLAGS.dtype,
                     "test_acc": {str(r["step"]): r["test_acc"] for r in rows},
                     "wall_time": time.perf_counter() - tic}
-    print(f"[{i + 1}/{len(plan)}] {attack:5s} {defence:18s} seed {seed}: "
+    print(f"[{i + 1}/{len(plan)}] {attack:5s} {defence:18s} {schedule:9s} seed {seed}: "
           + " ".join(f"{k}:{100 * v:.1f}" for k, v in results[key]["test_acc"].items()),
           flush=True)
     with open(json_path, "w") as fh:
