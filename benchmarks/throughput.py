@@ -43,6 +43,7 @@ flags.DEFINE_bool("quick", False, "Only float32 and the key rows.")
 flags.DEFINE_integer("chunk", 10, "Rounds per timed chunk.")
 flags.DEFINE_integer("reps", 5, "Timed chunks per row (the median is reported).")
 flags.DEFINE_bool("cifar", True, "Also time simple_cifar10 and resnet18.")
+flags.DEFINE_integer("memory_workers", 257, "W of the memory row (f = (W - 1) // 2).")
 flags.DEFINE_string("out", "docs/benchmarks/throughput.md", "Markdown output.")
 FLAGS = flags.FLAGS
 
@@ -56,20 +57,6 @@ def synthetic_dataset(shape, num_train=4096, num_test=256, seed=0):
       test_images=rng.integers(0, 256, (num_test,) + shape, dtype=np.uint8),
       test_labels=rng.integers(0, 10, num_test).astype(np.int32),
       num_classes=10, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], augment="none")
-
-
-def _cost(compiled, key):
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get(key, float("nan")))
-
-
-def _memory_bytes(compiled):
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return float("nan")
-  return float(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes)
 
 
 def _time_chunks(run, state, data, length, reps):
@@ -130,15 +117,18 @@ def time_plain_sgd(dataset, dtype, total_batch, model="simple_mnist"):
     (_, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, x, labels[idx])
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-    return (params, mutated["batch_stats"]), ()
+    return params, mutated["batch_stats"]
 
-  def chunk(carry, start):
-    carry, _ = jax.lax.scan(step, carry, start + jnp.arange(FLAGS.chunk))
-    return carry
+  # The same host loop of a jitted, donated step as ftjax's own CPU loop.
+  compiled = jax.jit(step, donate_argnums=0).lower(
+      (variables["params"], variables["batch_stats"]), jnp.int32(0)).compile()
 
-  carry = (variables["params"], variables["batch_stats"])
-  compiled = jax.jit(chunk).lower(carry, 0).compile()
-  run = lambda c, _: (compiled(c, 0), jnp.zeros(()))
+  def run(carry, _):
+    for i in range(FLAGS.chunk):
+      carry = compiled(carry, jnp.int32(i))
+    return carry, carry[0]
+
+  carry = jax.tree.map(jnp.array, (variables["params"], variables["batch_stats"]))
   return _time_chunks(run, carry, None, FLAGS.chunk, FLAGS.reps)
 
 
@@ -173,18 +163,22 @@ def main(argv):
         for attack in ("sf", "alie"):
           r = time_step(estimator, agg, attack, dtype, mnist)
           r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
-                   model="simple_mnist", conv_impl="auto", plain_sgd=plain)
+                   model="simple_mnist", conv_impl="auto", loop="auto", plain_sgd=plain)
           rows.append(r)
           print(r, flush=True)
-  # The vmapped XLA-convolution path, for the key row: what the fast path buys.
-  r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, conv_impl="xla")
-  r.update(dtype="float32", estimator="mu2sgd", aggregator="ctma(cwtm)", attack="sf",
-           model="simple_mnist", conv_impl="xla", plain_sgd=float("nan"))
-  rows.append(r)
-  print(r, flush=True)
+  # The plain vmapped XLA convolutions, and lax.scan instead of the host loop, for the
+  # key row: what each CPU choice buys.
+  for conv_impl, loop, length, reps in (("xla", "auto", None, None), ("auto", "scan", 3, 3)):
+    r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, conv_impl=conv_impl,
+                  loop=loop, length=length, reps=reps)
+    r.update(dtype="float32", estimator="mu2sgd", aggregator="ctma(cwtm)", attack="sf",
+             model="simple_mnist", conv_impl=conv_impl, loop=loop, plain_sgd=rows[0]["plain_sgd"])
+    rows.append(r)
+    print(r, flush=True)
+  big_w = FLAGS.memory_workers
   memory = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", synthetic_dataset((28, 28, 1), 8192),
-                     workers=257, byzantine=128, length=2, reps=2)
-  print("W=257", memory, flush=True)
+                     workers=big_w, byzantine=(big_w - 1) // 2, length=2, reps=2)
+  print(f"W={big_w}", memory, flush=True)
   cifar_rows = []
   if FLAGS.cifar and not FLAGS.quick:
     cifar = synthetic_dataset((32, 32, 3))
@@ -202,17 +196,18 @@ def main(argv):
       f"{jax.default_backend()}. Median of {FLAGS.reps} timed chunks of {FLAGS.chunk} "
       "rounds after compilation. simple_mnist, W=17, f=8, b=16, MNIST-shaped data.", "",
       f"Roofline: a 2048x2048 float32 matmul runs at **{roof:.0f} GFLOP/s** here.", "",
-      "| dtype | estimator | aggregator | attack | conv | steps/s | GFLOP/step | GFLOP/s | "
+      "| dtype | estimator | aggregator | attack | conv | loop | steps/s | GFLOP/step | GFLOP/s | "
       "roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ratio = r["plain_sgd"] / r["steps_per_sec"]
     lines.append(
         f"| {r['dtype']} | {r['estimator']} | {r['aggregator']} | {r['attack']} | "
-        f"{r['conv_impl']} | {r['steps_per_sec']:.1f} | {r['gflop_per_step']:.2f} | "
+        f"{r['conv_impl']} | {r['loop']} | {r['steps_per_sec']:.1f} | {r['gflop_per_step']:.2f} | "
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
         f"{ratio:.2f}x | {r['memory_mib']:.0f} |")
-  lines += ["", "Memory at W=257 (f=128, b=16, mu2sgd, ctma(cwtm), sf, float32): "
+  lines += ["", f"Memory at W={big_w} (f={(big_w - 1) // 2}, b=16, mu2sgd, ctma(cwtm), sf, "
+            "float32): "
             f"{memory['memory_mib']:.0f} MiB by XLA's memory analysis "
             f"({memory['steps_per_sec']:.2f} steps/s).", ""]
   if cifar_rows:

@@ -489,7 +489,8 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
     if loop == "scan":
       compiled = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).lower(
           state, data, length).compile()
-      result = CompiledChunk(compiled, *_cost(compiled, length))
+      # XLA's cost analysis counts a while loop's body once, i.e. one round.
+      result = CompiledChunk(compiled, *_cost(compiled, 1))
     else:
       indices_fn = jax.jit(chunk_indices, static_argnums=2).lower(state, data, length).compile()
       indices = jax.eval_shape(functools.partial(chunk_indices, length=length), state, data)
