@@ -223,3 +223,14 @@ def test_scan_and_host_loops_agree():
   for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-4)
+
+
+def test_wandb_offline_run_is_recorded(tmp_path, monkeypatch):
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  c = tiny_config(**{"wandb.enabled": True, "wandb.mode": "offline", "num_steps": 2,
+                     "eval_every": 2, "model.name": "mlp"})
+  train.train_and_evaluate(c, str(tmp_path))
+  runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+  assert len(runs) == 1
+  files = os.listdir(tmp_path / "wandb" / runs[0])
+  assert any(f.endswith(".wandb") for f in files), files
