@@ -75,13 +75,13 @@ def write_markdown(results, path, command):
       f"Command: `{command}`", "",
       "W=17 workers, f=8 Byzantine, b=16 per worker, mu2sgd (beta_t = 1/t, AnyTime alpha_t = t), "
       f"lr 0.1, clipping 2.0, {FLAGS.dtype}. Test accuracy (%) on the 10,000 test images: the "
-      "median over seeds, with min-max when there are several. The reference column is the "
-      "original PyTorch program (float64, seed 1) on the same machines.", "",
+      "median over seeds, with min-max when there are several. The last column is the "
+      "original PyTorch program (float64, seed 1) on the same machines, from the issue.", "",
       "Schedules: *clean* is SPEC's beta_t = 1/t and gamma_t = 2/(t+1); *reference* is the "
       "original program's rounding of both to 3 decimals with a 0.01 floor "
       "(`optim.reference_rounding=True`).", "",
       "| attack | aggregator | schedules | seeds | " + " | ".join(f"acc@{s}" for s in steps)
-      + " | original program " + "/".join(str(s) for s in steps) + " |",
+      + " | original program " + "/".join(str(s) for s in sorted(REFERENCE["alie"])) + " |",
       "|---|---|---|---|" + "---|" * len(steps) + "---|"]
   for attack in FLAGS.attacks:
     for defence, schedule in [(d, s) for d in DEFENCES for s in ("clean", "reference")]:
