@@ -15,6 +15,14 @@ compiling call. Writes docs/benchmarks/grad_formulations.md.
 
   python benchmarks/grad_formulations.py              # full table (~5 min on 2 cores)
   python benchmarks/grad_formulations.py --quick      # float32, no flags
+  python benchmarks/grad_formulations.py --compare=unrolled,shifted,xla
+
+``--compare`` times the listed formulations in one process with their calls
+interleaved (round r calls every formulation once), so background load hits
+them alike; it reports medians and ratios to the first one, plus a per-layer
+breakdown of one gradient evaluation (convolution forward, input gradient and
+per-worker weight gradient, and the BatchNorm+ReLU+max-pool forward+backward),
+and rewrites only the comparison section of the Markdown file.
 """
 
 import json
@@ -35,6 +43,8 @@ flags.DEFINE_integer("reps", 7, "Timed calls per number (the median is reported)
 flags.DEFINE_integer("workers", 17, "Workers W.")
 flags.DEFINE_integer("batch", 16, "Examples per worker b.")
 flags.DEFINE_string("out", "docs/benchmarks/grad_formulations.md", "Markdown output.")
+flags.DEFINE_string("compare", "", "Comma-separated formulations to time interleaved in "
+                    "one process (float32); the first is the ratio baseline.")
 flags.DEFINE_string("child", "", "Internal: JSON spec of one configuration to time.")
 FLAGS = flags.FLAGS
 
@@ -120,6 +130,130 @@ def _run_in_subprocess(spec, xla_flags):
   return json.loads(lines[-1][len("RESULT "):])
 
 
+COMPARE_BEGIN = "<!-- compare: begin -->"
+COMPARE_END = "<!-- compare: end -->"
+
+
+def _interleaved_ms(fns, reps):
+  """{name: (fn, args)} -> {name: median ms}, calling every fn once per round."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for fn, args in fns.values():  # compile, then one warm call
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, (fn, args) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def run_compare(impls, reps, w, b):
+  """Interleaved timings of whole gradient evaluations and of per-layer parts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from ftjax import conv as conv_lib
+  from ftjax import models
+
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  x = normal(w, b, 28, 28, 1)
+  y = jnp.asarray(rng.integers(0, 10, (w, b)), jnp.int32)
+  grads = {}
+  for impl in impls:
+    model = models.make_model("simple_mnist", conv_impl=impl)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+
+    def loss_fn(params, batch_stats, x, y, model=model):
+      logits, mut = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, (logits, mut["batch_stats"])
+
+    f = jax.jit(jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(None, None, 0, 0)))
+    grads[impl] = (f, (variables["params"], variables["batch_stats"], x, y))
+  grad_ms = _interleaved_ms(grads, reps)
+
+  # Per-layer parts at the shapes of one evaluation: layer 1 is 28x28, 1 -> 16
+  # channels; layer 2 is 14x14, 16 -> 32. Arguments are passed, not closed over
+  # (XLA would constant-fold a convolution of constants).
+  parts = {}
+  for layer, (hw, c, o) in enumerate([(28, 1, 16), (14, 16, 32)], start=1):
+    xs, ks, dys = normal(w, b, hw, hw, c), normal(5, 5, c, o), normal(w, b, hw, hw, o)
+    for impl in impls:
+      conv = conv_lib.CONV_IMPLS[impl].conv
+
+      def wgrad(k, x, dy, conv=conv):  # per-worker kernel gradient
+        return jax.vmap(lambda x, dy: jax.vjp(lambda k: conv(x, k, 1, 2), k)[1](dy)[0])(x, dy)
+
+      def xgrad(k, x, dy, conv=conv):  # input gradient (kernel shared)
+        return jax.vmap(lambda x, dy: jax.vjp(lambda x: conv(x, k, 1, 2), x)[1](dy)[0])(x, dy)
+
+      fwd = lambda k, x, dy, conv=conv: jax.vmap(lambda x: conv(x, k, 1, 2))(x)
+      parts[(layer, "conv forward", impl)] = (jax.jit(fwd), (ks, xs, dys))
+      if layer > 1:  # the first layer's input is the data: no input gradient
+        parts[(layer, "conv input grad", impl)] = (jax.jit(xgrad), (ks, xs, dys))
+      parts[(layer, "conv weight grad", impl)] = (jax.jit(wgrad), (ks, xs, dys))
+    scale, bias = jnp.ones(o), jnp.zeros(o)
+    pool = conv_lib.CONV_IMPLS[impls[0]].max_pool
+
+    def block(a, scale, bias, pool=pool):  # BN + ReLU + pool, forward and backward
+      f = lambda a: pool(jax.nn.relu(conv_lib.batch_norm_train(a, scale, bias, 1e-5)[0]))
+      out, vjp = jax.vjp(f, a)
+      return vjp(out)[0]
+
+    parts[(layer, f"BN+ReLU+pool fwd+bwd ({impls[0]} pool)", impls[0])] = (
+        jax.jit(jax.vmap(block, in_axes=(0, None, None))), (dys, scale, bias))
+  part_ms = _interleaved_ms(parts, reps)
+  return grad_ms, part_ms
+
+
+def compare_main(impls):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ftjax import conv as conv_lib  # pylint: disable=g-import-not-at-top
+  w, b, reps = FLAGS.workers, FLAGS.batch, FLAGS.reps
+  grad_ms, part_ms = run_compare(impls, reps, w, b)
+  base = impls[0]
+  load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+  cmd = f"python benchmarks/grad_formulations.py --compare={','.join(impls)} --reps={reps}"
+  lines = [
+      COMPARE_BEGIN,
+      "## Interleaved comparison",
+      "",
+      f"Generated by `{cmd}`: float32, W={w} x b={b}, all formulations in one process, "
+      f"calls interleaved, median of {reps} rounds after compiling; load average at the end "
+      f"{load}. Ratios are to `{base}` and are the numbers to compare.",
+      "",
+      "| conv_impl | grad ms | ratio to " + base + " |",
+      "|---|---|---|",
+  ]
+  for impl in impls:
+    lines.append(f"| {impl} | {grad_ms[impl]:.1f} | {grad_ms[impl] / grad_ms[base]:.2f} |")
+  lines += ["", "Per-layer parts of one evaluation (vmapped over the workers; ms):", "",
+            "| layer | part | " + " | ".join(impls) + " |",
+            "|---|---|" + "---|" * len(impls)]
+  keys = sorted(dict.fromkeys((l, p) for l, p, _ in part_ms), key=lambda k: k[0])
+  for layer, part in keys:
+    cells = [f"{part_ms[(layer, part, i)]:.1f}" if (layer, part, i) in part_ms else "—"
+             for i in impls]
+    lines.append(f"| {layer} | {part} | " + " | ".join(cells) + " |")
+  lines.append(COMPARE_END)
+  section = "\n".join(lines)
+  print(section)
+  text = open(FLAGS.out).read() if os.path.exists(FLAGS.out) else ""
+  if COMPARE_BEGIN in text and COMPARE_END in text:
+    head, rest = text.split(COMPARE_BEGIN, 1)
+    text = head + section + rest.split(COMPARE_END, 1)[1]
+  else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+  with open(FLAGS.out, "w") as f:
+    f.write(text)
+  print(f"wrote {FLAGS.out} (jax {jax.__version__}, auto={conv_lib.resolve_conv_impl('auto')})")
+
+
 def _fmt(v):
   return "—" if v is None else f"{v:.1f}"
 
@@ -128,6 +262,9 @@ def main(argv):
   del argv
   if FLAGS.child:
     print("RESULT " + json.dumps(run_child(json.loads(FLAGS.child))), flush=True)
+    return
+  if FLAGS.compare:
+    compare_main([i.strip() for i in FLAGS.compare.split(",") if i.strip()])
     return
   from ftjax import conv as conv_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top

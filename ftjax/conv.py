@@ -15,8 +15,11 @@ one grouped convolution; first layers with at most a few input channels use a
 fused shifted-input sum for the forward pass. "patches" computes the weight
 gradient as an einsum between the input's patches and the output cotangent
 (under vmap a batched matmul), and "im2col" writes the whole convolution as
-patches times a matmul; both are kept as measured alternatives
-(benchmarks/grad_formulations.py). Every formulation gives the same gradients.
+patches times a matmul; "shifted" computes the weight gradient as one matmul
+per kernel offset (shifted input times output cotangent, under vmap batched
+over the workers). These are kept as measured alternatives, all slower than
+"unrolled" on CPU (benchmarks/grad_formulations.py). Every formulation gives the
+same gradients.
 
 Max pooling follows the same idea: XLA's reduce-window backward
 (select-and-scatter) is slow under vmap on CPU, so the CPU implementations use a
@@ -177,6 +180,47 @@ def _unrolled_bwd(stride, padding, res, dy):
 _unrolled_conv.defvjp(_unrolled_fwd, _unrolled_bwd)
 
 
+def _shifted_weight_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], stride: int,
+                         padding: int) -> Array:
+  """dL/dkernel as kh*kw matmuls, one per kernel offset, stacked to [kh, kw, C, O].
+
+  dk[i, j] = sum over examples and output pixels of the input shifted by (i, j)
+  times the output cotangent: a [C, O] matmul contracting over N*Ho*Wo. Under
+  vmap each becomes one batched dot_general over the workers, with neither a
+  grouped convolution nor the kh*kw-wide patch matrix.
+  """
+  kh, kw, c, o = kernel_shape
+  if padding:
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  _, ho, wo, _ = dy.shape
+  d = dy.reshape(-1, o)
+  rows = [jnp.einsum("mc,mo->co",
+                     x[:, i : i + stride * (ho - 1) + 1 : stride,
+                       j : j + stride * (wo - 1) + 1 : stride, :].reshape(-1, c), d)
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(rows).reshape(kh, kw, c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return _fast_forward_conv(x, kernel, stride, padding)
+
+
+def _shifted_fwd(x, kernel, stride, padding):
+  return _fast_forward_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _shifted_bwd(stride, padding, res, dy):
+  x, kernel = res
+  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
+  (dx,) = x_vjp(dy)
+  dk = _shifted_weight_grad(x, dy, tuple(kernel.shape), stride, padding)
+  return dx, dk.astype(kernel.dtype)
+
+
+_shifted_conv.defvjp(_shifted_fwd, _shifted_bwd)
+
+
 # --------------------------------------------------------------------------
 # Max pooling (kernel 2, stride 2, floor mode as in PyTorch).
 
@@ -255,6 +299,10 @@ CONV_IMPLS: dict[str, ConvImpl] = {
                          f"{_SHIFTED_MAX_CHANNELS} input channels) and input gradient, XLA "
                          "weight gradient run once per worker (custom VJP + custom vmap); "
                          "reshape max pool"),
+    "shifted": ConvImpl(_shifted_conv, _reshape_max_pool,
+                        "forward and input gradient as in unrolled, weight gradient as "
+                        "kh*kw matmuls of the shifted input with the output cotangent "
+                        "(custom VJP; under vmap batched over the workers); reshape max pool"),
     "im2col": ConvImpl(_im2col_conv, _reshape_max_pool,
                        "whole convolution as patches @ kernel, autodiff backward; "
                        "reshape max pool"),

@@ -207,8 +207,9 @@ def test_per_worker_gradients_match_xla_float32(impl, name, shape):
   assert leaf.shape[0] == 3 and not np.allclose(leaf[0], leaf[1])
 
 
-def test_per_worker_gradients_match_xla_float64():
-  impl = models.resolve_conv_impl("auto")
+@pytest.mark.parametrize("impl_name", ["auto", "shifted"])
+def test_per_worker_gradients_match_xla_float64(impl_name):
+  impl = models.resolve_conv_impl(impl_name)
   with jax.enable_x64(True):
     variables, x, y, ((loss_ref, _), g_ref) = _reference_grads(
         "simple_mnist", jnp.float64, (10, 10, 1))
