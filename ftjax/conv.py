@@ -108,6 +108,10 @@ def _patches_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
   return _patches_vjp_conv(x, kernel, stride, padding)
 
 
+# Above this many workers the per-worker weight gradients are not unrolled.
+_MAX_UNROLLED_WORKERS = 64
+
+
 @functools.lru_cache(maxsize=None)
 def _weight_grad_fn(kernel_shape: tuple[int, ...], dtype: Any, stride: int, padding: int):
   """Returns wgrad(x, dy) -> dL/dkernel whose vmap runs one convolution per example group.
@@ -127,6 +131,13 @@ def _weight_grad_fn(kernel_shape: tuple[int, ...], dtype: Any, stride: int, padd
   @wgrad.def_vmap
   def _rule(axis_size, in_batched, x, dy):
     x_batched, dy_batched = in_batched
+    if axis_size > _MAX_UNROLLED_WORKERS:
+      # Compile time grows with every unrolled convolution; past this many
+      # workers fall back to the grouped convolution plain vmap produces.
+      conv_t = lambda x, dy: jax.linear_transpose(
+          lambda k: _xla_conv(x, k, stride, padding), kernel_aval)(dy)[0]
+      return jax.vmap(conv_t, in_axes=(0 if x_batched else None,
+                                       0 if dy_batched else None))(x, dy), True
     outs = [wgrad(x[i] if x_batched else x, dy[i] if dy_batched else dy)
             for i in range(axis_size)]
     return jnp.stack(outs), True

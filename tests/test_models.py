@@ -291,3 +291,25 @@ def test_batch_norm_custom_gradient_matches_autodiff():
   grads = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(x, scale, bias)
   for got, ref in zip(grads(custom), grads(reference)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_many_workers_fall_back_to_grouped_weight_gradient():
+  # Past conv._MAX_UNROLLED_WORKERS the custom batching rule stops unrolling;
+  # the gradients must still equal the plain XLA path.
+  workers = conv_lib._MAX_UNROLLED_WORKERS + 6
+  x = jax.random.normal(jax.random.key(1), (workers, 4, 8, 8, 1))
+  y = jnp.zeros((workers, 4), jnp.int32)
+  grads = []
+  for impl in ("unrolled", "xla"):
+    model = models.make_model("tiny_cnn", conv_impl=impl)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+
+    def loss(params, stats, xb, yb):
+      logits, _ = model.apply({"params": params, "batch_stats": stats}, xb, train=True,
+                              mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    grads.append(jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0)))(
+        variables["params"], variables["batch_stats"], x, y))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
