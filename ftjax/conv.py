@@ -171,24 +171,33 @@ def _fast_forward_conv(x: Array, kernel: Array, stride: int, padding: int) -> Ar
   return _xla_conv(x, kernel, stride, padding)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _unrolled_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-  return _fast_forward_conv(x, kernel, stride, padding)
+def _conv_with_weight_grad(weight_grad: Callable[..., Array]) -> Callable[..., Array]:
+  """A conv with the fast forward, XLA's input gradient and ``weight_grad``.
+
+  ``weight_grad(x, dy, kernel_shape, dtype, stride, padding) -> dL/dkernel``.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    return _fast_forward_conv(x, kernel, stride, padding)
+
+  def fwd(x, kernel, stride, padding):
+    return _fast_forward_conv(x, kernel, stride, padding), (x, kernel)
+
+  def bwd(stride, padding, res, dy):
+    x, kernel = res
+    _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
+    (dx,) = x_vjp(dy)
+    dk = weight_grad(x, dy, tuple(kernel.shape), jnp.dtype(kernel.dtype), stride, padding)
+    return dx, dk.astype(kernel.dtype)
+
+  conv.defvjp(fwd, bwd)
+  return conv
 
 
-def _unrolled_fwd(x, kernel, stride, padding):
-  return _fast_forward_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _unrolled_bwd(stride, padding, res, dy):
-  x, kernel = res
-  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
-  (dx,) = x_vjp(dy)
-  wgrad = _weight_grad_fn(tuple(kernel.shape), jnp.dtype(kernel.dtype), stride, padding)
-  return dx, wgrad(x, dy).astype(kernel.dtype)
-
-
-_unrolled_conv.defvjp(_unrolled_fwd, _unrolled_bwd)
+_unrolled_conv = _conv_with_weight_grad(
+    lambda x, dy, shape, dtype, stride, padding:
+    _weight_grad_fn(shape, dtype, stride, padding)(x, dy))
 
 
 def _shifted_weight_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], stride: int,
@@ -212,24 +221,9 @@ def _shifted_weight_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], str
   return jnp.stack(rows).reshape(kh, kw, c, o)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _shifted_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-  return _fast_forward_conv(x, kernel, stride, padding)
-
-
-def _shifted_fwd(x, kernel, stride, padding):
-  return _fast_forward_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _shifted_bwd(stride, padding, res, dy):
-  x, kernel = res
-  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
-  (dx,) = x_vjp(dy)
-  dk = _shifted_weight_grad(x, dy, tuple(kernel.shape), stride, padding)
-  return dx, dk.astype(kernel.dtype)
-
-
-_shifted_conv.defvjp(_shifted_fwd, _shifted_bwd)
+_shifted_conv = _conv_with_weight_grad(
+    lambda x, dy, shape, dtype, stride, padding:
+    _shifted_weight_grad(x, dy, shape, stride, padding))
 
 
 # --------------------------------------------------------------------------
