@@ -26,6 +26,11 @@ Max pooling follows the same idea: XLA's reduce-window backward
 reshape-based 2x2 max pool whose custom backward sends the cotangent to the
 first maximum of each window, as select-and-scatter does, so both paths give
 the same gradients.
+
+BatchNorm, ReLU and the 2x2 max pool of a small CNN walk its largest
+activations many times; on the CPU formulations they run as one fused op
+(``batch_norm_relu_max_pool``) with a hand-written backward pass that takes two
+sweeps over the activations, with the same values and gradients.
 """
 from __future__ import annotations
 
@@ -466,6 +471,94 @@ def _bn_bwd(epsilon, res, cts):
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
+def _bn_relu_pool_values(xc, rstd, scale, bias):
+  # The same expression as batch_norm_train's forward, on the split windows.
+  return _split_windows(xc) * (rstd * scale) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_relu_max_pool(x: Array, scale: Array, bias: Array, epsilon: float):
+  """``max_pool2(relu(batch_norm_train(x)))`` in the fewest passes over ``x``.
+
+  The same values as the three ops in sequence (the pooled maximum of the
+  normalised values, not of ``x``, so a negative scale is handled and ties
+  break the same way), but the forward pass never writes the full-resolution
+  normalised activations and the backward pass routes the pooled cotangent,
+  applies the ReLU mask and the BatchNorm backward in one fused sweep over
+  ``x``. On CPU the separate ops walk the largest activations of a small CNN
+  several times more and dominate its training step.
+
+  Args:
+    x: activations [N, H, W, C].
+    scale: [C].
+    bias: [C].
+    epsilon: added to the variance.
+
+  Returns:
+    (pooled [N, H//2, W//2, C], batch mean [C], biased batch variance [C]).
+  """
+  out, mean, var, _, _ = _bnrp_forward(x, scale, bias, epsilon)
+  return out, mean, var
+
+
+def _bnrp_forward(x, scale, bias, epsilon):
+  # The backward pass needs only the centred activations, so x can be freed.
+  mean, xc, var = _bn_stats(x)
+  rstd = lax.rsqrt(var + epsilon)
+  pooled = _bn_relu_pool_values(xc, rstd, scale, bias).max(axis=(2, 4))
+  return nn.relu(pooled), mean, var, xc, rstd
+
+
+def _bnrp_fwd(x, scale, bias, epsilon):
+  out, mean, var, xc, rstd = _bnrp_forward(x, scale, bias, epsilon)
+  return (out, mean, var), (xc, rstd, scale, bias)
+
+
+def _bnrp_bwd(epsilon, res, cts):
+  del epsilon  # Enters through rstd.
+  xc, rstd, scale, bias = res
+  dout, dmean, dvar = cts
+  n, h, w, c = xc.shape
+  count = xc.size // c
+  # Pass 1, on the pooled grid: which window element won (the first maximum of
+  # the normalised values, as XLA's select-and-scatter picks), its centred
+  # value, and the ReLU mask. Both the maximum and the winner come out of
+  # max-reductions, which XLA:CPU writes to memory: a winner computed by
+  # elementwise comparisons would be fused into the full-resolution pass below
+  # and recomputed there for each of the four elements of its window, together
+  # with whatever produced x (e.g. a convolution written as a sum of shifted
+  # inputs). y == ymax compares a value with the maximum of the same values.
+  y = _bn_relu_pool_values(xc, rstd, scale, bias)  # [N, H/2, 2, W/2, 2, C]
+  ymax = y.max(axis=(2, 4))
+  rank = jnp.array([[3, 2], [1, 0]], xc.dtype).reshape(1, 1, 2, 1, 2, 1)
+  code = jnp.where(y == ymax[:, :, None, :, None, :], rank, -1).max(axis=(2, 4))
+  winner = 3 - code  # 0..3 in row-major window order, as a float
+  win = _split_windows(xc)
+  x_win = jnp.where(winner == 3, win[:, :, 1, :, 1], jnp.where(
+      winner == 2, win[:, :, 1, :, 0], jnp.where(winner == 1, win[:, :, 0, :, 1],
+                                                 win[:, :, 0, :, 0])))
+  g = jnp.where(ymax > 0, dout, jnp.zeros_like(dout))  # ReLU'(0) = 0, as jax.nn.relu
+  axes = tuple(range(xc.ndim - 1))
+  dbias = g.sum(axes)
+  dscale = (g * (x_win * rstd)).sum(axes)
+  # Pass 2, full resolution: route g to the winners and apply BatchNorm's
+  # closed-form backward (see _bn_bwd) in the same sweep.
+  pos = (2 * jnp.arange(2)[:, None] + jnp.arange(2)[None, :]).astype(xc.dtype)
+  pos = pos.reshape(1, 1, 2, 1, 2, 1)
+  dy = jnp.where(winner[:, :, None, :, None, :] == pos, g[:, :, None, :, None, :],
+                 jnp.zeros((), g.dtype))
+  dy = dy.reshape(n, h // 2 * 2, w // 2 * 2, c)
+  if h % 2 or w % 2:
+    dy = jnp.pad(dy, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  xhat = xc * rstd
+  dx = (scale * rstd) * (dy - dbias / count - xhat * (dscale / count))
+  dx = dx + dmean / count + xhat * (2 * dvar / (count * rstd))
+  return dx, dscale, dbias
+
+
+batch_norm_relu_max_pool.defvjp(_bnrp_fwd, _bnrp_bwd)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over all axes but the last, with PyTorch's semantics.
 
@@ -484,25 +577,44 @@ class BatchNorm(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool, relu_max_pool: str | None = None) -> Array:
+    """Normalises ``x``; with ``relu_max_pool`` also applies ReLU and a 2x2 max pool.
+
+    Args:
+      x: activations [..., C] ([N, H, W, C] with ``relu_max_pool``).
+      train: normalise with the batch's statistics and update the running ones.
+      relu_max_pool: None, or a key of ``CONV_IMPLS`` whose max pool follows a
+        ReLU. In training, every implementation but "xla" runs the three ops as
+        one fused op (``batch_norm_relu_max_pool``), with the same values.
+
+    Returns:
+      The normalised (and, with ``relu_max_pool``, rectified and pooled) activations.
+    """
     c = x.shape[-1]
     x = x.astype(self.dtype)
     scale = self.param("scale", nn.initializers.ones, (c,), self.dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
     run_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), self.dtype)
     run_var = self.variable("batch_stats", "var", jnp.ones, (c,), self.dtype)
+    fused = train and relu_max_pool not in (None, "xla")
     if train:
-      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+      if fused:
+        y, mean, var = batch_norm_relu_max_pool(x, scale, bias, self.epsilon)
+      else:
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         n = x.size // c
         unbiased = var * (n / max(n - 1, 1))
         m = self.momentum
         run_mean.value = m * run_mean.value + (1 - m) * lax.stop_gradient(mean)
         run_var.value = m * run_var.value + (1 - m) * lax.stop_gradient(unbiased)
-      return y
-    mean, var = run_mean.value, run_var.value
-    inv = lax.rsqrt(var + self.epsilon) * scale
-    return x * inv + (bias - mean * inv)
+    else:
+      mean, var = run_mean.value, run_var.value
+      inv = lax.rsqrt(var + self.epsilon) * scale
+      y = x * inv + (bias - mean * inv)
+    if relu_max_pool is not None and not fused:
+      y = CONV_IMPLS[relu_max_pool].max_pool(nn.relu(y))
+    return y
 
 
 class MaxPool2(nn.Module):

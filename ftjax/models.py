@@ -44,8 +44,7 @@ class SimpleCNN(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     for ch in self.channels:
       x = Conv(ch, 5, padding=2, dtype=self.dtype, impl=self.conv_impl)(x)
-      x = BatchNorm(dtype=self.dtype)(x, train)
-      x = MaxPool2(self.conv_impl)(nn.relu(x))
+      x = BatchNorm(dtype=self.dtype)(x, train, relu_max_pool=self.conv_impl)
     return Dense(self.num_classes, dtype=self.dtype)(x.reshape(x.shape[0], -1))
 
 
@@ -64,7 +63,7 @@ class TinyCNN(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     x = Conv(4, 3, padding=1, dtype=self.dtype, impl=self.conv_impl)(x)
-    x = MaxPool2(self.conv_impl)(nn.relu(BatchNorm(dtype=self.dtype)(x, train)))
+    x = BatchNorm(dtype=self.dtype)(x, train, relu_max_pool=self.conv_impl)
     return Dense(self.num_classes, dtype=self.dtype)(x.reshape(x.shape[0], -1))
 
 

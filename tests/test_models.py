@@ -313,3 +313,51 @@ def test_many_workers_fall_back_to_grouped_weight_gradient():
         variables["params"], variables["batch_stats"], x, y))
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 3), (3, 7, 5, 2)])  # even, and odd (floor mode)
+def test_fused_batch_norm_relu_max_pool_matches_separate_ops(shape):
+  # Integer-valued inputs tie inside many windows; a negative scale flips which
+  # element is the maximum; cotangents also flow into the returned statistics.
+  c = shape[-1]
+  x = jnp.round(_normal(12, shape) * 2.0)
+  scale = jnp.linspace(-1.5, 2.0, c)
+  bias = jnp.linspace(-0.5, 0.3, c)
+  pooled_shape = (shape[0], shape[1] // 2, shape[2] // 2, c)
+  w = [_normal(13, pooled_shape), _normal(14, (c,)), _normal(15, (c,))]
+
+  def separate(x, s, b):
+    y, mean, var = conv_lib.batch_norm_train(x, s, b, 1e-5)
+    return conv_lib.CONV_IMPLS["xla"].max_pool(jax.nn.relu(y)), mean, var
+
+  fused = lambda x, s, b: conv_lib.batch_norm_relu_max_pool(x, s, b, 1e-5)
+  for got, ref in zip(jax.jit(fused)(x, scale, bias), jax.jit(separate)(x, scale, bias)):
+    np.testing.assert_array_equal(got, ref)
+
+  def grads(fn):
+    loss = lambda *a: sum(jnp.vdot(o, wi) for o, wi in zip(fn(*a), w))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
+
+  # A cotangent routed to another element of a tied window would differ by
+  # the size of the cotangent itself, far above these tolerances.
+  for g, r in zip(grads(fused), grads(separate)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_batch_norm_relu_max_pool_float64_and_vmap():
+  with jax.enable_x64(True):
+    x = _normal(16, (3, 2, 6, 6, 4), jnp.float64)
+    scale, bias = jnp.linspace(-1.0, 1.0, 4), jnp.linspace(0.2, -0.2, 4)
+    r = _normal(17, (3, 2, 3, 3, 4), jnp.float64)
+
+    def loss(pool_fn):
+      return lambda x, s, b: jnp.vdot(pool_fn(x, s, b), r[0])
+
+    fused = lambda x, s, b: conv_lib.batch_norm_relu_max_pool(x, s, b, 1e-5)[0]
+    separate = lambda x, s, b: conv_lib.CONV_IMPLS["xla"].max_pool(
+        jax.nn.relu(conv_lib.batch_norm_train(x, s, b, 1e-5)[0]))
+    per_worker = lambda fn: jax.jit(jax.vmap(jax.grad(loss(fn), argnums=(0, 1, 2)),
+                                             in_axes=(0, None, None)))(x, scale, bias)
+    for g, r_ in zip(per_worker(fused), per_worker(separate)):
+      assert g.dtype == jnp.float64
+      np.testing.assert_allclose(g, r_, rtol=1e-11, atol=1e-13)
