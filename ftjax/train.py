@@ -12,6 +12,8 @@ Sections:
 4. :func:`make_chunk_fn` runs the rounds between evaluations (a ``lax.scan``,
    or on CPU an asynchronous host loop over the jitted round) and
    :func:`make_eval_fn` evaluates on the whole test split in batches.
+   With several local devices the workers' gradients are split over them
+   (``shard_map`` over a one-axis mesh; the rest of the round is replicated).
 5. :func:`train_and_evaluate`: the loop, with metrics, checkpoints and resume.
 """
 
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax import aggregators as aggregators_lib
 from ftjax import attacks as attacks_lib
@@ -47,7 +50,11 @@ PyTree = Any
 _KEY_INIT, _KEY_DATA, _KEY_AUGMENT, _KEY_ATTACK, _KEY_AGGREGATOR = range(5)
 
 # Config fields that may change between an interrupted run and its resume.
-_RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "loop")
+_RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "loop",
+                     "devices")
+
+# The mesh axis the worker axis is split over.
+WORKER_AXIS = "workers"
 
 
 class ConfigError(ValueError):
@@ -74,6 +81,7 @@ class Setup:
   batch_size: int      # b, per worker
   dtype: Any
   partition: Optional[data_lib.Partition]  # per-worker shards; None for the i.i.d. split
+  mesh: Optional[Mesh] = None  # the workers' gradients are split over it; None: one device
 
   @property
   def num_honest(self) -> int:
@@ -145,6 +153,7 @@ def build(config: ml_collections.ConfigDict,
     raise ConfigError(f"dtype must be 'float32' or 'float64', got {c.dtype!r}.")
   if c.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
+  mesh = _worker_mesh(c.get("devices", 0))
   dtype = jnp.float64 if c.dtype == "float64" else jnp.float32
   if c.optim.clip is not None and c.optim.clip < 0:
     raise ConfigError(f"optim.clip must be positive, or 0 / None for no clipping, got "
@@ -182,7 +191,36 @@ def build(config: ml_collections.ConfigDict,
   return Setup(config=c, dataset=dataset, model=model, worker_tx=worker_tx,
                server_tx=server_tx, aggregator=aggregator, attack=attack,
                num_workers=w, num_byzantine=f, batch_size=b, dtype=dtype,
-               partition=partition)
+               partition=partition, mesh=mesh)
+
+
+def _worker_mesh(devices) -> Optional[Mesh]:
+  """The one-axis mesh of ``devices`` local devices (0 = all), or None for one device."""
+  if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
+    raise ConfigError(f"devices must be a non-negative integer (0 = all local devices), "
+                      f"got {devices!r}.")
+  available = jax.local_devices()
+  if devices > len(available):
+    raise ConfigError(
+        f"devices={devices} but only {len(available)} local "
+        f"{jax.default_backend().upper()} device(s) exist; lower devices (0 = all). On CPU, "
+        f"start the process with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+        f"(main.py sets N to the number of cores).")
+  chosen = available[:devices or len(available)]
+  if len(chosen) == 1:
+    return None
+  return Mesh(np.array(chosen), (WORKER_AXIS,))
+
+
+def place(setup: Setup, tree: PyTree) -> PyTree:
+  """Puts ``tree`` on ``setup``'s devices, replicated (unchanged with one device).
+
+  The jitted round takes its state and data replicated over the mesh; arrays
+  from elsewhere (a restored checkpoint, a notebook) go through this first.
+  """
+  if setup.mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(setup.mesh, PartitionSpec()))
 
 
 # --------------------------------------------------------------------------
@@ -325,6 +363,43 @@ def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
   return out
 
 
+def make_worker_gradients(setup: Setup) -> Callable:
+  """``(params, batch_stats, x [n, b, ...], y [n, b]) -> ((loss, (logits, stats)), grads)``.
+
+  Each of the n workers differentiates its own loss (a vmapped axis). With a
+  mesh the worker axis is split over its devices with ``shard_map``: each
+  device runs the vmapped gradient of its own workers (on CPU each device is
+  one core, and XLA:CPU runs a convolution on one core), and the results are
+  gathered back for the replicated rest of the round. A worker count that the
+  device count does not divide is padded with repeated workers whose results
+  are dropped.
+  """
+  grads = jax.vmap(jax.value_and_grad(make_loss_fn(setup.model), has_aux=True),
+                   in_axes=(None, None, 0, 0))
+  mesh = setup.mesh
+  if mesh is None:
+    return grads
+  devices = mesh.devices.size
+  spec = PartitionSpec(WORKER_AXIS)
+  sharded = jax.shard_map(grads, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), spec, spec),
+                          out_specs=spec, check_vma=False)
+
+  def split_grads(params, batch_stats, x, y):
+    n = x.shape[0]
+    padded = -(-n // devices) * devices
+    if padded != n:
+      rows = np.arange(padded) % n
+      x, y = x[rows], y[rows]
+    out = sharded(params, batch_stats, x, y)
+    # Gathered and replicated here: left to sharding propagation, the worker
+    # axis would stay split into the aggregator, which then exchanges data at
+    # every step of its selection network.
+    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(lambda a: a[:n], out)
+
+  return split_grads
+
+
 def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
   """Builds the pure synchronous round ``(state, data) -> (state, metrics)``."""
   c = setup.config
@@ -333,8 +408,7 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
                    setup.num_computed, setup.batch_size)
   clip = c.optim.clip or None  # 0 (typeable on the command line) or None: no clipping
   needs_prev = estimators.needs_previous_gradient(c.optim.estimator)
-  value_and_grad = jax.vmap(jax.value_and_grad(make_loss_fn(setup.model), has_aux=True),
-                            in_axes=(None, None, 0, 0))
+  value_and_grad = make_worker_gradients(setup)
   clip_rows = jax.vmap(functools.partial(estimators.clip_by_global_norm, max_norm=clip))
   attack_ctx = attacks_lib.AttackContext(num_byzantine=f, aggregator=setup.aggregator,
                                          num_classes=ds.num_classes)
@@ -486,20 +560,30 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
   def compile_chunk(state, data, length):
     if length in cache:
       return cache[length]
+    # With a mesh, the compiled chunk takes replicated inputs; run() places them.
+    state, data = place(setup, state), place(setup, data)
     if loop == "scan":
       compiled = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).lower(
           state, data, length).compile()
+
+      def run(state, data):
+        return compiled(place(setup, state), place(setup, data))
+
       # XLA's cost analysis counts a while loop's body once, i.e. one round.
-      result = CompiledChunk(compiled, *_cost(compiled, 1))
+      result = CompiledChunk(run, *_cost(compiled, 1))
     else:
       indices_fn = jax.jit(chunk_indices, static_argnums=2).lower(state, data, length).compile()
       indices = jax.eval_shape(functools.partial(chunk_indices, length=length), state, data)
+      if setup.mesh is not None:
+        indices = jax.ShapeDtypeStruct(indices.shape, indices.dtype,
+                                       sharding=NamedSharding(setup.mesh, PartitionSpec()))
       step = jax.jit(one_round, donate_argnums=0).lower(
           state, data, indices, jnp.int32(0)).compile()
       _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
       summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
 
       def run(state, data):
+        state, data = place(setup, state), place(setup, data)
         idx = indices_fn(state, data)
         metrics = []
         for i in range(length):
@@ -645,8 +729,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, meta = restored
   start_step = int(state.step)
 
-  train_data = make_device_data(setup)
-  eval_data = make_eval_data(setup.dataset, config.data.eval_batch_size)
+  state = place(setup, state)
+  train_data = place(setup, make_device_data(setup))
+  eval_data = place(setup, make_eval_data(setup.dataset, config.data.eval_batch_size))
   chunk_fn = make_chunk_fn(setup, config.loop)
   eval_fn = make_eval_fn(setup)
   reporter = reporting.Reporter(

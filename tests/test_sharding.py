@@ -1,0 +1,99 @@
+"""The worker axis split over several devices gives the one-device results.
+
+JAX fixes the number of CPU devices when it starts, so each check runs in a
+subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=3
+(three devices on any machine: the results must not depend on the cores).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ftjax import train
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from ftjax import train
+    from tests.test_train import tiny_config
+
+    out = {"devices": len(jax.devices())}
+    for attack, estimator in (("sf", "mu2sgd"), ("alie", "momentum")):
+      params, metrics = {}, {}
+      for devices in (1, 0):  # one device, then all three
+        c = tiny_config(**{"attack.name": attack, "optim.estimator": estimator,
+                           "devices": devices})
+        setup = train.build(c)
+        state = train.init_state(setup, c.seed)
+        data = train.make_device_data(setup)
+        run = train.make_chunk_fn(setup, "host")(state, data, 3).run
+        state, m = run(state, data)
+        state, m = run(state, data)
+        params[devices] = [np.asarray(p) for p in jax.tree.leaves(state.params)]
+        metrics[devices] = {k: float(v) for k, v in m.items()}
+        sharding = jax.tree.leaves(state.params)[0].sharding
+        out[f"{attack}_mesh_{devices}"] = (None if setup.mesh is None
+                                           else int(setup.mesh.devices.size))
+        out[f"{attack}_spec_{devices}"] = str(getattr(sharding, "spec", None))
+      out[f"{attack}_computed"] = setup.num_computed
+      out[f"{attack}_param_diff"] = max(float(np.abs(a - b).max())
+                                        for a, b in zip(params[1], params[0]))
+      out[f"{attack}_loss"] = [metrics[1]["train_loss"], metrics[0]["train_loss"]]
+    # A whole run on all devices, resumed on one device (devices is resumable).
+    workdir = sys.argv[1]
+    train.train_and_evaluate(tiny_config(**{"devices": 0, "num_steps": 3}), workdir)
+    row = train.train_and_evaluate(tiny_config(**{"devices": 1}), workdir)
+    out["resumed_step"] = row["step"]
+    try:
+      train.build(tiny_config(**{"devices": 4}))
+    except train.ConfigError as e:
+      out["too_many"] = str(e)
+    print("RESULT " + json.dumps(out))
+    """)
+
+
+@pytest.fixture(scope="module")
+def three_devices(tmp_path_factory):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3",
+             JAX_PLATFORMS="cpu")
+  workdir = str(tmp_path_factory.mktemp("sharded_run"))
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT, workdir], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_split_worker_axis_matches_one_device(three_devices):
+  r = three_devices
+  assert r["devices"] == 3
+  for attack in ("sf", "alie"):
+    assert r[f"{attack}_mesh_1"] is None and r[f"{attack}_mesh_0"] == 3
+    assert r[f"{attack}_spec_0"] in ("P()", "PartitionSpec()")  # state stays replicated
+    assert r[f"{attack}_param_diff"] < 1e-5, r
+    a, b = r[f"{attack}_loss"]
+    assert abs(a - b) < 1e-5 * max(1.0, abs(a)), r
+  # 5 and 4 computed workers: neither divides over 3 devices (padding is exercised).
+  assert r["sf_computed"] == 5 and r["alie_computed"] == 4
+
+
+def test_sharded_run_resumes_on_one_device(three_devices):
+  assert three_devices["resumed_step"] == 6
+
+
+def test_more_devices_than_exist_is_refused(three_devices):
+  assert "devices=4" in three_devices["too_many"]
+  assert "xla_force_host_platform_device_count" in three_devices["too_many"]
+
+
+@pytest.mark.parametrize("devices", [-1, 10_000])
+def test_bad_device_counts_are_refused(devices):
+  with pytest.raises(train.ConfigError, match="devices"):
+    train.build(tiny_config(devices=devices))
