@@ -24,6 +24,12 @@ import statistics
 import sys
 import time
 
+# One CPU device per core (as main.py does), so that the rows with devices=all
+# can split the workers over the cores; set before JAX starts.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={os.cpu_count()}")
+
 from absl import app
 from absl import flags
 
@@ -73,7 +79,7 @@ def _time_chunks(run, state, data, length, reps):
 
 def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist",
               conv_impl="auto", workers=17, byzantine=8, batch=16, length=None, reps=None,
-              loop="auto"):
+              loop="auto", devices=1):
   """Steps per second, FLOPs per step and bytes of one configuration."""
   length = length or FLAGS.chunk
   reps = reps or FLAGS.reps
@@ -86,9 +92,11 @@ def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist
   name, _, meta = aggregator.partition("(")
   c.aggregator.name, c.aggregator.meta = (meta.rstrip(")"), name) if meta else (name, "none")
   c.attack.name = attack
+  c.devices = devices
   setup = train.build(c, dataset)
-  state = train.init_state(setup, c.seed)
-  data = train.DeviceData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels))
+  state = train.place(setup, train.init_state(setup, c.seed))
+  data = train.place(setup, train.DeviceData(jnp.asarray(dataset.train_images),
+                                             jnp.asarray(dataset.train_labels)))
   compiled = train.make_chunk_fn(setup, loop)(state, data, length)
   flops = compiled.flops_per_step
   steps_per_sec = _time_chunks(compiled.run, state, data, length, reps)
@@ -147,6 +155,7 @@ def matmul_gflops(n=2048, reps=5):
 def main(argv):
   del argv
   mnist = synthetic_dataset((28, 28, 1))
+  num_devices = len(jax.local_devices())
   roof = matmul_gflops()
   print(f"float32 matmul 2048^3: {roof:.0f} GFLOP/s", flush=True)
   dtypes = ["float32"] if FLAGS.quick else ["float32", "float64"]
@@ -161,20 +170,34 @@ def main(argv):
     for estimator in estimators:
       for agg in aggs:
         for attack in ("sf", "alie"):
-          r = time_step(estimator, agg, attack, dtype, mnist)
-          r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
-                   model="simple_mnist", conv_impl="auto", loop="auto", plain_sgd=plain)
-          rows.append(r)
-          print(r, flush=True)
+          # One device, and (for the key aggregator) the workers split over all cores.
+          split = [1, num_devices] if agg == "ctma(cwtm)" and num_devices > 1 else [1]
+          for devices in split:
+            r = time_step(estimator, agg, attack, dtype, mnist, devices=devices)
+            r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
+                     model="simple_mnist", conv_impl="auto", loop="auto", plain_sgd=plain,
+                     devices=devices)
+            rows.append(r)
+            print(r, flush=True)
   # The plain vmapped XLA convolutions, and lax.scan instead of the host loop, for the
   # key row: what each CPU choice buys.
   for conv_impl, loop, length, reps in (("xla", "auto", None, None), ("auto", "scan", 3, 3)):
     r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, conv_impl=conv_impl,
                   loop=loop, length=length, reps=reps)
     r.update(dtype="float32", estimator="mu2sgd", aggregator="ctma(cwtm)", attack="sf",
-             model="simple_mnist", conv_impl=conv_impl, loop=loop, plain_sgd=rows[0]["plain_sgd"])
+             model="simple_mnist", conv_impl=conv_impl, loop=loop, plain_sgd=rows[0]["plain_sgd"],
+             devices=1)
     rows.append(r)
     print(r, flush=True)
+  # XLA's cost analysis of a program split over devices counts one device's share;
+  # a split row does the same arithmetic as its one-device row, so it uses that count.
+  for r in rows:
+    if r["devices"] > 1:
+      one = next(o for o in rows if o["devices"] == 1 and all(
+          o[k] == r[k] for k in ("dtype", "estimator", "aggregator", "attack", "conv_impl",
+                                 "loop")))
+      r["gflop_per_step"] = one["gflop_per_step"]
+      r["gflops"] = r["gflop_per_step"] * r["steps_per_sec"]
   big_w = FLAGS.memory_workers
   memory = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", synthetic_dataset((28, 28, 1), 8192),
                      workers=big_w, byzantine=(big_w - 1) // 2, length=2, reps=2)
@@ -196,14 +219,15 @@ def main(argv):
       f"{jax.default_backend()}. Median of {FLAGS.reps} timed chunks of {FLAGS.chunk} "
       "rounds after compilation. simple_mnist, W=17, f=8, b=16, MNIST-shaped data.", "",
       f"Roofline: a 2048x2048 float32 matmul runs at **{roof:.0f} GFLOP/s** here.", "",
-      "| dtype | estimator | aggregator | attack | conv | loop | steps/s | GFLOP/step | GFLOP/s | "
-      "roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "| dtype | estimator | aggregator | attack | conv | loop | devices | steps/s | GFLOP/step | "
+      "GFLOP/s | roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ratio = r["plain_sgd"] / r["steps_per_sec"]
     lines.append(
         f"| {r['dtype']} | {r['estimator']} | {r['aggregator']} | {r['attack']} | "
-        f"{r['conv_impl']} | {r['loop']} | {r['steps_per_sec']:.1f} | {r['gflop_per_step']:.2f} | "
+        f"{r['conv_impl']} | {r['loop']} | {r['devices']} | {r['steps_per_sec']:.1f} | "
+        f"{r['gflop_per_step']:.2f} | "
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
         f"{ratio:.2f}x | {r['memory_mib']:.0f} |")
   lines += ["", f"Memory at W={big_w} (f={(big_w - 1) // 2}, b=16, mu2sgd, ctma(cwtm), sf, "

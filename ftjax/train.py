@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -381,7 +382,14 @@ def make_worker_gradients(setup: Setup) -> Callable:
     return grads
   devices = mesh.devices.size
   spec = PartitionSpec(WORKER_AXIS)
-  sharded = jax.shard_map(grads, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), spec, spec),
+
+  def local(params, batch_stats, x, y):
+    out = grads(params, batch_stats, x, y)
+    # One flat row per worker, so that one all-gather moves every result.
+    return jax.vmap(lambda o: jax.flatten_util.ravel_pytree(o)[0])(out)
+
+  sharded = jax.shard_map(local, mesh=mesh,
+                          in_specs=(PartitionSpec(), PartitionSpec(), spec, spec),
                           out_specs=spec, check_vma=False)
 
   def split_grads(params, batch_stats, x, y):
@@ -390,12 +398,15 @@ def make_worker_gradients(setup: Setup) -> Callable:
     if padded != n:
       rows = np.arange(padded) % n
       x, y = x[rows], y[rows]
-    out = sharded(params, batch_stats, x, y)
+    flat = sharded(params, batch_stats, x, y)
     # Gathered and replicated here: left to sharding propagation, the worker
     # axis would stay split into the aggregator, which then exchanges data at
     # every step of its selection network.
-    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec()))
-    return jax.tree.map(lambda a: a[:n], out)
+    flat = jax.lax.with_sharding_constraint(flat, NamedSharding(mesh, PartitionSpec()))[:n]
+    one = jax.eval_shape(grads, params, batch_stats, x[:1], y[:1])
+    unravel = jax.flatten_util.ravel_pytree(
+        jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), one))[1]
+    return jax.vmap(unravel)(flat)
 
   return split_grads
 
@@ -740,6 +751,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       show_progress=config.progress)
   if restored is not None:
     reporter.note(f"Resumed from the checkpoint at step {start_step} in {workdir}.")
+  if setup.mesh is not None:
+    reporter.note(f"The workers' gradients are split over {setup.mesh.devices.size} "
+                  f"{jax.default_backend().upper()} devices.")
 
   compiled_lengths = set()  # at most two: eval_every and a shorter last chunk
 

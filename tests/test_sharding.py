@@ -46,6 +46,16 @@ _SCRIPT = textwrap.dedent("""
       out[f"{attack}_param_diff"] = max(float(np.abs(a - b).max())
                                         for a, b in zip(params[1], params[0]))
       out[f"{attack}_loss"] = [metrics[1]["train_loss"], metrics[0]["train_loss"]]
+    # The lax.scan chunk splits the same way.
+    c = tiny_config(**{"devices": 0})
+    setup = train.build(c)
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    fresh = lambda: jax.tree.map(jnp.copy, state)  # run() donates its state
+    scanned, _ = train.make_chunk_fn(setup, "scan")(fresh(), data, 3).run(fresh(), data)
+    hosted, _ = train.make_chunk_fn(setup, "host")(fresh(), data, 3).run(fresh(), data)
+    out["scan_host_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                                zip(jax.tree.leaves(scanned.params), jax.tree.leaves(hosted.params)))
     # A whole run on all devices, resumed on one device (devices is resumable).
     workdir = sys.argv[1]
     train.train_and_evaluate(tiny_config(**{"devices": 0, "num_steps": 3}), workdir)
@@ -82,6 +92,10 @@ def test_split_worker_axis_matches_one_device(three_devices):
     assert abs(a - b) < 1e-5 * max(1.0, abs(a)), r
   # 5 and 4 computed workers: neither divides over 3 devices (padding is exercised).
   assert r["sf_computed"] == 5 and r["alie_computed"] == 4
+
+
+def test_scan_chunk_splits_like_the_host_loop(three_devices):
+  assert three_devices["scan_host_diff"] < 1e-5
 
 
 def test_sharded_run_resumes_on_one_device(three_devices):
