@@ -200,9 +200,15 @@ def _conv_with_weight_grad(weight_grad: Callable[..., Array]) -> Callable[..., A
   return conv
 
 
-_unrolled_conv = _conv_with_weight_grad(
-    lambda x, dy, shape, dtype, stride, padding:
-    _weight_grad_fn(shape, dtype, stride, padding)(x, dy))
+def _unrolled_weight_grad(x, dy, shape, dtype, stride, padding):
+  if dtype == jnp.float64 and shape[2] <= _SHIFTED_MAX_CHANNELS:
+    # XLA:CPU has no fast float64 convolution for a few input channels (a
+    # 1-channel 5x5 weight gradient: ~5 ms per worker); kh*kw matmuls are faster.
+    return _shifted_weight_grad(x, dy, shape, stride, padding)
+  return _weight_grad_fn(shape, dtype, stride, padding)(x, dy)
+
+
+_unrolled_conv = _conv_with_weight_grad(_unrolled_weight_grad)
 
 
 def _shifted_weight_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], stride: int,

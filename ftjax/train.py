@@ -365,47 +365,57 @@ def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
 
 
 def make_worker_gradients(setup: Setup) -> Callable:
-  """``(params, batch_stats, x [n, b, ...], y [n, b]) -> ((loss, (logits, stats)), grads)``.
+  """``(params, batch_stats, x, y, prev_params=None) -> (out, prev_grads)``.
 
-  Each of the n workers differentiates its own loss (a vmapped axis). With a
-  mesh the worker axis is split over its devices with ``shard_map``: each
-  device runs the vmapped gradient of its own workers (on CPU each device is
-  one core, and XLA:CPU runs a convolution on one core), and the results are
-  gathered back for the replicated rest of the round. A worker count that the
-  device count does not divide is padded with repeated workers whose results
-  are dropped.
+  ``x`` [n, b, ...] and ``y`` [n, b] are the n computed workers' minibatches;
+  ``out = ((loss, (logits, stats)), grads)`` has a leading worker axis, and
+  ``prev_grads`` are the same workers' gradients at ``prev_params`` on the same
+  minibatches (mu2sgd's second gradient), or None without ``prev_params``.
+
+  Each worker differentiates its own loss (a vmapped axis). With a mesh the
+  worker axis is split over its devices with ``shard_map``: each device runs
+  the vmapped gradients of its own workers (on CPU each device is one core,
+  and XLA:CPU runs a convolution on one core), and one all-gather of one flat
+  row per worker brings every result back for the replicated rest of the
+  round. A worker count that the device count does not divide is padded with
+  repeated workers whose results are dropped.
   """
   grads = jax.vmap(jax.value_and_grad(make_loss_fn(setup.model), has_aux=True),
                    in_axes=(None, None, 0, 0))
+
+  def both(params, batch_stats, x, y, prev_params):
+    out = grads(params, batch_stats, x, y)
+    prev = None if prev_params is None else grads(prev_params, batch_stats, x, y)[1]
+    return out, prev
+
   mesh = setup.mesh
   if mesh is None:
-    return grads
+    return lambda params, batch_stats, x, y, prev_params=None: both(
+        params, batch_stats, x, y, prev_params)
   devices = mesh.devices.size
   spec = PartitionSpec(WORKER_AXIS)
 
-  def local(params, batch_stats, x, y):
-    out = grads(params, batch_stats, x, y)
-    # One flat row per worker, so that one all-gather moves every result.
-    return jax.vmap(lambda o: jax.flatten_util.ravel_pytree(o)[0])(out)
-
-  sharded = jax.shard_map(local, mesh=mesh,
-                          in_specs=(PartitionSpec(), PartitionSpec(), spec, spec),
-                          out_specs=spec, check_vma=False)
-
-  def split_grads(params, batch_stats, x, y):
+  def split_grads(params, batch_stats, x, y, prev_params=None):
     n = x.shape[0]
     padded = -(-n // devices) * devices
     if padded != n:
       rows = np.arange(padded) % n
       x, y = x[rows], y[rows]
-    flat = sharded(params, batch_stats, x, y)
+    one = jax.eval_shape(both, params, batch_stats, x[:1], y[:1], prev_params)
+    unravel = jax.flatten_util.ravel_pytree(
+        jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), one))[1]
+
+    def local(params, batch_stats, x, y, prev_params):
+      out = both(params, batch_stats, x, y, prev_params)
+      return jax.vmap(lambda o: jax.flatten_util.ravel_pytree(o)[0])(out)
+
+    flat = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(),) * 2 + (spec, spec) +
+                         (PartitionSpec(),), out_specs=spec, check_vma=False)(
+                             params, batch_stats, x, y, prev_params)
     # Gathered and replicated here: left to sharding propagation, the worker
     # axis would stay split into the aggregator, which then exchanges data at
     # every step of its selection network.
     flat = jax.lax.with_sharding_constraint(flat, NamedSharding(mesh, PartitionSpec()))[:n]
-    one = jax.eval_shape(grads, params, batch_stats, x[:1], y[:1])
-    unravel = jax.flatten_util.ravel_pytree(
-        jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), one))[1]
     return jax.vmap(unravel)(flat)
 
   return split_grads
@@ -446,11 +456,10 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
     if f and setup.attack.flips_labels:
       y = y.at[h:].set(attacks_lib.flip_labels(y[h:], ds.num_classes))
 
-    (loss, (logits, new_stats)), grads = value_and_grad(state.params, state.batch_stats, x, y)
+    ((loss, (logits, new_stats)), grads), prev_grads = value_and_grad(
+        state.params, state.batch_stats, x, y, state.prev_params if needs_prev else None)
     grads = clip_rows(grads)
-    prev_grads = None
     if needs_prev:
-      _, prev_grads = value_and_grad(state.prev_params, state.batch_stats, x, y)
       prev_grads = clip_rows(prev_grads)
     updates, worker_state = jax.vmap(worker_update)(grads, state.worker_state, prev_grads)
 
