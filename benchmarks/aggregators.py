@@ -15,7 +15,8 @@ Writes a Markdown table (``--out``).
 
   python benchmarks/aggregators.py --quick          # W=17, d=1e4 and 1e6
   python benchmarks/aggregators.py                  # full grid (slow: tens of minutes)
-  python benchmarks/aggregators.py --workers=17 --dims=1000000 --rules=cwtm,ctma(cwtm)
+  python benchmarks/aggregators.py --workers=17 --dims=1000000 --noresnet \
+      "--rules=cwtm,ctma(cwtm)" --np_reps=0 --out=/tmp/agg.md   # one cell, no NumPy
 """
 
 import os
@@ -45,7 +46,8 @@ flags.DEFINE_list("dims", ["10000", "1000000"], "Coordinates d.")
 flags.DEFINE_bool("resnet", True, "Also W=17 at d=1.1e7 (ResNet-18 size).")
 flags.DEFINE_list("rules", RULES, "Specs to time.")
 flags.DEFINE_integer("reps", 5, "Timed calls per cell (the median is reported).")
-flags.DEFINE_integer("np_reps", 5, "Timed calls of the NumPy baselines (cap to save time).")
+flags.DEFINE_integer("np_reps", 5, "Timed calls of the NumPy baselines (cap to save time; "
+                     "0 skips them).")
 flags.DEFINE_float("max_gb", 6.0, "Skip (W, d) whose float32 working set would exceed this.")
 flags.DEFINE_float("slow_s", 20.0, "A call slower than this is timed once, marked '*'.")
 flags.DEFINE_string("out", "docs/benchmarks/aggregators.md", "Markdown output.")
@@ -207,7 +209,8 @@ def bench_cell(w, d, rules, reps):
     compile_s = time.perf_counter() - tic
     ms, slow = _time(lambda: jax.block_until_ready(fn(x, key)), reps)
     np_fn = NUMPY.get(spec)
-    np_ms, np_slow = (_time(lambda: np_fn(xn, f), min(reps, FLAGS.np_reps)) if np_fn
+    np_ms, np_slow = (_time(lambda: np_fn(xn, f), min(reps, FLAGS.np_reps))
+                      if np_fn and FLAGS.np_reps > 0
                       else (float("nan"), False))
     rows.append(dict(spec=spec, ms=ms, slow=slow, np_ms=np_ms, np_slow=np_slow,
                      compile_s=compile_s))

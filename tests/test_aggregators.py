@@ -239,6 +239,111 @@ def test_nnm_ctma_trims_original_rows_around_nnm_output():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture
+def small_slices(monkeypatch):
+  """Slice sizes small enough that test-sized rows take every sliced path."""
+  monkeypatch.setattr(selection, "SQDIST_SLICE", 8)
+  monkeypatch.setattr(selection, "SQDIST_GROUP", 4)
+  monkeypatch.setattr(selection, "SQDIST_MAX_SLICES", 12)
+  monkeypatch.setattr(agg_lib, "_GRAM_MIN_SLICE", 8)
+
+
+def _offset_rows(n, seed, offset=1000.0):
+  """W rows sharing a large common component, at well separated distances."""
+  rng = np.random.default_rng(seed)
+  scale = 1.0 + 0.25 * rng.permutation(W)[:, None]
+  return (offset + scale * rng.standard_normal((W, n))).astype(np.float32)
+
+
+# n: 20 one reduction; 75 slices in groups (4, 4, 1) plus a 3-column tail; 203
+# above SQDIST_MAX_SLICES, 16 long slices plus a tail.
+@pytest.mark.parametrize("n", [20, 75, 203])
+@pytest.mark.parametrize("base", ["cwtm", "cwmed", "avg", "gm"])
+def test_ctma_long_rows_match_float64_with_common_offset(small_slices, base, n):
+  x = _offset_rows(n, seed=n)
+  x0, _ = call(base, jnp.asarray(x))
+  out, diag = jax.jit(make(f"ctma({base})").__call__)(jnp.asarray(x))
+  x64, x0_64 = x.astype(np.float64), np.asarray(x0, np.float64)
+  r64 = np.sum((x64 - x0_64) ** 2, axis=1)
+  np.testing.assert_allclose(selection.row_sqdist(jnp.asarray(x), x0), r64, rtol=1e-5)
+  expected, _ = _ctma_reference(x64, x0_64, F)
+  kept = np.zeros(W, bool)
+  kept[np.argsort(r64, kind="stable")[:W - F]] = True
+  np.testing.assert_array_equal(diag["ctma_kept"], kept)
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [72, 216])
+def test_ctma_long_rows_exact_count_with_ties_and_faulty_rows(small_slices, n):
+  # Rows 0-3 are 1000 + 1 and rows 4-7 are 1000 - 1 on their own block of
+  # columns; cwtm is exactly 1000, so rows 0-7 tie at distance n / 9.
+  x = np.full((W, n), 1000.0, np.float32)
+  block = n // 9
+  for i in range(8):
+    x[i, (i % 4) * block:(i % 4 + 1) * block] += 1.0 if i < 4 else -1.0
+  x[8] += 5.0
+  variants = {"far": x, "nan": x.copy(), "inf": x.copy()}
+  variants["nan"][7:, -1] = np.nan       # F rows with NaN in the tail columns
+  variants["inf"][7] = np.inf
+  variants["inf"][8, n // 2] = -np.inf
+  agg = jax.jit(make("ctma(cwtm)").__call__)
+  for name, rows in variants.items():
+    out, diag = agg(jnp.asarray(rows))
+    keep = 7 if name == "far" else W - F
+    assert list(np.flatnonzero(diag["ctma_kept"])) == list(range(keep)), name
+    np.testing.assert_allclose(out, x[:W - F].mean(0), rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("n", [20, 75, 203])
+def test_row_sqdist_matches_float64_and_faulty_rows_are_infinite(small_slices, n):
+  x = _offset_rows(n, seed=3)
+  c = (1000.0 + np.random.default_rng(4).standard_normal(n)).astype(np.float32)
+  x[1, n - 1] = np.nan    # tail column
+  x[2, n // 2] = np.inf   # a middle slice
+  x[3] = -np.inf
+  x[4, 0] = 3e38          # finite, but its square overflows
+  got = np.asarray(jax.jit(selection.row_sqdist)(jnp.asarray(x), jnp.asarray(c)))
+  with np.errstate(invalid="ignore", over="ignore"):
+    r64 = np.sum((x.astype(np.float64) - c) ** 2, axis=1)
+  bad = [1, 2, 3, 4]
+  assert np.all(np.isposinf(got[bad]))
+  good = [i for i in range(W) if i not in bad]
+  np.testing.assert_allclose(got[good], r64[good], rtol=1e-5)
+  norms = np.asarray(jax.jit(selection.row_sqdist)(jnp.asarray(x)))
+  assert np.all(np.isposinf(norms[bad]))
+  np.testing.assert_allclose(norms[good], np.sum(x[good].astype(np.float64) ** 2, axis=1),
+                             rtol=1e-5)
+
+
+def test_row_sqdist_default_slices():
+  # The real slice sizes: grouped slices plus a tail, in float32 and float64.
+  for dtype in (jnp.float32, jnp.float64):
+    with jax.enable_x64(dtype == jnp.float64):
+      x = jax.random.normal(jax.random.key(5), (3, 4 * selection.SQDIST_SLICE + 7), dtype)
+      c = x[0] * 0.5
+      got = jax.jit(selection.row_sqdist)(x, c)
+      assert got.dtype == dtype
+      expected = np.sum((np.asarray(x, np.float64) - np.asarray(c, np.float64)) ** 2, axis=1)
+      np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == jnp.float32 else 1e-12)
+
+
+def test_centered_gram_sliced_matches_float64(small_slices):
+  x = _offset_rows(75, seed=9)
+  x[W - 1, 3] = np.nan
+  dist, _, _, finite = agg_lib._centered_gram(jnp.asarray(x))
+  x64 = x.astype(np.float64)
+  expected = np.sum((x64[:, None] - x64[None]) ** 2, axis=2)
+  ok = np.asarray(finite)
+  assert list(ok) == [True] * (W - 1) + [False]
+  np.testing.assert_allclose(np.asarray(dist)[np.ix_(ok, ok)], expected[np.ix_(ok, ok)],
+                             rtol=1e-5)
+  assert np.all(np.isposinf(np.asarray(dist)[W - 1, :W - 1]))
+  krum, _ = call("krum", jnp.asarray(x))
+  honest = expected[:W - 1, :W - 1]
+  scores = np.sort(honest + np.diag(np.full(W - 1, np.inf)), axis=1)[:, :W - F - 1].sum(1)
+  np.testing.assert_array_equal(krum, x[np.argmin(scores)])
+
+
 def test_bucketing_matches_definition_and_uses_key():
   x = np.asarray(jax.random.normal(jax.random.key(12), (W, 5)), np.float64)
   key = jax.random.key(3)
