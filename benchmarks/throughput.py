@@ -230,6 +230,11 @@ def main(argv):
         f"{r['gflop_per_step']:.2f} | "
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
         f"{ratio:.2f}x | {r['memory_mib']:.0f} |")
+  lines += ["", "devices: 1 = one device; 2 or more = the workers' gradients split over that many "
+            "CPU devices, one per core (`config.devices`; main.py exposes one CPU device per "
+            "core). Split rows use the one-device GFLOP count (XLA counts one device's share) "
+            "and XLA's per-device memory. Plain SGD: one model's SGD step on the same W*b "
+            "examples with the same layers, in the same run."]
   lines += ["", f"Memory at W={big_w} (f={(big_w - 1) // 2}, b=16, mu2sgd, ctma(cwtm), sf, "
             "float32): "
             f"{memory['memory_mib']:.0f} MiB by XLA's memory analysis "
