@@ -39,6 +39,7 @@ RADIX_CHUNK_BYTES = 1 << 18
 # Unrolled row sums compile in ~1 s per leaf at W=257 and still beat a masked
 # matrix-vector product; beyond this a matvec keeps compile time bounded.
 UNROLL_MAX_ROWS = 320
+_PACK_BASE = 512
 # row_sqdist: column slices of SQDIST_SLICE columns, added in groups of
 # SQDIST_GROUP (a group's stretch of the centre, 1 MiB in float32, stays in
 # cache); rows longer than SQDIST_MAX_SLICES slices (compile time) are cut into
@@ -129,19 +130,30 @@ def _radix_select(keys: jax.Array, ranks: Sequence[int]) -> list[jax.Array]:
   """Keys of the ``ranks``-th smallest along the last axis of ``keys`` [c, W].
 
   Greedy from the top bit: t is the largest key with #{key < t} <= r, which is
-  the key of the r-th smallest value. All ranks share each counting pass. The
-  worker axis is minor here: XLA on CPU reduces along it far faster than
+  the key of the r-th smallest value. All ranks share each counting pass, and
+  up to three ranks share one packed reduction (the reductions, not the
+  comparisons, bound this loop: cwtm at W=257 ran 1.8x faster). The worker
+  axis is minor here: XLA on CPU reduces along it far faster than
   along a leading axis (or than an unrolled sum of W slices, which also
   compiled for ~50 s at W=257).
   """
+  w = keys.shape[1]
+  # Up to three ranks share one reduction per bit: their counts (each <= W <
+  # _PACK_BASE) are packed into one int32 sum and unpacked after it.
+  packed = 1 < len(ranks) <= 3 and w < _PACK_BASE
+
   def body(b, ts):
     bit = jnp.left_shift(jnp.uint32(1), (31 - b).astype(jnp.uint32))
-    new = []
-    for t, r in zip(ts, ranks):
-      trial = t | bit
-      below = jnp.sum((keys < trial[:, None]).astype(jnp.int32), axis=1)
-      new.append(jnp.where(below <= r, trial, t))
-    return tuple(new)
+    trials = [t | bit for t in ts]
+    if packed:
+      code = sum((keys < trial[:, None]).astype(jnp.int32) * (_PACK_BASE ** i)
+                 for i, trial in enumerate(trials))
+      total = jnp.sum(code, axis=1)
+      counts = [(total // (_PACK_BASE ** i)) % _PACK_BASE for i in range(len(trials))]
+    else:
+      counts = [jnp.sum((keys < trial[:, None]).astype(jnp.int32), axis=1) for trial in trials]
+    return tuple(jnp.where(below <= r, trial, t)
+                 for t, trial, below, r in zip(ts, trials, counts, ranks))
 
   init = tuple(jnp.zeros(keys.shape[:1], jnp.uint32) for _ in ranks)
   return list(jax.lax.fori_loop(0, 32, body, init))

@@ -587,6 +587,17 @@ def test_radix_order_statistics_exact(w):
     np.testing.assert_array_equal(np.asarray(g), s[r])
 
 
+@pytest.mark.parametrize("w,ranks", [
+    (81, [0, 80]), (81, [40, 40]), (300, [3, 150, 298]),  # counts packed into one sum
+    (600, [5, 594])])                                     # W >= 512: one sum per rank
+def test_radix_packed_rank_counts_exact(w, ranks):
+  x = _faulty_ties(w, 300, w + len(ranks))
+  got = jax.jit(lambda a: selection.order_statistics(a, ranks))(jnp.asarray(x))
+  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
+  for g, r in zip(got, ranks):
+    np.testing.assert_array_equal(np.asarray(g), s[r])
+
+
 @pytest.mark.parametrize("w,lo,hi", [(81, 20, 60), (81, 40, 40), (90, 0, 89), (90, 3, 80)])
 def test_radix_trimmed_sum_matches_sorted_sum(w, lo, hi):
   x = _faulty_ties(w, 300, lo + hi)
