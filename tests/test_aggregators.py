@@ -589,6 +589,7 @@ def test_radix_order_statistics_exact(w):
 
 @pytest.mark.parametrize("w,ranks", [
     (81, [0, 80]), (81, [40, 40]), (300, [3, 150, 298]),  # counts packed into one sum
+    (81, [40]), (300, [0]), (300, [150]), (300, [299]),   # one rank: two bits per pass
     (600, [5, 594])])                                     # W >= 512: one sum per rank
 def test_radix_packed_rank_counts_exact(w, ranks):
   x = _faulty_ties(w, 300, w + len(ranks))
