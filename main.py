@@ -8,7 +8,6 @@ Running the same command again with the same --workdir resumes from the latest
 checkpoint.
 """
 
-import os
 import sys
 
 from absl import app
@@ -24,20 +23,12 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics, config and checkpoints.")
 flags.DEFINE_integer(
-    "cpu_devices", 0,
-    "CPU devices to expose (XLA_FLAGS=--xla_force_host_platform_device_count): 0 = one per "
-    "core, so that config.devices=0 splits the workers' gradients over all cores (XLA:CPU "
-    "runs each convolution on one core). Ignored when XLA_FLAGS already sets the count.")
+    "cpu_devices", 1,
+    "CPU devices to expose (XLA_FLAGS=--xla_force_host_platform_device_count): 1 (default) "
+    "= one device; 0 = one per core, so that config.devices=0 splits the workers' gradients "
+    "over all cores (XLA:CPU runs each convolution on one core; experimental, see README). "
+    "Ignored when XLA_FLAGS already sets the count.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _expose_cpu_devices(count: int) -> None:
-  """Sets the CPU device count before JAX creates its CPU client (first device use)."""
-  current = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" in current:
-    return
-  count = count or os.cpu_count() or 1
-  os.environ["XLA_FLAGS"] = f"{current} --xla_force_host_platform_device_count={count}".strip()
 
 
 def main(argv):
@@ -45,7 +36,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.cpu_devices < 0:
     raise app.UsageError("--cpu_devices must be >= 0 (0 = one per core).")
-  _expose_cpu_devices(FLAGS.cpu_devices)
+  train.expose_cpu_devices(FLAGS.cpu_devices)
   if not FLAGS["verbosity"].present:
     # Libraries (Orbax) log every checkpoint at INFO; the console table is enough.
     logging.set_verbosity(logging.WARNING)

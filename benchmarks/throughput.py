@@ -24,12 +24,6 @@ import statistics
 import sys
 import time
 
-# One CPU device per core (as main.py does), so that the rows with devices=all
-# can split the workers over the cores; set before JAX starts.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={os.cpu_count()}")
-
 from absl import app
 from absl import flags
 
@@ -44,6 +38,10 @@ from configs import default
 from ftjax import data as data_lib
 from ftjax import models as models_lib
 from ftjax import train
+
+# One CPU device per core (as main.py does), so that the rows with devices=all
+# can split the workers over the cores; before JAX's first device use.
+train.expose_cpu_devices()
 
 flags.DEFINE_bool("quick", False, "Only float32 and the key rows.")
 flags.DEFINE_integer("chunk", 10, "Rounds per timed chunk.")

@@ -464,14 +464,18 @@ def _bn_bwd(epsilon, res, cts):
   xhat, rstd, scale = res
   dy, dmean, dvar = cts
   axes = tuple(range(xhat.ndim - 1))
-  n = xhat.size // xhat.shape[-1]
   dbias = dy.sum(axes)
   dscale = (dy * xhat).sum(axes)
+  return _bn_input_grad(dy, xhat, rstd, scale, dbias, dscale, dmean, dvar), dscale, dbias
+
+
+def _bn_input_grad(dy, xhat, rstd, scale, dbias, dscale, dmean, dvar):
+  """BatchNorm's closed-form input gradient from the parameter gradients."""
+  n = xhat.size // xhat.shape[-1]
   dx = (scale * rstd) * (dy - dbias / n - xhat * (dscale / n))
   # Cotangents of the returned statistics (zero in the models, which stop their
   # gradient, but kept so the function is correct on its own).
-  dx = dx + dmean / n + xhat * (2 * dvar / (n * rstd))
-  return dx, dscale, dbias
+  return dx + dmean / n + xhat * (2 * dvar / (n * rstd))
 
 
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
@@ -525,7 +529,6 @@ def _bnrp_bwd(epsilon, res, cts):
   xc, rstd, scale, bias = res
   dout, dmean, dvar = cts
   n, h, w, c = xc.shape
-  count = xc.size // c
   # Pass 1, on the pooled grid: which window element won (the first maximum of
   # the normalised values, as XLA's select-and-scatter picks), its centred
   # value, and the ReLU mask. Both the maximum and the winner come out of
@@ -556,9 +559,7 @@ def _bnrp_bwd(epsilon, res, cts):
   dy = dy.reshape(n, h // 2 * 2, w // 2 * 2, c)
   if h % 2 or w % 2:
     dy = jnp.pad(dy, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-  xhat = xc * rstd
-  dx = (scale * rstd) * (dy - dbias / count - xhat * (dscale / count))
-  dx = dx + dmean / count + xhat * (2 * dvar / (count * rstd))
+  dx = _bn_input_grad(dy, xc * rstd, rstd, scale, dbias, dscale, dmean, dvar)
   return dx, dscale, dbias
 
 

@@ -213,6 +213,21 @@ def _worker_mesh(devices) -> Optional[Mesh]:
   return Mesh(np.array(chosen), (WORKER_AXIS,))
 
 
+def expose_cpu_devices(count: int = 0) -> None:
+  """Asks for ``count`` CPU devices (0 = one per core) before JAX creates its CPU client.
+
+  Sets ``XLA_FLAGS=--xla_force_host_platform_device_count``, so it only takes
+  effect before JAX's first use of a device, and it leaves a count already in
+  XLA_FLAGS alone. XLA:CPU runs each convolution on one core; with one device
+  per core, ``config.devices=0`` splits the workers over all cores.
+  """
+  current = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" in current:
+    return
+  count = count or os.cpu_count() or 1
+  os.environ["XLA_FLAGS"] = f"{current} --xla_force_host_platform_device_count={count}".strip()
+
+
 def place(setup: Setup, tree: PyTree) -> PyTree:
   """Puts ``tree`` on ``setup``'s devices, replicated (unchanged with one device).
 
@@ -609,6 +624,11 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
         for i in range(length):
           state, m = step(state, data, idx, jnp.int32(i))
           metrics.append(m)
+          if setup.mesh is not None:
+            # One round in flight at a time: with several rounds queued, the CPU
+            # client's device threads were seen to deadlock in the all-gather
+            # (XLA aborted the run after its rendezvous timeout).
+            jax.block_until_ready(m)
         return state, summary(state, metrics)
 
       result = CompiledChunk(run, *_cost(step, 1))
