@@ -39,7 +39,7 @@ from ftjax import data as data_lib
 from ftjax import models as models_lib
 from ftjax import train
 
-# One CPU device per core (as main.py does), so that the rows with devices=all
+# One CPU device per core (as main.py --cpu_devices=0 does), so that the rows with devices=all
 # can split the workers over the cores; before JAX's first device use.
 train.expose_cpu_devices()
 
@@ -229,8 +229,8 @@ def main(argv):
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
         f"{ratio:.2f}x | {r['memory_mib']:.0f} |")
   lines += ["", "devices: 1 = one device; 2 or more = the workers' gradients split over that many "
-            "CPU devices, one per core (`config.devices`; main.py exposes one CPU device per "
-            "core). Split rows use the one-device GFLOP count (XLA counts one device's share) "
+            "CPU devices, one per core (`config.devices`; main.py --cpu_devices=0 exposes one CPU "
+            "device per core). Split rows use the one-device GFLOP count (XLA counts one device's share) "
             "and XLA's per-device memory. Plain SGD: one model's SGD step on the same W*b "
             "examples with the same layers, in the same run."]
   lines += ["", f"Memory at W={big_w} (f={(big_w - 1) // 2}, b=16, mu2sgd, ctma(cwtm), sf, "

@@ -206,7 +206,7 @@ def _worker_mesh(devices) -> Optional[Mesh]:
         f"devices={devices} but only {len(available)} local "
         f"{jax.default_backend().upper()} device(s) exist; lower devices (0 = all). On CPU, "
         f"start the process with XLA_FLAGS=--xla_force_host_platform_device_count=N "
-        f"(main.py sets N to the number of cores).")
+        f"(main.py --cpu_devices=0 sets N to the number of cores).")
   chosen = available[:devices or len(available)]
   if len(chosen) == 1:
     return None
