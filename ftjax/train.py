@@ -623,12 +623,14 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
         metrics = []
         for i in range(length):
           state, m = step(state, data, idx, jnp.int32(i))
+          if setup.mesh is not None and metrics:
+            # At most two rounds in flight. With dozens of multi-device calls
+            # queued, XLA:CPU's device threads deadlock in the all-gather and
+            # XLA aborts the process after its rendezvous timeout (a bare
+            # shard_map all-gather on 2 CPU devices aborts with 64 calls queued
+            # and runs 20,000 calls with up to 16 queued).
+            jax.block_until_ready(metrics[-1])
           metrics.append(m)
-          if setup.mesh is not None:
-            # One round in flight at a time: with several rounds queued, the CPU
-            # client's device threads were seen to deadlock in the all-gather
-            # (XLA aborted the run after its rendezvous timeout).
-            jax.block_until_ready(m)
         return state, summary(state, metrics)
 
       result = CompiledChunk(run, *_cost(step, 1))

@@ -6,6 +6,7 @@ subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=3
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,13 @@ _SCRIPT = textwrap.dedent("""
     train.train_and_evaluate(tiny_config(**{"devices": 0, "num_steps": 3}), workdir)
     row = train.train_and_evaluate(tiny_config(**{"devices": 1}), workdir)
     out["resumed_step"] = row["step"]
+    # A long host-loop chunk: dozens of multi-device rounds queued at once
+    # deadlock XLA:CPU's all-gather, so the loop bounds the rounds in flight.
+    c = tiny_config(**{"devices": 0})
+    setup = train.build(c)
+    state = train.init_state(setup, c.seed)
+    state, m = train.make_chunk_fn(setup, "host")(state, data, 300).run(state, data)
+    out["long_chunk_loss"] = float(m["train_loss"])
     try:
       train.build(tiny_config(**{"devices": 4}))
     except train.ConfigError as e:
@@ -71,8 +79,11 @@ _SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def three_devices(tmp_path_factory):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3",
-             JAX_PLATFORMS="cpu")
+  # Short collective timeouts: a deadlocked all-gather aborts in seconds.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=3 "
+      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=10 "
+      "--xla_cpu_collective_call_terminate_timeout_seconds=40"))
   workdir = str(tmp_path_factory.mktemp("sharded_run"))
   proc = subprocess.run([sys.executable, "-c", _SCRIPT, workdir], capture_output=True,
                         text=True, cwd=ROOT, env=env, timeout=600)
@@ -100,6 +111,12 @@ def test_scan_chunk_splits_like_the_host_loop(three_devices):
 
 def test_sharded_run_resumes_on_one_device(three_devices):
   assert three_devices["resumed_step"] == 6
+
+
+def test_long_host_chunk_on_split_workers_does_not_deadlock(three_devices):
+  # 300 rounds in one chunk run to the end; a deadlocked all-gather would
+  # abort the subprocess within the short collective timeouts set above.
+  assert math.isfinite(three_devices["long_chunk_loss"])
 
 
 def test_more_devices_than_exist_is_refused(three_devices):
