@@ -31,13 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from configs import default
 from ftjax import data as data_lib
 from ftjax import models as models_lib
 from ftjax import train
+from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
 
 # One CPU device per core (as main.py --cpu_devices=0 does), so that the rows with devices=all
 # can split the workers over the cores; before JAX's first device use.
@@ -50,17 +50,6 @@ flags.DEFINE_bool("cifar", True, "Also time simple_cifar10 and resnet18.")
 flags.DEFINE_integer("memory_workers", 257, "W of the memory row (f = (W - 1) // 2).")
 flags.DEFINE_string("out", "docs/benchmarks/throughput.md", "Markdown output.")
 FLAGS = flags.FLAGS
-
-
-def synthetic_dataset(shape, num_train=4096, num_test=256, seed=0):
-  rng = np.random.default_rng(seed)
-  return data_lib.Dataset(
-      name="synthetic",
-      train_images=rng.integers(0, 256, (num_train,) + shape, dtype=np.uint8),
-      train_labels=rng.integers(0, 10, num_train).astype(np.int32),
-      test_images=rng.integers(0, 256, (num_test,) + shape, dtype=np.uint8),
-      test_labels=rng.integers(0, 10, num_test).astype(np.int32),
-      num_classes=10, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], augment="none")
 
 
 def _time_chunks(run, state, data, length, reps):
