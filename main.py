@@ -25,9 +25,10 @@ flags.DEFINE_string("workdir", None, "Directory for metrics, config and checkpoi
 flags.DEFINE_integer(
     "cpu_devices", 1,
     "CPU devices to expose (XLA_FLAGS=--xla_force_host_platform_device_count): 1 (default) "
-    "= one device; 0 = one per core, so that config.devices=0 splits the workers' gradients "
-    "over all cores (XLA:CPU runs each convolution on one core: faster for conv models; see README). "
-    "Ignored when XLA_FLAGS already sets the count.")
+    "= one device; N > 1 lets config.devices=0 split the workers' gradients over N devices "
+    "(XLA:CPU runs each convolution on one core; for conv models one device more than cores "
+    "was fastest, see README); 0 = one per core. Ignored when XLA_FLAGS already sets the "
+    "count.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -12,6 +12,7 @@ Writes docs/benchmarks/step_profile.md.
 
   python benchmarks/step_profile.py                     # mu2sgd, sf, one device
   python benchmarks/step_profile.py --estimator=momentum --attack=alie
+  python benchmarks/step_profile.py --devices=3 --out=/tmp/split.md  # workers split
 """
 
 import collections
@@ -27,10 +28,12 @@ from absl import app
 from absl import flags
 
 _DUMP = tempfile.mkdtemp(prefix="ftjax_hlo_")
-# Before JAX starts: one CPU device (the default of main.py) and a text dump of
-# the optimized HLO of the round's module only.
+# Before JAX starts: exactly --devices CPU devices (idle extra devices slow a
+# one-device step by 5-8% here) and a text dump of the optimized HLO of the
+# round's module only.
+_DEVICES = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--devices=")), 1)
 os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=1",
+    os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={_DEVICES}",
     f"--xla_dump_to={_DUMP}", "--xla_dump_hlo_as_text",
     "--xla_dump_hlo_module_re=one_round"]).strip()
 
@@ -46,6 +49,8 @@ from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
 
 flags.DEFINE_string("estimator", "mu2sgd", "optim.estimator.")
 flags.DEFINE_string("attack", "sf", "attack.name.")
+flags.DEFINE_integer("devices", 1, "CPU devices to expose and split the workers over "
+                     "(give it as --devices=N).")
 flags.DEFINE_integer("rounds", 10, "Rounds per chunk (the profiled chunk is one).")
 flags.DEFINE_integer("reps", 5, "Timed chunks before profiling (median reported).")
 flags.DEFINE_integer("top", 25, "Rows of the per-op table.")
@@ -95,7 +100,7 @@ def main(argv):
   del argv
   c = default.get_config()
   c.progress = False
-  c.devices = 1
+  c.devices = FLAGS.devices
   c.workers.num, c.workers.byzantine, c.workers.batch_size = 17, 8, 16
   c.model.name = "simple_mnist"
   c.optim.estimator = FLAGS.estimator
@@ -150,10 +155,13 @@ def main(argv):
   cmd = "python benchmarks/step_profile.py"
   if FLAGS.estimator != "mu2sgd" or FLAGS.attack != "sf":
     cmd += f" --estimator={FLAGS.estimator} --attack={FLAGS.attack}"
+  if FLAGS.devices != 1:
+    cmd += f" --devices={FLAGS.devices}"
   lines = [
       "# Where the training step's time goes (CPU)", "",
       f"Command: `{cmd}`", "",
-      f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, one device. simple_mnist, "
+      f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, "
+      f"{FLAGS.devices} device(s). simple_mnist, "
       f"W=17, f=8, b=16, ctma(cwtm), {FLAGS.estimator}, {FLAGS.attack}, float32; host loop, "
       f"one profiled chunk of {length} rounds.", "",
       f"Step: **{step_ms:.1f} ms** wall (median of {FLAGS.reps} unprofiled chunks, "

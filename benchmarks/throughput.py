@@ -39,9 +39,10 @@ from ftjax import models as models_lib
 from ftjax import train
 from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
 
-# One CPU device per core (as main.py --cpu_devices=0 does), so that the rows with devices=all
-# can split the workers over the cores; before JAX's first device use.
-train.expose_cpu_devices()
+# One CPU device per core plus one (main.py --cpu_devices=N), so that the split rows can use
+# as many devices as cores and one more; before JAX's first device use.
+_CORES = os.cpu_count() or 1
+train.expose_cpu_devices(_CORES + 1 if _CORES > 1 else 1)
 
 flags.DEFINE_bool("quick", False, "Only float32 and the key rows.")
 flags.DEFINE_integer("chunk", 10, "Rounds per timed chunk.")
@@ -158,7 +159,8 @@ def main(argv):
       for agg in aggs:
         for attack in ("sf", "alie"):
           # One device, and (for the key aggregator) the workers split over all cores.
-          split = [1, num_devices] if agg == "ctma(cwtm)" and num_devices > 1 else [1]
+          split = ([1] + sorted({min(_CORES, num_devices), num_devices} - {1})
+                   if agg == "ctma(cwtm)" else [1])
           for devices in split:
             r = time_step(estimator, agg, attack, dtype, mnist, devices=devices)
             r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
@@ -218,9 +220,13 @@ def main(argv):
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
         f"{ratio:.2f}x | {r['memory_mib']:.0f} |")
   lines += ["", "devices: 1 = one device; 2 or more = the workers' gradients split over that many "
-            "CPU devices, one per core (`config.devices`; main.py --cpu_devices=0 exposes one CPU "
-            "device per core). Split rows use the one-device GFLOP count (XLA counts one device's share) "
-            "and XLA's per-device memory. Plain SGD: one model's SGD step on the same W*b "
+            f"CPU devices (`config.devices`; main.py --cpu_devices=N exposes N CPU devices); this "
+            f"machine has {_CORES} cores, so the rows split over one device per core and over one "
+            "device more. All rows ran in one process with that many devices exposed; idle "
+            "extra CPU devices slow a one-device step by about 5-8% (docs/performance_notes.md), "
+            "so the one-device rows are that much low. "
+            "Split rows use the one-device GFLOP count (XLA counts one device's "
+            "share) and XLA's per-device memory. Plain SGD: one model's SGD step on the same W*b "
             "examples with the same layers, in the same run."]
   lines += ["", f"Memory at W={big_w} (f={(big_w - 1) // 2}, b=16, mu2sgd, ctma(cwtm), sf, "
             "float32): "

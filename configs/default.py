@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.loop = "auto"              # rounds between evaluations: "scan" (lax.scan), "host" (async
                                # dispatch of the jitted round), "auto" = host on CPU, scan elsewhere
   c.devices = 0                # local devices the worker axis is split over (0 = all of them);
-                               # main.py --cpu_devices=0 exposes one CPU device per core
+                               # main.py --cpu_devices=N exposes N CPU devices (see README)
 
   c.workers = ml_collections.ConfigDict()
   c.workers.num = 17           # W: number of workers

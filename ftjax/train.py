@@ -206,7 +206,7 @@ def _worker_mesh(devices) -> Optional[Mesh]:
         f"devices={devices} but only {len(available)} local "
         f"{jax.default_backend().upper()} device(s) exist; lower devices (0 = all). On CPU, "
         f"start the process with XLA_FLAGS=--xla_force_host_platform_device_count=N "
-        f"(main.py --cpu_devices=0 sets N to the number of cores).")
+        f"(main.py --cpu_devices=N does that).")
   chosen = available[:devices or len(available)]
   if len(chosen) == 1:
     return None
@@ -218,8 +218,10 @@ def expose_cpu_devices(count: int = 0) -> None:
 
   Sets ``XLA_FLAGS=--xla_force_host_platform_device_count``, so it only takes
   effect before JAX's first use of a device, and it leaves a count already in
-  XLA_FLAGS alone. XLA:CPU runs each convolution on one core; with one device
-  per core, ``config.devices=0`` splits the workers over all cores.
+  XLA_FLAGS alone. XLA:CPU runs each convolution on one core and runs programs
+  side by side only on different devices; with several devices,
+  ``config.devices=0`` splits the workers over all of them (on 2 cores, 3 devices
+  ran the simple_mnist mu2sgd step fastest; docs/performance_notes.md).
   """
   current = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in current:
