@@ -49,6 +49,7 @@ from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
 
 flags.DEFINE_string("estimator", "mu2sgd", "optim.estimator.")
 flags.DEFINE_string("attack", "sf", "attack.name.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Computation dtype.")
 flags.DEFINE_integer("devices", 1, "CPU devices to expose and split the workers over "
                      "(give it as --devices=N).")
 flags.DEFINE_integer("rounds", 10, "Rounds per chunk (the profiled chunk is one).")
@@ -106,6 +107,9 @@ def main(argv):
   c.optim.estimator = FLAGS.estimator
   c.aggregator.name, c.aggregator.meta = "cwtm", "ctma"
   c.attack.name = FLAGS.attack
+  c.dtype = FLAGS.dtype
+  if FLAGS.dtype == "float64":
+    jax.config.update("jax_enable_x64", True)
   dataset = synthetic_dataset((28, 28, 1))
   setup = train.build(c, dataset)
   state = train.place(setup, train.init_state(setup, c.seed))
@@ -157,12 +161,14 @@ def main(argv):
     cmd += f" --estimator={FLAGS.estimator} --attack={FLAGS.attack}"
   if FLAGS.devices != 1:
     cmd += f" --devices={FLAGS.devices}"
+  if FLAGS.dtype != "float32":
+    cmd += f" --dtype={FLAGS.dtype}"
   lines = [
       "# Where the training step's time goes (CPU)", "",
       f"Command: `{cmd}`", "",
       f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, "
       f"{FLAGS.devices} device(s). simple_mnist, "
-      f"W=17, f=8, b=16, ctma(cwtm), {FLAGS.estimator}, {FLAGS.attack}, float32; host loop, "
+      f"W=17, f=8, b=16, ctma(cwtm), {FLAGS.estimator}, {FLAGS.attack}, {FLAGS.dtype}; host loop, "
       f"one profiled chunk of {length} rounds.", "",
       f"Step: **{step_ms:.1f} ms** wall (median of {FLAGS.reps} unprofiled chunks, "
       f"{1e3 / step_ms:.1f} steps/s). XLA's intra-op threads were busy "
