@@ -19,8 +19,10 @@ Writes docs/benchmarks/throughput.md.
   python benchmarks/throughput.py --quick    # float32, the key rows only
 """
 
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -39,15 +41,24 @@ from ftjax import models as models_lib
 from ftjax import train
 from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
 
-# One CPU device per core plus one (main.py --cpu_devices=N), so that the split rows can use
-# as many devices as cores and one more; before JAX's first device use.
+# Idle extra CPU devices slow a one-device step by 5-8% (docs/performance_notes.md), so
+# this process exposes exactly one device and the rows split over N devices run in a
+# child process that exposes N (main.py --cpu_devices=N); before JAX's first device use.
 _CORES = os.cpu_count() or 1
-train.expose_cpu_devices(_CORES + 1 if _CORES > 1 else 1)
+_SPLIT_CHILD = next((int(a.split("=", 1)[1]) for a in sys.argv
+                     if a.startswith("--split_child=")), 0)
+if _SPLIT_CHILD:  # the parent's own count is in the inherited XLA_FLAGS: replace it
+  os.environ["XLA_FLAGS"] = " ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count"))
+train.expose_cpu_devices(_SPLIT_CHILD or 1)
 
 flags.DEFINE_bool("quick", False, "Only float32 and the key rows.")
 flags.DEFINE_integer("chunk", 10, "Rounds per timed chunk.")
 flags.DEFINE_integer("reps", 5, "Timed chunks per row (the median is reported).")
 flags.DEFINE_bool("cifar", True, "Also time simple_cifar10 and resnet18.")
+flags.DEFINE_integer("split_child", 0, "Internal: time only the split rows on this many "
+                     "CPU devices and print them as JSON.")
 flags.DEFINE_integer("memory_workers", 257, "W of the memory row (f = (W - 1) // 2).")
 flags.DEFINE_string("out", "docs/benchmarks/throughput.md", "Markdown output.")
 FLAGS = flags.FLAGS
@@ -149,25 +160,54 @@ def main(argv):
   dtypes = ["float32"] if FLAGS.quick else ["float32", "float64"]
   estimators = ["mu2sgd", "momentum"]
   aggs = ["ctma(cwtm)"] if FLAGS.quick else ["ctma(cwtm)", "nnm(cwtm)", "avg"]
-  rows = []
+  if FLAGS.split_child:
+    # The key aggregator's rows with the workers split over all of this process's devices.
+    out = []
+    for dtype in dtypes:
+      if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+      for estimator in estimators:
+        for attack in ("sf", "alie"):
+          r = time_step(estimator, "ctma(cwtm)", attack, dtype, mnist, devices=num_devices)
+          r.update(dtype=dtype, estimator=estimator, aggregator="ctma(cwtm)", attack=attack,
+                   model="simple_mnist", conv_impl="auto", loop="auto", devices=num_devices)
+          out.append(r)
+          print(r, flush=True)
+    print("RESULT " + json.dumps(out), flush=True)
+    return
+  rows, plain_sgd = [], {}
   for dtype in dtypes:
     if dtype == "float64":
       jax.config.update("jax_enable_x64", True)
-    plain = time_plain_sgd(mnist, dtype, 17 * 16)
+    plain = plain_sgd[dtype] = time_plain_sgd(mnist, dtype, 17 * 16)
     print(f"plain SGD {dtype}: {plain:.1f} steps/s", flush=True)
     for estimator in estimators:
       for agg in aggs:
         for attack in ("sf", "alie"):
-          # One device, and (for the key aggregator) the workers split over all cores.
-          split = ([1] + sorted({min(_CORES, num_devices), num_devices} - {1})
-                   if agg == "ctma(cwtm)" else [1])
-          for devices in split:
-            r = time_step(estimator, agg, attack, dtype, mnist, devices=devices)
-            r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
-                     model="simple_mnist", conv_impl="auto", loop="auto", plain_sgd=plain,
-                     devices=devices)
-            rows.append(r)
-            print(r, flush=True)
+          r = time_step(estimator, agg, attack, dtype, mnist)
+          r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
+                   model="simple_mnist", conv_impl="auto", loop="auto", plain_sgd=plain,
+                   devices=1)
+          rows.append(r)
+          print(r, flush=True)
+  # The key aggregator's rows with the workers split over one CPU device per core and
+  # over one device more, each in a child process exposing exactly that many devices.
+  for devices in sorted({_CORES, _CORES + 1} - {1}) if _CORES > 1 else []:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--split_child={devices}",
+           f"--chunk={FLAGS.chunk}", f"--reps={FLAGS.reps}", f"--quick={FLAGS.quick}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+      raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    for r in json.loads(line[len("RESULT "):]):
+      if r["devices"] != devices:
+        raise SystemExit(f"the child process got {r['devices']} devices, not {devices}")
+      r["plain_sgd"] = plain_sgd[r["dtype"]]
+      # After the last row of the same configuration.
+      at = max(i for i, o in enumerate(rows) if all(
+          o[k] == r[k] for k in ("dtype", "estimator", "aggregator", "attack")))
+      rows.insert(at + 1, r)
+      print(r, flush=True)
   # The plain vmapped XLA convolutions, and lax.scan instead of the host loop, for the
   # key row: what each CPU choice buys.
   for conv_impl, loop, length, reps in (("xla", "auto", None, None), ("auto", "scan", 3, 3)):
@@ -222,9 +262,9 @@ def main(argv):
   lines += ["", "devices: 1 = one device; 2 or more = the workers' gradients split over that many "
             f"CPU devices (`config.devices`; main.py --cpu_devices=N exposes N CPU devices); this "
             f"machine has {_CORES} cores, so the rows split over one device per core and over one "
-            "device more. All rows ran in one process with that many devices exposed; idle "
-            "extra CPU devices slow a one-device step by about 5-8% (docs/performance_notes.md), "
-            "so the one-device rows are that much low. "
+            "device more. Each device count runs in its own process that exposes exactly that "
+            "many devices (idle extra CPU devices slow a one-device step by about 5-8%, see "
+            "docs/performance_notes.md). "
             "Split rows use the one-device GFLOP count (XLA counts one device's "
             "share) and XLA's per-device memory. Plain SGD: one model's SGD step on the same W*b "
             "examples with the same layers, in the same run."]
