@@ -27,16 +27,6 @@ import time
 from absl import app
 from absl import flags
 
-_DUMP = tempfile.mkdtemp(prefix="ftjax_hlo_")
-# Before JAX starts: exactly --devices CPU devices (idle extra devices slow a
-# one-device step by 5-8% here) and a text dump of the optimized HLO of the
-# round's module only.
-_DEVICES = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--devices=")), 1)
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={_DEVICES}",
-    f"--xla_dump_to={_DUMP}", "--xla_dump_hlo_as_text",
-    "--xla_dump_hlo_module_re=one_round"]).strip()
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +36,16 @@ import jax.numpy as jnp
 from configs import default
 from ftjax import train
 from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
+
+_DUMP = tempfile.mkdtemp(prefix="ftjax_hlo_")
+# Before JAX's first device use: a text dump of the optimized HLO of the round's
+# module only, and exactly --devices CPU devices (idle extra devices slow a
+# one-device step by 5-8% here).
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={_DUMP}", "--xla_dump_hlo_as_text",
+    "--xla_dump_hlo_module_re=one_round"]).strip()
+train.expose_cpu_devices(
+    next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--devices=")), 1))
 
 flags.DEFINE_string("estimator", "mu2sgd", "optim.estimator.")
 flags.DEFINE_string("attack", "sf", "attack.name.")
