@@ -43,7 +43,7 @@ _DUMP = tempfile.mkdtemp(prefix="ftjax_hlo_")
 # one-device step by 5-8% here).
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={_DUMP}", "--xla_dump_hlo_as_text",
-    "--xla_dump_hlo_module_re=one_round"]).strip()
+    "--xla_dump_hlo_module_re=one_round|scan_chunk"]).strip()
 train.expose_cpu_devices(
     next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--devices=")), 1))
 
@@ -52,6 +52,7 @@ flags.DEFINE_string("attack", "sf", "attack.name.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Computation dtype.")
 flags.DEFINE_integer("devices", 1, "CPU devices to expose and split the workers over "
                      "(give it as --devices=N).")
+flags.DEFINE_enum("loop", "auto", ["auto", "scan", "host"], "config.loop of the profiled chunk.")
 flags.DEFINE_integer("rounds", 10, "Rounds per chunk (the profiled chunk is one).")
 flags.DEFINE_integer("reps", 5, "Timed chunks before profiling (median reported).")
 flags.DEFINE_integer("top", 25, "Rows of the per-op table.")
@@ -63,7 +64,9 @@ FLAGS = flags.FLAGS
 # rule unrolls (and the transposes feeding them).
 _CATEGORIES = [
     ("conv layer 2: forward", r"jvp\(SimpleCNN\)\)?/Conv_1/conv_general_dilated"),
-    ("conv layer 2: input gradient", r"transpose\(jvp\(\)\)/conv_general_dilated"),
+    ("conv layer 2: input gradient",
+     r"transpose\(jvp\(\)\)/conv_general_dilated|transpose\(vmap\(jvp\(SimpleCNN\)\)\)\)/Conv_1/"
+     r"conv_general_dilated"),
     ("conv layer 1: forward (sum of shifted inputs)", r"/Conv_0/"),
     ("BatchNorm+ReLU+pool layer 1 (fwd and bwd)", r"/BatchNorm_0/"),
     ("BatchNorm+ReLU+pool layer 2 (fwd and bwd)", r"/BatchNorm_1/"),
@@ -116,7 +119,8 @@ def main(argv):
   data = train.place(setup, train.DeviceData(jnp.asarray(dataset.train_images),
                                              jnp.asarray(dataset.train_labels)))
   length = FLAGS.rounds
-  chunk = train.make_chunk_fn(setup, "host")(state, data, length)
+  chunk = train.make_chunk_fn(setup, FLAGS.loop)(state, data, length)
+  loop = chunk.loop
   state, metrics = chunk.run(state, data)
   jax.block_until_ready(metrics)
   times = []
@@ -134,7 +138,8 @@ def main(argv):
   jax.block_until_ready(metrics)
   jax.profiler.stop_trace()
   trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-  hlo = sorted(glob.glob(os.path.join(_DUMP, "*one_round*cpu_after_optimizations.txt")))
+  module = "one_round" if loop == "host" else "scan_chunk"
+  hlo = sorted(glob.glob(os.path.join(_DUMP, f"*{module}*cpu_after_optimizations.txt")))
   if not hlo:
     raise SystemExit(f"no optimized HLO of the round was dumped to {_DUMP}")
   meta = _metadata(open(hlo[-1]).read())
@@ -145,12 +150,21 @@ def main(argv):
     for line in plane.lines:
       if "XLAEigen" not in line.name:  # XLA:CPU's intra-op threads
         continue
+      executor, thunks = [], []
       for ev in line.events:
-        ms = ev.duration_ns / 1e6 / length
-        if ev.name.startswith("ThunkExecutor"):
-          busy[line.name] += ms
-        else:
-          per_op[ev.name] += ms
+        (executor if ev.name.startswith("ThunkExecutor") else thunks).append(ev)
+      # A while loop's body runs in a nested executor: count busy time once, as
+      # the union of the executors' intervals, and leave out the while thunks,
+      # which contain their body's thunks.
+      end = 0
+      for ev in sorted(executor, key=lambda e: e.start_ns):
+        start = max(ev.start_ns, end)
+        if ev.end_ns > start:
+          busy[line.name] += (ev.end_ns - start) / 1e6 / length
+        end = max(end, ev.end_ns)
+      for ev in thunks:
+        if not re.fullmatch(r"while(\.\d+)?", ev.name):
+          per_op[ev.name] += ev.duration_ns / 1e6 / length
   by_category = collections.defaultdict(float)
   for name, ms in per_op.items():
     by_category[_category(meta.get(name, ("", ""))[1])] += ms
@@ -168,7 +182,7 @@ def main(argv):
       f"Command: `{cmd}`", "",
       f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, "
       f"{FLAGS.devices} device(s). simple_mnist, "
-      f"W=17, f=8, b=16, ctma(cwtm), {FLAGS.estimator}, {FLAGS.attack}, {FLAGS.dtype}; host loop, "
+      f"W=17, f=8, b=16, ctma(cwtm), {FLAGS.estimator}, {FLAGS.attack}, {FLAGS.dtype}; {loop} loop, "
       f"one profiled chunk of {length} rounds.", "",
       f"Step: **{step_ms:.1f} ms** wall (median of {FLAGS.reps} unprofiled chunks, "
       f"{1e3 / step_ms:.1f} steps/s). XLA's intra-op threads were busy "
@@ -183,7 +197,7 @@ def main(argv):
             "| thunk | shape | op | thread-ms per step |", "|---|---|---|---:|"]
   for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:FLAGS.top]:
     shape, op = meta.get(name, ("?", ""))
-    op = re.sub(r"^jit\(one_round\)/", "", op) or "—"
+    op = re.sub(r"^jit\((one_round|scan_chunk)\)/(while/body/closed_call/)?", "", op) or "—"
     lines.append(f"| {name} | `{shape.split('{')[0]}` | {op} | {ms:.2f} |")
   text = "\n".join(lines) + "\n"
   print(text)

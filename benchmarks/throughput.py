@@ -123,13 +123,17 @@ def time_plain_sgd(dataset, dtype, total_batch, model="simple_mnist"):
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     return params, mutated["batch_stats"]
 
-  # The same host loop of a jitted, donated step as ftjax's own CPU loop.
-  compiled = jax.jit(step, donate_argnums=0).lower(
-      (variables["params"], variables["batch_stats"]), jnp.int32(0)).compile()
+  # A lax.scan over the donated state, as ftjax's own chunk.
+  def chunk(carry):
+    carry, _ = jax.lax.scan(lambda c, i: (step(c, i), None), carry,
+                            jnp.arange(FLAGS.chunk, dtype=jnp.int32))
+    return carry
+
+  compiled = jax.jit(chunk, donate_argnums=0).lower(
+      (variables["params"], variables["batch_stats"])).compile()
 
   def run(carry, _):
-    for i in range(FLAGS.chunk):
-      carry = compiled(carry, jnp.int32(i))
+    carry = compiled(carry)
     return carry, carry[0]
 
   carry = jax.tree.map(jnp.array, (variables["params"], variables["batch_stats"]))
@@ -207,9 +211,9 @@ def main(argv):
           o[k] == r[k] for k in ("dtype", "estimator", "aggregator", "attack")))
       rows.insert(at + 1, r)
       print(r, flush=True)
-  # The plain vmapped XLA convolutions, and lax.scan instead of the host loop, for the
+  # The plain vmapped XLA convolutions, and the host loop instead of lax.scan, for the
   # key row: what each CPU choice buys.
-  for conv_impl, loop, length, reps in (("xla", "auto", None, None), ("auto", "scan", 3, 3)):
+  for conv_impl, loop, length, reps in (("xla", "auto", None, None), ("auto", "host", None, None)):
     r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, conv_impl=conv_impl,
                   loop=loop, length=length, reps=reps)
     r.update(dtype="float32", estimator="mu2sgd", aggregator="ctma(cwtm)", attack="sf",

@@ -10,7 +10,7 @@ Sections:
    Workers are a vmapped axis; Byzantine rows are overwritten by the attack;
    the robust aggregator reduces the worker axis; the server optax chain steps.
 4. :func:`make_chunk_fn` runs the rounds between evaluations (a ``lax.scan``,
-   or on CPU an asynchronous host loop over the jitted round) and
+   or an asynchronous host loop over the jitted round) and
    :func:`make_eval_fn` evaluates on the whole test split in batches.
    With several local devices the workers' gradients are split over them
    (``shard_map`` over a one-axis mesh; the rest of the round is replicated).
@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ftjax import aggregators as aggregators_lib
 from ftjax import attacks as attacks_lib
 from ftjax import checkpoint as checkpoint_lib
+from ftjax import conv as conv_lib
 from ftjax import data as data_lib
 from ftjax import estimators
 from ftjax import models as models_lib
@@ -524,21 +525,26 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
 LOOPS = ("auto", "scan", "host")
 
 
-def resolve_loop(loop: str) -> str:
-  """The chunk loop for this backend: "scan" on accelerators, "host" on CPU.
+def resolve_loop(loop: str, step_jaxpr=None) -> str:
+  """The chunk loop: "scan" or "host".
 
-  On XLA:CPU the body of a ``lax.scan``/``while`` loop runs this step about
-  ten times slower than the same computation compiled on its own (measured:
-  ~2 s against ~75 ms per round for simple_mnist, W=17, b=16; see
-  docs/benchmarks/throughput.md), so on CPU a chunk is a host loop that
-  dispatches the jitted, donated round asynchronously, with no host sync
-  until the evaluation.
+  "auto" is "scan" (the rounds inside one ``lax.scan``) except on CPU when the
+  round has a convolution that XLA:CPU would run on its slow generic path inside
+  a loop body (``conv.scan_friendly``; given ``step_jaxpr``, the round's jaxpr).
+  There "host" (a Python loop that dispatches the jitted, donated round without
+  waiting) keeps the fast library convolutions: autodiff's transposed
+  convolutions made the scanned simple_mnist step about 15x slower. The CPU
+  formulations write every stride-1 convolution of the gradient as a plain one,
+  and for them the scanned chunk ran 5-25% faster than the host loop
+  (docs/performance_notes.md); strided ones (ResNet-18) keep the host loop.
   """
   if loop not in LOOPS:
     raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
-  if loop == "auto":
-    return "host" if jax.default_backend() == "cpu" else "scan"
-  return loop
+  if loop != "auto":
+    return loop
+  if jax.default_backend() != "cpu" or step_jaxpr is None:
+    return "scan"
+  return "scan" if conv_lib.scan_friendly(step_jaxpr) else "host"
 
 
 def _all_finite(tree) -> jax.Array:
@@ -550,6 +556,7 @@ class CompiledChunk(NamedTuple):
   run: Callable
   flops_per_step: float    # XLA's cost analysis of one round
   memory_bytes: float      # XLA's memory analysis (arguments + outputs + temporaries)
+  loop: str                # "scan" or "host"
 
 
 def _cost(compiled, length: int) -> tuple[float, float]:
@@ -568,13 +575,15 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
 
   With ``loop="scan"`` the ``length`` rounds run inside one jitted
   ``lax.scan``; with ``loop="host"`` a host loop dispatches the jitted round
-  ``length`` times without waiting for it. Either way the state buffers are
+  ``length`` times without waiting for it; "auto" picks one (``resolve_loop``)
+  and ``CompiledChunk.loop`` says which. Either way the state buffers are
   donated, the example indices of the whole chunk are drawn on device first,
   and the returned metrics are the means over the chunk plus ``finite``
   (whether the new parameters are all finite). Compiling for a length twice
   returns the cached executable.
   """
-  loop = resolve_loop(loop)
+  if loop not in LOOPS:
+    raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
   train_step = make_train_step(setup)
   chunk_indices = make_chunk_indices(setup)
   cache = {}
@@ -599,15 +608,19 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
       return cache[length]
     # With a mesh, the compiled chunk takes replicated inputs; run() places them.
     state, data = place(setup, state), place(setup, data)
-    if loop == "scan":
-      compiled = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).lower(
-          state, data, length).compile()
+    resolved = loop
+    if loop != "host":
+      traced = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).trace(
+          state, data, length)
+      resolved = resolve_loop(loop, traced.jaxpr.jaxpr)
+    if resolved == "scan":
+      compiled = traced.lower().compile()
 
       def run(state, data):
         return compiled(place(setup, state), place(setup, data))
 
       # XLA's cost analysis counts a while loop's body once, i.e. one round.
-      result = CompiledChunk(run, *_cost(compiled, 1))
+      result = CompiledChunk(run, *_cost(compiled, 1), "scan")
     else:
       indices_fn = jax.jit(chunk_indices, static_argnums=2).lower(state, data, length).compile()
       indices = jax.eval_shape(functools.partial(chunk_indices, length=length), state, data)
@@ -635,7 +648,7 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
           metrics.append(m)
         return state, summary(state, metrics)
 
-      result = CompiledChunk(run, *_cost(step, 1))
+      result = CompiledChunk(run, *_cost(step, 1), "host")
     cache[length] = result
     return result
 

@@ -361,3 +361,68 @@ def test_fused_batch_norm_relu_max_pool_float64_and_vmap():
     for g, r_ in zip(per_worker(fused), per_worker(separate)):
       assert g.dtype == jnp.float64
       np.testing.assert_allclose(g, r_, rtol=1e-11, atol=1e-13)
+
+
+def _conv_eqns(jaxpr):
+  """Every conv_general_dilated equation in ``jaxpr`` and the jaxprs nested in it."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      found.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(inner, "eqns"):
+          found += _conv_eqns(inner)
+  return found
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_unrolled_gradient_uses_only_plain_forward_convolutions(dtype):
+  # Inside a lax.scan/while body XLA:CPU runs a convolution on its fast library
+  # path only when it already is a plain NHWC x HWIO forward convolution; autodiff's
+  # transposed convolutions fell back to a generic one there, ~50x slower. The CPU
+  # path therefore writes every convolution of the per-worker gradient (forward,
+  # input gradient, per-worker weight gradients) in that form.
+  with jax.enable_x64(dtype == jnp.float64):
+    model, variables, x, y = _model_case("simple_mnist", dtype, "unrolled", (12, 12, 1))
+    f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
+    jaxpr = jax.make_jaxpr(f)(variables["params"], variables["batch_stats"], x, y).jaxpr
+  plain = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+  convs = _conv_eqns(jaxpr)
+  # Layer 2's forward, input gradient and one weight gradient per worker (3), and
+  # layer 1's weight gradients in float32 (float64 takes shifted matmuls there).
+  assert len(convs) >= 5, len(convs)
+  for eqn in convs:
+    p = eqn.params
+    assert p["dimension_numbers"] == plain, p["dimension_numbers"]
+    assert p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+    assert set(p["lhs_dilation"]) == {1} and set(p["rhs_dilation"]) == {1}
+
+
+def test_unrolled_gradients_in_a_scan_match_outside():
+  # The same per-worker gradients whether the step runs on its own or in a scan body.
+  model, variables, x, y = _model_case("simple_mnist", jnp.float32, "unrolled", (12, 12, 1))
+  f = jax.vmap(jax.grad(lambda *a: _loss_fn(model)(*a)[0]), in_axes=(None, None, 0, 0))
+  args = (variables["params"], variables["batch_stats"], x, y)
+  alone = jax.jit(f)(*args)
+  scanned = jax.jit(lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0, None, length=2)[1])(*args)
+  for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(scanned)):
+    np.testing.assert_allclose(b[0], a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b[1], a, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_friendly_tells_plain_from_transposed_convolutions():
+  x = _normal(20, (2, 6, 6, 3))
+  k = _normal(21, (3, 3, 3, 4))
+
+  def grads(impl, stride):
+    conv = conv_lib.CONV_IMPLS[impl].conv
+    loss = lambda x, k: jnp.sum(conv(x, k, stride, 1) ** 2)
+    return jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k).jaxpr
+
+  assert conv_lib.scan_friendly(jax.make_jaxpr(lambda x, k: conv_lib._xla_conv(x, k, 1, 1))(
+      x, k).jaxpr)
+  assert conv_lib.scan_friendly(grads("unrolled", 1))
+  assert not conv_lib.scan_friendly(grads("xla", 1))       # autodiff's transposed convolutions
+  assert not conv_lib.scan_friendly(grads("unrolled", 2))  # strided: kept in autodiff's form

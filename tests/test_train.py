@@ -211,6 +211,21 @@ def test_second_chunk_does_not_recompile(loop):
   assert int(state.step) == 6 and first.flops_per_step > 0
 
 
+def test_auto_loop_scans_unless_a_convolution_would_be_slow_in_a_loop():
+  # On CPU, "auto" scans when every convolution of the round is a plain one
+  # (the CPU formulation) and falls back to the host loop for autodiff's
+  # transposed convolutions ("xla"), which XLA:CPU runs ~50x slower in a loop.
+  expected = {"auto": "scan", "xla": "scan" if jax.default_backend() != "cpu" else "host"}
+  for conv_impl, want in expected.items():
+    setup = train.build(tiny_config(**{"model.conv_impl": conv_impl}))
+    state = train.init_state(setup, 1)
+    data = train.make_device_data(setup)
+    assert train.make_chunk_fn(setup, "auto")(state, data, 2).loop == want, conv_impl
+  assert train.make_chunk_fn(setup, "host")(state, data, 2).loop == "host"
+  with pytest.raises(ValueError, match="Unknown loop"):
+    train.make_chunk_fn(setup, "while")
+
+
 def test_scan_and_host_loops_agree():
   results = []
   for loop in ("scan", "host"):
