@@ -70,7 +70,7 @@ _CATEGORIES = [
     ("conv layer 1: forward (sum of shifted inputs)", r"/Conv_0/"),
     ("BatchNorm+ReLU+pool layer 1 (fwd and bwd)", r"/BatchNorm_0/"),
     ("BatchNorm+ReLU+pool layer 2 (fwd and bwd)", r"/BatchNorm_1/"),
-    ("conv layer 2: bias, other", r"/Conv_1/"),
+    ("conv layer 2: bias, transposes feeding the gradients, other", r"/Conv_1/"),
     ("dense layer and loss", r"/Dense_0/|softmax|log_softmax|exp|logsumexp"),
 ]
 _NO_METADATA = "per-worker weight gradients (unrolled convolutions and their transposes)"
@@ -91,8 +91,9 @@ def _metadata(hlo_text):
   return out
 
 
-def _category(op_name):
-  if not op_name:
+def _category(shape, op_name):
+  # simple_mnist's weight gradients come out as [C, 5, 5, O] convolutions.
+  if not op_name or re.match(r"f(32|64)\[\d+,5,5,\d+\]", shape):
     return _NO_METADATA
   for name, pattern in _CATEGORIES:
     if re.search(pattern, op_name):
@@ -167,7 +168,7 @@ def main(argv):
           per_op[ev.name] += ev.duration_ns / 1e6 / length
   by_category = collections.defaultdict(float)
   for name, ms in per_op.items():
-    by_category[_category(meta.get(name, ("", ""))[1])] += ms
+    by_category[_category(*meta.get(name, ("", "")))] += ms
   total = sum(per_op.values())
 
   cmd = "python benchmarks/step_profile.py"
