@@ -2,8 +2,9 @@ r"""Training-step throughput, against the matmul roofline and plain SGD.
 
 For simple_mnist at W=17 workers, f=8, b=16 (MNIST-shaped synthetic data, so no
 download is needed; the arithmetic does not depend on pixel values) it measures
-steps per second of the compiled ``lax.scan`` chunk (median of several timed
-chunks after compilation) for the mu2sgd and momentum estimators with ctma(cwtm),
+steps per second of the compiled chunk of rounds (``loop=auto``: a ``lax.scan``,
+or the host loop where that would be slow; median of several timed chunks after
+compilation) for the mu2sgd and momentum estimators with ctma(cwtm),
 nnm(cwtm) and avg, under sf (every worker computes gradients) and alie (only
 the honest ones do), in float32 and float64. Side by side, in the same run:
 
@@ -97,7 +98,8 @@ def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist
   flops = compiled.flops_per_step
   steps_per_sec = _time_chunks(compiled.run, state, data, length, reps)
   return {"steps_per_sec": steps_per_sec, "gflop_per_step": flops / 1e9,
-          "gflops": flops * steps_per_sec / 1e9, "memory_mib": compiled.memory_bytes / 2**20}
+          "gflops": flops * steps_per_sec / 1e9, "memory_mib": compiled.memory_bytes / 2**20,
+          "loop": compiled.loop}
 
 
 def time_plain_sgd(dataset, dtype, total_batch, model="simple_mnist"):
@@ -169,7 +171,7 @@ def main(argv):
         for attack in ("sf", "alie"):
           r = time_step(estimator, "ctma(cwtm)", attack, dtype, mnist, devices=num_devices)
           r.update(dtype=dtype, estimator=estimator, aggregator="ctma(cwtm)", attack=attack,
-                   model="simple_mnist", conv_impl="auto", loop="auto", devices=num_devices)
+                   model="simple_mnist", conv_impl="auto", devices=num_devices)
           out.append(r)
           print(r, flush=True)
     print("RESULT " + json.dumps(out), flush=True)
@@ -187,7 +189,7 @@ def main(argv):
         for attack in ("sf", "alie"):
           r = time_step(estimator, agg, attack, dtype, mnist)
           r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
-                   model="simple_mnist", conv_impl="auto", loop="auto", plain_sgd=plain,
+                   model="simple_mnist", conv_impl="auto", plain_sgd=plain,
                    devices=1)
           rows.append(r)
           print(r, flush=True)
@@ -217,7 +219,7 @@ def main(argv):
     r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, conv_impl=conv_impl,
                   loop=loop, length=length, reps=reps)
     r.update(dtype="float32", estimator="mu2sgd", aggregator="ctma(cwtm)", attack="sf",
-             model="simple_mnist", conv_impl=conv_impl, loop=loop, plain_sgd=rows[0]["plain_sgd"],
+             model="simple_mnist", conv_impl=conv_impl, plain_sgd=rows[0]["plain_sgd"],
              devices=1)
     rows.append(r)
     print(r, flush=True)
@@ -262,7 +264,10 @@ def main(argv):
         f"{r['gflop_per_step']:.2f} | "
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
         f"{ratio:.2f}x | {r['memory_mib']:.0f} |")
-  lines += ["", "devices: 1 = one device; 2 or more = the workers' gradients split over that many "
+  lines += ["", "loop: what `loop=auto` chose (`scan` unless a convolution of the round would "
+            "run on XLA:CPU's slow path inside a loop body), or the host loop forced for "
+            "comparison. "
+            "devices: 1 = one device; 2 or more = the workers' gradients split over that many "
             f"CPU devices (`config.devices`; main.py --cpu_devices=N exposes N CPU devices); this "
             f"machine has {_CORES} cores, so the rows split over one device per core and over one "
             "device more. Each device count runs in its own process that exposes exactly that "
@@ -277,10 +282,11 @@ def main(argv):
             f"({memory['steps_per_sec']:.2f} steps/s).", ""]
   if cifar_rows:
     lines += ["CIFAR-10-shaped data (32x32x3), mu2sgd, ctma(cwtm), sf, float32, W=17, b=16:", "",
-              "| model | steps/s | GFLOP/step | GFLOP/s | roofline | memory MiB |",
-              "|---|---|---|---|---|---|"]
+              "| model | loop | steps/s | GFLOP/step | GFLOP/s | roofline | memory MiB |",
+              "|---|---|---|---|---|---|---|"]
     for r in cifar_rows:
-      lines.append(f"| {r['model']} | {r['steps_per_sec']:.3f} | {r['gflop_per_step']:.1f} | "
+      lines.append(f"| {r['model']} | {r['loop']} | {r['steps_per_sec']:.3f} | "
+                   f"{r['gflop_per_step']:.1f} | "
                    f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['memory_mib']:.0f} |")
     lines.append("")
   lines += ["GPU: no accelerator was lent to this session; GPU figures are still to be "
