@@ -534,7 +534,7 @@ def resolve_loop(loop: str, step_jaxpr=None) -> str:
   a loop body (``conv.scan_friendly``; given ``step_jaxpr``, the round's jaxpr).
   There "host" (a Python loop that dispatches the jitted, donated round without
   waiting) keeps the fast library convolutions: autodiff's transposed
-  convolutions made the scanned simple_mnist step about 15x slower. The CPU
+  convolutions made the scanned simple_mnist step about 12x slower. The CPU
   formulations write every stride-1 convolution of the gradient as a plain one,
   and for them the scanned chunk ran as fast as the host loop or up to 27% faster
   (docs/performance_notes.md); strided ones (ResNet-18) keep the host loop.
