@@ -18,6 +18,10 @@ Writes docs/benchmarks/throughput.md.
 
   python benchmarks/throughput.py            # full table
   python benchmarks/throughput.py --quick    # float32, the key rows only
+
+On a GPU or TPU backend it skips the CPU-device split rows, keeps the CIFAR-10
+rows (resnet18 included) even with --quick, names the device and writes
+docs/benchmarks/throughput_<backend>.md unless --out is given.
 """
 
 import json
@@ -176,7 +180,11 @@ def main(argv):
           print(r, flush=True)
     print("RESULT " + json.dumps(out), flush=True)
     return
-  roof = matmul_gflops()
+  on_cpu = jax.default_backend() == "cpu"
+  out_path = FLAGS.out
+  if not on_cpu and not FLAGS["out"].present:
+    out_path = f"docs/benchmarks/throughput_{jax.default_backend()}.md"
+  roof = matmul_gflops(2048 if on_cpu else 8192)
   print(f"float32 matmul 2048^3: {roof:.0f} GFLOP/s", flush=True)
   rows, plain_sgd = [], {}
   for dtype in dtypes:
@@ -195,7 +203,7 @@ def main(argv):
           print(r, flush=True)
   # The key aggregator's rows with the workers split over one CPU device per core and
   # over one device more, each in a child process exposing exactly that many devices.
-  for devices in sorted({_CORES, _CORES + 1} - {1}) if _CORES > 1 else []:
+  for devices in sorted({_CORES, _CORES + 1} - {1}) if _CORES > 1 and on_cpu else []:
     cmd = [sys.executable, os.path.abspath(__file__), f"--split_child={devices}",
            f"--chunk={FLAGS.chunk}", f"--reps={FLAGS.reps}", f"--quick={FLAGS.quick}"]
     # The child starts from the caller's XLA_FLAGS, without this process's device count.
@@ -237,7 +245,7 @@ def main(argv):
                      workers=big_w, byzantine=(big_w - 1) // 2, length=2, reps=2)
   print(f"W={big_w}", memory, flush=True)
   cifar_rows = []
-  if FLAGS.cifar and not FLAGS.quick:
+  if FLAGS.cifar and (not FLAGS.quick or not on_cpu):
     cifar = synthetic_dataset((32, 32, 3))
     for model, length, reps in (("simple_cifar10", FLAGS.chunk, FLAGS.reps), ("resnet18", 1, 3)):
       r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", cifar, model=model,
@@ -252,7 +260,8 @@ def main(argv):
       f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, backend "
       f"{jax.default_backend()}. Median of {FLAGS.reps} timed chunks of {FLAGS.chunk} "
       "rounds after compilation. simple_mnist, W=17, f=8, b=16, MNIST-shaped data.", "",
-      f"Roofline: a 2048x2048 float32 matmul runs at **{roof:.0f} GFLOP/s** here.", "",
+      f"Roofline: a {2048 if on_cpu else 8192}-square float32 matmul runs at "
+      f"**{roof:.0f} GFLOP/s** here.", "",
       "| dtype | estimator | aggregator | attack | conv | loop | devices | steps/s | GFLOP/step | "
       "GFLOP/s | roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -267,15 +276,16 @@ def main(argv):
   lines += ["", "loop: what `loop=auto` chose (`scan` unless a convolution of the round would "
             "run on XLA:CPU's slow path inside a loop body), or the host loop forced for "
             "comparison. "
-            "devices: 1 = one device; 2 or more = the workers' gradients split over that many "
-            f"CPU devices (`config.devices`; main.py --cpu_devices=N exposes N CPU devices); this "
-            f"machine has {_CORES} cores, so the rows split over one device per core and over one "
-            "device more. Each device count runs in its own process that exposes exactly that "
-            "many devices (idle extra CPU devices slow a one-device step by about 5-8%, see "
-            "docs/performance_notes.md). "
-            "Split rows use the one-device GFLOP count (XLA counts one device's "
-            "share) and XLA's per-device memory. Plain SGD: one model's SGD step on the same W*b "
-            "examples with the same layers, in the same run."]
+            + ("devices: 1 = one device; 2 or more = the workers' gradients split over that many "
+               f"CPU devices (`config.devices`; main.py --cpu_devices=N exposes N CPU devices); "
+               f"this machine has {_CORES} cores, so the rows split over one device per core and "
+               "over one device more. Each device count runs in its own process that exposes "
+               "exactly that many devices (idle extra CPU devices slow a one-device step by "
+               "about 5-8%, see docs/performance_notes.md). Split rows use the one-device GFLOP "
+               "count (XLA counts one device's share) and XLA's per-device memory. "
+               if on_cpu else "devices: the step runs on one device. ")
+            + "Plain SGD: one model's SGD step on the same W*b examples with the same layers, "
+            "in the same run."]
   lines += ["", f"Memory at W={big_w} (f={(big_w - 1) // 2}, b=16, mu2sgd, ctma(cwtm), sf, "
             "float32): "
             f"{memory['memory_mib']:.0f} MiB by XLA's memory analysis "
@@ -289,9 +299,13 @@ def main(argv):
                    f"{r['gflop_per_step']:.1f} | "
                    f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['memory_mib']:.0f} |")
     lines.append("")
-  lines += ["GPU: no accelerator was lent to this session; GPU figures are still to be "
-            "measured.", ""]
-  with open(FLAGS.out, "w") as fh:
+  if on_cpu:
+    lines += ["GPU: no accelerator was lent to this session; GPU figures are still to be "
+              "measured.", ""]
+  else:
+    lines += [f"Device: {jax.devices()[0].device_kind} ({jax.default_backend()}, "
+              f"{len(jax.devices())} device(s)).", ""]
+  with open(out_path, "w") as fh:
     fh.write("\n".join(lines))
   print("\n".join(lines))
 
