@@ -12,7 +12,10 @@ the forward pass and the input gradient and computes the weight gradient in a
 ``jax.custom_vjp`` whose ``custom_vmap`` rule runs XLA's plain weight-gradient
 convolution once per worker (the vmapped axis is small and static) instead of
 one grouped convolution; first layers with at most a few input channels use a
-fused shifted-input sum for the forward pass. "patches" computes the weight
+fused shifted-input sum for the forward pass. Its input and weight gradients are
+written out as plain forward convolutions (strided ones as one stride-1
+convolution per phase of the stride), the only form XLA:CPU runs on its fast
+convolution library inside a ``lax.scan`` body too. "patches" computes the weight
 gradient as an einsum between the input's patches and the output cotangent
 (under vmap a batched matmul), and "im2col" writes the whole convolution as
 patches times a matmul; "shifted" computes the weight gradient as one matmul
@@ -137,14 +140,90 @@ def _canonical_weight_grad(x: Array, dy: Array, padding: int) -> Array:
   batch: x [N,H,W,C] -> [C,H,W,N] convolved with dy [N,Ho,Wo,O] -> [Ho,Wo,N,O]
   as the kernel gives [C,kh,kw,O]. It is the form XLA rewrites the weight
   gradient into on its own outside loops; written out, it keeps XLA:CPU's fast
-  convolution inside ``lax.scan`` bodies too. (Strided convolutions keep
-  autodiff's form: spreading ``dy`` out by the stride made ResNet-18's step 30%
-  slower; ``train.resolve_loop`` keeps such models out of ``lax.scan`` on CPU.)
+  convolution inside ``lax.scan`` bodies too. Strided convolutions take
+  ``_strided_weight_grad``.
   """
   out = lax.conv_general_dilated(
       x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), window_strides=(1, 1),
       padding=((padding, padding), (padding, padding)), dimension_numbers=_DIMS)
   return out.transpose(1, 2, 0, 3)
+
+
+def _interleave(phases: list[list[Array]], axis: int, stride: int, size: tuple[int, int]) -> Array:
+  """Puts phases[u][v] at rows u::stride and columns v::stride of the two axes from ``axis``.
+
+  Each phase is zero-padded to the largest phase's size; the result is cropped to ``size``.
+  """
+  big = tuple(max(p.shape[axis + d] for row in phases for p in row) for d in (0, 1))
+
+  def pad(p):
+    cfg = [(0, 0)] * p.ndim
+    cfg[axis], cfg[axis + 1] = (0, big[0] - p.shape[axis]), (0, big[1] - p.shape[axis + 1])
+    return jnp.pad(p, cfg)
+
+  rows = [jnp.stack([pad(p) for p in row], axis=axis + 2) for row in phases]
+  out = jnp.stack(rows, axis=axis + 1)  # [..., big0, stride, big1, stride, ...]
+  shape = out.shape[:axis] + (big[0] * stride, big[1] * stride) + out.shape[axis + 4:]
+  out = out.reshape(shape)
+  return lax.slice_in_dim(lax.slice_in_dim(out, 0, size[0], axis=axis), 0, size[1], axis=axis + 1)
+
+
+def _strided_input_grad(dy: Array, kernel: Array, stride: int, padding: int,
+                        in_hw: tuple[int, int]) -> Array:
+  """dL/dx of a strided convolution as one plain stride-1 convolution per phase.
+
+  Input row s*q+u of the padded input only meets kernel rows u, u+s, ...: its
+  gradient is a full stride-1 correlation of ``dy`` with that sub-kernel. No
+  multiplication by inserted zeros, unlike spreading ``dy`` out by the stride.
+  """
+  kh, kw = kernel.shape[:2]
+  hp, wp = in_hw[0] + 2 * padding, in_hw[1] + 2 * padding
+  n, ho, wo, _ = dy.shape
+  c = kernel.shape[2]
+  phases = []
+  for u in range(stride):
+    row = []
+    for v in range(stride):
+      sub = kernel[u::stride, v::stride]
+      qh, qw = -(-(hp - u) // stride), -(-(wp - v) // stride)
+      if sub.shape[0] == 0 or sub.shape[1] == 0:
+        row.append(jnp.zeros((n, qh, qw, c), dy.dtype))
+        continue
+      mh, mw = sub.shape[:2]
+      out = lax.conv_general_dilated(
+          dy, jnp.flip(sub, (0, 1)).swapaxes(2, 3), window_strides=(1, 1),
+          padding=((mh - 1, max(qh - ho, 0)), (mw - 1, max(qw - wo, 0))),
+          dimension_numbers=_DIMS)
+      row.append(out[:, :qh, :qw])
+    phases.append(row)
+  dxpad = _interleave(phases, 1, stride, (hp, wp))
+  return dxpad[:, padding:padding + in_hw[0], padding:padding + in_hw[1]]
+
+
+def _strided_weight_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], stride: int,
+                         padding: int) -> Array:
+  """dL/dkernel of a strided convolution as one plain convolution per phase.
+
+  Kernel row s*m+u only meets padded input rows u, u+s, ...: its gradient is the
+  stride-1 weight gradient of that phase of the input with ``dy``. Spreading
+  ``dy`` out by the stride instead multiplies by inserted zeros and made
+  ResNet-18's step 30% slower.
+  """
+  kh, kw, c, o = kernel_shape
+  xpad = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  _, ho, wo, _ = dy.shape
+  phases = []
+  for u in range(stride):
+    row = []
+    for v in range(stride):
+      mh, mw = len(range(u, kh, stride)), len(range(v, kw, stride))
+      if mh == 0 or mw == 0:
+        row.append(jnp.zeros((max(mh, 1), max(mw, 1), c, o), dy.dtype))
+        continue
+      xs = xpad[:, u::stride, v::stride]
+      row.append(_canonical_weight_grad(xs, dy, 0)[:mh, :mw])
+    phases.append(row)
+  return _interleave(phases, 0, stride, (kh, kw))
 
 
 def scan_friendly(jaxpr) -> bool:
@@ -191,8 +270,7 @@ def _weight_grad_fn(kernel_shape: tuple[int, ...], dtype: Any, stride: int, padd
   def wgrad(x, dy):
     if stride == 1:
       return _canonical_weight_grad(x, dy, padding)
-    conv_t = jax.linear_transpose(lambda k: _xla_conv(x, k, stride, padding), kernel_aval)
-    return conv_t(dy)[0]
+    return _strided_weight_grad(x, dy, kernel_shape, stride, padding)
 
   @wgrad.def_vmap
   def _rule(axis_size, in_batched, x, dy):
@@ -254,6 +332,8 @@ def _conv_with_weight_grad(weight_grad: Callable[..., Array]) -> Callable[..., A
     x, kernel = res
     if stride == 1 and padding < min(kernel.shape[:2]):
       dx = _canonical_input_grad(dy, kernel, padding)
+    elif padding < min(kernel.shape[:2]):
+      dx = _strided_input_grad(dy, kernel, stride, padding, x.shape[1:3])
     else:
       _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
       (dx,) = x_vjp(dy)

@@ -535,9 +535,10 @@ def resolve_loop(loop: str, step_jaxpr=None) -> str:
   There "host" (a Python loop that dispatches the jitted, donated round without
   waiting) keeps the fast library convolutions: autodiff's transposed
   convolutions made the scanned simple_mnist step about 12x slower. The CPU
-  formulations write every stride-1 convolution of the gradient as a plain one,
-  and for them the scanned chunk ran as fast as the host loop or up to 27% faster
-  (docs/performance_notes.md); strided ones (ResNet-18) keep the host loop.
+  formulations write every convolution of the gradient as a plain one (strided
+  ones phase by phase), and for them the scanned chunk ran as fast as the host
+  loop or up to 27% faster (docs/performance_notes.md). ``conv_impl="xla"`` and
+  more than 64 workers (a grouped weight gradient) keep the host loop on CPU.
   """
   if loop not in LOOPS:
     raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")

@@ -424,5 +424,22 @@ def test_scan_friendly_tells_plain_from_transposed_convolutions():
   assert conv_lib.scan_friendly(jax.make_jaxpr(lambda x, k: conv_lib._xla_conv(x, k, 1, 1))(
       x, k).jaxpr)
   assert conv_lib.scan_friendly(grads("unrolled", 1))
+  assert conv_lib.scan_friendly(grads("unrolled", 2))      # strided: one convolution per phase
   assert not conv_lib.scan_friendly(grads("xla", 1))       # autodiff's transposed convolutions
-  assert not conv_lib.scan_friendly(grads("unrolled", 2))  # strided: kept in autodiff's form
+  assert not conv_lib.scan_friendly(grads("xla", 2))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 2, 1, 8), (3, 2, 1, 7), (1, 2, 0, 7), (5, 2, 2, 9), (3, 3, 1, 10), (7, 2, 3, 12)])
+def test_strided_gradients_by_phase_match_autodiff(kernel, stride, padding, size):
+  # Odd sizes leave input rows past the last window (zero gradient); a 1x1 kernel
+  # with stride 2 has empty phases; stride 3 and a 7x7 kernel have uneven ones.
+  x = _normal(30, (2, size, size, 3))
+  k = _normal(31, (kernel, kernel, 3, 4))
+  y, vjp = jax.vjp(lambda x, k: conv_lib._xla_conv(x, k, stride, padding), x, k)
+  dy = _normal(32, y.shape)
+  dx_ref, dk_ref = vjp(dy)
+  dx = conv_lib._strided_input_grad(dy, k, stride, padding, (size, size))
+  dk = conv_lib._strided_weight_grad(x, dy, k.shape, stride, padding)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5)
