@@ -226,6 +226,20 @@ def _strided_weight_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], str
   return _interleave(phases, 0, stride, (kh, kw))
 
 
+def conv_eqns(jaxpr) -> list:
+  """Every conv_general_dilated equation in ``jaxpr`` and the jaxprs nested in it."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      found.append(eqn)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(inner, "eqns"):
+          found += conv_eqns(inner)
+  return found
+
+
 def scan_friendly(jaxpr) -> bool:
   """Whether every convolution in ``jaxpr`` (nested jaxprs included) is a plain one.
 
@@ -233,22 +247,10 @@ def scan_friendly(jaxpr) -> bool:
   XLA:CPU runs on its fast convolution library inside a ``lax.scan`` body too.
   """
   plain = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _DIMS)
-
-  def ok(eqn):
-    p = eqn.params
-    return (p["dimension_numbers"] == plain and p["feature_group_count"] == 1
-            and p["batch_group_count"] == 1 and set(p["lhs_dilation"]) == {1}
-            and set(p["rhs_dilation"]) == {1})
-
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated" and not ok(eqn):
-      return False
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(inner, "eqns") and not scan_friendly(inner):
-          return False
-  return True
+  return all(p["dimension_numbers"] == plain and p["feature_group_count"] == 1
+             and p["batch_group_count"] == 1 and set(p["lhs_dilation"]) == {1}
+             and set(p["rhs_dilation"]) == {1}
+             for p in (eqn.params for eqn in conv_eqns(jaxpr)))
 
 
 # Above this many workers the per-worker weight gradients are not unrolled.

@@ -526,12 +526,12 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
 LOOPS = ("auto", "scan", "host")
 
 
-def resolve_loop(loop: str, step_jaxpr=None) -> str:
+def resolve_loop(loop: str, chunk_jaxpr) -> str:
   """The chunk loop: "scan" or "host".
 
   "auto" is "scan" (the rounds inside one ``lax.scan``) except on CPU when the
   round has a convolution that XLA:CPU would run on its slow generic path inside
-  a loop body (``conv.scan_friendly``; given ``step_jaxpr``, the round's jaxpr).
+  a loop body (``conv.scan_friendly`` on ``chunk_jaxpr``, the scanned chunk's jaxpr).
   There "host" (a Python loop that dispatches the jitted, donated round without
   waiting) keeps the fast library convolutions: autodiff's transposed
   convolutions made the scanned simple_mnist step about 12x slower. The CPU
@@ -544,9 +544,9 @@ def resolve_loop(loop: str, step_jaxpr=None) -> str:
     raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
   if loop != "auto":
     return loop
-  if jax.default_backend() != "cpu" or step_jaxpr is None:
+  if jax.default_backend() != "cpu":
     return "scan"
-  return "scan" if conv_lib.scan_friendly(step_jaxpr) else "host"
+  return "scan" if conv_lib.scan_friendly(chunk_jaxpr) else "host"
 
 
 def _all_finite(tree) -> jax.Array:

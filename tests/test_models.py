@@ -363,20 +363,6 @@ def test_fused_batch_norm_relu_max_pool_float64_and_vmap():
       np.testing.assert_allclose(g, r_, rtol=1e-11, atol=1e-13)
 
 
-def _conv_eqns(jaxpr):
-  """Every conv_general_dilated equation in ``jaxpr`` and the jaxprs nested in it."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      found.append(eqn)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(inner, "eqns"):
-          found += _conv_eqns(inner)
-  return found
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_unrolled_gradient_uses_only_plain_forward_convolutions(dtype):
   # Inside a lax.scan/while body XLA:CPU runs a convolution on its fast library
@@ -389,7 +375,7 @@ def test_unrolled_gradient_uses_only_plain_forward_convolutions(dtype):
     f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
     jaxpr = jax.make_jaxpr(f)(variables["params"], variables["batch_stats"], x, y).jaxpr
   plain = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
-  convs = _conv_eqns(jaxpr)
+  convs = conv_lib.conv_eqns(jaxpr)
   # Layer 2's forward, input gradient and one weight gradient per worker (3), and
   # layer 1's weight gradients in float32 (float64 takes shifted matmuls there).
   assert len(convs) >= 5, len(convs)
