@@ -7,12 +7,15 @@ axis folds into the batch axis because the kernel is shared), but the *weight*
 gradient is a per-worker convolution with two batched operands, which JAX
 lowers to a grouped convolution that XLA:CPU runs far below its matmul speed.
 
-The "unrolled" implementation (the CPU default) keeps XLA's convolution for
-the forward pass and the input gradient and computes the weight gradient in a
-``jax.custom_vjp`` whose ``custom_vmap`` rule runs XLA's plain weight-gradient
+The "unrolled" implementation (the CPU default) computes the weight gradient in
+a ``jax.custom_vjp`` whose ``custom_vmap`` rule runs XLA's plain weight-gradient
 convolution once per worker (the vmapped axis is small and static) instead of
-one grouped convolution; first layers with at most a few input channels use a
-fused shifted-input sum for the forward pass. Its input and weight gradients are
+one grouped convolution. Its forward convolution and input gradient run once
+per worker too: XLA:CPU runs each convolution on one core and hands ready work
+to its other threads only when more than 8 thunks are ready at once, so one
+convolution over all workers' examples would leave the other cores idle. First
+layers with at most a few input channels use a fused shifted-input sum for the
+forward pass. Its input and weight gradients are
 written out as plain forward convolutions (strided ones as one stride-1
 convolution per phase of the stride), the only form XLA:CPU runs on its fast
 convolution library inside a ``lax.scan`` body too. "patches" computes the weight
@@ -311,10 +314,48 @@ def _shifted_sum_conv(x: Array, kernel: Array, stride: int, padding: int) -> Arr
   return functools.reduce(jnp.add, terms)  # one fused elementwise loop
 
 
+@functools.lru_cache(maxsize=None)
+def _per_worker_conv(kind: str, stride: int, padding: int):
+  """Returns conv(x, kernel) whose vmap runs one convolution per worker.
+
+  ``kind`` is "forward" (``_xla_conv``) or "input_grad" (``_canonical_input_grad``,
+  stride 1). Plain vmap folds the workers into the batch axis: one convolution
+  over all their examples. XLA:CPU runs each convolution on one core, and its
+  thunk executor hands ready work to a second thread only when more than 8 thunks
+  are ready at once, so that one convolution keeps a single core busy while the
+  other waits. One convolution per worker gives it W ready thunks, which it
+  spreads over the cores (the mu2sgd sign-flipping step on one device: about 20%
+  faster, docs/performance_notes.md). Same sums per example, so the same values.
+  """
+  if kind == "forward":
+    fn = lambda x, kernel: _xla_conv(x, kernel, stride, padding)
+  elif kind == "input_grad" and stride == 1:
+    fn = lambda dy, kernel: _canonical_input_grad(dy, kernel, padding)
+  else:
+    raise ValueError(f"no per-worker convolution {kind!r} with stride {stride}")
+
+  @jax.custom_batching.custom_vmap
+  def conv(x, kernel):
+    return fn(x, kernel)
+
+  @conv.def_vmap
+  def _rule(axis_size, in_batched, x, kernel):
+    x_batched, k_batched = in_batched
+    if axis_size > _MAX_UNROLLED_WORKERS or not x_batched:
+      # Compile time grows with every unrolled convolution (as for the weight
+      # gradients); an unbatched input has nothing to split.
+      return jax.vmap(fn, in_axes=(0 if x_batched else None, 0 if k_batched else None))(
+          x, kernel), True
+    outs = [conv(x[i], kernel[i] if k_batched else kernel) for i in range(axis_size)]
+    return jnp.stack(outs), True
+
+  return conv
+
+
 def _fast_forward_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
   if kernel.shape[2] <= _SHIFTED_MAX_CHANNELS:
     return _shifted_sum_conv(x, kernel, stride, padding)
-  return _xla_conv(x, kernel, stride, padding)
+  return _per_worker_conv("forward", stride, padding)(x, kernel)
 
 
 def _conv_with_weight_grad(weight_grad: Callable[..., Array]) -> Callable[..., Array]:
@@ -333,7 +374,7 @@ def _conv_with_weight_grad(weight_grad: Callable[..., Array]) -> Callable[..., A
   def bwd(stride, padding, res, dy):
     x, kernel = res
     if stride == 1 and padding < min(kernel.shape[:2]):
-      dx = _canonical_input_grad(dy, kernel, padding)
+      dx = _per_worker_conv("input_grad", 1, padding)(dy, kernel)
     elif padding < min(kernel.shape[:2]):
       dx = _strided_input_grad(dy, kernel, stride, padding, x.shape[1:3])
     else:
@@ -458,9 +499,9 @@ CONV_IMPLS: dict[str, ConvImpl] = {
                         "patches (custom VJP); reshape max pool"),
     "unrolled": ConvImpl(_unrolled_conv, _reshape_max_pool,
                          "XLA forward (a fused sum of shifted inputs when there are at most "
-                         f"{_SHIFTED_MAX_CHANNELS} input channels) and input gradient, XLA "
-                         "weight gradient run once per worker (custom VJP + custom vmap); "
-                         "reshape max pool"),
+                         f"{_SHIFTED_MAX_CHANNELS} input channels), input gradient and "
+                         "weight gradient, each run once per worker (custom VJP + custom "
+                         "vmap); reshape max pool"),
     "shifted": ConvImpl(_shifted_conv, _reshape_max_pool,
                         "forward and input gradient as in unrolled, weight gradient as "
                         "kh*kw matmuls of the shifted input with the output cotangent "

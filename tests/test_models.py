@@ -386,6 +386,47 @@ def test_unrolled_gradient_uses_only_plain_forward_convolutions(dtype):
     assert set(p["lhs_dilation"]) == {1} and set(p["rhs_dilation"]) == {1}
 
 
+def test_unrolled_runs_one_convolution_per_worker():
+  # XLA:CPU spreads ready convolutions over its threads only when more than 8 are
+  # ready at once, so the CPU path runs layer 2's forward convolution and input
+  # gradient once per worker (W convolutions of b examples), never once over all
+  # W*b examples.
+  workers, batch = 3, 4
+  model, variables, x, y = _model_case("simple_mnist", jnp.float32, "unrolled", (12, 12, 1),
+                                       workers=workers, batch=batch)
+  f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
+  jaxpr = jax.make_jaxpr(f)(variables["params"], variables["batch_stats"], x, y).jaxpr
+  shapes = [(e.invars[0].aval.shape, e.invars[1].aval.shape) for e in conv_lib.conv_eqns(jaxpr)]
+  assert not [s for s in shapes if s[0][0] == workers * batch], shapes
+  # Layer 2 (16 -> 32 channels): forward with the kernel, input gradient with the
+  # flipped kernel's channels swapped; each once per worker, on b examples.
+  assert [lhs[0] for lhs, rhs in shapes if rhs == (5, 5, 16, 32)] == [batch] * workers, shapes
+  assert [lhs[0] for lhs, rhs in shapes if rhs == (5, 5, 32, 16)] == [batch] * workers, shapes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("kind,stride,padding", [
+    ("forward", 1, 2), ("forward", 2, 1), ("input_grad", 1, 2), ("input_grad", 1, 0)])
+def test_per_worker_convolutions_equal_one_merged_convolution(dtype, kind, stride, padding):
+  with jax.enable_x64(dtype == jnp.float64):
+    x = _normal(30, (3, 2, 9, 9, 6), dtype)
+    k = _normal(31, (3, 3, 6, 4) if kind == "forward" else (3, 3, 4, 6), dtype)
+    ks = _normal(32, (3,) + k.shape, dtype)
+    per_worker = conv_lib._per_worker_conv(kind, stride, padding)
+    if kind == "forward":
+      merged = lambda x, k: conv_lib._xla_conv(x, k, stride, padding)
+    else:
+      merged = lambda x, k: conv_lib._canonical_input_grad(x, k, padding)
+    for in_axes, args in [((0, None), (x, k)), ((0, 0), (x, ks)), ((None, 0), (x[0], ks))]:
+      got = jax.jit(jax.vmap(per_worker, in_axes=in_axes))(*args)
+      ref = jax.jit(jax.vmap(merged, in_axes=in_axes))(*args)
+      assert got.dtype == dtype and got.shape == ref.shape
+      tol = dict(rtol=1e-12, atol=1e-12) if dtype == jnp.float64 else dict(rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(got, ref, **tol)
+  with pytest.raises(ValueError, match="per-worker"):
+    conv_lib._per_worker_conv("input_grad", 2, 1)
+
+
 def test_unrolled_gradients_in_a_scan_match_outside():
   # The same per-worker gradients whether the step runs on its own or in a scan body.
   model, variables, x, y = _model_case("simple_mnist", jnp.float32, "unrolled", (12, 12, 1))
