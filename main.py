@@ -26,9 +26,8 @@ flags.DEFINE_integer(
     "cpu_devices", 1,
     "CPU devices to expose (XLA_FLAGS=--xla_force_host_platform_device_count): 1 (default) "
     "= one device; N > 1 lets config.devices=0 split the workers' gradients over N devices "
-    "(XLA:CPU runs each convolution on one core; for conv models with many workers one "
-    "device per core was fastest, see README); 0 = one per core. Ignored when XLA_FLAGS already sets the "
-    "count.")
+    "(XLA:CPU runs each convolution on one core; which count is fastest depends on the "
+    "step, see README); 0 = one per core. Ignored when XLA_FLAGS already sets the count.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

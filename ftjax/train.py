@@ -219,11 +219,10 @@ def expose_cpu_devices(count: int = 0) -> None:
 
   Sets ``XLA_FLAGS=--xla_force_host_platform_device_count``, so it only takes
   effect before JAX's first use of a device, and it leaves a count already in
-  XLA_FLAGS alone. XLA:CPU runs each convolution on one core and runs programs
-  side by side only on different devices; with several devices,
-  ``config.devices=0`` splits the workers over all of them (on 2 cores, 2 devices
-  ran the scanned simple_mnist mu2sgd step fastest, 3 the host loop's;
-  docs/performance_notes.md).
+  XLA_FLAGS alone. XLA:CPU runs each convolution on one core; with several
+  devices, ``config.devices=0`` splits the workers over all of them. On 2 cores
+  the simple_mnist mu2sgd step under sign flipping ran fastest on one device,
+  momentum and the omniscient attacks on two (docs/performance_notes.md).
   """
   current = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in current:
