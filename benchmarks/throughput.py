@@ -184,8 +184,9 @@ def main(argv):
   out_path = FLAGS.out
   if not on_cpu and not FLAGS["out"].present:
     out_path = f"docs/benchmarks/throughput_{jax.default_backend()}.md"
-  roof = matmul_gflops(2048 if on_cpu else 8192)
-  print(f"float32 matmul 2048^3: {roof:.0f} GFLOP/s", flush=True)
+  matmul_n = 2048 if on_cpu else 8192
+  roof = matmul_gflops(matmul_n)
+  print(f"float32 matmul {matmul_n}^3: {roof:.0f} GFLOP/s", flush=True)
   rows, plain_sgd = [], {}
   for dtype in dtypes:
     if dtype == "float64":
@@ -260,7 +261,7 @@ def main(argv):
       f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, backend "
       f"{jax.default_backend()}. Median of {FLAGS.reps} timed chunks of {FLAGS.chunk} "
       "rounds after compilation. simple_mnist, W=17, f=8, b=16, MNIST-shaped data.", "",
-      f"Roofline: a {2048 if on_cpu else 8192}-square float32 matmul runs at "
+      f"Roofline: a {matmul_n}-square float32 matmul runs at "
       f"**{roof:.0f} GFLOP/s** here.", "",
       "| dtype | estimator | aggregator | attack | conv | loop | devices | steps/s | GFLOP/step | "
       "GFLOP/s | roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",

@@ -10,8 +10,8 @@ lowers to a grouped convolution that XLA:CPU runs far below its matmul speed.
 The "unrolled" implementation (the CPU default) computes the weight gradient in
 a ``jax.custom_vjp`` whose ``custom_vmap`` rule runs XLA's plain weight-gradient
 convolution once per worker (the vmapped axis is small and static) instead of
-one grouped convolution. Its forward convolution and input gradient run once
-per worker too: XLA:CPU runs each convolution on one core and hands ready work
+one grouped convolution. Its forward convolution and stride-1 input gradient
+run once per worker too: XLA:CPU runs each convolution on one core and hands ready work
 to its other threads only when more than 8 thunks are ready at once, so one
 convolution over all workers' examples would leave the other cores idle. First
 layers with at most a few input channels use a fused shifted-input sum for the
@@ -256,8 +256,16 @@ def scan_friendly(jaxpr) -> bool:
              for p in (eqn.params for eqn in conv_eqns(jaxpr)))
 
 
-# Above this many workers the per-worker weight gradients are not unrolled.
+# Above this many workers the per-worker convolutions are not unrolled.
 _MAX_UNROLLED_WORKERS = 64
+
+
+def _once_per_worker(fn: Callable[..., Array], axis_size: int, in_batched, *args):
+  """A custom_vmap rule's result: ``fn`` called on each worker's slice of the
+  batched arguments (unbatched ones as they are), stacked."""
+  outs = [fn(*(a[i] if batched else a for a, batched in zip(args, in_batched)))
+          for i in range(axis_size)]
+  return jnp.stack(outs), True
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,9 +295,7 @@ def _weight_grad_fn(kernel_shape: tuple[int, ...], dtype: Any, stride: int, padd
           lambda k: _xla_conv(x, k, stride, padding), kernel_aval)(dy)[0]
       return jax.vmap(conv_t, in_axes=(0 if x_batched else None,
                                        0 if dy_batched else None))(x, dy), True
-    outs = [wgrad(x[i] if x_batched else x, dy[i] if dy_batched else dy)
-            for i in range(axis_size)]
-    return jnp.stack(outs), True
+    return _once_per_worker(wgrad, axis_size, in_batched, x, dy)
 
   return wgrad
 
@@ -346,8 +352,7 @@ def _per_worker_conv(kind: str, stride: int, padding: int):
       # gradients); an unbatched input has nothing to split.
       return jax.vmap(fn, in_axes=(0 if x_batched else None, 0 if k_batched else None))(
           x, kernel), True
-    outs = [conv(x[i], kernel[i] if k_batched else kernel) for i in range(axis_size)]
-    return jnp.stack(outs), True
+    return _once_per_worker(conv, axis_size, in_batched, x, kernel)
 
   return conv
 
@@ -373,13 +378,13 @@ def _conv_with_weight_grad(weight_grad: Callable[..., Array]) -> Callable[..., A
 
   def bwd(stride, padding, res, dy):
     x, kernel = res
-    if stride == 1 and padding < min(kernel.shape[:2]):
-      dx = _per_worker_conv("input_grad", 1, padding)(dy, kernel)
-    elif padding < min(kernel.shape[:2]):
-      dx = _strided_input_grad(dy, kernel, stride, padding, x.shape[1:3])
-    else:
+    if padding >= min(kernel.shape[:2]):
       _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
       (dx,) = x_vjp(dy)
+    elif stride == 1:
+      dx = _per_worker_conv("input_grad", 1, padding)(dy, kernel)
+    else:
+      dx = _strided_input_grad(dy, kernel, stride, padding, x.shape[1:3])
     dk = weight_grad(x, dy, tuple(kernel.shape), jnp.dtype(kernel.dtype), stride, padding)
     return dx, dk.astype(kernel.dtype)
 

@@ -525,6 +525,11 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
 LOOPS = ("auto", "scan", "host")
 
 
+def _check_loop(loop: str) -> None:
+  if loop not in LOOPS:
+    raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
+
+
 def resolve_loop(loop: str, chunk_jaxpr) -> str:
   """The chunk loop: "scan" or "host".
 
@@ -539,8 +544,7 @@ def resolve_loop(loop: str, chunk_jaxpr) -> str:
   loop or up to 27% faster (docs/performance_notes.md). ``conv_impl="xla"`` and
   more than 64 workers (a grouped weight gradient) keep the host loop on CPU.
   """
-  if loop not in LOOPS:
-    raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
+  _check_loop(loop)
   if loop != "auto":
     return loop
   if jax.default_backend() != "cpu":
@@ -583,8 +587,7 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
   (whether the new parameters are all finite). Compiling for a length twice
   returns the cached executable.
   """
-  if loop not in LOOPS:
-    raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
+  _check_loop(loop)
   train_step = make_train_step(setup)
   chunk_indices = make_chunk_indices(setup)
   cache = {}

@@ -363,6 +363,16 @@ def test_fused_batch_norm_relu_max_pool_float64_and_vmap():
       np.testing.assert_allclose(g, r_, rtol=1e-11, atol=1e-13)
 
 
+def _unrolled_grad_convs(dtype, workers=3, batch=4):
+  """The convolution equations of the CPU path's vmapped per-worker gradient."""
+  with jax.enable_x64(dtype == jnp.float64):
+    model, variables, x, y = _model_case("simple_mnist", dtype, "unrolled", (12, 12, 1),
+                                         workers=workers, batch=batch)
+    f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
+    jaxpr = jax.make_jaxpr(f)(variables["params"], variables["batch_stats"], x, y).jaxpr
+  return conv_lib.conv_eqns(jaxpr)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_unrolled_gradient_uses_only_plain_forward_convolutions(dtype):
   # Inside a lax.scan/while body XLA:CPU runs a convolution on its fast library
@@ -370,12 +380,8 @@ def test_unrolled_gradient_uses_only_plain_forward_convolutions(dtype):
   # transposed convolutions fell back to a generic one there, ~50x slower. The CPU
   # path therefore writes every convolution of the per-worker gradient (forward,
   # input gradient, per-worker weight gradients) in that form.
-  with jax.enable_x64(dtype == jnp.float64):
-    model, variables, x, y = _model_case("simple_mnist", dtype, "unrolled", (12, 12, 1))
-    f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
-    jaxpr = jax.make_jaxpr(f)(variables["params"], variables["batch_stats"], x, y).jaxpr
   plain = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
-  convs = conv_lib.conv_eqns(jaxpr)
+  convs = _unrolled_grad_convs(dtype)
   # Layer 2's forward, input gradient and one weight gradient per worker (3), and
   # layer 1's weight gradients in float32 (float64 takes shifted matmuls there).
   assert len(convs) >= 5, len(convs)
@@ -392,11 +398,8 @@ def test_unrolled_runs_one_convolution_per_worker():
   # gradient once per worker (W convolutions of b examples), never once over all
   # W*b examples.
   workers, batch = 3, 4
-  model, variables, x, y = _model_case("simple_mnist", jnp.float32, "unrolled", (12, 12, 1),
-                                       workers=workers, batch=batch)
-  f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
-  jaxpr = jax.make_jaxpr(f)(variables["params"], variables["batch_stats"], x, y).jaxpr
-  shapes = [(e.invars[0].aval.shape, e.invars[1].aval.shape) for e in conv_lib.conv_eqns(jaxpr)]
+  shapes = [(e.invars[0].aval.shape, e.invars[1].aval.shape)
+            for e in _unrolled_grad_convs(jnp.float32, workers, batch)]
   assert not [s for s in shapes if s[0][0] == workers * batch], shapes
   # Layer 2 (16 -> 32 channels): forward with the kernel, input gradient with the
   # flipped kernel's channels swapped; each once per worker, on b examples.
