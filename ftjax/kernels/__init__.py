@@ -1,0 +1,93 @@
+"""The seam between the algorithms and the backend-specific fast code.
+
+The algorithms (aggregators, attacks, estimators, models, the round) are
+written as the formulas they implement and call a small set of primitives
+from the modules of this package:
+
+* :mod:`ftjax.kernels.rows`: reductions over the leading worker axis (row
+  means and weighted sums, order statistics and trimmed sums, row distances,
+  Gram matrices, fusion barriers);
+* :mod:`ftjax.kernels.layers`: the convolution and the BatchNorm -> ReLU ->
+  2x2 max pool block of the models.
+
+Every primitive has a plain version (``jax.numpy``/``lax``, the definition)
+and may have fast versions for a backend. Which one runs is a *kernel set*:
+
+* ``"plain"``: the plain versions everywhere;
+* ``"cpu"``: the XLA:CPU versions (selection networks, radix select, sliced
+  distances, per-worker convolutions, a fused BatchNorm block with a
+  hand-written backward pass), each of which still falls back to the plain
+  version for shapes where it does not help;
+* ``"auto"``: ``"cpu"`` on the CPU backend, ``"plain"`` on GPU and TPU.
+
+The choice is made where an aggregator or a model is called (it is a field of
+:class:`ftjax.aggregators.Aggregator` and of the Flax models, so it is part of
+their identity and of jit's cache key) and is visible to the primitives while
+that call is traced, through :func:`use` and :func:`current`. A user-written
+rule that calls these primitives therefore runs with the kernels of the
+aggregator that wraps it. Every fast primitive is tested equal to its plain
+version (``tests/test_kernels.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import jax
+
+KERNEL_SETS = ("auto", "plain", "cpu")
+"""Names a user can type (``config.kernels``)."""
+
+_AUTO = {"cpu": "cpu"}  # backend -> kernel set; any other backend: "plain"
+
+_current: contextvars.ContextVar[str] = contextvars.ContextVar("ftjax_kernels", default="auto")
+
+
+def check(name: str) -> str:
+  """Validates a kernel-set name and returns it.
+
+  Raises:
+    ValueError: for a name outside :data:`KERNEL_SETS`.
+  """
+  if not isinstance(name, str) or name not in KERNEL_SETS:
+    raise ValueError(f"Unknown kernel set {name!r}; choose one of: {', '.join(KERNEL_SETS)}.")
+  return name
+
+
+def resolve(name: str = "auto") -> str:
+  """``"plain"`` or ``"cpu"``: the kernel set ``name`` stands for on this backend."""
+  check(name)
+  if name == "auto":
+    return _AUTO.get(jax.default_backend(), "plain")
+  return name
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[str]:
+  """Makes ``name`` the kernel set of the primitives traced inside the block.
+
+  Nested blocks override outer ones; ``"auto"`` inside a block keeps the outer
+  choice.
+
+  Yields:
+    The resolved kernel set, ``"plain"`` or ``"cpu"``.
+  """
+  check(name)
+  if name == "auto":
+    name = _current.get()
+  token = _current.set(name)
+  try:
+    yield resolve(name)
+  finally:
+    _current.reset(token)
+
+
+def current() -> str:
+  """The resolved kernel set (``"plain"`` or ``"cpu"``) at this point of tracing.
+
+  Primitives read it when they are called. Functions traced later (the
+  backward pass of a ``custom_vjp``, a ``custom_vmap`` rule) must not: the
+  primitive picks its implementation when it is called and closes over it.
+  """
+  return resolve(_current.get())
