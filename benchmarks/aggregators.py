@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import aggregators as agg_lib
-from ftjax import selection
+from ftjax.kernels import rows as rows_lib
 
 BASE = ["avg", "cwmed", "cwtm", "gm", "krum", "multikrum", "centered_clipping", "meamed"]
 RULES = BASE + [f"ctma({b})" for b in BASE if b != "cwtm"] + [
@@ -78,7 +78,7 @@ def np_meamed(x, f):
 
 
 def np_gm(x, f, iters=3, nu=0.1):
-  z = np.zeros(x.shape[1], x.dtype)
+  z = np.median(x, axis=0)
   for _ in range(iters):
     beta = 1.0 / np.maximum(np.linalg.norm(x - z, axis=1), nu)
     z = beta @ x / beta.sum()
@@ -183,7 +183,7 @@ def _time(fn, reps):
 def memory_pass(x, xn, reps):
   """Fastest single read of x, and which way achieved it."""
   w = x.shape[0]
-  rowsum = jax.jit(lambda a: selection.sum_rows([a[i] for i in range(w)]))
+  rowsum = jax.jit(lambda a: rows_lib.sum_rows([a[i] for i in range(w)]))
   xla_sum = jax.jit(lambda a: a.sum(0))
   cands = {
       "numpy x.sum(0)": _time(lambda: xn.sum(0), reps)[0],

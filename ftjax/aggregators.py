@@ -3,52 +3,62 @@
 An aggregator reduces W worker updates to one. Updates are any pytree whose
 leaves share a leading worker axis W (e.g. a params pytree stacked by
 ``jax.vmap``); norms and distances are global over all leaves, and nothing is
-flattened into one big matrix. Build one from a spec string::
+flattened into one big matrix. Rules compose as functions::
 
-    agg = make_aggregator("ctma(cwtm)", f=4, num_workers=17)
-    aggregate, diagnostics = agg(updates, key)      # works under jit and vmap
+    rule = ctma(cwtm(f=4))
+    aggregate, diagnostics = rule(updates, key)      # works under jit and vmap
+
+Base rules: :func:`avg`, :func:`cwmed`, :func:`cwtm`, :func:`meamed`,
+:func:`gm`, :func:`krum`, :func:`multikrum`, :func:`centered_clipping`.
+Meta- and pre-aggregators wrap any rule: :func:`ctma`, :func:`nnm`,
+:func:`nnm_ctma`, :func:`bucketing`, :func:`clip`, :func:`arc`; they also wrap
+a user-written function (see :func:`rule`), e.g. ``ctma(my_fn, f=2)``.
+
+The same rules have a string spelling for configs and the command line::
+
+    rule = make_aggregator("ctma(cwtm)", f=4, num_workers=17)
 
 Spec grammar: ``rule`` or ``meta(spec)``, nested freely, e.g. ``"cwtm"``,
 ``"ctma(cwtm)"``, ``"bucketing(cwmed)"``, ``"nnm+ctma(cwtm)"``, ``"clip(gm)"``,
 ``"arc(ctma(cwtm))"``. Names are resolved through :data:`AGGREGATORS`,
-:data:`META_AGGREGATORS` and :data:`ALIASES` (``rfa`` = ``gm``).
+:data:`META_AGGREGATORS` and :data:`ALIASES` (``rfa`` = ``gm``); the default
+options of every rule are its builder's keyword defaults, listed in
+:data:`DEFAULT_OPTIONS`.
 
 Faulty rows. A worker may send NaN or +-inf. Distance-based rules treat a row
 with any non-finite coordinate as infinitely far away; coordinate-wise rules
 order NaN as +inf and trim it like any extreme value; means that should drop a
-row skip it through ``jnp.where`` (``0 * inf`` would be NaN). With at most f
-such rows every rule here except ``avg`` returns a finite output. ``avg`` is
-the plain mean and is not robust.
+row skip it (``0 * inf`` would be NaN). With at most f such rows every rule
+here except ``avg`` returns a finite output. ``avg`` is the plain mean and is
+not robust.
 
-Cost. Coordinate-wise rules use a sorting network fused into one elementwise
-loop (see :mod:`ftjax.selection`); ``nnm`` and ``krum`` use one W x W Gram
-matrix of rows centred at the coordinate-wise median, so float32 keeps small
-distances between large vectors that share a common component. Distances to a
-point (``ctma``, ``gm``, clipping) are computed directly from ``x - center``
-in one read (:func:`ftjax.selection.row_sqdist`), and means of selected rows
-(``ctma``, ``multikrum``) read only the selected rows.
+Kernels. The rules are written in plain JAX over the worker-axis primitives of
+:mod:`ftjax.kernels.rows` (means, order statistics, trimmed sums, row
+distances, Gram matrices, fusion barriers). An aggregator's ``kernels`` field
+chooses their implementation while it runs (see :mod:`ftjax.kernels`).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+import inspect
+import types
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import optax
 from optax.experimental import aggregating as optax_aggregating
 
-from ftjax import selection
+from ftjax import kernels as kernels_lib
+from ftjax.kernels import rows
 
 PyTree = Any
 Diagnostics = dict[str, jax.Array]
 # (rows, key) -> (aggregate, diagnostics); rows is a pytree stacked on W.
-_RuleFn = Callable[[PyTree, Optional[jax.Array]], tuple[PyTree, Diagnostics]]
+RuleFn = Callable[[PyTree, Optional[jax.Array]], tuple[PyTree, Diagnostics]]
 
 
 # --------------------------------------------------------------------------
-# Pytree helpers (global over leaves, no flattening)
+# Pytree maths (global over leaves, no flattening)
 # --------------------------------------------------------------------------
 
 
@@ -59,15 +69,11 @@ def _num_rows(x: PyTree) -> int:
 def _row_sqdist(x: PyTree, center: PyTree | None = None) -> jax.Array:
   """Squared distance of every row to ``center`` (or squared norm), [W].
 
-  NaN (a non-finite row, or inf - inf) is mapped to +inf so that a faulty row
-  is infinitely far from everything.
+  Summed over the leaves; a non-finite row (or inf - inf) is +inf away.
   """
-  centers = [None] * len(jax.tree.leaves(x)) if center is None else jax.tree.leaves(center)
-  total = None
-  for leaf, c in zip(jax.tree.leaves(x), centers):
-    part = selection.row_sqdist(leaf, c)
-    total = part if total is None else total + part
-  return total
+  leaves = jax.tree.leaves(x)
+  centers = [None] * len(leaves) if center is None else jax.tree.leaves(center)
+  return sum(rows.sqdist(leaf, c) for leaf, c in zip(leaves, centers))
 
 
 def _row_finite(x: PyTree) -> jax.Array:
@@ -80,15 +86,17 @@ def _row_finite(x: PyTree) -> jax.Array:
 
 
 def _weighted_sum(x: PyTree, weights: jax.Array, mask: jax.Array | None = None) -> PyTree:
-  return jax.tree.map(lambda leaf: selection.weighted_row_sum(leaf, weights, mask), x)
+  return jax.tree.map(lambda leaf: rows.weighted_sum(leaf, weights, mask), x)
 
 
-def _masked_mean(x: PyTree, mask: jax.Array, denominator=None) -> PyTree:
-  """Mean of the rows where ``mask``; divides by ``denominator`` if given."""
-  if denominator is None:
-    denominator = jnp.maximum(jnp.sum(mask), 1)
-  weights = jnp.where(mask, 1.0, 0.0) / denominator
+def _masked_mean(x: PyTree, mask: jax.Array) -> PyTree:
+  """Mean of the rows where ``mask`` (the others may hold NaN)."""
+  weights = jnp.where(mask, 1.0, 0.0) / jnp.maximum(jnp.sum(mask), 1)
   return _weighted_sum(x, weights, mask)
+
+
+def _mean_of(x: PyTree, idx: jax.Array) -> PyTree:
+  return jax.tree.map(lambda leaf: rows.mean_of(leaf, idx), x)
 
 
 def _smallest_indices(values: jax.Array, k: int) -> jax.Array:
@@ -96,24 +104,13 @@ def _smallest_indices(values: jax.Array, k: int) -> jax.Array:
   return jnp.sort(jnp.argsort(values, stable=True)[:k])
 
 
-def _mean_of_rows(x: PyTree, idx: jax.Array) -> PyTree:
-  """Mean of the rows ``idx`` (int [k], static k), reading only those rows.
-
-  Each row is fetched by a dynamic index inside one fused sum, so the other
-  rows (possibly NaN) are never read: at W=65, d=1e6 this is 3x faster than a
-  masked sum over all rows. Rows are scaled by 1/k before they are added, as
-  :func:`_masked_mean` does.
-  """
-  k = idx.shape[0]
-  if k > selection.UNROLL_MAX_ROWS:
-    return _masked_mean(x, jnp.zeros(_num_rows(x), bool).at[idx].set(True), k)
-
-  def leaf_mean(leaf):
-    scale = jnp.asarray(1.0 / k, leaf.dtype)
-    return selection.sum_rows(
-        [scale * jax.lax.dynamic_index_in_dim(leaf, idx[t], keepdims=False) for t in range(k)])
-
-  return jax.tree.map(leaf_mean, x)
+def _median(leaf: jax.Array, lower: bool = False) -> jax.Array:
+  """Coordinate-wise median; for even W the midpoint of the middle two (or the lower)."""
+  w = leaf.shape[0]
+  if lower or w % 2:
+    return rows.order_statistics(leaf, [(w - 1) // 2])[0]
+  a, b = rows.order_statistics(leaf, [w // 2 - 1, w // 2])
+  return (a + b) * jnp.asarray(0.5, leaf.dtype)
 
 
 def _clip_rows(x: PyTree, tau: jax.Array) -> tuple[PyTree, jax.Array]:
@@ -121,6 +118,9 @@ def _clip_rows(x: PyTree, tau: jax.Array) -> tuple[PyTree, jax.Array]:
 
   A row of infinite norm has no direction to keep, so zero is the only clipped
   value that stays finite.
+
+  Returns:
+    (clipped rows, bool [W] rows that were scaled or zeroed).
   """
   norms = jnp.sqrt(_row_sqdist(x))
   finite = jnp.isfinite(norms)
@@ -136,144 +136,100 @@ def _clip_rows(x: PyTree, tau: jax.Array) -> tuple[PyTree, jax.Array]:
   return jax.tree.map(clip_leaf, x), clipped | ~finite
 
 
-# _gram splits rows into at most this many column slices of at least
-# _GRAM_MIN_SLICE columns.
-_GRAM_SLICES = 16
-_GRAM_MIN_SLICE = 16384
-
-
-def _gram(y: jax.Array) -> jax.Array:
-  """``y @ y.T`` for y [W, n], as a sum of one product per column slice.
-
-  XLA on CPU multiplies a short, very wide matrix by its transpose about 2x
-  slower in one dot (W=17, n=1e6: 63 ms) than in 16 dots over column slices
-  (30 ms), which are also slightly more accurate in float32.
-  """
-  n = y.shape[1]
-  s = max(1, min(_GRAM_SLICES, n // _GRAM_MIN_SLICE))
-  bounds = [i * n // s for i in range(s + 1)]
-  return selection.sum_rows([
-      jnp.dot(y[:, lo:hi], y[:, lo:hi].T, precision=jax.lax.Precision.HIGHEST)
-      for lo, hi in zip(bounds[:-1], bounds[1:])])
-
-
 def _centered_gram(x: PyTree) -> tuple[jax.Array, PyTree, PyTree, jax.Array]:
-  """Pairwise squared distances through one Gram matrix of centred rows.
+  """Pairwise squared distances |x_i - x_j|^2 through one Gram matrix.
 
-  Rows are centred at the coordinate-wise median (robust to f far rows, unlike
-  the mean) before the W x W Gram matrix is accumulated leaf by leaf, so
-  ``|a|^2 + |b|^2 - 2 a.b`` does not cancel catastrophically in float32.
+  Rows are centred at the coordinate-wise median c (robust to f far rows,
+  unlike the mean) before the W x W Gram matrix G of y_i = x_i - c is summed
+  over the leaves, so ``|y_i|^2 + |y_j|^2 - 2 y_i.y_j`` does not cancel
+  catastrophically in float32 for rows that share a large common component.
 
   Returns:
     (dist [W, W] with +inf for pairs involving a non-finite row and 0 on the
-    diagonal, centred masked rows (pytree of [W, n_leaf] arrays), the centre,
-    bool [W] finite rows).
+    diagonal, centred rows y with non-finite rows zeroed (pytree of [W, n_leaf]
+    arrays), the centre c, bool [W] finite rows).
   """
   w = _num_rows(x)
   finite = _row_finite(x)
-  # In its own computation: fused into the [W, d] centring below, XLA redid
-  # the median's sorting network once per row (krum 8.0 s at W=65, d=1e6).
-  center = _isolated(lambda v, k: (jax.tree.map(_median_leaf, v), {}), x, None)[0]
-  gram = None
-  centred = []
-  for leaf, c in zip(jax.tree.leaves(x), jax.tree.leaves(center)):
-    y = jnp.where(finite[:, None], (leaf - c[None]).reshape(w, -1), jnp.zeros((), leaf.dtype))
-    centred.append(y)
-    g = _gram(y)
-    gram = g if gram is None else gram + g
-  sq = jnp.diagonal(gram)
-  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-  both = finite[:, None] & finite[None, :]
-  dist = jnp.where(both, dist, jnp.inf)
+  # The median feeds the [W, d] centring: its own computation.
+  center = rows.isolate(lambda v: jax.tree.map(_median, v), x)
+  centred = [jnp.where(finite[:, None], (leaf - c[None]).reshape(w, -1), jnp.zeros((), leaf.dtype))
+             for leaf, c in zip(jax.tree.leaves(x), jax.tree.leaves(center))]
+  g = sum(rows.gram(y) for y in centred)
+  sq = jnp.diagonal(g)
+  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
+  dist = jnp.where(finite[:, None] & finite[None, :], dist, jnp.inf)
   dist = jnp.where(jnp.eye(w, dtype=bool), 0.0, dist)
-  centred = jax.tree.unflatten(jax.tree.structure(x), centred)
-  return dist, centred, center, finite
-
-
-# --------------------------------------------------------------------------
-# Base rules
-# --------------------------------------------------------------------------
-
-
-def _median_leaf(leaf: jax.Array, lower: bool = False) -> jax.Array:
-  w = leaf.shape[0]
-  if lower or w % 2:
-    return selection.order_statistics(leaf, [(w - 1) // 2])[0]
-  a, b = selection.order_statistics(leaf, [w // 2 - 1, w // 2])
-  return (a + b) * jnp.asarray(0.5, leaf.dtype)
-
-
-def _avg(f: int) -> _RuleFn:
-  del f
-
-  def fn(x, key):
-    del key
-    w = _num_rows(x)
-    return jax.tree.map(lambda l: selection.sum_rows([l[i] for i in range(w)]) / w, x), {}
-  return fn
-
-
-def _cwmed(f: int, lower: bool = False) -> _RuleFn:
-  del f
-
-  def fn(x, key):
-    del key
-    return jax.tree.map(lambda l: _median_leaf(l, lower), x), {}
-  return fn
-
-
-def _cwtm(f: int) -> _RuleFn:
-  def trimmed(leaf):
-    w = leaf.shape[0]
-    return selection.trimmed_sum(leaf, f, w - f - 1) / jnp.asarray(w - 2 * f, leaf.dtype)
-
-  def fn(x, key):
-    del key
-    return jax.tree.map(trimmed, x), {}
-  return fn
-
-
-def _meamed(f: int) -> _RuleFn:
-  """Mean of the W-f values closest to the median, per coordinate.
-
-  Sorted values s_0 <= ... <= s_{W-1}: the W-f closest to the median form a
-  window [k, k + W - f). The f dropped values are the f farthest among the
-  bottom distances a_j = m - s_j and top distances b_j = s_{W-1-j} - m, both
-  decreasing in j, so k = #{j < f : a_j > b_{f-1-j}} (b_{f-1-j} = s_{W-f+j});
-  an exact tie drops the upper value (which keeps the rule permutation
-  invariant, unlike a tie-break by worker index).
-  """
-  def leaf_fn(leaf):
-    w = leaf.shape[0]
-    s = selection.sorted_rows(leaf)
-    m = s[(w - 1) // 2] if w % 2 else (s[w // 2 - 1] + s[w // 2]) * jnp.asarray(0.5, leaf.dtype)
-    k = sum((m - s[j] > s[w - f + j] - m).astype(jnp.int32) for j in range(f)) \
-        if f else jnp.zeros(leaf.shape[1:], jnp.int32)
-    zero = jnp.zeros((), leaf.dtype)
-    terms = list(s[f:w - f])
-    terms += [jnp.where(k <= j, s[j], zero) for j in range(f)]
-    terms += [jnp.where(j < k + (w - f), s[j], zero) for j in range(w - f, w)]
-    return selection.sum_rows(terms) / jnp.asarray(w - f, leaf.dtype)
-
-  def fn(x, key):
-    del key
-    return jax.tree.map(leaf_fn, x), {}
-  return fn
+  return dist, jax.tree.unflatten(jax.tree.structure(x), centred), center, finite
 
 
 def _init_point(x: PyTree, init: str) -> PyTree:
+  """Starting point of gm and centred clipping: zero, the finite rows' mean, or cwmed."""
   if init == "zero":
     return jax.tree.map(lambda l: jnp.zeros(l.shape[1:], l.dtype), x)
-  if init == "mean":  # mean of the finite rows: one NaN row must not poison it
+  if init == "mean":  # of the finite rows: one NaN row must not poison it
     return _masked_mean(x, _row_finite(x))
-  # "cwmed", isolated so that its consumers cannot duplicate the network.
-  return _isolated(lambda v, k: (jax.tree.map(_median_leaf, v), {}), x, None)[0]
+  return jax.tree.map(_median, x)
 
 
-def _gm(f: int, iters: int = 3, nu: float = 0.1, init: str = "zero",
-        tol: float | None = None, max_iters: int = 100) -> _RuleFn:
-  """Smoothed Weiszfeld: z <- sum_i b_i x_i / sum_i b_i, b_i = 1/max(|z-x_i|, nu)."""
-  del f
+# --------------------------------------------------------------------------
+# Base rules: (x, key, *, f, **options) -> (aggregate, diagnostics)
+# --------------------------------------------------------------------------
+
+
+def _avg(x, key, *, f):
+  del key, f
+  return jax.tree.map(rows.mean, x), {}
+
+
+def _cwmed(x, key, *, f, lower):
+  del key, f
+  return jax.tree.map(lambda leaf: _median(leaf, lower), x), {}
+
+
+def _cwtm(x, key, *, f):
+  """Per coordinate: drop the f smallest and f largest values, average the rest."""
+  del key
+
+  def trimmed_mean(leaf):
+    w = leaf.shape[0]
+    return rows.trimmed_sum(leaf, f, w - f - 1) / jnp.asarray(w - 2 * f, leaf.dtype)
+
+  return jax.tree.map(trimmed_mean, x), {}
+
+
+def _meamed(x, key, *, f):
+  """Per coordinate, the mean of the W-f values closest to the median.
+
+  Sorted values s_0 <= ... <= s_{W-1} with median m: the W-f closest to m form
+  a window [k, k + W - f). The f dropped values are the f farthest among the
+  bottom distances a_j = m - s_j and top distances b_j = s_{W-1-j} - m, both
+  decreasing in j, so k = #{j < f : a_j > b_{f-1-j}} (b_{f-1-j} = s_{W-f+j}).
+  An exact tie drops the upper value, which keeps the rule permutation
+  invariant (a tie-break by worker index would not be).
+  """
+  del key
+
+  def window_mean(leaf):
+    w = leaf.shape[0]
+    s = rows.sort(leaf)
+    m = s[(w - 1) // 2] if w % 2 else (s[w // 2 - 1] + s[w // 2]) * jnp.asarray(0.5, leaf.dtype)
+    k = sum(((m - s[j]) > (s[w - f + j] - m)).astype(jnp.int32) for j in range(f)) \
+        if f else jnp.zeros(leaf.shape[1:], jnp.int32)
+    # 0 <= k <= f: the window always holds s_f .. s_{W-f-1}; of the f lowest
+    # values it keeps those at j >= k, of the f highest those at j < k + W - f.
+    zero = jnp.zeros((), leaf.dtype)
+    window = [s[j] for j in range(f, w - f)]
+    window += [jnp.where(j >= k, s[j], zero) for j in range(f)]
+    window += [jnp.where(j < k + (w - f), s[j], zero) for j in range(w - f, w)]
+    return rows.sum_rows(window) / jnp.asarray(w - f, leaf.dtype)
+
+  return jax.tree.map(window_mean, x), {}
+
+
+def _gm(x, key, *, f, iters, nu, init, tol, max_iters):
+  """Smoothed Weiszfeld: z <- sum_i b_i x_i / sum_i b_i, b_i = 1/max(|z - x_i|, nu)."""
+  del key, f
 
   def step(x, z):
     dist = jnp.sqrt(_row_sqdist(x, z))
@@ -281,29 +237,27 @@ def _gm(f: int, iters: int = 3, nu: float = 0.1, init: str = "zero",
     beta = jnp.where(ok, 1.0 / jnp.maximum(dist, nu), 0.0)
     return _weighted_sum(x, beta / jnp.sum(beta), ok)
 
-  def fn(x, key):
-    del key
-    z = _own_computation(lambda v: _init_point(v, init), x)
-    if tol is None:
-      for _ in range(iters):  # static T: unrolled
-        z = _own_computation(step, x, z)
-      return z, {}
+  # Each point feeds the next distance pass over the rows: its own computation.
+  z = rows.isolate(lambda v: _init_point(v, init), x)
+  if tol is None:
+    for _ in range(iters):
+      z = rows.isolate(step, x, z)
+    return z, {}
 
-    def cond(carry):
-      i, _, moved = carry
-      return (i < max_iters) & (moved > tol)
+  def cond(carry):
+    i, _, moved = carry
+    return (i < max_iters) & (moved > tol)
 
-    def body(carry):
-      i, z, _ = carry
-      new = step(x, z)
-      moved = jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
-                           zip(jax.tree.leaves(new), jax.tree.leaves(z))))
-      return i + 1, new, moved
+  def body(carry):
+    i, z, _ = carry
+    new = step(x, z)
+    moved = jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
+                         zip(jax.tree.leaves(new), jax.tree.leaves(z))))
+    return i + 1, new, moved
 
-    dtype = jax.tree.leaves(x)[0].dtype
-    i, z, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), z, jnp.asarray(jnp.inf, dtype)))
-    return z, {"gm_iters": i}
-  return fn
+  dtype = jax.tree.leaves(x)[0].dtype
+  i, z, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), z, jnp.asarray(jnp.inf, dtype)))
+  return z, {"gm_iters": i}
 
 
 def _krum_scores(dist: jax.Array, f: int) -> jax.Array:
@@ -311,23 +265,22 @@ def _krum_scores(dist: jax.Array, f: int) -> jax.Array:
   w = dist.shape[0]
   others = jnp.where(jnp.eye(w, dtype=bool), jnp.inf, dist)
   nearest = jnp.sort(others, axis=1)[:, :w - f - 1]
-  return selection.nan_to_posinf(jnp.sum(nearest, axis=1))
+  return rows.nan_to_posinf(jnp.sum(nearest, axis=1))
 
 
-def _multikrum(f: int, num_selected: int | None = None) -> _RuleFn:
-  def fn(x, key):
-    del key
-    w = _num_rows(x)
-    m = w - f if num_selected is None else num_selected
-    dist, _, _, _ = _centered_gram(x)
-    idx = _smallest_indices(_krum_scores(dist, f), m)
-    chosen = jnp.zeros(w, bool).at[idx].set(True)
-    return _mean_of_rows(x, idx), {"krum_selected": chosen}
-  return fn
+def _multikrum(x, key, *, f, num_selected):
+  """Mean of the num_selected rows (default W - f) with the smallest Krum scores."""
+  del key
+  w = _num_rows(x)
+  m = w - f if num_selected is None else num_selected
+  dist, _, _, _ = _centered_gram(x)
+  idx = _smallest_indices(_krum_scores(dist, f), m)
+  chosen = jnp.zeros(w, bool).at[idx].set(True)
+  return _mean_of(x, idx), {"krum_selected": chosen}
 
 
-def _krum(f: int) -> _RuleFn:
-  return _multikrum(f, num_selected=1)
+def _krum(x, key, *, f):
+  return _multikrum(x, key, f=f, num_selected=1)
 
 
 def centered_clip(updates: PyTree, center: PyTree, tau: float, iters: int = 1) -> PyTree:
@@ -351,58 +304,57 @@ def centered_clip(updates: PyTree, center: PyTree, tau: float, iters: int = 1) -
     dist = jnp.sqrt(_row_sqdist(updates, v))
     ok = jnp.isfinite(dist)
     scale = jnp.where(ok, jnp.minimum(1.0, tau / jnp.where(ok & (dist > 0), dist, 1.0)), 0.0)
-    # sum_i s_i (x_i - v) = sum_i s_i x_i - (sum_i s_i) v
+    # v + mean_i s_i (x_i - v) = sum_i (s_i / W) x_i - (sum_i s_i / W) v + v
     moved = _weighted_sum(updates, scale / w, ok)
     total = jnp.sum(scale) / w
     return jax.tree.map(lambda m, c: m - total.astype(c.dtype) * c + c, moved, v)
 
   v = center
   for i in range(iters):
-    # Each iterate feeds the next distance pass; the last one is returned.
-    v = step(updates, v) if i == iters - 1 else _own_computation(step, updates, v)
+    # Each iterate but the last feeds the next distance pass: its own computation.
+    v = step(updates, v) if i == iters - 1 else rows.isolate(step, updates, v)
   return v
 
 
-def _centered_clipping(f: int, tau: float = 10.0, iters: int = 1, init: str = "mean") -> _RuleFn:
-  del f
-
-  def fn(x, key):
-    del key
-    center = _own_computation(lambda v: _init_point(v, init), x)
-    return centered_clip(x, center, tau, iters), {}
-  return fn
+def _centered_clipping(x, key, *, f, tau, iters, init):
+  del key, f
+  center = rows.isolate(lambda v: _init_point(v, init), x)
+  return centered_clip(x, center, tau, iters), {}
 
 
 # --------------------------------------------------------------------------
-# Meta- and pre-aggregators (each wraps an inner rule)
+# Meta- and pre-aggregators: (inner, x, key, *, f, **options) -> (aggregate, diagnostics)
 # --------------------------------------------------------------------------
 
 
-def _ctma(inner: _RuleFn, f: int, keep_ties: bool = False) -> _RuleFn:
-  """Centered Trimmed Meta Aggregator: mean of the W-f rows nearest to A(x).
+def _merge(inner: Diagnostics, outer: Diagnostics) -> Diagnostics:
+  out = dict(inner)
+  for k, v in outer.items():
+    while k in out:  # nested copies of one meta-aggregator keep every entry
+      k = "outer_" + k
+    out[k] = v
+  return out
 
-  Cost: A's own pass(es), one read of x for the distances
-  (:func:`selection.row_sqdist`) and one read of the W-f kept rows, i.e.
-  about 2.5 reads of x on top of A. Folding the distances into a
-  coordinate-wise A's pass (one loop computing A(x)_j and accumulating
-  (x_ij - A(x)_j)^2) would save one read, but XLA on CPU does not build it:
-  sibling reductions are not fused (each recomputes A's sorting network) and
-  a variadic reduction is emitted as scalar code (8x slower than A alone).
-  ``|x_i|^2 - 2 x_i.A(x) + |A(x)|^2`` would need the same passes and cancels
-  in float32 for rows with a large common component.
+
+def _ctma(inner: RuleFn, x, key, *, f, keep_ties):
+  """Centered Trimmed Meta Aggregator: x0 = A(x), then the mean of the W-f rows nearest x0.
+
+  With ``keep_ties`` (the original program's variant) S holds every row at a
+  distance up to the (W-f)-th smallest, ties at the cut-off included, and the
+  result is ``x0 + (1/(W-f)) sum_{i in S} (x_i - x0)``.
   """
-  def fn(x, key):
-    x0, diag = _isolated(inner, x, key)
-    w = _num_rows(x)
-    r = _row_sqdist(x, x0)
-    if keep_ties:  # reference quirk: every row tied at the cut-off stays in
-      cutoff = jnp.sort(r)[w - f - 1]
-      kept = r <= cutoff
-      return _masked_mean(x, kept, w - f), _merge(diag, {"ctma_kept": kept})
-    idx = _smallest_indices(r, w - f)
-    kept = jnp.zeros(w, bool).at[idx].set(True)
-    return _mean_of_rows(x, idx), _merge(diag, {"ctma_kept": kept})
-  return fn
+  # The centre feeds the distance pass over the rows: its own computation.
+  x0, diag = rows.isolate(lambda v: inner(v, key), x)
+  w = _num_rows(x)
+  r = _row_sqdist(x, x0)
+  if keep_ties:
+    kept = r <= jnp.sort(r)[w - f - 1]
+    scale = jnp.full((w,), 1.0 / (w - f))
+    out = jax.tree.map(lambda v, c: c + rows.weighted_sum(v - c, scale, kept), x, x0)
+    return out, _merge(diag, {"ctma_kept": kept})
+  idx = _smallest_indices(r, w - f)
+  kept = jnp.zeros(w, bool).at[idx].set(True)
+  return _mean_of(x, idx), _merge(diag, {"ctma_kept": kept})
 
 
 def nearest_neighbour_mix(updates: PyTree, f: int) -> PyTree:
@@ -439,44 +391,14 @@ def nearest_neighbour_mix(updates: PyTree, f: int) -> PyTree:
   return jax.tree.map(mix_leaf, updates, centred, center)
 
 
-def _nnm(inner: _RuleFn, f: int) -> _RuleFn:
-  """Nearest Neighbour Mixing then A: A(nearest_neighbour_mix(x))."""
-  def fn(x, key):
-    return inner(nearest_neighbour_mix(x, f), key)
-  return fn
+def _nnm(inner: RuleFn, x, key, *, f):
+  """A(nearest_neighbour_mix(x))."""
+  return inner(nearest_neighbour_mix(x, f), key)
 
 
-def _own_computation(fn: Callable, *args):
-  """``fn(*args)`` as its own XLA computation (both branches of one cond), see _isolated.
-
-  For points that feed a distance pass (gm's iterates, centered clipping's
-  centre): XLA on CPU otherwise fuses the weighted row sum that makes the
-  point into every column slice of the next distance computation and
-  recomputes it there, once per row (gm at W=65: ~1 s instead of ~10 ms per
-  iteration at d=2e5).
-  """
-  first = jax.tree.leaves(args[0])[0]
-  pred = jnp.isnan(first.reshape(-1)[0])
-  return jax.lax.cond(pred, fn, fn, *args)
-
-
-def _isolated(rule: _RuleFn, x: PyTree, key) -> tuple[PyTree, Diagnostics]:
-  """Runs ``rule`` as its own XLA computation (both branches of one cond).
-
-  When a sorting network's output has further consumers (ctma's distances),
-  XLA on CPU splits the network into ~20 fusions that each write a full row,
-  and ctma(cwtm) cost 15x cwtm. A cond branch is fused on its own, keeping the
-  network one loop; the predicate depends on the data so XLA cannot fold it.
-  Under vmap the cond becomes a select and both (identical) branches run.
-  """
-  first = jax.tree.leaves(x)[0]
-  pred = jnp.isnan(first.reshape(-1)[0])
-  return jax.lax.cond(pred, lambda v: rule(v, key), lambda v: rule(v, key), x)
-
-
-def _nnm_ctma(inner: _RuleFn, f: int, keep_ties: bool = False) -> _RuleFn:
+def _nnm_ctma(inner: RuleFn, x, key, *, f, keep_ties):
   """ctma centred at nnm(A)'s output, trimming the original rows."""
-  return _ctma(_nnm(inner, f), f, keep_ties)
+  return _ctma(lambda v, k: _nnm(inner, v, k, f=f), x, key, f=f, keep_ties=keep_ties)
 
 
 def _bucket_size(w: int, f: int, bucket_size: int | None) -> int:
@@ -485,208 +407,66 @@ def _bucket_size(w: int, f: int, bucket_size: int | None) -> int:
   return max(1, w // (2 * f)) if f else 1
 
 
-def _bucketing(inner: _RuleFn, f: int, bucket_size: int | None = None) -> _RuleFn:
-  """Random permutation, means of buckets of s consecutive rows, A(means)."""
-  def fn(x, key):
-    if key is None:
-      raise ValueError("bucketing is stochastic: call the aggregator with a PRNG key, "
-                       "e.g. agg(updates, jax.random.key(0)).")
-    w = _num_rows(x)
-    s = _bucket_size(w, f, bucket_size)
-    nb = -(-w // s)
-    perm_key, inner_key = jax.random.split(key)
-    perm = jax.random.permutation(perm_key, w)
-    bucket_of_slot = jnp.arange(w, dtype=jnp.int32) // s
-    sizes = jnp.bincount(bucket_of_slot, length=nb)
-    bucket = jnp.zeros(w, jnp.int32).at[perm].set(bucket_of_slot)  # worker -> bucket
-    finite = _row_finite(x)
-    member = bucket[None, :] == jnp.arange(nb)[:, None]             # [nb, W]
-    bad = jnp.any(member & ~finite[None, :], axis=1)
-    weights = jnp.where(member, 1.0 / sizes[:, None], 0.0)
+def _bucketing(inner: RuleFn, x, key, *, f, bucket_size):
+  """Random permutation, means of buckets of s consecutive rows, A(means).
 
-    def means(leaf):
-      out = [selection.weighted_row_sum(leaf, weights[b], member[b] & finite) for b in range(nb)]
-      out = jnp.stack(out)
-      shape = (nb,) + (1,) * (leaf.ndim - 1)
-      return jnp.where(bad.reshape(shape), jnp.array(jnp.nan, leaf.dtype), out)
+  A bucket holding a non-finite row has a NaN mean, so the inner rule sees at
+  most as many faulty rows as there are faulty workers.
+  """
+  if key is None:
+    raise ValueError("bucketing is stochastic: call the aggregator with a PRNG key, "
+                     "e.g. agg(updates, jax.random.key(0)).")
+  w = _num_rows(x)
+  s = _bucket_size(w, f, bucket_size)
+  nb = -(-w // s)
+  perm_key, inner_key = jax.random.split(key)
+  perm = jax.random.permutation(perm_key, w)
+  bucket_of_slot = jnp.arange(w, dtype=jnp.int32) // s
+  sizes = jnp.bincount(bucket_of_slot, length=nb)
+  bucket = jnp.zeros(w, jnp.int32).at[perm].set(bucket_of_slot)  # worker -> bucket
+  finite = _row_finite(x)
+  member = bucket[None, :] == jnp.arange(nb)[:, None]             # [nb, W]
+  bad = jnp.any(member & ~finite[None, :], axis=1)
+  weights = jnp.where(member, 1.0 / sizes[:, None], 0.0)
 
-    agg, diag = inner(jax.tree.map(means, x), inner_key)
-    # Per-bucket diagnostics are reported per worker (the worker's bucket).
-    diag = {k: (v[bucket] if jnp.ndim(v) == 1 and v.shape[0] == nb else v)
-            for k, v in diag.items()}
-    return agg, diag
-  return fn
+  def bucket_means(leaf):
+    means = jnp.stack([rows.weighted_sum(leaf, weights[b], member[b] & finite)
+                       for b in range(nb)])
+    shape = (nb,) + (1,) * (leaf.ndim - 1)
+    return jnp.where(bad.reshape(shape), jnp.array(jnp.nan, leaf.dtype), means)
+
+  agg, diag = inner(jax.tree.map(bucket_means, x), inner_key)
+  # Per-bucket diagnostics are reported per worker (the worker's bucket).
+  diag = {k: (v[bucket] if jnp.ndim(v) == 1 and v.shape[0] == nb else v)
+          for k, v in diag.items()}
+  return agg, diag
 
 
-def _clip(inner: _RuleFn, f: int, tau: float = 1.0) -> _RuleFn:
-  """Static clipping of every row to norm tau before A."""
+def _clip(inner: RuleFn, x, key, *, f, tau):
+  """A applied to every row clipped to norm tau."""
   del f
-
-  def fn(x, key):
-    y, clipped = _clip_rows(x, jnp.asarray(tau))
-    agg, diag = inner(y, key)
-    return agg, _merge(diag, {"clip_clipped": clipped})
-  return fn
+  y, clipped = _clip_rows(x, jnp.asarray(tau))
+  agg, diag = inner(y, key)
+  return agg, _merge(diag, {"clip_clipped": clipped})
 
 
-def _arc(inner: _RuleFn, f: int) -> _RuleFn:
+def _arc(inner: RuleFn, x, key, *, f):
   """Adaptive robust clipping (Allouah et al., 2024) before A.
 
   With k = floor(2 (f/W) (W - f)), every row is clipped to the norm of the
   (k+1)-th largest, so the k largest rows are clipped.
   """
-  def fn(x, key):
-    w = _num_rows(x)
-    k = int(2 * f * (w - f) // w)
-    norms = jnp.sqrt(_row_sqdist(x))
-    tau = jnp.sort(norms)[::-1][min(k, w - 1)]
-    y, clipped = _clip_rows(x, tau)
-    agg, diag = inner(y, key)
-    return agg, _merge(diag, {"arc_clipped": clipped})
-  return fn
-
-
-def _merge(inner: Diagnostics, outer: Diagnostics) -> Diagnostics:
-  out = dict(inner)
-  for k, v in outer.items():
-    while k in out:  # nested copies of one meta-aggregator keep every entry
-      k = "outer_" + k
-    out[k] = v
-  return out
+  w = _num_rows(x)
+  k = int(2 * f * (w - f) // w)
+  norms = jnp.sqrt(_row_sqdist(x))
+  tau = jnp.sort(norms)[::-1][min(k, w - 1)]
+  y, clipped = _clip_rows(x, tau)
+  agg, diag = inner(y, key)
+  return agg, _merge(diag, {"arc_clipped": clipped})
 
 
 # --------------------------------------------------------------------------
-# Tables: names, options, validation
-# --------------------------------------------------------------------------
-
-
-class _Rule(NamedTuple):
-  build: Callable[..., Any]             # (f, **options) or (inner, f, **options)
-  options: Mapping[str, Any]            # option name -> default
-  min_rows: Callable[[int, Mapping[str, Any]], int]   # f, options -> least W computable
-  robust_rows: Callable[[int, Mapping[str, Any]], int]  # least W it is meant for
-  requirement: str                      # the robust condition, in words
-
-
-def _half(f, o):
-  return 2 * f + 1
-
-
-def _any(f, o):
-  return 1
-
-
-AGGREGATORS: dict[str, _Rule] = {
-    "avg": _Rule(_avg, {}, _any, _any, "any W"),
-    "cwmed": _Rule(_cwmed, {"lower": False}, _any, _half, "W > 2f"),
-    "cwtm": _Rule(_cwtm, {}, _half, _half, "W > 2f"),
-    "gm": _Rule(_gm, {"iters": 3, "nu": 0.1, "init": "zero", "tol": None, "max_iters": 100},
-                _any, _half, "W > 2f"),
-    "krum": _Rule(_krum, {}, lambda f, o: f + 2, lambda f, o: 2 * f + 3, "W > 2f + 2"),
-    "multikrum": _Rule(_multikrum, {"num_selected": None},
-                       lambda f, o: max(f + 2, o["num_selected"] or 0),
-                       lambda f, o: max(2 * f + 3, o["num_selected"] or 0),
-                       "W > 2f + 2 (and W >= num_selected)"),
-    "centered_clipping": _Rule(_centered_clipping, {"tau": 10.0, "iters": 1, "init": "mean"},
-                               _any, _half, "W > 2f"),
-    "meamed": _Rule(_meamed, {}, lambda f, o: f + 1, _half, "W > 2f"),
-}
-"""Base rules: name -> builder, default options and row requirements."""
-
-META_AGGREGATORS: dict[str, _Rule] = {
-    "ctma": _Rule(_ctma, {"keep_ties": False}, lambda f, o: f + 1, _half, "W > 2f"),
-    "nnm": _Rule(_nnm, {}, lambda f, o: f + 1, _half, "W > 2f"),
-    "nnm+ctma": _Rule(_nnm_ctma, {"keep_ties": False}, lambda f, o: f + 1, _half, "W > 2f"),
-    "bucketing": _Rule(_bucketing, {"bucket_size": None}, _any,
-                       lambda f, o: 4 * f, "W >= 4f (f <= W/4)"),
-    "clip": _Rule(_clip, {"tau": 1.0}, _any, _any, "any W"),
-    "arc": _Rule(_arc, {}, _any, _half, "W > 2f"),
-}
-"""Meta- and pre-aggregators: name -> builder (wrapping an inner rule)."""
-
-ALIASES: dict[str, str] = {"rfa": "gm"}
-"""Other spellings accepted in specs and options."""
-
-_GM_INITS = ("zero", "mean", "cwmed")
-
-
-def _canonical(name: str) -> str:
-  name = name.strip().lower()
-  return ALIASES.get(name, name)
-
-
-def _parse(spec: str) -> list[str]:
-  """'arc(ctma(cwtm))' -> ['arc', 'ctma', 'cwtm'] (outermost first)."""
-  if not isinstance(spec, str) or not spec.strip():
-    raise ValueError(f"Aggregator spec must be a non-empty string such as 'ctma(cwtm)', "
-                     f"got {spec!r}.")
-  names, rest = [], spec.replace(" ", "").lower()
-  while "(" in rest:
-    head, _, rest = rest.partition("(")
-    if not rest.endswith(")"):
-      raise ValueError(f"Unbalanced parentheses in aggregator spec {spec!r}; write e.g. "
-                       f"'ctma(cwtm)'.")
-    rest = rest[:-1]
-    names.append(_canonical(head))
-  names.append(_canonical(rest))
-  if ")" in rest:
-    raise ValueError(f"Unbalanced parentheses in aggregator spec {spec!r}.")
-  for n in names[:-1]:
-    if n not in META_AGGREGATORS:
-      hint = " (it is a base rule; only the innermost name may be one)" if n in AGGREGATORS else ""
-      raise ValueError(f"Unknown meta-aggregator {n!r} in spec {spec!r}{hint}; valid "
-                       f"meta-aggregators: {sorted(META_AGGREGATORS)}.")
-  if names[-1] not in AGGREGATORS:
-    raise ValueError(f"Unknown aggregator {names[-1]!r} in spec {spec!r}; valid base rules: "
-                     f"{sorted(AGGREGATORS)} (aliases {ALIASES}); meta-aggregators "
-                     f"{sorted(META_AGGREGATORS)} wrap one, e.g. 'ctma(cwtm)'.")
-  return names
-
-
-def _check_option(rule: str, name: str, value: Any) -> None:
-  def bad(what):
-    raise ValueError(f"Option {rule}.{name}={value!r} is invalid: {what}.")
-
-  is_int = isinstance(value, int) and not isinstance(value, bool)
-  is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if name in ("lower", "keep_ties") and not isinstance(value, bool):
-    bad("use True or False")
-  if name in ("iters", "max_iters") and not (is_int and value >= 1):
-    bad("use an integer >= 1")
-  if name in ("nu", "tau") and not (is_num and value > 0):
-    bad("use a positive number")
-  if name == "tol" and value is not None and not (is_num and value > 0):
-    bad("use a positive number, or None for a fixed number of iterations")
-  if name in ("bucket_size", "num_selected") and value is not None and not (is_int and value >= 1):
-    bad("use an integer >= 1, or None for the default")
-  if name == "init" and value not in _GM_INITS:
-    bad(f"valid starting points are {list(_GM_INITS)}")
-
-
-def _resolve_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict]:
-  tables = {**AGGREGATORS, **META_AGGREGATORS}
-  resolved = {name: dict(rule.options) for name, rule in tables.items()}
-  for raw_name, given in (options or {}).items():
-    name = _canonical(raw_name)
-    if name not in tables:
-      raise ValueError(f"Options given for unknown rule {raw_name!r}; valid names: "
-                       f"{sorted(tables)}.")
-    if given is None:
-      continue
-    if not isinstance(given, Mapping):
-      raise ValueError(f"Options for {raw_name!r} must be a mapping of option names to "
-                       f"values, e.g. {{'{name}': {dict(tables[name].options)}}}.")
-    for key, value in given.items():
-      if key not in tables[name].options:
-        raise ValueError(f"Unknown option {key!r} for {name!r}; valid options: "
-                         f"{sorted(tables[name].options) or 'none'}.")
-      _check_option(name, key, value)
-      resolved[name][key] = value
-  return resolved
-
-
-# --------------------------------------------------------------------------
-# Public API
+# The Aggregator
 # --------------------------------------------------------------------------
 
 
@@ -698,47 +478,105 @@ class AggregatorState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Aggregator:
-  """A robust aggregator built by :func:`make_aggregator`.
+  """A robust aggregation rule: ``agg(updates, key=None) -> (aggregate, diagnostics)``.
+
+  Built by the rule functions of this module (:func:`cwtm`, :func:`ctma`, ...,
+  :func:`rule` for a user-written function) or by :func:`make_aggregator`.
+  Equal aggregators (same rules, f, options, inner rule, kernel set and, for a
+  user-written rule, the same function) compute the same thing, so an
+  aggregator can be a static argument of ``jax.jit``.
 
   Attributes:
-    spec: canonical spelling, e.g. ``"ctma(cwtm)"``.
+    name: the rule's name, e.g. ``"ctma"``; a user-written rule's own name.
     f: number of Byzantine workers tolerated.
+    options: the rule's options, sorted ``(name, value)`` pairs (every option,
+      defaults included; ``dict(agg.options)`` gives the mapping).
+    inner: the wrapped rule of a meta- or pre-aggregator, else None.
+    kernels: kernel set of the :mod:`ftjax.kernels.rows` primitives while this
+      rule runs: ``"auto"`` (the enclosing choice, else the backend's),
+      ``"plain"`` or ``"cpu"``.
+    fn: a user-written rule's function (None for the built-in rules).
   """
-  spec: str
+  name: str
   f: int
-  _names: tuple[str, ...] = dataclasses.field(repr=False, compare=False)
-  _options: Mapping[str, Mapping[str, Any]] = dataclasses.field(repr=False, compare=False)
-  _fn: _RuleFn = dataclasses.field(repr=False, compare=False)
+  options: tuple[tuple[str, Any], ...] = ()
+  inner: Optional[Aggregator] = None
+  kernels: str = "auto"
+  fn: Optional[Callable[..., Any]] = None
+
+  def __post_init__(self):
+    _check_f(self.f)
+    kernels_lib.check(self.kernels)
+
+  def __repr__(self) -> str:
+    opts = {a.name: dict(a.options) for a in self._layers() if a.options}
+    return f"Aggregator({self.spec!r}, f={self.f}, options={opts}, kernels={self.kernels!r})"
+
+  @property
+  def spec(self) -> str:
+    """Canonical spelling, e.g. ``"ctma(cwtm)"``."""
+    return self.name if self.inner is None else f"{self.name}({self.inner.spec})"
 
   @property
   def stochastic(self) -> bool:
-    """Whether a call needs a PRNG key (bucketing anywhere in the spec)."""
-    return "bucketing" in self._names
+    """Whether a call needs a PRNG key (bucketing anywhere in the rule)."""
+    return any(a.fn is None and a.name == "bucketing" for a in self._layers())
+
+  def with_kernels(self, name: str) -> Aggregator:
+    """The same rule with kernel set ``name``.
+
+    Inner rules whose kernel set is ``"auto"`` follow it.
+
+    Args:
+      name: ``"auto"``, ``"plain"`` or ``"cpu"``.
+
+    Returns:
+      The new :class:`Aggregator`.
+    """
+    return dataclasses.replace(self, kernels=kernels_lib.check(name))
+
+  def _layers(self) -> list[Aggregator]:
+    out, a = [], self
+    while a is not None:
+      out.append(a)
+      a = a.inner
+    return out
+
+  def _apply(self, x: PyTree, key: jax.Array | None) -> tuple[PyTree, Diagnostics]:
+    """The rule's body on validated rows, under this rule's kernel set."""
+    with kernels_lib.use(self.kernels):
+      if self.fn is not None:
+        return _call_user_rule(self.fn, self.name, x, key)
+      info = _TABLE[self.name]
+      if self.inner is None:
+        return info.body(x, key, f=self.f, **dict(self.options))
+      return info.body(self.inner._apply, x, key, f=self.f, **dict(self.options))
 
   def _rows_needed(self, num_workers: int, robust: bool) -> list[tuple[str, int, int, str]]:
     """(name, rows it sees, least rows it needs, condition) for each layer."""
-    out, rows = [], num_workers
-    for name in self._names:
-      rule = AGGREGATORS.get(name) or META_AGGREGATORS[name]
-      opts = self._options[name]
-      need = (rule.robust_rows if robust else rule.min_rows)(self.f, opts)
-      out.append((name, rows, need, rule.requirement))
-      if name == "bucketing":
-        s = _bucket_size(rows, self.f, opts["bucket_size"])
-        rows = -(-rows // s)
+    out, n = [], num_workers
+    for a in self._layers():
+      if a.fn is not None:
+        out.append((a.name, n, 1, "any W"))
+        continue
+      info, opts = _TABLE[a.name], dict(a.options)
+      need = (info.robust_rows if robust else info.min_rows)(a.f, opts)
+      out.append((a.name, n, need, info.requirement))
+      if a.name == "bucketing":
+        n = -(-n // _bucket_size(n, a.f, opts["bucket_size"]))
     return out
 
   def _validate(self, num_workers: Any, robust: bool) -> None:
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
       raise ValueError(f"The number of workers must be an integer >= 1, got {num_workers!r}; "
                        f"pass updates with a non-empty leading worker axis.")
-    for name, rows, need, requirement in self._rows_needed(num_workers, robust):
-      if rows < need:
-        where = "" if rows == num_workers else (
-            f" (bucketing leaves {rows} bucket means out of {num_workers} workers; "
+    for name, n, need, requirement in self._rows_needed(num_workers, robust):
+      if n < need:
+        where = "" if n == num_workers else (
+            f" (bucketing leaves {n} bucket means out of {num_workers} workers; "
             f"lower options['bucketing']['bucket_size'])")
         raise ValueError(
-            f"{self.spec!r} with f={self.f} cannot run on {rows} rows{where}: {name} needs "
+            f"{self.spec!r} with f={self.f} cannot run on {n} rows{where}: {name} needs "
             f"{requirement}, i.e. at least {need} rows; lower f to fewer Byzantine workers or "
             f"use more workers.")
 
@@ -786,18 +624,28 @@ class Aggregator:
     if self.stochastic and key is None:
       raise ValueError(f"{self.spec!r} is stochastic: pass a PRNG key, "
                        f"agg(updates, jax.random.key(seed)).")
-    updates = jax.tree.map(jnp.asarray, updates)
-    return self._fn(updates, key)
+    with kernels_lib.use(self.kernels):
+      # The rows are computed once, not inside every pass over them.
+      updates = rows.materialize(jax.tree.map(jnp.asarray, updates))
+      return self._apply(updates, key)
 
   def as_optax(self, key: jax.Array | None = None) -> optax_aggregating.Aggregator:
     """Wraps the rule as an ``optax.experimental.aggregating.Aggregator``.
 
+    Its ``update(per_worker_updates, state)`` returns
+    ``((aggregate, diagnostics), state)``, the auxiliary-output convention of
+    ``optax.experimental.aggregating.process(..., aggregator_has_aux=True)``,
+    which passes the diagnostics on to the postprocessor as extra arguments::
+
+      tx = aggregating.process(optax.identity(), rule.as_optax(), optax.sgd(0.1),
+                               aggregator_has_aux=True)
+
     Args:
-      key: PRNG key for stochastic rules; each update folds in its count.
+      key: PRNG key for stochastic rules (default ``jax.random.key(0)``); each
+        update folds in its count.
 
     Returns:
-      An aggregator whose ``update(per_worker_updates, state)`` returns the
-      aggregate (diagnostics are dropped) and the next state.
+      The optax aggregator; its state is an :class:`AggregatorState`.
     """
     if key is None:
       key = jax.random.key(0)
@@ -808,15 +656,462 @@ class Aggregator:
 
     def update_fn(per_elt_updates, state, params=None, **extra_args):
       del params, extra_args
-      agg, _ = self(per_elt_updates, jax.random.fold_in(state.key, state.count))
-      return agg, AggregatorState(key=state.key, count=state.count + 1)
+      agg, diagnostics = self(per_elt_updates, jax.random.fold_in(state.key, state.count))
+      return (agg, diagnostics), AggregatorState(key=state.key, count=state.count + 1)
 
     return optax_aggregating.Aggregator(init=init_fn, update=update_fn)
 
 
+def _takes_key(fn: Callable) -> bool:
+  """Whether ``fn`` takes two positional arguments (updates, key)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _call_user_rule(fn: Callable, name: str, x: PyTree, key) -> tuple[PyTree, Diagnostics]:
+  if not _takes_key(fn):
+    return fn(x), {}
+  out = fn(x, key)
+  if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+    raise ValueError(f"Rule {name!r} takes (updates, key), so it must return (aggregate, "
+                     f"diagnostics dict); a function of updates alone may return the aggregate.")
+  return out[0], dict(out[1])
+
+
+# --------------------------------------------------------------------------
+# Public rules
+# --------------------------------------------------------------------------
+
+
+def _check_f(f: Any) -> None:
+  if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+    raise ValueError(f"f (the number of Byzantine workers) must be an integer >= 0, got {f!r}.")
+
+
+def _base(name: str, f: int, **options) -> Aggregator:
+  _check_f(f)
+  for key, value in options.items():
+    _check_option(name, key, value)
+  return Aggregator(name=name, f=f, options=tuple(sorted(options.items())))
+
+
+def _meta(name: str, inner: Union[Aggregator, Callable], f: int | None, **options) -> Aggregator:
+  if not isinstance(inner, Aggregator):
+    inner = rule(inner, f=0 if f is None else f)
+  f = inner.f if f is None else f
+  _check_f(f)
+  for key, value in options.items():
+    _check_option(name, key, value)
+  return Aggregator(name=name, f=f, options=tuple(sorted(options.items())), inner=inner)
+
+
+def rule(fn: Callable, f: int = 0, name: str | None = None) -> Aggregator:
+  """Wraps a user-written rule as an :class:`Aggregator`.
+
+  ``fn`` is either a function of the updates alone, ``updates -> aggregate``,
+  or of two positional arguments, ``(updates, key) -> (aggregate,
+  diagnostics)``. It can call the :mod:`ftjax.kernels.rows` primitives, which
+  then run with the kernel set of the aggregator around it. Two wrappers of
+  the same function (and f, name) are equal.
+
+  Args:
+    fn: the rule, over pytrees stacked on a leading worker axis.
+    f: number of Byzantine workers it tolerates (what meta-aggregators that
+      wrap it use by default).
+    name: its name in :attr:`Aggregator.spec` (default ``fn.__name__``).
+
+  Returns:
+    The :class:`Aggregator`; ``fn`` itself when it already is one.
+  """
+  if isinstance(fn, Aggregator):
+    return fn
+  if not callable(fn):
+    raise ValueError(f"A rule must be a function updates -> aggregate or (updates, key) -> "
+                     f"(aggregate, diagnostics), got {fn!r}.")
+  if name is None:
+    name = getattr(fn, "__name__", type(fn).__name__)
+  return Aggregator(name=str(name), f=f, fn=fn)
+
+
+def avg(*, f: int = 0) -> Aggregator:
+  """The coordinate-wise mean (not robust: one NaN row makes it NaN).
+
+  Args:
+    f: declared number of Byzantine workers (unused by the mean).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("avg", f)
+
+
+def cwmed(lower: bool = False, *, f: int = 0) -> Aggregator:
+  """The coordinate-wise median.
+
+  Args:
+    lower: for even W, the lower of the two middle values instead of their
+      midpoint (the original program's median).
+    f: number of Byzantine workers (robust for W > 2f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("cwmed", f, lower=lower)
+
+
+def cwtm(f: int) -> Aggregator:
+  """The coordinate-wise trimmed mean.
+
+  Per coordinate: order the W values along the worker axis, drop the f
+  smallest and the f largest, average the W - 2f others.
+
+  Args:
+    f: values dropped at each end (needs W > 2f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("cwtm", f)
+
+
+def meamed(f: int) -> Aggregator:
+  """Mean around the median (meamed).
+
+  Per coordinate, the mean of the W - f values nearest the coordinate-wise
+  median (an exact tie drops the upper value).
+
+  Args:
+    f: values dropped (robust for W > 2f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("meamed", f)
+
+
+def gm(iters: int = 3, nu: float = 0.1, init: str = "cwmed", tol: float | None = None,
+       max_iters: int = 100, *, f: int = 0) -> Aggregator:
+  """The geometric median by smoothed Weiszfeld iterations.
+
+  z <- sum_i b_i x_i / sum_i b_i with b_i = 1 / max(|z - x_i|, nu); rows with
+  a non-finite distance get weight zero.
+
+  Args:
+    iters: iterations when ``tol`` is None.
+    nu: smoothing of the weights.
+    init: starting point: ``"cwmed"`` (the coordinate-wise median), ``"mean"``
+      (of the finite rows) or ``"zero"`` (the original program's).
+    tol: if given, iterate until a step moves less than ``tol`` (at most
+      ``max_iters`` steps); diagnostics then hold ``gm_iters``.
+    max_iters: iteration cap with ``tol``.
+    f: number of Byzantine workers (robust for W > 2f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("gm", f, iters=iters, nu=nu, init=init, tol=tol, max_iters=max_iters)
+
+
+def krum(f: int) -> Aggregator:
+  """Krum: the row with the smallest Krum score.
+
+  A row's score is its summed squared distance to its W - f - 1 nearest other
+  rows.
+
+  Args:
+    f: number of Byzantine workers (needs W > 2f + 2).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("krum", f)
+
+
+def multikrum(f: int, num_selected: int | None = None) -> Aggregator:
+  """Multi-Krum: the mean of the ``num_selected`` rows with the smallest Krum scores.
+
+  Args:
+    f: number of Byzantine workers (needs W > 2f + 2).
+    num_selected: rows averaged (None: W - f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("multikrum", f, num_selected=num_selected)
+
+
+def centered_clipping(tau: float = 10.0, iters: int = 1, init: str = "mean", *,
+                      f: int = 0) -> Aggregator:
+  """Centred clipping: from a centre v, ``iters`` times v <- v + mean_i clip_tau(x_i - v).
+
+  Args:
+    tau: clipping radius.
+    iters: clipping iterations.
+    init: first centre: ``"mean"`` (of the finite rows), ``"cwmed"`` or ``"zero"``.
+    f: number of Byzantine workers (robust for W > 2f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _base("centered_clipping", f, tau=tau, iters=iters, init=init)
+
+
+def ctma(inner: Union[Aggregator, Callable], f: int | None = None,
+         keep_ties: bool = False) -> Aggregator:
+  """Centered Trimmed Meta Aggregator (Dahan & Levy, 2024).
+
+  With x0 = A(x), the mean of the W - f rows nearest x0 (exactly W - f, ties
+  to the lower index).
+
+  Args:
+    inner: the rule A (an :class:`Aggregator` or a function, see :func:`rule`).
+    f: rows trimmed (default: the inner rule's f).
+    keep_ties: the original program's variant: keep every row tied at the
+      cut-off, ``x0 + (1/(W-f)) sum_{i kept} (x_i - x0)``.
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _meta("ctma", inner, f, keep_ties=keep_ties)
+
+
+def nnm(inner: Union[Aggregator, Callable], f: int | None = None) -> Aggregator:
+  """Nearest Neighbour Mixing, then A.
+
+  A is applied to the rows each replaced by the mean of its W - f nearest rows
+  (itself included); see :func:`nearest_neighbour_mix`.
+
+  Args:
+    inner: the rule A.
+    f: number of Byzantine rows (default: the inner rule's f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _meta("nnm", inner, f)
+
+
+def nnm_ctma(inner: Union[Aggregator, Callable], f: int | None = None,
+             keep_ties: bool = False) -> Aggregator:
+  """CTMA centred at nnm(A)'s output, trimming the original (unmixed) rows.
+
+  Args:
+    inner: the rule A.
+    f: rows trimmed and mixing neighbourhood W - f (default: the inner rule's f).
+    keep_ties: as in :func:`ctma`.
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _meta("nnm+ctma", inner, f, keep_ties=keep_ties)
+
+
+def bucketing(inner: Union[Aggregator, Callable], f: int | None = None,
+              bucket_size: int | None = None) -> Aggregator:
+  """Bucketing, then A.
+
+  Shuffles the rows with a fresh permutation from the key, averages buckets of
+  s consecutive rows and applies A to the bucket means.
+
+  Args:
+    inner: the rule A.
+    f: number of Byzantine workers (default: the inner rule's f; needs f <= W/4).
+    bucket_size: s (None: floor(W / 2f)).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _meta("bucketing", inner, f, bucket_size=bucket_size)
+
+
+def clip(inner: Union[Aggregator, Callable], tau: float = 1.0, *,
+         f: int | None = None) -> Aggregator:
+  """Static clipping of every row to norm ``tau`` (a non-finite row to zero), then A.
+
+  Args:
+    inner: the rule A.
+    tau: clipping radius.
+    f: number of Byzantine workers (default: the inner rule's f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _meta("clip", inner, f, tau=tau)
+
+
+def arc(inner: Union[Aggregator, Callable], f: int | None = None) -> Aggregator:
+  """Adaptive Robust Clipping (Allouah et al., 2024), then A.
+
+  With k = floor(2 (f/W) (W - f)), every row is clipped to the norm of the
+  (k+1)-th largest row, so the k largest are clipped.
+
+  Args:
+    inner: the rule A.
+    f: number of Byzantine workers (default: the inner rule's f).
+
+  Returns:
+    The :class:`Aggregator`.
+  """
+  return _meta("arc", inner, f)
+
+
+# --------------------------------------------------------------------------
+# Tables: names, options, validation
+# --------------------------------------------------------------------------
+
+
+class RuleInfo(NamedTuple):
+  """A named rule: its builder, body, default options and row requirements."""
+  build: Callable[..., Aggregator]     # the public rule function
+  body: Callable[..., Any]             # ([inner,] x, key, *, f, **options) -> (aggregate, diag)
+  options: Mapping[str, Any]           # option name -> default (the builder's defaults)
+  min_rows: Callable[[int, Mapping[str, Any]], int]    # f, options -> least W computable
+  robust_rows: Callable[[int, Mapping[str, Any]], int]  # least W it is meant for
+  requirement: str                     # the robust condition, in words
+
+
+def _info(build, body, min_rows, robust_rows, requirement) -> RuleInfo:
+  # The builder's keyword defaults are the one source of each option's default.
+  defaults = {name: p.default for name, p in inspect.signature(build).parameters.items()
+              if name not in ("inner", "f")}
+  return RuleInfo(build, body, types.MappingProxyType(defaults), min_rows, robust_rows,
+                  requirement)
+
+
+def _half(f, o):
+  return 2 * f + 1
+
+
+def _any(f, o):
+  return 1
+
+
+def _above(f, o):
+  return f + 1
+
+
+AGGREGATORS: dict[str, RuleInfo] = {
+    "avg": _info(avg, _avg, _any, _any, "any W"),
+    "cwmed": _info(cwmed, _cwmed, _any, _half, "W > 2f"),
+    "cwtm": _info(cwtm, _cwtm, _half, _half, "W > 2f"),
+    "gm": _info(gm, _gm, _any, _half, "W > 2f"),
+    "krum": _info(krum, _krum, lambda f, o: f + 2, lambda f, o: 2 * f + 3, "W > 2f + 2"),
+    "multikrum": _info(multikrum, _multikrum,
+                       lambda f, o: max(f + 2, o["num_selected"] or 0),
+                       lambda f, o: max(2 * f + 3, o["num_selected"] or 0),
+                       "W > 2f + 2 (and W >= num_selected)"),
+    "centered_clipping": _info(centered_clipping, _centered_clipping, _any, _half, "W > 2f"),
+    "meamed": _info(meamed, _meamed, _above, _half, "W > 2f"),
+}
+"""Base rules: name -> :class:`RuleInfo`."""
+
+META_AGGREGATORS: dict[str, RuleInfo] = {
+    "ctma": _info(ctma, _ctma, _above, _half, "W > 2f"),
+    "nnm": _info(nnm, _nnm, _above, _half, "W > 2f"),
+    "nnm+ctma": _info(nnm_ctma, _nnm_ctma, _above, _half, "W > 2f"),
+    "bucketing": _info(bucketing, _bucketing, _any, lambda f, o: 4 * f, "W >= 4f (f <= W/4)"),
+    "clip": _info(clip, _clip, _any, _any, "any W"),
+    "arc": _info(arc, _arc, _any, _half, "W > 2f"),
+}
+"""Meta- and pre-aggregators (wrapping an inner rule): name -> :class:`RuleInfo`."""
+
+_TABLE = {**AGGREGATORS, **META_AGGREGATORS}
+
+DEFAULT_OPTIONS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
+    {name: info.options for name, info in _TABLE.items()})
+"""Rule name -> option name -> default, for every rule (e.g. to write a config)."""
+
+ALIASES: dict[str, str] = {"rfa": "gm"}
+"""Other spellings accepted in specs and options."""
+
+_INITS = ("zero", "mean", "cwmed")
+
+
+def _canonical(name: str) -> str:
+  name = name.strip().lower()
+  return ALIASES.get(name, name)
+
+
+def _parse(spec: str) -> list[str]:
+  """'arc(ctma(cwtm))' -> ['arc', 'ctma', 'cwtm'] (outermost first)."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"Aggregator spec must be a non-empty string such as 'ctma(cwtm)', "
+                     f"got {spec!r}.")
+  names, rest = [], spec.replace(" ", "").lower()
+  while "(" in rest:
+    head, _, rest = rest.partition("(")
+    if not rest.endswith(")"):
+      raise ValueError(f"Unbalanced parentheses in aggregator spec {spec!r}; write e.g. "
+                       f"'ctma(cwtm)'.")
+    rest = rest[:-1]
+    names.append(_canonical(head))
+  names.append(_canonical(rest))
+  if ")" in rest:
+    raise ValueError(f"Unbalanced parentheses in aggregator spec {spec!r}.")
+  for n in names[:-1]:
+    if n not in META_AGGREGATORS:
+      hint = " (it is a base rule; only the innermost name may be one)" if n in AGGREGATORS else ""
+      raise ValueError(f"Unknown meta-aggregator {n!r} in spec {spec!r}{hint}; valid "
+                       f"meta-aggregators: {sorted(META_AGGREGATORS)}.")
+  if names[-1] not in AGGREGATORS:
+    raise ValueError(f"Unknown aggregator {names[-1]!r} in spec {spec!r}; valid base rules: "
+                     f"{sorted(AGGREGATORS)} (aliases {ALIASES}); meta-aggregators "
+                     f"{sorted(META_AGGREGATORS)} wrap one, e.g. 'ctma(cwtm)'.")
+  return names
+
+
+def _check_option(rule_name: str, name: str, value: Any) -> None:
+  def bad(what):
+    raise ValueError(f"Option {rule_name}.{name}={value!r} is invalid: {what}.")
+
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if name in ("lower", "keep_ties") and not isinstance(value, bool):
+    bad("use True or False")
+  if name in ("iters", "max_iters") and not (is_int and value >= 1):
+    bad("use an integer >= 1")
+  if name in ("nu", "tau") and not (is_num and value > 0):
+    bad("use a positive number")
+  if name == "tol" and value is not None and not (is_num and value > 0):
+    bad("use a positive number, or None for a fixed number of iterations")
+  if name in ("bucket_size", "num_selected") and value is not None and not (is_int and value >= 1):
+    bad("use an integer >= 1, or None for the default")
+  if name == "init" and value not in _INITS:
+    bad(f"valid starting points are {list(_INITS)}")
+
+
+def _resolve_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict]:
+  resolved = {name: dict(info.options) for name, info in _TABLE.items()}
+  for raw_name, given in (options or {}).items():
+    name = _canonical(raw_name)
+    if name not in _TABLE:
+      raise ValueError(f"Options given for unknown rule {raw_name!r}; valid names: "
+                       f"{sorted(_TABLE)}.")
+    if given is None:
+      continue
+    if not isinstance(given, Mapping):
+      raise ValueError(f"Options for {raw_name!r} must be a mapping of option names to "
+                       f"values, e.g. {{'{name}': {dict(_TABLE[name].options)}}}.")
+    for key, value in given.items():
+      if key not in _TABLE[name].options:
+        raise ValueError(f"Unknown option {key!r} for {name!r}; valid options: "
+                         f"{sorted(_TABLE[name].options) or 'none'}.")
+      _check_option(name, key, value)
+      resolved[name][key] = value
+  return resolved
+
+
 def make_aggregator(spec: str, f: int, *, num_workers: int | None = None,
-                    options: Mapping[str, Mapping[str, Any]] | None = None) -> Aggregator:
-  """Builds an aggregator from a spec string.
+                    options: Mapping[str, Mapping[str, Any]] | None = None,
+                    kernels: str = "auto") -> Aggregator:
+  """Builds an aggregator from its string spelling.
+
+  ``make_aggregator("ctma(cwtm)", 4)`` equals ``ctma(cwtm(f=4))``: every layer
+  gets ``f`` and its options.
 
   Args:
     spec: e.g. ``"cwtm"``, ``"ctma(cwtm)"``, ``"bucketing(cwmed)"``,
@@ -826,26 +1121,25 @@ def make_aggregator(spec: str, f: int, *, num_workers: int | None = None,
     num_workers: if given, :meth:`Aggregator.check` runs for it.
     options: rule name -> keyword options, e.g.
       ``{"gm": {"iters": 3, "nu": 0.1, "init": "zero"}, "ctma": {"keep_ties": True}}``.
-      Options of rules absent from ``spec`` are validated and ignored.
+      Options of rules absent from ``spec`` are validated and ignored; missing
+      ones take :data:`DEFAULT_OPTIONS`.
+    kernels: kernel set of the primitives: ``"auto"``, ``"plain"`` or ``"cpu"``.
 
   Returns:
     The :class:`Aggregator`.
 
   Raises:
-    ValueError: unknown names or options, bad option values, a bad f, or (with
-      ``num_workers``) a worker count the rule cannot handle.
+    ValueError: unknown names or options, bad option values, a bad f or kernel
+      set, or (with ``num_workers``) a worker count the rule cannot handle.
   """
-  if not isinstance(f, int) or isinstance(f, bool) or f < 0:
-    raise ValueError(f"f (the number of Byzantine workers) must be an integer >= 0, got {f!r}.")
+  _check_f(f)
+  kernels_lib.check(kernels)
   names = _parse(spec)
   opts = _resolve_options(options)
-  fn = AGGREGATORS[names[-1]].build(f, **opts[names[-1]])
+  agg = AGGREGATORS[names[-1]].build(f=f, **opts[names[-1]])
   for name in reversed(names[:-1]):
-    fn = META_AGGREGATORS[name].build(fn, f, **opts[name])
-  canonical = names[-1]
-  for name in reversed(names[:-1]):
-    canonical = f"{name}({canonical})"
-  agg = Aggregator(spec=canonical, f=f, _names=tuple(names), _options=opts, _fn=fn)
+    agg = META_AGGREGATORS[name].build(agg, f=f, **opts[name])
+  agg = agg.with_kernels(kernels)
   if num_workers is not None:
     agg.check(num_workers)
   return agg

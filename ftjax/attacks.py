@@ -542,7 +542,7 @@ def _build_min_distance(kind, perturbation, solver, gamma_init, steps):
   return fn
 
 
-# The reference command line's IPM eps; optimal_ipm always tries it.
+# The original program's IPM eps: ipm's default, and a scale optimal_ipm always tries.
 _IPM_REFERENCE_EPS = 0.5
 # Doublings of gamma_init allowed when bracketing min-max/min-sum's gamma.
 _GROW_STEPS = 40
@@ -632,7 +632,7 @@ def _distance_spec(name):
       min_honest=2)
 
 
-_IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=0.1), checks=dict(eps=_finite))
+_IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=_IPM_REFERENCE_EPS), checks=dict(eps=_finite))
 _ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optional(_finite)),
               min_honest=2)
 _OPTIMAL_IPM = _search_spec("optimal_ipm", "ipm")

@@ -1,13 +1,14 @@
-"""Tests for ftjax.aggregators and ftjax.selection: goldens, properties, faults."""
-import itertools
-
+"""Tests for ftjax.aggregators: goldens, NumPy references, properties, faults, the API."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from optax.experimental import aggregating as optax_aggregating
 
 from ftjax import aggregators as agg_lib
-from ftjax import selection
+from ftjax import kernels
+from ftjax.kernels import rows
 
 W, F = 9, 2
 KEY = jax.random.key(0)
@@ -66,7 +67,8 @@ def call(spec, rows, f=F, key=KEY, **kw):
 
 @pytest.mark.parametrize("spec,expected", [
     ("avg", [4, 5, 6]), ("cwmed", [4, 5, 6]), ("cwtm", [4, 5, 6]),
-    ("gm", [3.78788764, 4.78788764, 5.78788764]), ("rfa", [3.78788764, 4.78788764, 5.78788764]),
+    # gm starts at the median [4, 5, 6], where the weights of rows 1 and 3 are equal.
+    ("gm", [4, 5, 6]), ("rfa", [4, 5, 6]),
     ("krum", [1, 2, 3]), ("multikrum", [2.5, 3.5, 4.5]), ("meamed", [2.5, 3.5, 4.5]),
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -75,6 +77,13 @@ def test_golden(spec, expected, dtype):
     out, _ = agg_lib.make_aggregator(spec, 1)(jnp.asarray(GOLDEN_ROWS, dtype))
     assert out.dtype == dtype
     np.testing.assert_allclose(out, expected, rtol=1e-6 if dtype == jnp.float32 else 1e-8)
+
+
+def test_golden_gm_from_zero():
+  # Weiszfeld from 0 with nu = 0.1: three steps of z <- sum_i b_i x_i / sum_i b_i.
+  out, _ = agg_lib.make_aggregator("gm", 1, options={"gm": {"init": "zero"}})(
+      jnp.asarray(GOLDEN_ROWS, jnp.float32))
+  np.testing.assert_allclose(out, [3.78788764, 4.78788764, 5.78788764], rtol=1e-6)
 
 
 def test_golden_nnm_rows():
@@ -197,55 +206,121 @@ def test_avg_is_plain_mean_and_not_robust():
 # --------------------------------------------------------------------------
 
 
+def np_cwtm(x, f):
+  w = len(x)
+  return np.sort(x, axis=0)[f:w - f].mean(0)
+
+
+def np_gm(x, iters=8, nu=1e-6, init="cwmed"):
+  z = {"cwmed": np.median(x, axis=0), "zero": np.zeros(x.shape[1])}[init]
+  for _ in range(iters):
+    beta = 1.0 / np.maximum(np.linalg.norm(x - z, axis=1), nu)
+    z = beta @ x / beta.sum()
+  return z
+
+
+# Base rules with OPTIONS (gm: from the median, nu = 1e-6, 8 iterations).
+NP_BASE = {"cwtm": np_cwtm, "cwmed": lambda x, f: np.median(x, axis=0),
+           "avg": lambda x, f: x.mean(0), "gm": lambda x, f: np_gm(x)}
+
+
+def np_nnm(x, f):
+  w = len(x)
+  dist = np.sum((x[:, None] - x[None]) ** 2, axis=2)
+  np.fill_diagonal(dist, -1.0)
+  order = np.argsort(dist, axis=1, kind="stable")[:, :w - f]
+  return np.stack([x[o].mean(0) for o in order])
+
+
 def _ctma_reference(x, x0, f, keep_ties=False):
+  """(aggregate, rows kept) of CTMA around x0, in NumPy."""
+  w = len(x)
   r = np.sum((x - x0) ** 2, axis=1)
   if keep_ties:
-    cutoff = np.sort(r)[len(x) - f - 1]
-    return x[r <= cutoff].sum(0) / (len(x) - f), int(np.sum(r <= cutoff))
-  idx = np.argsort(r, kind="stable")[:len(x) - f]
+    kept = r <= np.sort(r)[w - f - 1]
+    return x0 + (x[kept] - x0).sum(0) / (w - f), int(kept.sum())
+  idx = np.argsort(r, kind="stable")[:w - f]
   return x[idx].mean(0), len(idx)
 
 
+@pytest.mark.parametrize("keep_ties", [False, True])
 @pytest.mark.parametrize("base", ["cwtm", "cwmed", "gm", "avg"])
-def test_ctma_is_mean_of_nearest_rows(base):
+def test_ctma_is_mean_of_nearest_rows(base, keep_ties):
   x = np.asarray(jax.random.normal(jax.random.key(10), (W, 6)), np.float64)
-  x0, _ = call(base, jnp.asarray(x))
-  out, diag = call(f"ctma({base})", jnp.asarray(x))
-  expected, _ = _ctma_reference(x, np.asarray(x0, np.float64), F)
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-  assert int(diag["ctma_kept"].sum()) == W - F
+  x[2] = x[5]  # a tie
+  x0 = NP_BASE[base](x, F)
+  opts = {**OPTIONS, "ctma": {"keep_ties": keep_ties}}
+  with jax.enable_x64(True):
+    out, diag = call(f"ctma({base})", jnp.asarray(x), options=opts)
+  expected, count = _ctma_reference(x, x0, F, keep_ties)
+  np.testing.assert_allclose(out, expected, rtol=1e-8, atol=1e-8)
+  assert int(diag["ctma_kept"].sum()) == count
 
 
-def test_ctma_exact_count_with_ties_and_keep_ties_quirk():
-  # Rows at +-e_j around the origin: cwtm gives 0 and all 8 are at distance 1,
-  # plus one far row. Exactly W-f are kept; the quirk keeps every tied one.
+def test_ctma_exact_count_with_ties_and_keep_ties():
+  # Rows 3 +- e_j and one far row: cwtm is exactly 3 everywhere and all 8 near
+  # rows are at distance 1. Exactly W-f are kept (lowest index wins); with
+  # keep_ties all 8 are, and x0 + (1/(W-f)) sum_i (x_i - x0) = 3 (the offsets
+  # cancel), where dividing the kept rows' sum by W-f would give 24/7.
   eye = np.eye(4)
-  x = np.concatenate([eye, -eye, 5 * np.ones((1, 4))]).astype(np.float32)
+  x = (3.0 + np.concatenate([eye, -eye, 5 * np.ones((1, 4))])).astype(np.float32)
   out, diag = call("ctma(cwtm)", jnp.asarray(x))
-  assert int(diag["ctma_kept"].sum()) == W - F
-  assert list(np.flatnonzero(diag["ctma_kept"])) == list(range(W - F))  # lowest index wins
-  np.testing.assert_allclose(out, x[:W - F].mean(0), atol=1e-6)
-  quirk = {"ctma": {"keep_ties": True}}
-  out_q, diag_q = call("ctma(cwtm)", jnp.asarray(x), options=quirk)
-  assert int(diag_q["ctma_kept"].sum()) == 8
-  np.testing.assert_allclose(out_q, x[:8].sum(0) / (W - F), atol=1e-6)
+  assert list(np.flatnonzero(diag["ctma_kept"])) == list(range(W - F))
+  np.testing.assert_allclose(out, x[:W - F].mean(0), rtol=1e-6)
+  out_t, diag_t = call("ctma(cwtm)", jnp.asarray(x), options={"ctma": {"keep_ties": True}})
+  assert list(np.flatnonzero(diag_t["ctma_kept"])) == list(range(8))
+  np.testing.assert_allclose(out_t, [3.0] * 4, rtol=1e-6)
 
 
-def test_nnm_ctma_trims_original_rows_around_nnm_output():
+@pytest.mark.parametrize("spec,keep_ties,expected", [
+    # x0 = cwtm = 1; the four 1s tie at distance 0: 1 + (4 * 0) / 3.
+    ("ctma(cwtm)", True, 1.0),
+    # x0 = 2.8; the four 1s tie: 2.8 + 4 * (1 - 2.8) / 3.
+    ("ctma(avg)", True, 0.4),
+    # exactly W - f = 3 of the 1s.
+    ("ctma(avg)", False, 1.0),
+    # nnm mixes [10, 1, 1, 1, 1] into [4, 1, 1, 1, 1]; x0 = avg = 1.6; the four
+    # 1s tie: 1.6 + 4 * (1 - 1.6) / 3.
+    ("nnm+ctma(avg)", True, 0.8),
+])
+def test_ctma_keep_ties_by_hand(spec, keep_ties, expected):
+  x = jnp.array([[10.0], [1.0], [1.0], [1.0], [1.0]])
+  opts = {"ctma": {"keep_ties": keep_ties}, "nnm+ctma": {"keep_ties": keep_ties}}
+  out, diag = agg_lib.make_aggregator(spec, 2, options=opts)(x)
+  np.testing.assert_allclose(out, [expected], rtol=1e-6)
+  assert int(diag["ctma_kept"].sum()) == (4 if keep_ties else 3)
+  assert not bool(diag["ctma_kept"][0])
+
+
+@pytest.mark.parametrize("keep_ties", [False, True])
+def test_nnm_ctma_trims_original_rows_around_nnm_output(keep_ties):
   x = np.asarray(jax.random.normal(jax.random.key(11), (W, 5)), np.float64)
-  x0, _ = call("nnm(cwtm)", jnp.asarray(x))
-  out, _ = call("nnm+ctma(cwtm)", jnp.asarray(x))
-  expected, _ = _ctma_reference(x, np.asarray(x0, np.float64), F)
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  x[6] = x[1]  # a tie
+  x0 = np_cwtm(np_nnm(x, F), F)
+  with jax.enable_x64(True):
+    out, diag = call("nnm+ctma(cwtm)", jnp.asarray(x),
+                     options={"nnm+ctma": {"keep_ties": keep_ties}})
+  expected, count = _ctma_reference(x, x0, F, keep_ties)
+  np.testing.assert_allclose(out, expected, rtol=1e-8, atol=1e-8)
+  assert int(diag["ctma_kept"].sum()) == count
+
+
+def test_nnm_matches_numpy():
+  x = np.asarray(jax.random.normal(jax.random.key(21), (W, 7)), np.float64)
+  with jax.enable_x64(True):
+    mixed = agg_lib.nearest_neighbour_mix(jnp.asarray(x), F)
+    out, _ = call("nnm(cwmed)", jnp.asarray(x))
+  np.testing.assert_allclose(mixed, np_nnm(x, F), rtol=1e-10)
+  np.testing.assert_allclose(out, np.median(np_nnm(x, F), axis=0), rtol=1e-10)
 
 
 @pytest.fixture
 def small_slices(monkeypatch):
   """Slice sizes small enough that test-sized rows take every sliced path."""
-  monkeypatch.setattr(selection, "SQDIST_SLICE", 8)
-  monkeypatch.setattr(selection, "SQDIST_GROUP", 4)
-  monkeypatch.setattr(selection, "SQDIST_MAX_SLICES", 12)
-  monkeypatch.setattr(agg_lib, "_GRAM_MIN_SLICE", 8)
+  monkeypatch.setattr(rows, "SQDIST_SLICE", 8)
+  monkeypatch.setattr(rows, "SQDIST_GROUP", 4)
+  monkeypatch.setattr(rows, "SQDIST_MAX_SLICES", 12)
+  monkeypatch.setattr(rows, "GRAM_MIN_SLICE", 8)
 
 
 def _offset_rows(n, seed, offset=1000.0):
@@ -265,7 +340,6 @@ def test_ctma_long_rows_match_float64_with_common_offset(small_slices, base, n):
   out, diag = jax.jit(make(f"ctma({base})").__call__)(jnp.asarray(x))
   x64, x0_64 = x.astype(np.float64), np.asarray(x0, np.float64)
   r64 = np.sum((x64 - x0_64) ** 2, axis=1)
-  np.testing.assert_allclose(selection.row_sqdist(jnp.asarray(x), x0), r64, rtol=1e-5)
   expected, _ = _ctma_reference(x64, x0_64, F)
   kept = np.zeros(W, bool)
   kept[np.argsort(r64, kind="stable")[:W - F]] = True
@@ -292,39 +366,6 @@ def test_ctma_long_rows_exact_count_with_ties_and_faulty_rows(small_slices, n):
     keep = 7 if name == "far" else W - F
     assert list(np.flatnonzero(diag["ctma_kept"])) == list(range(keep)), name
     np.testing.assert_allclose(out, x[:W - F].mean(0), rtol=1e-6, err_msg=name)
-
-
-@pytest.mark.parametrize("n", [20, 75, 203])
-def test_row_sqdist_matches_float64_and_faulty_rows_are_infinite(small_slices, n):
-  x = _offset_rows(n, seed=3)
-  c = (1000.0 + np.random.default_rng(4).standard_normal(n)).astype(np.float32)
-  x[1, n - 1] = np.nan    # tail column
-  x[2, n // 2] = np.inf   # a middle slice
-  x[3] = -np.inf
-  x[4, 0] = 3e38          # finite, but its square overflows
-  got = np.asarray(jax.jit(selection.row_sqdist)(jnp.asarray(x), jnp.asarray(c)))
-  with np.errstate(invalid="ignore", over="ignore"):
-    r64 = np.sum((x.astype(np.float64) - c) ** 2, axis=1)
-  bad = [1, 2, 3, 4]
-  assert np.all(np.isposinf(got[bad]))
-  good = [i for i in range(W) if i not in bad]
-  np.testing.assert_allclose(got[good], r64[good], rtol=1e-5)
-  norms = np.asarray(jax.jit(selection.row_sqdist)(jnp.asarray(x)))
-  assert np.all(np.isposinf(norms[bad]))
-  np.testing.assert_allclose(norms[good], np.sum(x[good].astype(np.float64) ** 2, axis=1),
-                             rtol=1e-5)
-
-
-def test_row_sqdist_default_slices():
-  # The real slice sizes: grouped slices plus a tail, in float32 and float64.
-  for dtype in (jnp.float32, jnp.float64):
-    with jax.enable_x64(dtype == jnp.float64):
-      x = jax.random.normal(jax.random.key(5), (3, 4 * selection.SQDIST_SLICE + 7), dtype)
-      c = x[0] * 0.5
-      got = jax.jit(selection.row_sqdist)(x, c)
-      assert got.dtype == dtype
-      expected = np.sum((np.asarray(x, np.float64) - np.asarray(c, np.float64)) ** 2, axis=1)
-      np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == jnp.float32 else 1e-12)
 
 
 def test_centered_gram_sliced_matches_float64(small_slices):
@@ -440,14 +481,177 @@ def test_diagnostics_structure_fixed():
   assert d1["ctma_kept"].shape == (W,)  # per worker: whether its bucket was kept
 
 
-def test_as_optax():
-  agg = make("ctma(cwtm)")
-  tx = agg.as_optax()
-  rows = tree_rows(jax.random.key(20))
-  state = tx.init(jax.tree.map(lambda l: l[0], rows))
-  out, state = jax.jit(tx.update)(rows, state)
-  np.testing.assert_allclose(flat_agg(out), flat_agg(agg(rows)[0]), rtol=1e-6)
-  assert int(state.count) == 1
+def test_as_optax_in_process_keeps_diagnostics():
+  # process(identity, aggregator, chain(recorder, sgd), aggregator_has_aux=True)
+  # hands the diagnostics to the postprocessor as extra arguments.
+  def record(updates, state, params=None, *, ctma_kept, **extra):
+    del params, extra
+    return updates, state + jnp.sum(ctma_kept)
+
+  recorder = optax.GradientTransformationExtraArgs(lambda p: jnp.zeros([], jnp.int32), record)
+  rule = agg_lib.ctma(agg_lib.cwtm(f=F))
+  tx = optax_aggregating.process(optax.identity(), rule.as_optax(),
+                                 optax.chain(recorder, optax.sgd(0.5)), aggregator_has_aux=True)
+  params = {"w": jnp.zeros(4)}
+  state = tx.init(params)
+  x = np.asarray(jax.random.normal(jax.random.key(20), (2, W, 4)), np.float64)
+  step = jax.jit(tx.update)
+  expected = np.zeros(4)
+  for t in range(2):
+    updates, state = step({"w": jnp.asarray(x[t], jnp.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    expected -= 0.5 * _ctma_reference(x[t], np_cwtm(x[t], F), F)[0]
+  np.testing.assert_allclose(params["w"], expected, rtol=1e-5, atol=1e-6)
+  _, agg_state, (recorded, _) = state
+  assert int(agg_state.count) == 2
+  assert int(recorded) == 2 * (W - F)
+
+
+def test_as_optax_folds_count_into_key_for_stochastic_rules():
+  tx = make("bucketing(cwmed)").as_optax(jax.random.key(4))
+  rows_ = jnp.asarray(np.random.default_rng(0).standard_normal((W, 3)), jnp.float32)
+  state = tx.init(jnp.zeros(3))
+  (out1, _), state = tx.update(rows_, state)
+  (out2, diag), state = tx.update(rows_, state)
+  direct, _ = make("bucketing(cwmed)")(rows_, jax.random.fold_in(jax.random.key(4), 1))
+  np.testing.assert_allclose(out2, direct, rtol=1e-6)
+  assert diag == {} and int(state.count) == 2
+
+
+# --------------------------------------------------------------------------
+# The composable API, identity, kernels
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,built", [
+    ("cwtm", lambda f: agg_lib.cwtm(f)),
+    ("ctma(cwtm)", lambda f: agg_lib.ctma(agg_lib.cwtm(f=f))),
+    ("nnm+ctma(gm)", lambda f: agg_lib.nnm_ctma(agg_lib.gm(f=f))),
+    ("arc(ctma(cwtm))", lambda f: agg_lib.arc(agg_lib.ctma(agg_lib.cwtm(f)))),
+    ("bucketing(cwmed)", lambda f: agg_lib.bucketing(agg_lib.cwmed(f=f))),
+    ("clip(multikrum)", lambda f: agg_lib.clip(agg_lib.multikrum(f))),
+    ("nnm(meamed)", lambda f: agg_lib.nnm(agg_lib.meamed(f))),
+    ("ctma(centered_clipping)", lambda f: agg_lib.ctma(agg_lib.centered_clipping(f=f))),
+    ("krum", lambda f: agg_lib.krum(f)),
+    ("avg", lambda f: agg_lib.avg(f=f)),
+])
+def test_spec_builds_the_public_callables(spec, built):
+  assert agg_lib.make_aggregator(spec, 2) == built(2)
+  assert hash(agg_lib.make_aggregator(spec, 2)) == hash(built(2))
+  assert built(2).spec == spec and built(2).f == 2
+
+
+def test_meta_f_defaults_to_inner_and_options_reach_the_rule():
+  rule = agg_lib.ctma(agg_lib.cwtm(f=3), keep_ties=True)
+  assert rule.f == 3 and rule.inner.f == 3 and dict(rule.options) == {"keep_ties": True}
+  assert agg_lib.ctma(agg_lib.cwtm(f=3), f=1).f == 1
+  assert rule == agg_lib.make_aggregator("ctma(cwtm)", 3, options={"ctma": {"keep_ties": True}})
+
+
+def test_one_table_of_defaults():
+  assert dict(agg_lib.DEFAULT_OPTIONS["gm"]) == {
+      "iters": 3, "nu": 0.1, "init": "cwmed", "tol": None, "max_iters": 100}
+  assert dict(agg_lib.DEFAULT_OPTIONS["centered_clipping"]) == {
+      "tau": 10.0, "iters": 1, "init": "mean"}
+  assert agg_lib.AGGREGATORS["gm"].options is agg_lib.DEFAULT_OPTIONS["gm"]
+  for name, info in {**agg_lib.AGGREGATORS, **agg_lib.META_AGGREGATORS}.items():
+    assert set(agg_lib.DEFAULT_OPTIONS[name]) == set(info.options), name
+  # The builders' defaults are the table's.
+  assert dict(agg_lib.gm().options) == dict(agg_lib.DEFAULT_OPTIONS["gm"])
+  assert agg_lib.make_aggregator("gm", 0) == agg_lib.gm()
+
+
+def test_equality_and_hash_cover_options_f_inner_and_kernels():
+  make_gm = lambda **o: agg_lib.make_aggregator("gm", 1, options={"gm": o})
+  assert make_gm(iters=1) != make_gm(iters=50)
+  assert make_gm(iters=3) == make_gm() and hash(make_gm(iters=3)) == hash(make_gm())
+  assert agg_lib.cwtm(2) != agg_lib.cwtm(3)
+  assert agg_lib.ctma(agg_lib.cwtm(2)) != agg_lib.ctma(agg_lib.cwmed(f=2))
+  assert agg_lib.ctma(agg_lib.gm(iters=1, f=2)) != agg_lib.ctma(agg_lib.gm(iters=2, f=2))
+  assert agg_lib.cwtm(2).with_kernels("plain") != agg_lib.cwtm(2).with_kernels("cpu")
+  assert agg_lib.cwtm(2).with_kernels("plain").kernels == "plain"
+
+
+def test_jit_static_argument_distinguishes_options():
+  x = np.asarray(jax.random.normal(jax.random.key(22), (W, 5)), np.float64)
+  traces = []
+
+  def apply(agg, v):
+    traces.append(agg)
+    return agg(v)[0]
+
+  jitted = jax.jit(apply, static_argnums=0)
+  opts = lambda iters: {"gm": {"iters": iters, "nu": 1e-6}}
+  one = jitted(agg_lib.make_aggregator("gm", 1, options=opts(1)), jnp.asarray(x, jnp.float32))
+  many = jitted(agg_lib.make_aggregator("gm", 1, options=opts(50)), jnp.asarray(x, jnp.float32))
+  again = jitted(agg_lib.make_aggregator("gm", 1, options=opts(50)), jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(one, np_gm(x, iters=1), rtol=1e-5)
+  np.testing.assert_allclose(many, np_gm(x, iters=50), rtol=1e-4, atol=1e-5)
+  assert not np.allclose(one, many, rtol=1e-3)
+  np.testing.assert_array_equal(again, many)
+  assert len(traces) == 2  # the equal third aggregator reuses the second's compilation
+
+
+def test_user_rules_wrap_and_compare_by_function():
+  def my_mean(updates):
+    return jax.tree.map(lambda l: l.mean(0), updates)
+
+  def my_median(updates, key):
+    del key
+    return jax.tree.map(lambda l: jnp.median(l, axis=0), updates), {"seen": jnp.ones(())}
+
+  x = np.asarray(jax.random.normal(jax.random.key(23), (W, 4)), np.float64)
+  with jax.enable_x64(True):
+    out, diag = agg_lib.ctma(my_mean, f=F)(jnp.asarray(x))
+    np.testing.assert_allclose(out, _ctma_reference(x, x.mean(0), F)[0], rtol=1e-10)
+    assert set(diag) == {"ctma_kept"}
+    out, diag = agg_lib.nnm(agg_lib.rule(my_median, f=F))(jnp.asarray(x))
+    np.testing.assert_allclose(out, np.median(np_nnm(x, F), axis=0), rtol=1e-10)
+    assert set(diag) == {"seen"}
+  assert agg_lib.rule(my_mean, f=2) == agg_lib.rule(my_mean, f=2)
+  assert agg_lib.ctma(my_mean, f=2) == agg_lib.ctma(agg_lib.rule(my_mean, f=2))
+  assert agg_lib.rule(my_mean, f=2) != agg_lib.rule(my_median, f=2)
+  assert agg_lib.ctma(my_mean, f=2).spec == "ctma(my_mean)"
+  assert agg_lib.rule(my_mean, name="mine").spec == "mine"
+  with pytest.raises(ValueError, match="rule must be a function"):
+    agg_lib.ctma(42, f=1)
+  with pytest.raises(ValueError, match="must return"):
+    agg_lib.rule(lambda u, k: u)(jnp.asarray(x, jnp.float32))
+
+
+def test_user_rule_runs_with_the_aggregators_kernels():
+  seen = []
+
+  def my_rule(updates):
+    seen.append(kernels.current())
+    return jax.tree.map(rows.mean, updates)
+
+  x = jnp.ones((5, 3))
+  for k in ("plain", "cpu"):
+    agg_lib.ctma(my_rule, f=1).with_kernels(k)(x)
+  assert seen == ["plain", "cpu"]
+
+
+def test_cpu_kernels_materialize_the_input():
+  def prims(kernel_set):
+    agg = agg_lib.cwtm(1).with_kernels(kernel_set)
+    return {str(e.primitive) for e in jax.make_jaxpr(lambda v: agg(v)[0])(jnp.ones((5, 3))).eqns}
+
+  assert "optimization_barrier" in prims("cpu")
+  assert "optimization_barrier" not in prims("plain")
+
+
+def test_builders_validate_options():
+  with pytest.raises(ValueError, match="zero"):
+    agg_lib.gm(init="random")
+  with pytest.raises(ValueError, match="integer >= 0"):
+    agg_lib.cwtm(-1)
+  with pytest.raises(ValueError, match="True or False"):
+    agg_lib.ctma(agg_lib.cwtm(1), keep_ties="yes")
+  with pytest.raises(ValueError, match="kernel set"):
+    agg_lib.make_aggregator("cwtm", 1, kernels="gpu")
+  with pytest.raises(ValueError, match="kernel set"):
+    agg_lib.cwtm(1).with_kernels("fast")
 
 
 # --------------------------------------------------------------------------
@@ -522,92 +726,8 @@ def test_canonical_spec_and_alias():
 
 
 # --------------------------------------------------------------------------
-# Selection network
+# Many workers (radix select above the network limit)
 # --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("w", list(range(1, 19)))
-def test_sorting_network_exact(w):
-  rng = np.random.default_rng(w)
-  x = rng.integers(-3, 4, size=(w, 64)).astype(np.float32)  # many ties
-  x[rng.random(x.shape) < 0.1] = np.nan
-  x[rng.random(x.shape) < 0.05] = np.inf
-  x[rng.random(x.shape) < 0.05] = -np.inf
-  got = np.stack(jax.jit(selection.sorted_rows)(jnp.asarray(x)))
-  expected = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
-  np.testing.assert_array_equal(got, expected)
-
-
-def test_large_networks_sort_in_numpy():
-  # The same comparator lists as used under jit, for every W up to the
-  # network limit, applied with NumPy (compiling them all would be slow).
-  rng = np.random.default_rng(0)
-  for n in range(19, selection.NETWORK_MAX_ROWS + 1):
-    x = rng.integers(-5, 6, size=(n, 200))
-    rows = [x[i].copy() for i in range(n)]
-    for a, b in selection.batcher_network(n):
-      rows[a], rows[b] = np.minimum(rows[a], rows[b]), np.maximum(rows[a], rows[b])
-    np.testing.assert_array_equal(np.stack(rows), np.sort(x, axis=0))
-
-
-def test_network_is_a_sorting_network_zero_one():
-  # The 0-1 principle: a comparator network sorts everything iff it sorts all 0/1 inputs.
-  for n in (5, 8, 11):
-    bits = np.array(list(itertools.product([0, 1], repeat=n))).T
-    rows = [bits[i].copy() for i in range(n)]
-    for a, b in selection.batcher_network(n):
-      rows[a], rows[b] = np.minimum(rows[a], rows[b]), np.maximum(rows[a], rows[b])
-    assert np.all(np.diff(np.stack(rows), axis=0) >= 0)
-
-
-# --------------------------------------------------------------------------
-# Radix select (W above the network limit)
-# --------------------------------------------------------------------------
-
-
-def _faulty_ties(w, n, seed):
-  rng = np.random.default_rng(seed)
-  x = rng.integers(-3, 4, size=(w, n)).astype(np.float32)  # many ties
-  x[:, n // 2:] = rng.standard_normal((w, n - n // 2)) * 1e3
-  x[rng.random(x.shape) < 0.05] = np.nan
-  x[rng.random(x.shape) < 0.03] = np.inf
-  x[rng.random(x.shape) < 0.03] = -np.inf
-  x[rng.random(x.shape) < 0.03] = -0.0
-  return x
-
-
-@pytest.mark.parametrize("w", [selection.NETWORK_MAX_ROWS + 1, 100])
-def test_radix_order_statistics_exact(w):
-  # 300 columns: one full chunk of the cache loop plus a remainder chunk.
-  x = _faulty_ties(w, 300, w)
-  ranks = [0, 7, w // 2, w - 1]
-  got = jax.jit(lambda a: selection.order_statistics(a, ranks))(jnp.asarray(x))
-  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
-  for g, r in zip(got, ranks):
-    np.testing.assert_array_equal(np.asarray(g), s[r])
-
-
-@pytest.mark.parametrize("w,ranks", [
-    (81, [0, 80]), (81, [40, 40]), (300, [3, 150, 298]),  # counts packed into one sum
-    (81, [40]), (300, [0]), (300, [150]), (300, [299]),   # one rank: two bits per pass
-    (600, [5, 594])])                                     # W >= 512: one sum per rank
-def test_radix_packed_rank_counts_exact(w, ranks):
-  x = _faulty_ties(w, 300, w + len(ranks))
-  got = jax.jit(lambda a: selection.order_statistics(a, ranks))(jnp.asarray(x))
-  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
-  for g, r in zip(got, ranks):
-    np.testing.assert_array_equal(np.asarray(g), s[r])
-
-
-@pytest.mark.parametrize("w,lo,hi", [(81, 20, 60), (81, 40, 40), (90, 0, 89), (90, 3, 80)])
-def test_radix_trimmed_sum_matches_sorted_sum(w, lo, hi):
-  x = _faulty_ties(w, 300, lo + hi)
-  got = np.asarray(jax.jit(lambda a: selection.trimmed_sum(a, lo, hi))(jnp.asarray(x)))
-  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0).astype(np.float64)
-  with np.errstate(invalid="ignore"):
-    expected = s[lo:hi + 1].sum(0)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
-  assert np.array_equal(np.isfinite(got), np.isfinite(expected))
 
 
 def test_large_w_cwtm_robust_to_huge_rows():

@@ -99,8 +99,10 @@ def test_ipm_formula():
   honest = {"a": jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])}
   out = call(make_attack("ipm", eps=0.5), honest, 2)["a"]
   np.testing.assert_allclose(out, [[-1.5, -2.5], [-1.5, -2.5]])
-  # The class default is 0.1; "empire" is the same attack.
-  np.testing.assert_allclose(call(make_attack("empire"), honest, 1)["a"], [[-0.3, -0.5]],
+  # The default is eps = 0.5, what the original program runs; "empire" is the same attack.
+  np.testing.assert_allclose(call(make_attack("empire"), honest, 1)["a"], [[-1.5, -2.5]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(call(make_attack("ipm", eps=0.1), honest, 1)["a"], [[-0.3, -0.5]],
                              rtol=1e-6)
 
 

@@ -1,0 +1,432 @@
+"""Tests for ftjax.kernels.rows: every cpu primitive equals its plain version and NumPy."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import aggregators as agg_lib
+from ftjax import kernels
+from ftjax.kernels import rows
+
+KERNEL_SETS = ("plain", "cpu")
+
+
+def run(kernel_set, fn, *args):
+  """``fn(*args)`` jitted under ``kernel_set`` (a fresh function: its own jit cache)."""
+  def wrapped(*a):
+    with kernels.use(kernel_set):
+      return fn(*a)
+  return jax.jit(wrapped)(*args)
+
+
+def both(fn, *args):
+  """(plain result, cpu result) as NumPy pytrees."""
+  return tuple(jax.tree.map(np.asarray, run(k, fn, *args)) for k in KERNEL_SETS)
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+  """Slice sizes small enough that test-sized rows take every sliced path."""
+  monkeypatch.setattr(rows, "SQDIST_SLICE", 8)
+  monkeypatch.setattr(rows, "SQDIST_GROUP", 4)
+  monkeypatch.setattr(rows, "SQDIST_MAX_SLICES", 12)
+  monkeypatch.setattr(rows, "GRAM_MIN_SLICE", 8)
+
+
+def _faulty_ties(w, n, seed):
+  """float32 [w, n] with many ties, large values, NaN, +-inf and -0.0."""
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-3, 4, size=(w, n)).astype(np.float32)
+  x[:, n // 2:] = rng.standard_normal((w, n - n // 2)) * 1e3
+  x[rng.random(x.shape) < 0.05] = np.nan
+  x[rng.random(x.shape) < 0.03] = np.inf
+  x[rng.random(x.shape) < 0.03] = -np.inf
+  x[rng.random(x.shape) < 0.03] = -0.0
+  return x
+
+
+def _np_sorted(x):
+  return np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
+
+
+def test_default_set_is_cpu_on_cpu():
+  assert jax.default_backend() == "cpu" and kernels.current() == "cpu"
+  with kernels.use("plain"):
+    assert kernels.current() == "plain"
+
+
+# --------------------------------------------------------------------------
+# Order statistics: network (W <= 80), radix select (float32, W > 80)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w", list(range(1, 19)))
+def test_sort_network_exact(w):
+  rng = np.random.default_rng(w)
+  x = rng.integers(-3, 4, size=(w, 64)).astype(np.float32)  # many ties
+  x[rng.random(x.shape) < 0.1] = np.nan
+  x[rng.random(x.shape) < 0.05] = np.inf
+  x[rng.random(x.shape) < 0.05] = -np.inf
+  plain, cpu = both(rows.sort, jnp.asarray(x))
+  np.testing.assert_array_equal(cpu, _np_sorted(x))
+  np.testing.assert_array_equal(plain, _np_sorted(x))
+
+
+def test_sort_above_network_limit_and_float64():
+  x = _faulty_ties(rows.NETWORK_MAX_ROWS + 5, 40, 0)
+  for v in (x, x.astype(np.float64)):
+    with jax.enable_x64(v.dtype == np.float64):
+      plain, cpu = both(rows.sort, jnp.asarray(v))
+      assert cpu.dtype == v.dtype
+      np.testing.assert_array_equal(cpu, _np_sorted(v))
+      np.testing.assert_array_equal(plain, cpu)
+
+
+def test_large_networks_sort_in_numpy():
+  # The comparator lists used under jit, for every W up to the network limit,
+  # applied with NumPy (compiling them all would be slow).
+  rng = np.random.default_rng(0)
+  for n in range(19, rows.NETWORK_MAX_ROWS + 1):
+    x = rng.integers(-5, 6, size=(n, 200))
+    wires = [x[i].copy() for i in range(n)]
+    for a, b in rows.batcher_network(n):
+      wires[a], wires[b] = np.minimum(wires[a], wires[b]), np.maximum(wires[a], wires[b])
+    np.testing.assert_array_equal(np.stack(wires), np.sort(x, axis=0))
+
+
+def test_network_is_a_sorting_network_zero_one():
+  # The 0-1 principle: a comparator network sorts everything iff it sorts all 0/1 inputs.
+  for n in (5, 8, 11):
+    bits = np.array(list(itertools.product([0, 1], repeat=n))).T
+    wires = [bits[i].copy() for i in range(n)]
+    for a, b in rows.batcher_network(n):
+      wires[a], wires[b] = np.minimum(wires[a], wires[b]), np.maximum(wires[a], wires[b])
+    assert np.all(np.diff(np.stack(wires), axis=0) >= 0)
+
+
+@pytest.mark.parametrize("w,ranks", [
+    (9, [0, 4, 8]), (17, [8]), (16, [7, 8]),                # network
+    (81, [0, 80]), (81, [40, 40]), (300, [3, 150, 298]),    # radix, counts packed into one sum
+    (81, [40]), (300, [0]), (300, [150]), (300, [299]),     # one rank: two bits per pass
+    (100, [0, 7, 50, 99]),                                  # four ranks: one sum per rank
+    (600, [5, 594])])                                       # W >= 512: one sum per rank
+def test_order_statistics_exact(w, ranks):
+  # 300 columns: at W > 80 one full chunk of the cache loop plus a remainder chunk.
+  x = _faulty_ties(w, 300, w + len(ranks))
+  plain, cpu = both(lambda a: rows.order_statistics(a, ranks), jnp.asarray(x))
+  s = _np_sorted(x)
+  for p, c, r in zip(plain, cpu, ranks):
+    np.testing.assert_array_equal(c, s[r])
+    np.testing.assert_array_equal(p, s[r])
+
+
+def test_order_statistics_float64_above_network_limit():
+  # Radix select is float32 only; float64 falls back to a sort.
+  with jax.enable_x64(True):
+    x = _faulty_ties(90, 50, 1).astype(np.float64)
+    plain, cpu = both(lambda a: rows.order_statistics(a, [3, 45]), jnp.asarray(x))
+    s = _np_sorted(x)
+    for p, c, r in zip(plain, cpu, [3, 45]):
+      assert c.dtype == np.float64
+      np.testing.assert_array_equal(c, s[r])
+      np.testing.assert_array_equal(p, s[r])
+
+
+def test_order_statistics_of_multidimensional_leaf():
+  x = _faulty_ties(85, 24, 2).reshape(85, 2, 3, 4)
+  plain, cpu = both(lambda a: rows.order_statistics(a, [10, 42]), jnp.asarray(x))
+  s = _np_sorted(x)
+  for p, c, r in zip(plain, cpu, [10, 42]):
+    assert c.shape == (2, 3, 4)
+    np.testing.assert_array_equal(c, s[r])
+    np.testing.assert_array_equal(p, s[r])
+
+
+@pytest.mark.parametrize("w,lo,hi", [(9, 2, 6), (17, 4, 12), (81, 20, 60), (81, 40, 40),
+                                     (90, 0, 89), (90, 3, 80)])
+def test_trimmed_sum_matches_sorted_sum(w, lo, hi):
+  x = _faulty_ties(w, 300, lo + hi)
+  plain, cpu = both(lambda a: rows.trimmed_sum(a, lo, hi), jnp.asarray(x))
+  kept = _np_sorted(x).astype(np.float64)[lo:hi + 1]
+  with np.errstate(invalid="ignore"):
+    expected = kept.sum(0)
+  ok = np.isfinite(expected)
+  # float32 rounding of a sum: relative to the magnitudes added.
+  atol = 1e-6 * np.abs(kept[:, ok]).sum(0)
+  for got in (plain, cpu):
+    assert np.array_equal(np.isfinite(got), ok)
+    assert np.all(np.abs(got[ok] - expected[ok]) <= atol + 1e-5 * np.abs(expected[ok]))
+    assert np.array_equal(np.isnan(got), np.isnan(expected))
+
+
+def test_trimmed_sum_float64():
+  with jax.enable_x64(True):
+    x = np.random.default_rng(3).standard_normal((13, 70))
+    plain, cpu = both(lambda a: rows.trimmed_sum(a, 3, 9), jnp.asarray(x))
+    expected = np.sort(x, axis=0)[3:10].sum(0)
+    np.testing.assert_allclose(cpu, expected, rtol=1e-13)
+    np.testing.assert_allclose(plain, expected, rtol=1e-13)
+
+
+def test_trimmed_sum_drops_huge_values_without_precision_loss():
+  w = 97
+  x = np.random.default_rng(1).standard_normal((w, 500)).astype(np.float32)
+  x[:24] = 1e30
+  plain, cpu = both(lambda a: rows.trimmed_sum(a, 24, w - 25), jnp.asarray(x))
+  expected = np.sort(x, axis=0)[24:w - 24].astype(np.float64).sum(0)
+  np.testing.assert_allclose(cpu, expected, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Means and weighted sums (unrolled up to UNROLL_MAX_ROWS, then a matvec)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w", [1, 5, 17, rows.UNROLL_MAX_ROWS + 10])
+def test_mean(w):
+  x = np.random.default_rng(w).standard_normal((w, 3, 7)).astype(np.float32)
+  plain, cpu = both(rows.mean, jnp.asarray(x))
+  expected = x.astype(np.float64).mean(0)
+  np.testing.assert_allclose(cpu, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-6)
+  with jax.enable_x64(True):
+    plain, cpu = both(rows.mean, jnp.asarray(x, jnp.float64))
+    np.testing.assert_allclose(cpu, expected, rtol=1e-13)
+    np.testing.assert_allclose(plain, expected, rtol=1e-13)
+
+
+def test_mean_propagates_nan():
+  x = np.ones((5, 4), np.float32)
+  x[2, 1] = np.nan
+  for got in both(rows.mean, jnp.asarray(x)):
+    assert np.isnan(got[1]) and np.all(got[[0, 2, 3]] == 1.0)
+
+
+@pytest.mark.parametrize("w", [7, rows.UNROLL_MAX_ROWS + 10])
+def test_weighted_sum_with_mask_skips_nonfinite_rows(w):
+  rng = np.random.default_rng(w)
+  x = rng.standard_normal((w, 6)).astype(np.float32)
+  weights = rng.random(w).astype(np.float32)
+  mask = rng.random(w) < 0.7
+  mask[0] = False
+  x[0] = np.nan
+  x[np.flatnonzero(~mask)[-1], 2] = np.inf
+  expected = (weights[mask, None].astype(np.float64) * x[mask]).sum(0)
+  plain, cpu = both(rows.weighted_sum, jnp.asarray(x), jnp.asarray(weights), jnp.asarray(mask))
+  np.testing.assert_allclose(cpu, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-5)
+  xf = np.where(mask[:, None], x, 0.0)
+  nomask = (weights[:, None].astype(np.float64) * xf).sum(0)
+  plain, cpu = both(rows.weighted_sum, jnp.asarray(xf), jnp.asarray(weights))
+  np.testing.assert_allclose(cpu, nomask, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(plain, nomask, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_sum_float64_and_dtype():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    x, weights = rng.standard_normal((9, 2, 5)), rng.random(9)
+    plain, cpu = both(rows.weighted_sum, jnp.asarray(x), jnp.asarray(weights, jnp.float32))
+    expected = np.tensordot(weights.astype(np.float32).astype(np.float64), x, 1)
+    for got in (plain, cpu):
+      assert got.dtype == np.float64 and got.shape == (2, 5)
+      np.testing.assert_allclose(got, expected, rtol=1e-13)
+
+
+@pytest.mark.parametrize("w,k", [(9, 1), (9, 7),
+                                 (rows.UNROLL_MAX_ROWS + 80, rows.UNROLL_MAX_ROWS + 5)])
+def test_mean_of_reads_only_selected_rows(w, k):
+  rng = np.random.default_rng(k)
+  x = rng.standard_normal((w, 2, 3)).astype(np.float32)
+  idx = np.sort(rng.permutation(w)[:k])
+  others = np.setdiff1d(np.arange(w), idx)
+  x[others[:2]] = np.nan
+  if len(others) > 2:
+    x[others[2]] = np.inf
+  expected = x[idx].astype(np.float64).mean(0)
+  plain, cpu = both(rows.mean_of, jnp.asarray(x), jnp.asarray(idx))
+  np.testing.assert_allclose(cpu, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sum_rows_balanced():
+  parts = [np.full(3, float(i), np.float32) for i in range(7)]
+  np.testing.assert_array_equal(rows.sum_rows([jnp.asarray(p) for p in parts]), np.full(3, 21.0))
+
+
+# --------------------------------------------------------------------------
+# Squared row distances and Gram matrices
+# --------------------------------------------------------------------------
+
+
+def _offset_rows(w, n, seed, offset=1000.0):
+  """w rows sharing a large common component, at well separated distances."""
+  rng = np.random.default_rng(seed)
+  scale = 1.0 + 0.25 * rng.permutation(w)[:, None]
+  return (offset + scale * rng.standard_normal((w, n))).astype(np.float32)
+
+
+# n: 20 one reduction (plain fallback: shorter than four slices); 75 slices in
+# groups (4, 4, 1) plus a 3-column tail; 203 above SQDIST_MAX_SLICES, 16 long
+# slices plus a tail.
+@pytest.mark.parametrize("n", [20, 75, 203])
+def test_sqdist_matches_float64_and_faulty_rows_are_infinite(small_slices, n):
+  w = 9
+  x = _offset_rows(w, n, seed=3)
+  c = (1000.0 + np.random.default_rng(4).standard_normal(n)).astype(np.float32)
+  x[1, n - 1] = np.nan    # tail column
+  x[2, n // 2] = np.inf   # a middle slice
+  x[3] = -np.inf
+  x[4, 0] = 3e38          # finite, but its square overflows
+  bad = [1, 2, 3, 4]
+  good = [i for i in range(w) if i not in bad]
+  with np.errstate(invalid="ignore", over="ignore"):
+    r64 = np.sum((x.astype(np.float64) - c) ** 2, axis=1)
+  norms64 = np.sum(x[good].astype(np.float64) ** 2, axis=1)
+  dist = both(rows.sqdist, jnp.asarray(x), jnp.asarray(c))
+  norms = both(rows.sqdist, jnp.asarray(x))
+  for got, got_norms in zip(dist, norms):
+    assert np.all(np.isposinf(got[bad])) and np.all(np.isposinf(got_norms[bad]))
+    np.testing.assert_allclose(got[good], r64[good], rtol=1e-5)
+    np.testing.assert_allclose(got_norms[good], norms64, rtol=1e-5)
+
+
+def test_sqdist_default_slices_and_float64():
+  # The real slice sizes: grouped slices plus a tail, in float32 and float64.
+  for dtype in (jnp.float32, jnp.float64):
+    with jax.enable_x64(dtype == jnp.float64):
+      x = jax.random.normal(jax.random.key(5), (3, 4 * rows.SQDIST_SLICE + 7), dtype)
+      c = x[0] * 0.5
+      expected = np.sum((np.asarray(x, np.float64) - np.asarray(c, np.float64)) ** 2, axis=1)
+      for got in both(rows.sqdist, x, c):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == jnp.float32 else 1e-12)
+
+
+def test_sqdist_of_multidimensional_leaf_and_infinite_center():
+  x = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+  c = np.full((2, 3), 1.5, np.float32)
+  expected = np.sum((x.astype(np.float64) - c) ** 2, axis=(1, 2))
+  for got in both(rows.sqdist, jnp.asarray(x), jnp.asarray(c)):
+    assert got.shape == (4,)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+  # A non-finite centre is infinitely far from every row, inf - inf included.
+  x[3, 1, 1], c[1, 1] = np.inf, np.inf
+  for got in both(rows.sqdist, jnp.asarray(x), jnp.asarray(c)):
+    assert np.all(np.isposinf(got))
+
+
+@pytest.mark.parametrize("n", [20, 75, 203])
+def test_gram_sliced_matches_float64(small_slices, n):
+  y = (_offset_rows(9, n, seed=n) - 1000.0).astype(np.float32)
+  y64 = y.astype(np.float64)
+  for got in both(rows.gram, jnp.asarray(y)):
+    np.testing.assert_allclose(got, y64 @ y64.T, rtol=1e-5, atol=1e-4)
+
+
+def test_gram_default_slices_float64_and_leaf_shape():
+  with jax.enable_x64(True):
+    y = np.random.default_rng(6).standard_normal((3, 2 * rows.GRAM_MIN_SLICE + 5))
+    for got in both(rows.gram, jnp.asarray(y)):
+      np.testing.assert_allclose(got, y @ y.T, rtol=1e-12)
+  y = np.random.default_rng(7).standard_normal((4, 2, 3)).astype(np.float32)
+  flat = y.reshape(4, -1).astype(np.float64)
+  for got in both(rows.gram, jnp.asarray(y)):
+    np.testing.assert_allclose(got, flat @ flat.T, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Fusion barriers
+# --------------------------------------------------------------------------
+
+
+def _primitives(kernel_set, fn, *args):
+  def wrapped(*a):
+    with kernels.use(kernel_set):
+      return fn(*a)
+  return {str(e.primitive) for e in jax.make_jaxpr(wrapped)(*args).jaxpr.eqns}
+
+
+def test_isolate_is_a_cond_on_cpu_and_a_call_on_plain():
+  x = jnp.arange(6.0).reshape(3, 2)
+  z = jnp.ones(2)
+  fn = lambda a, b: (a.sum(0) * b, {"n": a.shape[0]})
+  for k in KERNEL_SETS:
+    out, aux = run(k, lambda a, b: rows.isolate(fn, a, b), x, z)
+    np.testing.assert_array_equal(out, [6.0, 9.0])
+    assert int(aux["n"]) == 3
+  assert "cond" in _primitives("cpu", lambda a: rows.isolate(jnp.sin, a), x)
+  assert "cond" not in _primitives("plain", lambda a: rows.isolate(jnp.sin, a), x)
+  # Under vmap both branches run as a select; the value is unchanged.
+  batched = jax.vmap(lambda a: run("cpu", lambda v: rows.isolate(lambda u: u * 2, v), a))(x)
+  np.testing.assert_array_equal(batched, 2 * np.arange(6.0).reshape(3, 2))
+  nan_first = jnp.array([[jnp.nan, 1.0], [2.0, 3.0]])  # the predicate's branch, same function
+  np.testing.assert_array_equal(run("cpu", lambda v: rows.isolate(lambda u: u[1], v), nan_first),
+                                [2.0, 3.0])
+
+
+def test_materialize_is_a_barrier_on_cpu_and_identity_on_plain():
+  tree = {"a": jnp.arange(3.0), "b": (jnp.ones((2, 2)),)}
+  for k in KERNEL_SETS:
+    out = run(k, rows.materialize, tree)
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    np.testing.assert_array_equal(out["a"], [0.0, 1.0, 2.0])
+  assert "optimization_barrier" in _primitives("cpu", rows.materialize, tree)
+  assert _primitives("plain", rows.materialize, tree) == set()
+
+
+# --------------------------------------------------------------------------
+# Every rule: plain kernels equal cpu kernels (and each is checked against
+# NumPy in tests/test_aggregators.py)
+# --------------------------------------------------------------------------
+
+SPECS = ["avg", "cwmed", "cwtm", "gm", "krum", "multikrum", "centered_clipping", "meamed",
+         "ctma(cwtm)", "ctma(gm)", "ctma(cwmed)", "ctma(krum)", "ctma(meamed)", "nnm(cwtm)",
+         "nnm+ctma(cwtm)", "bucketing(cwtm)", "clip(cwtm)", "arc(cwtm)", "arc(ctma(cwtm))"]
+OPTIONS = {"gm": {"iters": 4}, "ctma": {"keep_ties": False}}
+
+
+def _rule_pair(spec, f, x, key, options=OPTIONS):
+  agg = agg_lib.make_aggregator(spec, f, options=options)
+  return [jax.tree.map(np.asarray, jax.jit(agg.with_kernels(k).__call__)(x, key))
+          for k in KERNEL_SETS]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_rule_plain_equals_cpu(small_slices, spec):
+  # 75 columns take the sliced distance and Gram paths; one NaN row is faulty.
+  x = _offset_rows(9, 75, seed=11, offset=3.0)
+  x[8, 5] = np.nan
+  x = {"a": jnp.asarray(x[:, :60]), "b": jnp.asarray(x[:, 60:].reshape(9, 3, 5))}
+  (p, pd), (c, cd) = _rule_pair(spec, 2, x, jax.random.key(3))
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(c)):
+    assert spec == "avg" or np.all(np.isfinite(a))  # avg is not robust
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  assert set(pd) == set(cd)
+  for k in pd:
+    np.testing.assert_array_equal(pd[k], cd[k])
+
+
+@pytest.mark.parametrize("spec", ["cwtm", "cwmed", "meamed", "ctma(cwtm)", "avg"])
+def test_rule_plain_equals_cpu_above_network_limit(spec):
+  w = rows.NETWORK_MAX_ROWS + 5
+  x = np.random.default_rng(12).standard_normal((w, 300)).astype(np.float32)
+  x[:5] = 1e6
+  (p, pd), (c, cd) = _rule_pair(spec, 20, jnp.asarray(x), jax.random.key(0))
+  np.testing.assert_allclose(p, c, rtol=1e-5, atol=1e-5)
+  for k in pd:
+    np.testing.assert_array_equal(pd[k], cd[k])
+
+
+def test_rule_plain_equals_cpu_float64_keep_ties():
+  with jax.enable_x64(True):
+    x = np.random.default_rng(13).standard_normal((11, 7))
+    x[3] = x[4] = x[5]  # tied rows
+    for spec in ("ctma(avg)", "nnm+ctma(cwmed)", "ctma(gm)"):
+      opts = {"ctma": {"keep_ties": True}, "nnm+ctma": {"keep_ties": True}}
+      (p, pd), (c, cd) = _rule_pair(spec, 3, jnp.asarray(x), None, options=opts)
+      np.testing.assert_allclose(p, c, rtol=1e-12, atol=1e-12)
+      np.testing.assert_array_equal(pd["ctma_kept"], cd["ctma_kept"])
