@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ftjax import sharding
 from ftjax import train
 
 FLAGS = flags.FLAGS
@@ -36,7 +37,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.cpu_devices < 0:
     raise app.UsageError("--cpu_devices must be >= 0 (0 = one per core).")
-  train.expose_cpu_devices(FLAGS.cpu_devices)
+  # Before anything touches a device: the count is fixed when JAX starts its CPU client.
+  sharding.expose_cpu_devices(FLAGS.cpu_devices)
   if not FLAGS["verbosity"].present:
     # Libraries (Orbax) log every checkpoint at INFO; the console table is enough.
     logging.set_verbosity(logging.WARNING)

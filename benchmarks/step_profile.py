@@ -34,6 +34,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 from configs import default
+from ftjax import sharding
 from ftjax import train
 from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
 
@@ -44,7 +45,7 @@ _DUMP = tempfile.mkdtemp(prefix="ftjax_hlo_")
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={_DUMP}", "--xla_dump_hlo_as_text",
     "--xla_dump_hlo_module_re=one_round|scan_chunk"]).strip()
-train.expose_cpu_devices(
+sharding.expose_cpu_devices(
     next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--devices=")), 1))
 
 flags.DEFINE_string("estimator", "mu2sgd", "optim.estimator.")

@@ -43,17 +43,18 @@ import optax
 from configs import default
 from ftjax import data as data_lib
 from ftjax import models as models_lib
+from ftjax import sharding
 from ftjax import train
 from synthetic import synthetic_dataset  # pylint: disable=g-bad-import-order
 
-# Idle extra CPU devices slow a one-device step by 5-8% (docs/performance_notes.md), so
+# Idle extra CPU devices slow a one-device step by 5-8% (docs/performance.md), so
 # this process exposes exactly one device and the rows split over N devices run in a
 # child process that exposes N (main.py --cpu_devices=N); before JAX's first device use.
 _CORES = os.cpu_count() or 1
 _SPLIT_CHILD = next((int(a.split("=", 1)[1]) for a in sys.argv
                      if a.startswith("--split_child=")), 0)
 _CALLER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # what a child process starts from
-train.expose_cpu_devices(_SPLIT_CHILD or 1)
+sharding.expose_cpu_devices(_SPLIT_CHILD or 1)
 
 flags.DEFINE_bool("quick", False, "Only float32 and the key rows.")
 flags.DEFINE_integer("chunk", 10, "Rounds per timed chunk.")
@@ -79,7 +80,7 @@ def _time_chunks(run, state, data, length, reps):
 
 
 def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist",
-              conv_impl="auto", workers=17, byzantine=8, batch=16, length=None, reps=None,
+              kernels="auto", workers=17, byzantine=8, batch=16, length=None, reps=None,
               loop="auto", devices=1):
   """Steps per second, FLOPs per step and bytes of one configuration."""
   length = length or FLAGS.chunk
@@ -88,7 +89,7 @@ def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist
   c.dtype = dtype
   c.progress = False
   c.workers.num, c.workers.byzantine, c.workers.batch_size = workers, byzantine, batch
-  c.model.name, c.model.conv_impl = model, conv_impl
+  c.model.name, c.kernels = model, kernels
   c.optim.estimator = estimator
   name, _, meta = aggregator.partition("(")
   c.aggregator.name, c.aggregator.meta = (meta.rstrip(")"), name) if meta else (name, "none")
@@ -175,7 +176,7 @@ def main(argv):
         for attack in ("sf", "alie"):
           r = time_step(estimator, "ctma(cwtm)", attack, dtype, mnist, devices=num_devices)
           r.update(dtype=dtype, estimator=estimator, aggregator="ctma(cwtm)", attack=attack,
-                   model="simple_mnist", conv_impl="auto", devices=num_devices)
+                   model="simple_mnist", kernels="auto", devices=num_devices)
           out.append(r)
           print(r, flush=True)
     print("RESULT " + json.dumps(out), flush=True)
@@ -198,7 +199,7 @@ def main(argv):
         for attack in ("sf", "alie"):
           r = time_step(estimator, agg, attack, dtype, mnist)
           r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
-                   model="simple_mnist", conv_impl="auto", plain_sgd=plain,
+                   model="simple_mnist", kernels="auto", plain_sgd=plain,
                    devices=1)
           rows.append(r)
           print(r, flush=True)
@@ -222,13 +223,13 @@ def main(argv):
           o[k] == r[k] for k in ("dtype", "estimator", "aggregator", "attack")))
       rows.insert(at + 1, r)
       print(r, flush=True)
-  # The plain vmapped XLA convolutions, and the host loop instead of lax.scan, for the
-  # key row: what each CPU choice buys.
-  for conv_impl, loop, length, reps in (("xla", "auto", None, None), ("auto", "host", None, None)):
-    r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, conv_impl=conv_impl,
+  # The plain kernels (vmapped XLA convolutions), and the host loop instead of lax.scan,
+  # for the key row: what each CPU choice buys.
+  for kset, loop, length, reps in (("plain", "auto", None, None), ("auto", "host", None, None)):
+    r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, kernels=kset,
                   loop=loop, length=length, reps=reps)
     r.update(dtype="float32", estimator="mu2sgd", aggregator="ctma(cwtm)", attack="sf",
-             model="simple_mnist", conv_impl=conv_impl, plain_sgd=rows[0]["plain_sgd"],
+             model="simple_mnist", kernels=kset, plain_sgd=rows[0]["plain_sgd"],
              devices=1)
     rows.append(r)
     print(r, flush=True)
@@ -237,7 +238,7 @@ def main(argv):
   for r in rows:
     if r["devices"] > 1:
       one = next(o for o in rows if o["devices"] == 1 and all(
-          o[k] == r[k] for k in ("dtype", "estimator", "aggregator", "attack", "conv_impl",
+          o[k] == r[k] for k in ("dtype", "estimator", "aggregator", "attack", "kernels",
                                  "loop")))
       r["gflop_per_step"] = one["gflop_per_step"]
       r["gflops"] = r["gflop_per_step"] * r["steps_per_sec"]
@@ -263,14 +264,14 @@ def main(argv):
       "rounds after compilation. simple_mnist, W=17, f=8, b=16, MNIST-shaped data.", "",
       f"Roofline: a {matmul_n}-square float32 matmul runs at "
       f"**{roof:.0f} GFLOP/s** here.", "",
-      "| dtype | estimator | aggregator | attack | conv | loop | devices | steps/s | GFLOP/step | "
-      "GFLOP/s | roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",
+      "| dtype | estimator | aggregator | attack | kernels | loop | devices | steps/s | "
+      "GFLOP/step | GFLOP/s | roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ratio = r["plain_sgd"] / r["steps_per_sec"]
     lines.append(
         f"| {r['dtype']} | {r['estimator']} | {r['aggregator']} | {r['attack']} | "
-        f"{r['conv_impl']} | {r['loop']} | {r['devices']} | {r['steps_per_sec']:.1f} | "
+        f"{r['kernels']} | {r['loop']} | {r['devices']} | {r['steps_per_sec']:.1f} | "
         f"{r['gflop_per_step']:.2f} | "
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
         f"{ratio:.2f}x | {r['memory_mib']:.0f} |")
@@ -282,7 +283,7 @@ def main(argv):
                f"this machine has {_CORES} cores, so the rows split over one device per core and "
                "over one device more. Each device count runs in its own process that exposes "
                "exactly that many devices (idle extra CPU devices slow a one-device step by "
-               "about 5-8%, see docs/performance_notes.md). Split rows use the one-device GFLOP "
+               "about 5-8%, see docs/performance.md). Split rows use the one-device GFLOP "
                "count (XLA counts one device's share) and XLA's per-device memory. "
                if on_cpu else "devices: the step runs on one device. ")
             + "Plain SGD: one model's SGD step on the same W*b examples with the same layers, "

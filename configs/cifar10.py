@@ -3,7 +3,7 @@ r"""CIFAR-10 with the simple conv net (default) or ResNet-18 (`:resnet18`).
   python main.py --config configs/cifar10.py --workdir /tmp/ftjax/cifar10
   python main.py --config configs/cifar10.py:resnet18 --workdir /tmp/ftjax/cifar10_resnet18
 
-Needs the TFDS cifar10 dataset prepared once (`tfds build cifar10`, see README).
+Needs the TFDS cifar10 dataset prepared once (`tfds build cifar10 --file_format=array_record`).
 Training augmentation (random crop 32 with padding 2, horizontal flip) is on.
 """
 

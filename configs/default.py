@@ -3,7 +3,7 @@ r"""Default config: the built-in offline dataset, a visible attack and defence.
 17 workers, 8 of them Byzantine sending "a little is enough" (ALIE) updates,
 mu2sgd on the workers and the server, CTMA over the coordinate-wise trimmed
 mean at the server. The data is scikit-learn's bundled 8x8 handwritten digits,
-so nothing is downloaded. About two minutes on two CPU cores.
+so nothing is downloaded. About 45 seconds on two CPU cores.
 
 Run:
   python main.py --config configs/default.py --workdir /tmp/ftjax/default
@@ -30,6 +30,8 @@ def get_config(arg=None):
                                # dispatch of the jitted round); "auto" = scan
   c.devices = 0                # local devices the worker axis is split over (0 = all of them);
                                # main.py --cpu_devices=N exposes N CPU devices (see README)
+  c.kernels = "auto"           # primitives under the maths: "plain" (plain JAX everywhere),
+                               # "cpu" (XLA:CPU fast versions), "auto" = cpu on CPU, plain elsewhere
 
   c.workers = ml_collections.ConfigDict()
   c.workers.num = 17           # W: number of workers
@@ -41,14 +43,13 @@ def get_config(arg=None):
   c.data.path = ""             # the .npz file when name == "npz"
   c.data.data_dir = ""         # TFDS data_dir ("" = TFDS default, ~/tensorflow_datasets)
   c.data.eval_batch_size = 1000  # test-set evaluation batch
-  c.data.partition = "iid"     # worker data split: "iid" (SPEC), "iid_split", "dirichlet", "shards"
+  c.data.partition = "iid"     # worker data split: "iid" (the paper's), "iid_split", "dirichlet", "shards"
   c.data.alpha = 0.5           # Dirichlet concentration for partition="dirichlet" (small = skewed)
   c.data.shards_per_worker = 2  # label-sorted shards per worker for partition="shards"
   c.data.shuffle = "permutation"  # per-epoch shuffle: "permutation" (exact) or "feistel" (cheap)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp
-  c.model.conv_impl = "auto"   # "auto" (unrolled on CPU, xla elsewhere), "xla", "unrolled", "patches", "im2col"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.estimator = "mu2sgd"  # worker estimator: "mu2sgd", "momentum" or "sgd"
@@ -69,7 +70,7 @@ def get_config(arg=None):
   o.cwmed = dict(lower=False)  # True: the reference's lower median for even W
   o.gm = dict(iters=3,         # Weiszfeld iterations T
               nu=0.1,          # smoothing: weights 1 / max(distance, nu)
-              init="mean",     # start: "mean", "cwmed", or "zero" (the reference)
+              init="cwmed",    # start: "cwmed", "mean", or "zero" (the original program)
               tol=placeholder(float),  # set to iterate until the step is below tol ...
               max_iters=100)   # ... for at most this many iterations
   o.multikrum = dict(num_selected=placeholder(int))  # rows averaged (None = W - f)
@@ -87,7 +88,7 @@ def get_config(arg=None):
   c.attack.options = ml_collections.ConfigDict()  # per-attack options
   a = c.attack.options
   a.ipm = dict(eps=0.5)        # send -eps * mean(honest); 0.5 as the reference's command line
-  a.alie = dict(z=placeholder(float))  # send mean - z * std (None = z of SPEC section 4)
+  a.alie = dict(z=placeholder(float))  # send mean - z * std (None = the z of docs/attacks.md)
   a.mimic = dict(index=0)      # the honest row to copy
   a.gaussian = dict(sigma=1.0,  # noise standard deviation
                     center="mean")  # "mean" (honest mean + noise) or "zero" (pure noise)

@@ -1,9 +1,10 @@
 r"""MNIST, the paper's setting: 17 workers, 8 Byzantine, mu2sgd, CTMA over cwtm.
 
-From TFDS (prepared once with `tfds build mnist`, see README):
+From TFDS (prepared once with `tfds build mnist --file_format=array_record`):
   python main.py --config configs/mnist.py --workdir /tmp/ftjax/mnist
-From a local .npz with the layout of SPEC section 5 (no TFDS needed):
-  python main.py --config configs/mnist.py:/path/to/mnist.npz --workdir /tmp/ftjax/mnist
+From a local mnist.npz (train_images uint8 [60000, 28, 28, 1], train_labels,
+test_images, test_labels; no TFDS needed, see docs/data.md):
+  python main.py --config configs/mnist.py:mnist.npz --workdir /tmp/ftjax/mnist
 """
 
 from configs import default

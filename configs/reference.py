@@ -1,4 +1,4 @@
-r"""The original program's command-line defaults (SPEC section 7), for parity runs.
+r"""The original program's command-line defaults, for parity runs.
 
 avg aggregator, no meta-aggregator, label flipping, 17 workers with 8 Byzantine,
 MNIST, simple_mnist, mu2sgd with beta_t = 1/t and alpha_t = t, lr 0.1, batch 4
@@ -7,7 +7,7 @@ iteration, and the reference's quirks (rounded schedules, lower median, CTMA
 keeping ties, Weiszfeld started at zero).
 
   python main.py --config configs/reference.py --workdir /tmp/ftjax/reference
-  python main.py --config configs/reference.py:/path/to/mnist.npz --workdir /tmp/ftjax/reference
+  python main.py --config configs/reference.py:mnist.npz --workdir /tmp/ftjax/reference
 """
 
 from configs import mnist

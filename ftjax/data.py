@@ -4,32 +4,29 @@ Three sources, all resolved through the :data:`DATASETS` table:
 
 * ``"digits"``: the built-in offline default, scikit-learn's bundled 8x8
   handwritten digits (1,797 images), so a fresh machine trains with no download.
-* ``"npz"``: a local ``.npz`` file with the SPEC section 5 layout
-  (``train_images`` uint8 [N, H, W, C], ``train_labels`` int [N],
-  ``test_images``, ``test_labels``).
+* ``"npz"``: a local ``.npz`` file with ``train_images`` uint8 [N, H, W, C]
+  (or [N, H, W]), ``train_labels`` int [N], ``test_images``, ``test_labels``.
 * TFDS image-classification sets by name (``"mnist"``, ``"cifar10"``, ...),
   read with ``tfds.data_source``, which needs no TensorFlow once the dataset is
-  prepared.
+  prepared (in the array_record file format).
 
 A :class:`Dataset` keeps the whole split as uint8 numpy arrays; the training
 step puts them on device once and indexes them there. The functions below that
-take a ``key`` are pure JAX and jittable: :func:`round_indices` (the SPEC's
-i.i.d. sampling), :func:`worker_round_indices` (per-worker shards for
-non-i.i.d. splits made by :func:`partition_indices`), :func:`preprocess` and
-:func:`augment_crop_flip`.
+take a ``key`` are pure JAX and jittable: :func:`chunk_indices` (the i.i.d.
+sampler of the paper's setting; :func:`round_indices` is one round of it),
+:func:`worker_round_indices` (per-worker shards for non-i.i.d. splits made by
+:func:`partition_indices`), :func:`preprocess` and :func:`augment_crop_flip`.
 
 Two shuffles are offered (:data:`SHUFFLES`). "permutation", the default, is
-``jax.random.permutation`` of the whole split, recomputed every round; it costs
-a sort of N per round. "feistel" evaluates a keyed bijection only at the round's
-W*b positions. Measured on the shared 2-core CPU dev box, timing
-``jax.jit(lambda s: round_indices(key, s, N, 17, 4, shuffle=...))`` over 100
-steps (median): N=60,000 takes 23.0 ms per round with "permutation" and
-0.06 ms with "feistel"; N=1,438 (digits) takes 0.36 ms and 0.07 ms.
+``jax.random.permutation`` of the whole split, one per epoch: exact, at the
+cost of a sort of N. "feistel" evaluates a keyed bijection only at the round's
+W*b positions, O(W*b) per round whatever N is, a pseudo-random rather than
+exactly uniform shuffle.
 
 The digits split is stratified 80/20 per class with ``np.random.default_rng(0)``
-(1,438 train, 359 test images). MNIST from the SPEC's .npz loaded as ``"npz"``
-gets train-split statistics mean 0.130660, std 0.308108, which round to the
-SPEC's 0.1307 and 0.3081.
+(1,438 train, 359 test images). MNIST's fixed normalisation constants are mean
+0.1307 and std 0.3081 (its train split's statistics, 0.130660 and 0.308108,
+rounded).
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zipfile
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -118,6 +116,9 @@ class Dataset:
       object.__setattr__(self, f"{split}_labels", labels.astype(np.int32, copy=False))
     if self.train_images.shape[0] == 0:
       raise ValueError(f"Dataset {self.name!r} has no training examples.")
+    if self.test_images.shape[0] == 0:
+      raise ValueError(f"Dataset {self.name!r} has no test examples; every evaluation needs "
+                       f"some (hold out part of the training split).")
     c = channels[-1]
     mean = tuple(float(v) for v in np.atleast_1d(self.mean))
     std = tuple(float(v) for v in np.atleast_1d(self.std))
@@ -157,7 +158,7 @@ def _tfds(name, mean=None, std=None, augment="none", label_key="label"):
   return DatasetSpec("tfds", name, mean, std, augment, label_key=label_key)
 
 
-# Only MNIST and CIFAR-10 carry the SPEC's fixed constants; every other set is
+# Only MNIST and CIFAR-10 carry fixed constants (those of the original program); every other set is
 # normalised with statistics computed exactly from its own train split at load.
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits"),
@@ -217,7 +218,7 @@ _NPZ_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def _read_npz(spec, *, path, data_dir, download) -> _Arrays:
-  """A local .npz with the SPEC section 5 layout; optional scalar `num_classes`."""
+  """A local .npz with the four split arrays; optional scalar `num_classes`."""
   del spec, data_dir, download
   if not path:
     raise ValueError("Dataset 'npz' needs a file: pass path=... "
@@ -228,8 +229,9 @@ def _read_npz(spec, *, path, data_dir, download) -> _Arrays:
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
-  except (OSError, ValueError) as err:
-    raise ValueError(f"Cannot read {path!r} as a .npz archive of plain arrays ({err}).") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    raise ValueError(f"Cannot read {path!r} as a .npz archive of plain arrays ({err}); the file "
+                     f"may be truncated or not an .npz, write it again with np.savez.") from None
   missing = [k for k in _NPZ_KEYS if k not in arrays]
   if missing:
     raise ValueError(f"{path!r} lacks {missing}; it needs the keys {list(_NPZ_KEYS)} "
@@ -528,34 +530,65 @@ def epoch_permutation(key: jax.Array, epoch: Union[int, jax.Array], num_examples
 def round_indices(key: jax.Array, step: Union[int, jax.Array], num_examples: int,
                   num_workers: int, batch_size: int, *, shuffle: str = "permutation"
                   ) -> jax.Array:
-  """Example indices of one i.i.d. round (SPEC section 5), jittable.
-
-  Each epoch is a fresh permutation of the train split, seeded by
-  ``fold_in(key, epoch)`` (:func:`epoch_permutation`); round r of the epoch
-  takes its W*b entries from position r*W*b on, worker i getting the i-th
-  chunk of b. The last incomplete round of an epoch is dropped, so there are
-  N // (W*b) rounds per epoch.
-
-  Args:
-    key: the data PRNG key (the same for every step).
-    step: the round number, 0-based; may be a traced int32 scalar.
-    num_examples: N, the train split size (static).
-    num_workers: W (static).
-    batch_size: b (static).
-    shuffle: a key of :data:`SHUFFLES`; "permutation" (the default) sorts all
-      N per round, "feistel" costs O(W*b) per round.
+  """Example indices of one i.i.d. round, jittable: :func:`chunk_indices` of one round.
 
   Returns:
     int32 [W, b] indices into the train split, all distinct.
+  """
+  return chunk_indices(key, step, 1, num_examples, num_workers, batch_size,
+                       shuffle=shuffle)[0]
+
+
+# Above this many int32 entries, the epoch permutations of a chunk are not
+# drawn up front (the memory would grow with the chunk length times N).
+_MAX_CACHED_PERMUTATION_ENTRIES = 1 << 25
+
+
+def chunk_indices(key: jax.Array, first_step: Union[int, jax.Array], length: int,
+                  num_examples: int, num_workers: int, batch_size: int, *,
+                  shuffle: str = "permutation") -> jax.Array:
+  """Example indices of ``length`` consecutive i.i.d. rounds, jittable.
+
+  The i.i.d. sampler: each epoch is a fresh permutation of the train split,
+  seeded by ``fold_in(key, epoch)`` (:func:`epoch_permutation`); round r of
+  the epoch takes its W*b entries from position r*W*b on, worker i getting the
+  i-th chunk of b. The last incomplete round of an epoch is dropped, so there
+  are N // (W*b) rounds per epoch. With the "permutation" shuffle the
+  permutations of the epochs the chunk touches are drawn once for the whole
+  chunk (a permutation of N per round would cost more than the model's step
+  on MNIST); the indices are the same either way.
+
+  Args:
+    key: the data PRNG key (the same for every step).
+    first_step: the first round's number, 0-based; may be a traced int32.
+    length: the number of rounds (static).
+    num_examples: N, the train split size (static).
+    num_workers: W (static).
+    batch_size: b (static).
+    shuffle: a key of :data:`SHUFFLES`; "permutation" (exact uniform
+      shuffles) or "feistel" (O(W*b) per round whatever N is).
+
+  Returns:
+    int32 [length, W, b] indices into the train split; within a round all
+    distinct.
   """
   _check_round(num_examples, num_workers, batch_size)
   _check_name("shuffle", shuffle, SHUFFLES)
   per_round = num_workers * batch_size
   rounds_per_epoch = num_examples // per_round
-  step = jnp.asarray(step, jnp.int32)
-  epoch, r = step // rounds_per_epoch, step % rounds_per_epoch
-  chunk = SHUFFLES[shuffle](key, epoch, num_examples, r * per_round, per_round)
-  return chunk.reshape(num_workers, batch_size)
+  steps = jnp.asarray(first_step, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+  epochs, starts = steps // rounds_per_epoch, (steps % rounds_per_epoch) * per_round
+  num_epochs = length // rounds_per_epoch + 2  # epochs one chunk can touch
+  if shuffle == "permutation" and num_epochs * num_examples <= _MAX_CACHED_PERMUTATION_ENTRIES:
+    first_epoch = epochs[0]
+    perms = jax.vmap(lambda e: epoch_permutation(key, e, num_examples))(
+        first_epoch + jnp.arange(num_epochs, dtype=jnp.int32))
+    rounds = jax.vmap(lambda e, start: jax.lax.dynamic_slice(
+        perms[e - first_epoch], (start,), (per_round,)))(epochs, starts)
+  else:
+    rounds = jax.vmap(lambda e, start: SHUFFLES[shuffle](
+        key, e, num_examples, start, per_round))(epochs, starts)
+  return rounds.reshape(length, num_workers, batch_size)
 
 
 class Partition(NamedTuple):
@@ -629,7 +662,7 @@ def _partition_shards(rng, labels, num_workers, *, shards_per_worker, **unused) 
 
 
 PARTITIONS: dict[str, Callable[..., Optional[Partition]]] = {
-    # SPEC default: no shards; every worker samples the shared per-epoch shuffle
+    # The paper's i.i.d. default: no shards; every worker samples the shared per-epoch shuffle
     # with round_indices.
     "iid": _partition_iid,
     # Disjoint random shards of (almost) equal size: i.i.d. but not shared.

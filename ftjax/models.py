@@ -1,13 +1,18 @@
-"""Flax models of the reference (SPEC section 6) plus two tiny test models.
+"""Flax models of the reference plus two tiny test models.
 
 All models take NHWC float inputs and ``train: bool`` and return logits. Models
 with BatchNorm keep running statistics in the ``"batch_stats"`` collection;
 ``train=True`` normalises with the minibatch's statistics (each worker's own
 under the step's vmap) and ``train=False`` with the running ones.
 
-The convolutions and max pools come from :mod:`ftjax.conv`; ``conv_impl``
-selects how they are written (see ``conv.CONV_IMPLS``). Every formulation
-computes the same function and the same gradients; they differ only in speed.
+The layers are plain Flax modules whose arithmetic comes from
+:mod:`ftjax.kernels.layers`. Each has a ``kernels`` field, the kernel set of
+:mod:`ftjax.kernels` (``"auto"``, ``"plain"`` or ``"cpu"``), which picks how
+the layer's convolution, pooling and BatchNorm are written for the backend;
+every kernel set computes the same function and the same gradients. A layer
+resolves its own field (``"auto"``: the backend's set) and passes the result to
+the primitives, so a model computes the same way whatever kernel set is in
+scope where it is called.
 """
 from __future__ import annotations
 
@@ -16,11 +21,175 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from ftjax.conv import (CONV_IMPLS, BatchNorm, Conv, Dense, MaxPool2,  # noqa: F401
-                        resolve_conv_impl)
+from ftjax import kernels as kernels_lib
+from ftjax.kernels import layers
 
 Array = jax.Array
+
+
+# --------------------------------------------------------------------------
+# Layers.
+
+
+def torch_uniform(fan_in: int) -> Callable[..., Array]:
+  """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  (kaiming_uniform with a=sqrt(5) reduces to this bound for the weight, and
+  PyTorch uses the same bound for the bias.)
+
+  Args:
+    fan_in: number of inputs feeding one output unit.
+
+  Returns:
+    A Flax initializer.
+  """
+  bound = 1.0 / max(fan_in, 1) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv(nn.Module):
+  """2-D convolution with PyTorch-style symmetric integer padding and init.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side.
+    stride: stride in both spatial dimensions.
+    padding: zeros added on each side of both spatial dimensions.
+    use_bias: whether to add a bias.
+    dtype: parameter and computation dtype.
+    kernels: kernel set of the convolution ("auto", "plain" or "cpu").
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  kernels: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    k = self.kernel_size
+    init = torch_uniform(c * k * k)
+    kernel = self.param("kernel", init, (k, k, c, self.features), self.dtype)
+    y = layers.conv2d(x.astype(self.dtype), kernel, self.stride, self.padding,
+                      kernels_lib.resolve(self.kernels))
+    if self.use_bias:
+      y = y + self.param("bias", init, (self.features,), self.dtype)
+    return y
+
+
+class Dense(nn.Module):
+  """Fully connected layer with PyTorch's default init.
+
+  Attributes:
+    features: output units.
+    dtype: parameter and computation dtype.
+    kernels: kernel set, for a uniform layer signature; a matmul has one form
+      on every backend.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  kernels: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = torch_uniform(x.shape[-1])
+    kernel = self.param("kernel", init, (x.shape[-1], self.features), self.dtype)
+    bias = self.param("bias", init, (self.features,), self.dtype)
+    return x.astype(self.dtype) @ kernel + bias
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with PyTorch's semantics.
+
+  Training normalises with the batch's biased variance and updates the running
+  statistics with the unbiased one (as torch.nn.BatchNorm2d does); evaluation
+  normalises with the running statistics.
+
+  Attributes:
+    momentum: Flax convention, running = momentum * running + (1 - momentum) *
+      batch; 0.9 is PyTorch's momentum=0.1.
+    epsilon: added to the variance (PyTorch default 1e-5).
+    dtype: parameter, statistics and computation dtype.
+    kernels: kernel set of the normalisation ("auto", "plain" or "cpu").
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  kernels: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """Normalises ``x`` [..., C]; ``train`` uses and records the batch's statistics."""
+    k = kernels_lib.resolve(self.kernels)
+    x = x.astype(self.dtype)
+    scale, bias, run_mean, run_var = self._variables(x.shape[-1])
+    if not train:
+      return self._normalise_with_running(x, scale, bias, run_mean, run_var)
+    y, mean, var = layers.batch_norm_train(x, scale, bias, self.epsilon, k)
+    self._record(run_mean, run_var, mean, var, x.size // x.shape[-1])
+    return y
+
+  def _variables(self, c: int):
+    """(scale, bias, running mean, running variance), with PyTorch's initial values."""
+    scale = self.param("scale", nn.initializers.ones, (c,), self.dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), self.dtype)
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), self.dtype)
+    return scale, bias, mean, var
+
+  def _normalise_with_running(self, x: Array, scale: Array, bias: Array, run_mean,
+                              run_var) -> Array:
+    inv = lax.rsqrt(run_var.value + self.epsilon) * scale
+    return x * inv + (bias - run_mean.value * inv)
+
+  def _record(self, run_mean, run_var, mean: Array, var: Array, n: int) -> None:
+    """Updates the running statistics from a batch of ``n`` values per channel.
+
+    The running variance takes the unbiased batch variance, as PyTorch's.
+    """
+    if self.is_initializing():
+      return  # Initialisation leaves PyTorch's initial statistics.
+    unbiased = var * (n / max(n - 1, 1))
+    m = self.momentum
+    run_mean.value = m * run_mean.value + (1 - m) * lax.stop_gradient(mean)
+    run_var.value = m * run_var.value + (1 - m) * lax.stop_gradient(unbiased)
+
+
+class BatchNormReLUMaxPool(BatchNorm):
+  """BatchNorm -> ReLU -> 2x2 max pool (stride 2, floor mode), as one block.
+
+  Exactly ``max_pool2(relu(BatchNorm(x)))``, with BatchNorm's variables and
+  semantics. A block because the cpu kernels run the three operations of
+  training as one fused op that walks the activations fewer times; the plain
+  kernels run them one after the other.
+  """
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """BatchNorm, ReLU and max pool of ``x`` [N, H, W, C] -> [N, H//2, W//2, C]."""
+    k = kernels_lib.resolve(self.kernels)
+    x = x.astype(self.dtype)
+    scale, bias, run_mean, run_var = self._variables(x.shape[-1])
+    if not train:
+      y = self._normalise_with_running(x, scale, bias, run_mean, run_var)
+      return layers.max_pool2(nn.relu(y), k)
+    # In training one primitive: its plain version is the same three ops in order.
+    y, mean, var = layers.batch_norm_relu_max_pool(x, scale, bias, self.epsilon, k)
+    self._record(run_mean, run_var, mean, var, x.size // x.shape[-1])
+    return y
+
+
+# --------------------------------------------------------------------------
+# Models.
 
 
 class SimpleCNN(nn.Module):
@@ -33,19 +202,23 @@ class SimpleCNN(nn.Module):
     num_classes: output logits.
     channels: channels of the two convolutions.
     dtype: parameter and computation dtype.
-    conv_impl: a key of ``CONV_IMPLS``.
+    kernels: kernel set of the layers.
   """
   num_classes: int = 10
   channels: Sequence[int] = (16, 32)
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    for ch in self.channels:
-      x = Conv(ch, 5, padding=2, dtype=self.dtype, impl=self.conv_impl)(x)
-      x = BatchNorm(dtype=self.dtype)(x, train, relu_max_pool=self.conv_impl)
-    return Dense(self.num_classes, dtype=self.dtype)(x.reshape(x.shape[0], -1))
+    for i, ch in enumerate(self.channels):
+      x = Conv(ch, 5, padding=2, dtype=self.dtype, kernels=self.kernels)(x)
+      # BatchNorm -> ReLU -> MaxPool2 as one block, so the cpu kernels can fuse it;
+      # named BatchNorm_i, as the reference's variable tree has it.
+      x = BatchNormReLUMaxPool(dtype=self.dtype, kernels=self.kernels,
+                               name=f"BatchNorm_{i}")(x, train)
+    x = x.reshape(x.shape[0], -1)
+    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
 
 
 class TinyCNN(nn.Module):
@@ -54,17 +227,20 @@ class TinyCNN(nn.Module):
   Attributes:
     num_classes: output logits.
     dtype: parameter and computation dtype.
-    conv_impl: a key of ``CONV_IMPLS``.
+    kernels: kernel set of the layers.
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = Conv(4, 3, padding=1, dtype=self.dtype, impl=self.conv_impl)(x)
-    x = BatchNorm(dtype=self.dtype)(x, train, relu_max_pool=self.conv_impl)
-    return Dense(self.num_classes, dtype=self.dtype)(x.reshape(x.shape[0], -1))
+    x = Conv(4, 3, padding=1, dtype=self.dtype, kernels=self.kernels)(x)
+    # BatchNorm -> ReLU -> MaxPool2 as one block, so the cpu kernels can fuse it.
+    x = BatchNormReLUMaxPool(dtype=self.dtype, kernels=self.kernels, name="BatchNorm_0")(
+        x, train)
+    x = x.reshape(x.shape[0], -1)
+    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
 
 
 class MLP(nn.Module):
@@ -74,19 +250,20 @@ class MLP(nn.Module):
     num_classes: output logits.
     hidden: hidden width.
     dtype: parameter and computation dtype.
-    conv_impl: accepted for a uniform factory signature; unused.
+    kernels: kernel set of the layers.
   """
   num_classes: int = 10
   hidden: int = 32
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     del train  # No layer behaves differently in training.
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(Dense(self.hidden, dtype=self.dtype)(x))
-    return Dense(self.num_classes, dtype=self.dtype)(x)
+    x = Dense(self.hidden, dtype=self.dtype, kernels=self.kernels)(x)
+    x = nn.relu(x)
+    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
 
 
 class BasicBlock(nn.Module):
@@ -96,22 +273,29 @@ class BasicBlock(nn.Module):
     features: output channels.
     stride: stride of the first conv and of the shortcut.
     dtype: parameter and computation dtype.
-    conv_impl: a key of ``CONV_IMPLS``.
+    kernels: kernel set of the layers.
   """
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = lambda k, s, p: Conv(self.features, k, stride=s, padding=p, use_bias=False,
-                                dtype=self.dtype, impl=self.conv_impl)
-    out = nn.relu(BatchNorm(dtype=self.dtype)(conv(3, self.stride, 1)(x), train))
-    out = BatchNorm(dtype=self.dtype)(conv(3, 1, 1)(out), train)
+    conv = lambda size, stride, padding: Conv(
+        self.features, size, stride=stride, padding=padding, use_bias=False,
+        dtype=self.dtype, kernels=self.kernels)
+    bn = lambda: BatchNorm(dtype=self.dtype, kernels=self.kernels)
+    out = conv(3, self.stride, 1)(x)
+    out = bn()(out, train)
+    out = nn.relu(out)
+    out = conv(3, 1, 1)(out)
+    out = bn()(out, train)
+    shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = BatchNorm(dtype=self.dtype)(conv(1, self.stride, 0)(x), train)
-    return nn.relu(out + x)
+      shortcut = conv(1, self.stride, 0)(x)
+      shortcut = bn()(shortcut, train)
+    return nn.relu(out + shortcut)
 
 
 class ResNet18(nn.Module):
@@ -124,22 +308,23 @@ class ResNet18(nn.Module):
   Attributes:
     num_classes: output logits.
     dtype: parameter and computation dtype.
-    conv_impl: a key of ``CONV_IMPLS``.
+    kernels: kernel set of the layers.
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
-  conv_impl: str = "xla"
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = Conv(64, 3, padding=1, use_bias=False, dtype=self.dtype, impl=self.conv_impl)(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype)(x, train))
+    x = Conv(64, 3, padding=1, use_bias=False, dtype=self.dtype, kernels=self.kernels)(x)
+    x = BatchNorm(dtype=self.dtype, kernels=self.kernels)(x, train)
+    x = nn.relu(x)
     for i, features in enumerate((64, 128, 256, 512)):
       for j in range(2):
         stride = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(features, stride, dtype=self.dtype, conv_impl=self.conv_impl)(x, train)
+        x = BasicBlock(features, stride, dtype=self.dtype, kernels=self.kernels)(x, train)
     x = x.mean(axis=(1, 2))
-    return Dense(self.num_classes, dtype=self.dtype)(x)
+    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
 
 
 def _simple_mnist(**kw) -> nn.Module:
@@ -163,7 +348,7 @@ _DTYPES = (jnp.float32, jnp.float64)
 
 
 def make_model(name: str, *, num_classes: int = 10, dtype: Any = jnp.float32,
-               conv_impl: str = "auto") -> nn.Module:
+               kernels: str = "auto") -> nn.Module:
   """Builds a model from the ``MODELS`` table.
 
   Args:
@@ -171,17 +356,18 @@ def make_model(name: str, *, num_classes: int = 10, dtype: Any = jnp.float32,
     num_classes: number of output logits (at least 2).
     dtype: jnp.float32 or jnp.float64 (the latter needs ``jax_enable_x64``);
       used for the parameters, the running statistics and the computation.
-    conv_impl: "auto", "xla", "patches" or "im2col"; see ``resolve_conv_impl``.
+    kernels: kernel set of the layers: "auto" (the backend's), "plain" or "cpu"
+      (see :mod:`ftjax.kernels`).
 
   Returns:
     An unbound flax.linen Module with ``__call__(x [N,H,W,C], train) -> logits``.
 
   Raises:
-    ValueError: for an unknown name, conv_impl or dtype, or num_classes < 2.
+    ValueError: for an unknown name, kernel set or dtype, or num_classes < 2.
   """
   if not isinstance(name, str) or name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(MODELS)}.")
-  impl = resolve_conv_impl(conv_impl)
+  kernels_lib.check(kernels)
   if not isinstance(num_classes, int) or num_classes < 2:
     raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
   try:
@@ -193,4 +379,4 @@ def make_model(name: str, *, num_classes: int = 10, dtype: Any = jnp.float32,
   if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
     raise ValueError("dtype float64 needs 64-bit JAX: call "
                      "jax.config.update('jax_enable_x64', True) first, or use float32.")
-  return MODELS[name](num_classes=num_classes, dtype=dt.type, conv_impl=impl)
+  return MODELS[name](num_classes=num_classes, dtype=dt.type, kernels=kernels)

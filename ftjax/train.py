@@ -1,70 +1,74 @@
-"""The training system: one pure, jit-compiled synchronous round, scanned.
+"""The training system: one pure, jit-compiled synchronous round, looped.
 
-Sections:
+Sections, in the order a run uses them:
 
-1. :func:`build` turns a config into a :class:`Setup` (data, model, estimator,
-   aggregator, attack, server optimiser), refusing bad input before any
-   compilation.
-2. :class:`TrainState` and :func:`init_state`.
-3. :func:`make_train_step`: the pure round ``(state, data) -> (state, metrics)``.
-   Workers are a vmapped axis; Byzantine rows are overwritten by the attack;
-   the robust aggregator reduces the worker axis; the server optax chain steps.
-4. :func:`make_chunk_fn` runs the rounds between evaluations (a ``lax.scan``,
-   or an asynchronous host loop over the jitted round) and
-   :func:`make_eval_fn` evaluates on the whole test split in batches.
-   With several local devices the workers' gradients are split over them
-   (``shard_map`` over a one-axis mesh; the rest of the round is replicated).
-5. :func:`train_and_evaluate`: the loop, with metrics, checkpoints and resume.
+1. Build and validate: :func:`build` turns a config into a :class:`Setup`
+   (data, model, estimator, aggregator, attack, server optimiser), refusing
+   bad input with one sentence before anything is compiled.
+2. State: :class:`TrainState` and :func:`init_state`.
+3. The round: :func:`make_train_step`, the pure function
+   ``(state, data, indices) -> (state, metrics)``. Every worker differentiates
+   its own loss (a vmapped axis), the estimator turns gradients into updates,
+   the attack overwrites the Byzantine rows, the robust aggregator reduces the
+   worker axis and the server optax chain takes its step.
+4. The loop: :func:`make_chunk_fn` runs the rounds between two evaluations,
+   inside one ``lax.scan`` or as a host loop over the jitted round.
+5. Evaluation: :func:`make_eval_fn` on the whole test split.
+6. The run: :func:`train_and_evaluate`, with metrics, checkpoints and resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from ftjax import aggregators as aggregators_lib
 from ftjax import attacks as attacks_lib
 from ftjax import checkpoint as checkpoint_lib
-from ftjax import conv as conv_lib
 from ftjax import data as data_lib
 from ftjax import estimators
+from ftjax import kernels
 from ftjax import models as models_lib
 from ftjax import optim
 from ftjax import reporting
+from ftjax import sharding
+from ftjax.kernels import layers
 
 PyTree = Any
 
-# Sub-streams of the run's root key, one per purpose (DESIGN principle 4).
+# Sub-streams of the run's root key, one per purpose.
 _KEY_INIT, _KEY_DATA, _KEY_AUGMENT, _KEY_ATTACK, _KEY_AGGREGATOR = range(5)
 
 # Config fields that may change between an interrupted run and its resume.
 _RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "loop",
                      "devices")
 
-# The mesh axis the worker axis is split over.
-WORKER_AXIS = "workers"
+LOOPS = ("auto", "scan", "host")
 
 
 class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
 
 
+class TrainingDiverged(FloatingPointError):
+  """The honest loss or the model became non-finite; the last good checkpoint is kept."""
+
+
 # --------------------------------------------------------------------------
-# 1. Setup
+# 1. Build and validate
 # --------------------------------------------------------------------------
 
 
@@ -84,6 +88,7 @@ class Setup:
   dtype: Any
   partition: Optional[data_lib.Partition]  # per-worker shards; None for the i.i.d. split
   mesh: Optional[Mesh] = None  # the workers' gradients are split over it; None: one device
+  builtin_model: bool = True   # the model comes from models.MODELS (not the user's own)
 
   @property
   def num_honest(self) -> int:
@@ -113,29 +118,13 @@ def _to_dict(section) -> dict:
   return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
 
-def build(config: ml_collections.ConfigDict,
-          dataset: Optional[data_lib.Dataset] = None) -> Setup:
-  """Validates ``config`` and builds the static parts of a run.
-
-  Args:
-    config: a full ftjax config (see ``configs/default.py``).
-    dataset: use these arrays instead of loading ``config.data`` (notebooks,
-      benchmarks on synthetic data).
-
-  Returns:
-    The :class:`Setup`.
-
-  Raises:
-    ValueError: with a sentence saying what to change, for any config that
-      cannot run (unknown names, f >= W/2, batch larger than the data, ...).
-  """
-  c = config
-  w, f, b = c.workers.num, c.workers.byzantine, c.workers.batch_size
-  for name, value in (("workers.num", w), ("workers.byzantine", f),
-                      ("workers.batch_size", b), ("num_steps", c.num_steps),
+def _check_ints(c) -> None:
+  for name, value in (("workers.num", c.workers.num), ("workers.byzantine", c.workers.byzantine),
+                      ("workers.batch_size", c.workers.batch_size), ("num_steps", c.num_steps),
                       ("eval_every", c.eval_every)):
     if not isinstance(value, int) or isinstance(value, bool):
       raise ConfigError(f"{name} must be an integer, got {value!r}.")
+  w, f, b = c.workers.num, c.workers.byzantine, c.workers.batch_size
   if w < 1:
     raise ConfigError(f"workers.num must be at least 1, got {w}.")
   if f < 0:
@@ -149,43 +138,75 @@ def build(config: ml_collections.ConfigDict,
     raise ConfigError(f"workers.batch_size must be at least 1, got {b}.")
   if c.num_steps < 1 or c.eval_every < 1:
     raise ConfigError("num_steps and eval_every must be at least 1.")
+
+
+def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset] = None,
+          model: Optional[nn.Module] = None) -> Setup:
+  """Validates ``config`` and builds the static parts of a run.
+
+  Args:
+    config: a full ftjax config (see ``configs/default.py``).
+    dataset: train on these arrays instead of loading ``config.data``
+      (notebooks, benchmarks on synthetic data).
+    model: train this Flax module instead of ``config.model.name``. It is
+      called as ``model.apply(variables, x, train=...)`` on NHWC float inputs
+      and returns logits; BatchNorm-style state lives in ``"batch_stats"``.
+
+  Returns:
+    The :class:`Setup`.
+
+  Raises:
+    ConfigError: with a sentence saying what to change, for any config that
+      cannot run (unknown names, f >= W/2, batch larger than the data, float64
+      without 64-bit JAX, ...).
+  """
+  c = config
+  _check_ints(c)
+  w, f, b = c.workers.num, c.workers.byzantine, c.workers.batch_size
   if c.loop not in LOOPS:
     raise ConfigError(f"Unknown loop {c.loop!r}; valid: {', '.join(LOOPS)}.")
   if c.dtype not in ("float32", "float64"):
     raise ConfigError(f"dtype must be 'float32' or 'float64', got {c.dtype!r}.")
-  if c.dtype == "float64":
-    jax.config.update("jax_enable_x64", True)
-  mesh = _worker_mesh(c.get("devices", 0))
+  if c.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+    raise ConfigError("dtype float64 needs 64-bit JAX: build inside `with jax.enable_x64(True):` "
+                      "(train_and_evaluate does this itself), or use dtype float32.")
   dtype = jnp.float64 if c.dtype == "float64" else jnp.float32
   if c.optim.clip is not None and c.optim.clip < 0:
     raise ConfigError(f"optim.clip must be positive, or 0 / None for no clipping, got "
                       f"{c.optim.clip}.")
+  if c.data.shuffle not in data_lib.SHUFFLES:
+    raise ConfigError(f"Unknown data.shuffle {c.data.shuffle!r}; valid: "
+                      f"{', '.join(data_lib.SHUFFLES)}.")
 
   try:  # The libraries' own ValueErrors carry the sentence to show the user.
+    kernels.check(c.kernels)
+    mesh = sharding.worker_mesh(c.get("devices", 0))
     aggregator = aggregators_lib.make_aggregator(
-        _aggregator_spec(c), f, num_workers=w, options=_to_dict(c.aggregator.options))
+        _aggregator_spec(c), f, num_workers=w, options=_to_dict(c.aggregator.options),
+        kernels=c.kernels)
     attack = attacks_lib.make_attack(c.attack.name, **_to_dict(c.attack.options.get(
         attacks_lib.canonical_name(c.attack.name), None)))
     worker_tx = estimators.make_estimator(c.optim)
     server_tx = optim.make_server_optimizer(c.optim)
-    model = models_lib.make_model(c.model.name, num_classes=10, dtype=dtype,
-                                  conv_impl=c.model.conv_impl)  # checks the name early
+    if model is None and c.model.name not in models_lib.MODELS:  # before loading any data
+      raise ValueError(f"Unknown model {c.model.name!r}; choose one of: "
+                       f"{', '.join(models_lib.MODELS)}.")
     if dataset is None:
       dataset = data_lib.load_dataset(
           c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
     data_lib.check_batch(dataset, w, b)
-    if c.data.shuffle not in data_lib.SHUFFLES:
-      raise ConfigError(f"Unknown data.shuffle {c.data.shuffle!r}; valid: "
-                        f"{', '.join(data_lib.SHUFFLES)}.")
     partition = data_lib.partition_indices(
         jax.random.fold_in(jax.random.key(c.seed), _KEY_DATA), dataset.train_labels, w,
         scheme=c.data.partition, alpha=c.data.alpha,
         shards_per_worker=c.data.shards_per_worker)
     if partition is not None:
       data_lib.check_partition(partition, b)
-    if dataset.num_classes != 10:
-      model = models_lib.make_model(c.model.name, num_classes=dataset.num_classes,
-                                    dtype=dtype, conv_impl=c.model.conv_impl)
+    builtin = model is None
+    if builtin:
+      model = models_lib.make_model(c.model.name, num_classes=dataset.num_classes, dtype=dtype,
+                                    kernels=c.kernels)
+    _check_model_fits(model, dataset, dtype, c.model.name if builtin else type(model).__name__,
+                      builtin)
   except (ValueError, FileNotFoundError) as e:
     if isinstance(e, ConfigError):
       raise
@@ -193,42 +214,26 @@ def build(config: ml_collections.ConfigDict,
   return Setup(config=c, dataset=dataset, model=model, worker_tx=worker_tx,
                server_tx=server_tx, aggregator=aggregator, attack=attack,
                num_workers=w, num_byzantine=f, batch_size=b, dtype=dtype,
-               partition=partition, mesh=mesh)
+               partition=partition, mesh=mesh, builtin_model=builtin)
 
 
-def _worker_mesh(devices) -> Optional[Mesh]:
-  """The one-axis mesh of ``devices`` local devices (0 = all), or None for one device."""
-  if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
-    raise ConfigError(f"devices must be a non-negative integer (0 = all local devices), "
-                      f"got {devices!r}.")
-  available = jax.local_devices()
-  if devices > len(available):
-    raise ConfigError(
-        f"devices={devices} but only {len(available)} local "
-        f"{jax.default_backend().upper()} device(s) exist; lower devices (0 = all). On CPU, "
-        f"start the process with XLA_FLAGS=--xla_force_host_platform_device_count=N "
-        f"(main.py --cpu_devices=N does that).")
-  chosen = available[:devices or len(available)]
-  if len(chosen) == 1:
-    return None
-  return Mesh(np.array(chosen), (WORKER_AXIS,))
-
-
-def expose_cpu_devices(count: int = 0) -> None:
-  """Asks for ``count`` CPU devices (0 = one per core) before JAX creates its CPU client.
-
-  Sets ``XLA_FLAGS=--xla_force_host_platform_device_count``, so it only takes
-  effect before JAX's first use of a device, and it leaves a count already in
-  XLA_FLAGS alone. XLA:CPU runs each convolution on one core; with several
-  devices, ``config.devices=0`` splits the workers over all of them. On 2 cores
-  the simple_mnist mu2sgd step under sign flipping ran fastest on one device,
-  momentum and the omniscient attacks on two (docs/performance_notes.md).
-  """
-  current = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" in current:
-    return
-  count = count or os.cpu_count() or 1
-  os.environ["XLA_FLAGS"] = f"{current} --xla_force_host_platform_device_count={count}".strip()
+def _check_model_fits(model: nn.Module, dataset: data_lib.Dataset, dtype, name: str,
+                      builtin: bool) -> None:
+  """Refuses images on which the model has a zero-size layer (traced, not compiled)."""
+  sample = jax.ShapeDtypeStruct((1,) + dataset.train_images.shape[1:], dtype)
+  try:
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
+  except Exception as e:  # pylint: disable=broad-except
+    if not builtin:  # a user's own model: its traceback is theirs to read
+      raise
+    raise ValueError(f"Model {name!r} cannot run on images of shape "
+                     f"{list(dataset.train_images.shape[1:])}: {str(e).splitlines()[0]}") from None
+  empty = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+           if 0 in leaf.shape]
+  if empty:
+    raise ValueError(f"Images of shape {list(dataset.train_images.shape[1:])} are too small "
+                     f"for model {name!r} (the layer {empty[0]} would be empty); use larger "
+                     f"images or a smaller model (e.g. model.name='mlp').")
 
 
 def place(setup: Setup, tree: PyTree) -> PyTree:
@@ -237,9 +242,7 @@ def place(setup: Setup, tree: PyTree) -> PyTree:
   The jitted round takes its state and data replicated over the mesh; arrays
   from elsewhere (a restored checkpoint, a notebook) go through this first.
   """
-  if setup.mesh is None:
-    return tree
-  return jax.device_put(tree, NamedSharding(setup.mesh, PartitionSpec()))
+  return sharding.replicate(setup.mesh, tree)
 
 
 # --------------------------------------------------------------------------
@@ -258,29 +261,23 @@ class TrainState(NamedTuple):
   rng: jax.Array           # uint32 key data of the run's root key
 
 
-def _root_key(state: TrainState) -> jax.Array:
-  return jax.random.wrap_key_data(state.rng)
-
-
 def _purpose_key(state: TrainState, purpose: int) -> jax.Array:
-  return jax.random.fold_in(_root_key(state), purpose)
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), purpose)
 
 
 def init_state(setup: Setup, seed: int) -> TrainState:
   """Initial state: model init, estimator and server states, root key."""
   root = jax.random.key(seed)
-  ds = setup.dataset
-  sample = jnp.zeros((1,) + ds.train_images.shape[1:], setup.dtype)
+  sample = jnp.zeros((1,) + setup.dataset.train_images.shape[1:], setup.dtype)
   variables = setup.model.init(jax.random.fold_in(root, _KEY_INIT), sample, train=False)
   params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
   needs_prev = estimators.needs_previous_gradient(setup.config.optim.estimator)
   worker_state = jax.vmap(setup.worker_tx.init, in_axes=None,
                           axis_size=setup.num_computed)(params)
   return TrainState(
       step=jnp.zeros([], jnp.int32), params=params,
       prev_params=jax.tree.map(jnp.array, params) if needs_prev else (),
-      batch_stats=batch_stats, server_state=setup.server_tx.init(params),
+      batch_stats=variables.get("batch_stats", {}), server_state=setup.server_tx.init(params),
       worker_state=worker_state, rng=jax.random.key_data(root))
 
 
@@ -306,47 +303,16 @@ def make_device_data(setup: Setup) -> DeviceData:
   return DeviceData(images, labels, jnp.asarray(partition.table), jnp.asarray(partition.sizes))
 
 
-# Above this many int32 entries, per-chunk epoch permutations are not cached.
-_MAX_CACHED_PERMUTATION_ENTRIES = 1 << 25
-
-
-def make_chunk_indices(setup: Setup) -> Callable:
-  """``indices(state, data, length) -> int32 [length, W, b]``: the chunk's minibatches.
-
-  For the i.i.d. split (SPEC section 5) every epoch is one permutation of the
-  train split; the permutations of the epochs a chunk touches are drawn once
-  per chunk rather than once per round (a sort of N examples per round would
-  cost more than the model's step on MNIST). The result equals
-  :func:`ftjax.data.round_indices` round by round.
-  """
-  w, b = setup.num_workers, setup.batch_size
-  num_examples = setup.dataset.train_images.shape[0]
-  per_round = w * b
-  rounds_per_epoch = num_examples // per_round
+def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int) -> jax.Array:
+  """The workers' example indices for the ``length`` rounds from ``state.step``: [length, W, b]."""
+  key = _purpose_key(state, _KEY_DATA)
   shuffle = setup.config.data.shuffle
-
-  def indices(state, data, length):
-    key = _purpose_key(state, _KEY_DATA)
+  if data.table is not None:
     steps = state.step + jnp.arange(length, dtype=jnp.int32)
-    if data.table is not None:
-      return jax.vmap(lambda s: data_lib.worker_round_indices(
-          key, s, data.table, data.sizes, b, shuffle=shuffle))(steps)
-    num_epochs = length // rounds_per_epoch + 2
-    if shuffle != "permutation" or num_epochs * num_examples > _MAX_CACHED_PERMUTATION_ENTRIES:
-      return jax.vmap(lambda s: data_lib.round_indices(
-          key, s, num_examples, w, b, shuffle=shuffle))(steps)
-    first_epoch = state.step // rounds_per_epoch
-    perms = jax.vmap(lambda e: data_lib.epoch_permutation(key, e, num_examples))(
-        first_epoch + jnp.arange(num_epochs, dtype=jnp.int32))
-
-    def one(step):
-      perm = perms[step // rounds_per_epoch - first_epoch]
-      start = (step % rounds_per_epoch) * per_round
-      return jax.lax.dynamic_slice(perm, (start,), (per_round,)).reshape(w, b)
-
-    return jax.vmap(one)(steps)
-
-  return indices
+    return jax.vmap(lambda s: data_lib.worker_round_indices(
+        key, s, data.table, data.sizes, setup.batch_size, shuffle=shuffle))(steps)
+  return data_lib.chunk_indices(key, state.step, length, setup.dataset.train_images.shape[0],
+                                setup.num_workers, setup.batch_size, shuffle=shuffle)
 
 
 def make_loss_fn(model: nn.Module) -> Callable:
@@ -383,75 +349,43 @@ def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
 
 
 def make_worker_gradients(setup: Setup) -> Callable:
-  """``(params, batch_stats, x, y, prev_params=None) -> (out, prev_grads)``.
+  """``(params, batch_stats, prev_params, x, y) -> (out, prev_grads)``.
 
   ``x`` [n, b, ...] and ``y`` [n, b] are the n computed workers' minibatches;
   ``out = ((loss, (logits, stats)), grads)`` has a leading worker axis, and
   ``prev_grads`` are the same workers' gradients at ``prev_params`` on the same
-  minibatches (mu2sgd's second gradient), or None without ``prev_params``.
-
-  Each worker differentiates its own loss (a vmapped axis). With a mesh the
-  worker axis is split over its devices with ``shard_map``: each device runs
-  the vmapped gradients of its own workers (on CPU each device is one core,
-  and XLA:CPU runs a convolution on one core), and one all-gather of one flat
-  row per worker brings every result back for the replicated rest of the
-  round. A worker count that the device count does not divide is padded with
-  repeated workers whose results are dropped.
+  minibatches (mu2sgd's second gradient), or None when ``prev_params`` is None.
+  With a mesh, the worker axis is split over its devices
+  (:func:`ftjax.sharding.split_over_workers`).
   """
   grads = jax.vmap(jax.value_and_grad(make_loss_fn(setup.model), has_aux=True),
                    in_axes=(None, None, 0, 0))
 
-  def both(params, batch_stats, x, y, prev_params):
+  def both(params, batch_stats, prev_params, x, y):
     out = grads(params, batch_stats, x, y)
     prev = None if prev_params is None else grads(prev_params, batch_stats, x, y)[1]
     return out, prev
 
-  mesh = setup.mesh
-  if mesh is None:
-    return lambda params, batch_stats, x, y, prev_params=None: both(
-        params, batch_stats, x, y, prev_params)
-  devices = mesh.devices.size
-  spec = PartitionSpec(WORKER_AXIS)
-
-  def split_grads(params, batch_stats, x, y, prev_params=None):
-    n = x.shape[0]
-    padded = -(-n // devices) * devices
-    if padded != n:
-      rows = np.arange(padded) % n
-      x, y = x[rows], y[rows]
-    one = jax.eval_shape(both, params, batch_stats, x[:1], y[:1], prev_params)
-    unravel = jax.flatten_util.ravel_pytree(
-        jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), one))[1]
-
-    def local(params, batch_stats, x, y, prev_params):
-      out = both(params, batch_stats, x, y, prev_params)
-      return jax.vmap(lambda o: jax.flatten_util.ravel_pytree(o)[0])(out)
-
-    flat = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(),) * 2 + (spec, spec) +
-                         (PartitionSpec(),), out_specs=spec, check_vma=False)(
-                             params, batch_stats, x, y, prev_params)
-    # Gathered and replicated here: left to sharding propagation, the worker
-    # axis would stay split into the aggregator, which then exchanges data at
-    # every step of its selection network.
-    flat = jax.lax.with_sharding_constraint(flat, NamedSharding(mesh, PartitionSpec()))[:n]
-    return jax.vmap(unravel)(flat)
-
-  return split_grads
+  if setup.mesh is None:
+    return both
+  return sharding.split_over_workers(both, setup.mesh, num_shared=3)
 
 
-def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
-  """Builds the pure synchronous round ``(state, data) -> (state, metrics)``."""
+def make_train_step(setup: Setup) -> Callable:
+  """The pure synchronous round ``(state, data, indices) -> (state, metrics)``.
+
+  ``indices`` int32 [W, b] are the workers' examples of this round (one entry
+  of :func:`sample_chunk`); without them the round samples its own.
+  """
   c = setup.config
   ds = setup.dataset
-  w, f, h, n, b = (setup.num_workers, setup.num_byzantine, setup.num_honest,
-                   setup.num_computed, setup.batch_size)
+  f, h, n = setup.num_byzantine, setup.num_honest, setup.num_computed
   clip = c.optim.clip or None  # 0 (typeable on the command line) or None: no clipping
   needs_prev = estimators.needs_previous_gradient(c.optim.estimator)
-  value_and_grad = make_worker_gradients(setup)
+  worker_gradients = make_worker_gradients(setup)
   clip_rows = jax.vmap(functools.partial(estimators.clip_by_global_norm, max_norm=clip))
   attack_ctx = attacks_lib.AttackContext(num_byzantine=f, aggregator=setup.aggregator,
                                          num_classes=ds.num_classes)
-  chunk_indices = make_chunk_indices(setup)
 
   def worker_update(grads, worker_state, prev_grads):
     if needs_prev:
@@ -459,28 +393,30 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
     return setup.worker_tx.update(grads, worker_state)
 
   def train_step(state: TrainState, data: DeviceData, idx: Optional[jax.Array] = None):
-    """One round; ``idx`` int32 [W, b] are the workers' example indices."""
     step = state.step
     if idx is None:
-      idx = chunk_indices(state, data, 1)[0]
+      idx = sample_chunk(setup, state, data, 1)[0]
+
+    # Each computed worker's minibatch; Byzantine label flippers flip theirs.
     idx = idx[:n]
     x = data.images[idx]  # uint8 [n, b, H, W, C]
     if ds.augment == "crop_flip":
       # On the raw pixels, so the padding is black as in torchvision.
-      key = jax.random.fold_in(_purpose_key(state, _KEY_AUGMENT), step)
-      x = data_lib.augment_crop_flip(key, x)
+      x = data_lib.augment_crop_flip(jax.random.fold_in(_purpose_key(state, _KEY_AUGMENT), step), x)
     x = data_lib.preprocess(x, ds.mean, ds.std, setup.dtype)
     y = data.labels[idx]
     if f and setup.attack.flips_labels:
       y = y.at[h:].set(attacks_lib.flip_labels(y[h:], ds.num_classes))
 
-    ((loss, (logits, new_stats)), grads), prev_grads = value_and_grad(
-        state.params, state.batch_stats, x, y, state.prev_params if needs_prev else None)
+    # Workers: clipped gradients, then the estimator (mu2sgd needs x_{t-1} too).
+    ((loss, (logits, new_stats)), grads), prev_grads = worker_gradients(
+        state.params, state.batch_stats, state.prev_params if needs_prev else None, x, y)
     grads = clip_rows(grads)
     if needs_prev:
       prev_grads = clip_rows(prev_grads)
     updates, worker_state = jax.vmap(worker_update)(grads, state.worker_state, prev_grads)
 
+    # Byzantine rows: the attack sees the honest updates (and its own, if it uses them).
     honest = jax.tree.map(lambda u: u[:h], updates)
     if f:
       own = jax.tree.map(lambda u: u[h:], updates) if setup.attack.uses_own_updates else None
@@ -489,16 +425,14 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
       rows = jax.tree.map(lambda a, z: jnp.concatenate([a, z.astype(a.dtype)]), honest, byzantine)
     else:
       rows = honest
-    key = jax.random.fold_in(_purpose_key(state, _KEY_AGGREGATOR), step)
-    # Materialise the rows: without the barrier XLA fuses the estimator and the
-    # attack into the aggregator's selection network and recomputes them there.
-    rows = jax.lax.optimization_barrier(rows)
-    aggregate, diagnostics = setup.aggregator(rows, key)
 
+    # Server: robust aggregate, then the server optax chain.
+    key = jax.random.fold_in(_purpose_key(state, _KEY_AGGREGATOR), step)
+    aggregate, diagnostics = setup.aggregator(rows, key)
     server_updates, server_state = setup.server_tx.update(
         aggregate, state.server_state, state.params)
     params = optax.apply_updates(state.params, server_updates)
-    # Running BatchNorm statistics follow the honest workers' batches (see README).
+    # Running BatchNorm statistics follow the honest workers' batches (docs/data.md).
     batch_stats = jax.tree.map(lambda s: s[:h].mean(0), new_stats)
 
     metrics = {
@@ -508,8 +442,7 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
         **summarize_diagnostics(diagnostics, h),
     }
     new_state = TrainState(
-        step=step + 1, params=params,
-        prev_params=state.params if needs_prev else (),
+        step=step + 1, params=params, prev_params=state.params if needs_prev else (),
         batch_stats=batch_stats, server_state=server_state,
         worker_state=worker_state, rng=state.rng)
     return new_state, metrics
@@ -518,38 +451,28 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, DeviceData], tuple]:
 
 
 # --------------------------------------------------------------------------
-# 4. Chunks of rounds and evaluation
+# 4. The loop between evaluations
 # --------------------------------------------------------------------------
 
 
-LOOPS = ("auto", "scan", "host")
+def resolve_loop(setup: Setup, loop: str = "auto") -> str:
+  """The chunk loop: "scan" (rounds inside one ``lax.scan``) or "host".
 
-
-def _check_loop(loop: str) -> None:
+  "auto" scans, except on CPU when the round's convolutions would not all be
+  plain forward convolutions (``kernels.layers.scan_friendly``): inside a loop
+  body XLA:CPU runs the others on a slow generic path, while a host loop over
+  the jitted, donated round keeps its fast convolution library. A user's own
+  model is not known to be scan-friendly, so on CPU it takes the host loop.
+  """
   if loop not in LOOPS:
     raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
-
-
-def resolve_loop(loop: str, chunk_jaxpr) -> str:
-  """The chunk loop: "scan" or "host".
-
-  "auto" is "scan" (the rounds inside one ``lax.scan``) except on CPU when the
-  round has a convolution that XLA:CPU would run on its slow generic path inside
-  a loop body (``conv.scan_friendly`` on ``chunk_jaxpr``, the scanned chunk's jaxpr).
-  There "host" (a Python loop that dispatches the jitted, donated round without
-  waiting) keeps the fast library convolutions: autodiff's transposed
-  convolutions made the scanned simple_mnist step about 12x slower. The CPU
-  formulations write every convolution of the gradient as a plain one (strided
-  ones phase by phase), and for them the scanned chunk ran as fast as the host
-  loop or up to 27% faster (docs/performance_notes.md). ``conv_impl="xla"`` and
-  more than 64 workers (a grouped weight gradient) keep the host loop on CPU.
-  """
-  _check_loop(loop)
   if loop != "auto":
     return loop
   if jax.default_backend() != "cpu":
     return "scan"
-  return "scan" if conv_lib.scan_friendly(chunk_jaxpr) else "host"
+  friendly = setup.builtin_model and layers.scan_friendly(setup.config.kernels,
+                                                           setup.num_computed)
+  return "scan" if friendly else "host"
 
 
 def _all_finite(tree) -> jax.Array:
@@ -564,11 +487,11 @@ class CompiledChunk(NamedTuple):
   loop: str                # "scan" or "host"
 
 
-def _cost(compiled, length: int) -> tuple[float, float]:
+def _cost(compiled) -> tuple[float, float]:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
-  flops = float((analysis or {}).get("flops", float("nan"))) / length
+  flops = float((analysis or {}).get("flops", float("nan")))
   mem = compiled.memory_analysis()
   memory = (float(mem.temp_size_in_bytes + mem.argument_size_in_bytes
                   + mem.output_size_in_bytes) if mem is not None else float("nan"))
@@ -576,24 +499,24 @@ def _cost(compiled, length: int) -> tuple[float, float]:
 
 
 def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
-  """``compile(state, data, length) -> CompiledChunk``: rounds between evaluations.
+  """``compile(state, data, length) -> CompiledChunk``: the rounds between evaluations.
 
-  With ``loop="scan"`` the ``length`` rounds run inside one jitted
-  ``lax.scan``; with ``loop="host"`` a host loop dispatches the jitted round
-  ``length`` times without waiting for it; "auto" picks one (``resolve_loop``)
-  and ``CompiledChunk.loop`` says which. Either way the state buffers are
-  donated, the example indices of the whole chunk are drawn on device first,
-  and the returned metrics are the means over the chunk plus ``finite``
-  (whether the new parameters are all finite). Compiling for a length twice
-  returns the cached executable.
+  With "scan" the ``length`` rounds run inside one jitted ``lax.scan``; with
+  "host" a Python loop dispatches the jitted round ``length`` times without
+  waiting for it; "auto" picks one (:func:`resolve_loop`). Either way the
+  state buffers are donated, the example indices of the whole chunk are drawn
+  on device first, and the returned metrics are the means over the chunk plus
+  ``finite`` (whether the new parameters are all finite). The chunk is
+  compiled ahead of time, so that the caller can report compile time and XLA's
+  cost analysis; a length compiled before is returned from a cache.
   """
-  _check_loop(loop)
+  resolved = resolve_loop(setup, loop)
   train_step = make_train_step(setup)
-  chunk_indices = make_chunk_indices(setup)
+  mesh = setup.mesh
   cache = {}
 
   def scan_chunk(state, data, length):
-    indices = chunk_indices(state, data, length)
+    indices = sample_chunk(setup, state, data, length)
     state, metrics = jax.lax.scan(lambda s, idx: train_step(s, data, idx), state, indices)
     metrics = jax.tree.map(lambda m: m.mean(0), metrics)
     metrics["finite"] = _all_finite(state.params)
@@ -607,98 +530,86 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
     metrics["finite"] = _all_finite(state.params)
     return metrics
 
+  def compile_scan(state, data, length):
+    compiled = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).lower(
+        state, data, length).compile()
+    # XLA's cost analysis counts a while loop's body once, i.e. one round.
+    return CompiledChunk(lambda s, d: compiled(place(setup, s), place(setup, d)),
+                         *_cost(compiled), "scan")
+
+  def compile_host(state, data, length):
+    sample = jax.jit(functools.partial(sample_chunk, setup), static_argnums=2).lower(
+        state, data, length).compile()
+    indices = sharding.replicated_struct(mesh, jax.eval_shape(
+        functools.partial(sample_chunk, setup, length=length), state, data))
+    step = jax.jit(one_round, donate_argnums=0).lower(
+        state, data, indices, jnp.int32(0)).compile()
+    _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
+    summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
+
+    def run(state, data):
+      state, data = place(setup, state), place(setup, data)
+      idx = sample(state, data)
+      metrics = []
+      for i in range(length):
+        state, m = step(state, data, idx, jnp.int32(i))
+        if mesh is not None and len(metrics) >= sharding.MAX_ROUNDS_IN_FLIGHT - 1:
+          jax.block_until_ready(metrics[-1])
+        metrics.append(m)
+      return state, summary(state, metrics)
+
+    return CompiledChunk(run, *_cost(step), "host")
+
   def compile_chunk(state, data, length):
-    if length in cache:
-      return cache[length]
-    # With a mesh, the compiled chunk takes replicated inputs; run() places them.
-    state, data = place(setup, state), place(setup, data)
-    resolved = loop
-    if loop != "host":
-      traced = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).trace(
-          state, data, length)
-      resolved = resolve_loop(loop, traced.jaxpr.jaxpr)
-    if resolved == "scan":
-      compiled = traced.lower().compile()
-
-      def run(state, data):
-        return compiled(place(setup, state), place(setup, data))
-
-      # XLA's cost analysis counts a while loop's body once, i.e. one round.
-      result = CompiledChunk(run, *_cost(compiled, 1), "scan")
-    else:
-      indices_fn = jax.jit(chunk_indices, static_argnums=2).lower(state, data, length).compile()
-      indices = jax.eval_shape(functools.partial(chunk_indices, length=length), state, data)
-      if setup.mesh is not None:
-        indices = jax.ShapeDtypeStruct(indices.shape, indices.dtype,
-                                       sharding=NamedSharding(setup.mesh, PartitionSpec()))
-      step = jax.jit(one_round, donate_argnums=0).lower(
-          state, data, indices, jnp.int32(0)).compile()
-      _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
-      summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
-
-      def run(state, data):
-        state, data = place(setup, state), place(setup, data)
-        idx = indices_fn(state, data)
-        metrics = []
-        for i in range(length):
-          state, m = step(state, data, idx, jnp.int32(i))
-          if setup.mesh is not None and metrics:
-            # At most two rounds in flight. With dozens of multi-device calls
-            # queued, XLA:CPU's device threads deadlock in the all-gather and
-            # XLA aborts the process after its rendezvous timeout (a bare
-            # shard_map all-gather on 2 CPU devices aborts with 64 calls queued
-            # and runs 20,000 calls with up to 16 queued).
-            jax.block_until_ready(metrics[-1])
-          metrics.append(m)
-        return state, summary(state, metrics)
-
-      result = CompiledChunk(run, *_cost(step, 1), "host")
-    cache[length] = result
-    return result
+    if length not in cache:
+      # With a mesh, the compiled chunk takes replicated inputs; run() places them.
+      state, data = place(setup, state), place(setup, data)
+      build_chunk = compile_scan if resolved == "scan" else compile_host
+      cache[length] = build_chunk(state, data, length)
+    return cache[length]
 
   return compile_chunk
 
 
+# --------------------------------------------------------------------------
+# 5. Evaluation
+# --------------------------------------------------------------------------
+
+
 class EvalData(NamedTuple):
-  """The test split padded to whole batches: [num_batches, batch, ...]."""
-  images: jax.Array
-  labels: jax.Array
-  mask: jax.Array
+  """The test split on device and the batches that cover it once."""
+  images: jax.Array    # uint8 [M, H, W, C]
+  labels: jax.Array    # int32 [M]
+  indices: jax.Array   # int32 [num_batches, batch]; padded entries point at 0
+  mask: jax.Array      # bool [num_batches, batch]; False on padded entries
 
 
 def make_eval_data(dataset: data_lib.Dataset, batch_size: int) -> EvalData:
-  """Pads and reshapes the test split for :func:`make_eval_fn` (host side, once)."""
-  images, labels = dataset.test_images, dataset.test_labels
-  total = images.shape[0]
-  batch_size = max(1, min(batch_size, total))
-  num_batches = math.ceil(total / batch_size)
-  pad = num_batches * batch_size - total
-  mask = np.concatenate([np.ones(total, bool), np.zeros(pad, bool)])
-  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-  shape = (num_batches, batch_size)
-  return EvalData(jnp.asarray(images.reshape(shape + images.shape[1:])),
-                  jnp.asarray(labels.reshape(shape)), jnp.asarray(mask.reshape(shape)))
+  """Puts the test split on device with the batches of :func:`ftjax.data.eval_batches`."""
+  batches = data_lib.eval_batches(dataset.test_images.shape[0], batch_size)
+  return EvalData(jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels),
+                  jnp.asarray(batches.indices), jnp.asarray(batches.mask))
 
 
 def make_eval_fn(setup: Setup) -> Callable:
   """``evaluate(params, batch_stats, eval_data) -> {test_loss, test_acc}``, jitted."""
   ds = setup.dataset
 
-  def batch_sums(params, batch_stats, x, y, mask):
+  def evaluate(params, batch_stats, data: EvalData):
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    logits = setup.model.apply(variables, data_lib.preprocess(x, ds.mean, ds.std, setup.dtype),
-                               train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = jnp.argmax(logits, -1) == y
-    return jnp.where(mask, losses, 0).sum(), jnp.where(mask, correct, False).sum()
 
-  def evaluate(params, batch_stats, data: EvalData):
-    losses, correct = jax.lax.map(
-        lambda batch: batch_sums(params, batch_stats, *batch),
-        (data.images, data.labels, data.mask))
+    def batch_sums(batch):
+      idx, mask = batch
+      x = data_lib.preprocess(data.images[idx], ds.mean, ds.std, setup.dtype)
+      logits = setup.model.apply(variables, x, train=False)
+      y = data.labels[idx]
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return jnp.where(mask, losses, 0).sum(), jnp.where(mask, jnp.argmax(logits, -1) == y,
+                                                         False).sum()
+
+    losses, correct = jax.lax.map(batch_sums, (data.indices, data.mask))
     count = data.mask.sum()
     return {"test_loss": (losses.sum() / count).astype(jnp.float32),
             "test_acc": (correct.sum() / count).astype(jnp.float32)}
@@ -707,7 +618,7 @@ def make_eval_fn(setup: Setup) -> Callable:
 
 
 # --------------------------------------------------------------------------
-# 5. The run
+# 6. The run
 # --------------------------------------------------------------------------
 
 
@@ -723,28 +634,8 @@ def _check_workdir(workdir: str) -> None:
                       f"writable --workdir.") from None
 
 
-def _config_for_comparison(config: ml_collections.ConfigDict) -> dict:
-  d = json.loads(config.to_json())
-  for field in _RESUMABLE_FIELDS:
-    d.pop(field, None)
-  return d
-
-
-def _check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as fh:
-    saved = json.load(fh)
-  for field in _RESUMABLE_FIELDS:
-    saved.pop(field, None)
-  now = _config_for_comparison(config)
-  if saved != now:
-    diffs = sorted(_diff_keys(saved, now))
-    raise ConfigError(
-        f"The workdir {workdir!r} holds a run with a different config "
-        f"(fields {', '.join(diffs)} differ); resume it with the same config or use "
-        f"another --workdir.")
+def _comparable(config_dict: dict) -> dict:
+  return {k: v for k, v in config_dict.items() if k not in _RESUMABLE_FIELDS}
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -758,27 +649,62 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
   return keys
 
 
-class TrainingDiverged(FloatingPointError):
-  """The honest loss or the model became non-finite; the last good checkpoint is kept."""
+def _check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+      raise ConfigError(
+          f"The workdir {workdir!r} holds checkpoints but no config.json, so the run they "
+          f"belong to is unknown; restore its config.json or use another --workdir.")
+    return
+  try:
+    with open(path) as fh:
+      saved = _comparable(json.load(fh))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} cannot be read as JSON ({e}); the workdir is damaged: restore "
+                      f"the file or use another --workdir.") from None
+  now = _comparable(json.loads(config.to_json()))
+  if saved != now:
+    raise ConfigError(
+        f"The workdir {workdir!r} holds a run with a different config "
+        f"(fields {', '.join(_diff_keys(saved, now))} differ); resume it with the same config "
+        f"or use another --workdir.")
+
+
+class TrainResult(NamedTuple):
+  """What :func:`train_and_evaluate` returns."""
+  state: TrainState    # the final state (model, estimator and server states, step)
+  metrics: dict        # the last evaluation row (step, train/test loss and accuracy, ...)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Optional[data_lib.Dataset] = None) -> dict:
-  """Runs (or resumes) one training run and returns its last evaluation row.
+                       dataset: Optional[data_lib.Dataset] = None,
+                       model: Optional[nn.Module] = None) -> TrainResult:
+  """Runs (or resumes) one training run.
+
+  A float64 config runs inside ``jax.enable_x64(True)``; nothing outside the
+  call is changed.
 
   Args:
     config: the run's config.
     workdir: output directory (config.json, metrics.csv/.jsonl, checkpoints/).
       If it already holds a checkpoint of the same config, training resumes.
     dataset: optional in-memory dataset overriding ``config.data``.
+    model: optional Flax module overriding ``config.model.name`` (see :func:`build`).
 
   Returns:
-    The final evaluation row (step, train/test loss and accuracy, ...).
+    The final state and the last evaluation row.
   """
+  x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
+  with x64:
+    return _train_and_evaluate(config, workdir, dataset, model)
+
+
+def _train_and_evaluate(config, workdir, dataset, model) -> TrainResult:
   # Build and validate everything before compiling anything.
   _check_workdir(workdir)
   _check_resume_config(workdir, config)
-  setup = build(config, dataset)
+  setup = build(config, dataset, model)
   with open(os.path.join(workdir, "config.json"), "w") as fh:
     fh.write(config.to_json(indent=2))
 
@@ -827,12 +753,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tic
       if not (metrics["finite"] and np.isfinite(metrics["train_loss"])):
+        kept = (f"The last good checkpoint (step {step}) is kept in {workdir}"
+                if step > 0 and config.checkpoint.enabled else "No checkpoint was written")
         raise TrainingDiverged(
             f"Training diverged between steps {step} and {step + length}: the honest "
             f"workers' loss is {metrics['train_loss']} and the model is "
-            f"{'finite' if metrics['finite'] else 'not finite'}. The last good checkpoint "
-            f"(step {step}) is kept in {workdir}; lower optim.lr, enable optim.clip, or "
-            f"use a robust aggregator.")
+            f"{'finite' if metrics['finite'] else 'not finite'}. {kept}; lower optim.lr, "
+            f"enable optim.clip, or use a robust aggregator.")
       state = new_state
       reporter.advance(length)
       evaluation = jax.device_get(eval_fn(state.params, state.batch_stats, eval_data))
@@ -850,4 +777,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     checkpointer.close()
     reporter.close()
-  return row
+  return TrainResult(state, row)

@@ -256,7 +256,7 @@ def test_channel_stats_matches_numpy():
 
 
 # ----------------------------------------------------------------------------
-# round_indices (SPEC section 5)
+# round_indices (the i.i.d. round sampler)
 
 N, W, B = 50, 3, 4  # 12 per round, 4 rounds per epoch, 2 examples dropped per epoch
 KEY = jax.random.key(7)
@@ -510,3 +510,48 @@ def test_eval_batches_cover_split_once():
   assert data.eval_batches(3, 100).indices.shape == (1, 3)
   with pytest.raises(ValueError, match="positive"):
     data.eval_batches(10, 0)
+
+
+@pytest.mark.parametrize("shuffle", ["permutation", "feistel"])
+@pytest.mark.parametrize("first, length", [(0, 1), (3, 7), (10, 25)])
+def test_chunk_indices_are_the_rounds_of_the_epoch_shuffles(shuffle, first, length):
+  # N=100, W*b=12: 8 rounds per epoch, the last 4 examples of an epoch unused.
+  n, w, b = 100, 3, 4
+  key = jax.random.key(7)
+  got = np.asarray(jax.jit(lambda s: data.chunk_indices(key, s, length, n, w, b,
+                                                        shuffle=shuffle))(first))
+  assert got.shape == (length, w, b)
+  for i in range(length):
+    step = first + i
+    epoch, r = divmod(step, 8)
+    perm = np.asarray(data.epoch_permutation(key, epoch, n, shuffle=shuffle))
+    np.testing.assert_array_equal(got[i].reshape(-1), perm[12 * r:12 * (r + 1)])
+    np.testing.assert_array_equal(
+        got[i], np.asarray(data.round_indices(key, step, n, w, b, shuffle=shuffle)))
+
+
+def test_chunk_longer_than_the_permutation_cache_draws_the_same_rounds(monkeypatch):
+  key = jax.random.key(1)
+  cached = np.asarray(data.chunk_indices(key, 5, 30, 100, 3, 4))
+  monkeypatch.setattr(data, "_MAX_CACHED_PERMUTATION_ENTRIES", 0)
+  np.testing.assert_array_equal(np.asarray(data.chunk_indices(key, 5, 30, 100, 3, 4)), cached)
+
+
+def test_empty_test_split_is_refused():
+  with pytest.raises(ValueError, match="no test examples"):
+    data.Dataset(name="x", train_images=np.zeros((10, 4, 4, 1), np.uint8),
+                 train_labels=np.zeros(10, int), test_images=np.zeros((0, 4, 4, 1), np.uint8),
+                 test_labels=np.zeros(0, int), num_classes=2, mean=(0.5,), std=(0.2,))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_a_zip"])
+def test_damaged_npz_is_one_clear_error(tmp_path, damage):
+  path = tmp_path / "mnist.npz"
+  rng = np.random.default_rng(0)
+  np.savez(path, train_images=rng.integers(0, 255, (50, 4, 4, 1), dtype=np.uint8),
+           train_labels=rng.integers(0, 3, 50), test_images=np.zeros((5, 4, 4, 1), np.uint8),
+           test_labels=np.zeros(5, int))
+  raw = path.read_bytes()
+  path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"hello" * 100)
+  with pytest.raises(ValueError, match="truncated or not an .npz"):
+    data.load_dataset("npz", path=str(path))

@@ -61,7 +61,7 @@ _SCRIPT = textwrap.dedent("""
     workdir = sys.argv[1]
     train.train_and_evaluate(tiny_config(**{"devices": 0, "num_steps": 3}), workdir)
     row = train.train_and_evaluate(tiny_config(**{"devices": 1}), workdir)
-    out["resumed_step"] = row["step"]
+    out["resumed_step"] = row.metrics["step"]
     # A long host-loop chunk: dozens of multi-device rounds queued at once
     # deadlock XLA:CPU's all-gather, so the loop bounds the rounds in flight.
     c = tiny_config(**{"devices": 0})

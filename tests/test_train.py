@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,13 +146,24 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
                      "attack.name": "none", "optim.clip": None, "optim.lr": 1e30,
                      "optim.estimator": "sgd", "model.name": "mlp", "eval_every": 1,
                      "num_steps": 20})
-  with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
+  with pytest.raises(train.TrainingDiverged) as err:
     train.train_and_evaluate(c, str(tmp_path))
-  latest = os.listdir(tmp_path / "checkpoints" / "latest")
-  rows = _rows(str(tmp_path))
+  rows = _rows(str(tmp_path)) if os.path.exists(tmp_path / "metrics.jsonl") else []
   assert all(np.isfinite(r["train_loss"]) for r in rows)
-  if rows:
-    assert str(rows[-1]["step"]) in latest
+  if rows:  # the message names the checkpoint that exists
+    assert f"last good checkpoint (step {rows[-1]['step']})" in str(err.value)
+    assert str(rows[-1]["step"]) in os.listdir(tmp_path / "checkpoints" / "latest")
+  else:
+    assert "No checkpoint was written" in str(err.value)
+
+
+def test_divergence_in_the_first_chunk_says_nothing_was_saved(tmp_path):
+  c = tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg", "aggregator.meta": "none",
+                     "attack.name": "none", "optim.clip": None, "optim.lr": 1e30,
+                     "optim.estimator": "sgd", "model.name": "mlp", "eval_every": 5,
+                     "num_steps": 5})
+  with pytest.raises(train.TrainingDiverged, match="No checkpoint was written"):
+    train.train_and_evaluate(c, str(tmp_path))
 
 
 def test_main_end_to_end(tmp_path):
@@ -213,17 +225,83 @@ def test_second_chunk_does_not_recompile(loop):
 
 def test_auto_loop_scans_unless_a_convolution_would_be_slow_in_a_loop():
   # On CPU, "auto" scans when every convolution of the round is a plain one
-  # (the CPU formulation) and falls back to the host loop for autodiff's
-  # transposed convolutions ("xla"), which XLA:CPU runs ~50x slower in a loop.
-  expected = {"auto": "scan", "xla": "scan" if jax.default_backend() != "cpu" else "host"}
-  for conv_impl, want in expected.items():
-    setup = train.build(tiny_config(**{"model.conv_impl": conv_impl}))
+  # (the cpu kernels) and takes the host loop for autodiff's transposed
+  # convolutions (the plain kernels), which XLA:CPU runs far slower in a loop.
+  cpu = jax.default_backend() == "cpu"
+  expected = {"auto": "scan", "cpu": "scan", "plain": "host" if cpu else "scan"}
+  for kernel_set, want in expected.items():
+    setup = train.build(tiny_config(kernels=kernel_set))
     state = train.init_state(setup, 1)
     data = train.make_device_data(setup)
-    assert train.make_chunk_fn(setup, "auto")(state, data, 2).loop == want, conv_impl
+    assert train.make_chunk_fn(setup, "auto")(state, data, 2).loop == want, kernel_set
   assert train.make_chunk_fn(setup, "host")(state, data, 2).loop == "host"
   with pytest.raises(ValueError, match="Unknown loop"):
     train.make_chunk_fn(setup, "while")
+
+
+def test_unknown_kernel_set_is_refused(tmp_path):
+  with pytest.raises(train.ConfigError, match="kernel set"):
+    train.train_and_evaluate(tiny_config(kernels="gpu"), str(tmp_path))
+
+
+def test_plain_and_cpu_kernels_train_alike_in_float64():
+  # The seam's promise on the whole round: the same maths through both kernel sets.
+  results = {}
+  with jax.enable_x64(True):
+    for kernel_set in ("plain", "cpu"):
+      c = tiny_config(kernels=kernel_set, dtype="float64", loop="host")
+      setup = train.build(c)
+      state = train.init_state(setup, 1)
+      data = train.make_device_data(setup)
+      state, metrics = train.make_chunk_fn(setup, "host")(state, data, 4).run(state, data)
+      results[kernel_set] = jax.device_get((state.params, metrics))
+  (pa, ma), (pb, mb) = results["plain"], results["cpu"]
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    assert a.dtype == np.float64
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-10)
+
+
+class _UserMLP(nn.Module):
+  """A user's own model, unknown to ftjax's tables."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    del train
+    hidden = nn.relu(nn.Dense(16, name="hidden")(x.reshape(x.shape[0], -1)))
+    return nn.Dense(3, name="logits")(hidden)
+
+
+def _user_dataset():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 300)
+  images = (rng.integers(0, 60, (300, 6, 6, 1)) + 60 * labels[:, None, None, None])
+  return data_lib.Dataset(
+      name="three_bands", train_images=images[:240].astype(np.uint8),
+      train_labels=labels[:240], test_images=images[240:].astype(np.uint8),
+      test_labels=labels[240:], num_classes=3, mean=(0.4,), std=(0.3,))
+
+
+def test_own_model_and_arrays_train_and_return_state(tmp_path):
+  c = tiny_config(num_steps=40, eval_every=20, **{"attack.name": "sf"})
+  result = train.train_and_evaluate(c, str(tmp_path), dataset=_user_dataset(), model=_UserMLP())
+  assert isinstance(result, train.TrainResult)
+  assert int(result.state.step) == 40 and result.metrics["step"] == 40
+  assert result.state.params["logits"]["kernel"].shape == (16, 3)
+  # The three classes are separable by brightness: a defended run learns them.
+  assert result.metrics["test_acc"] > 0.9
+
+
+def test_float64_run_leaves_64_bit_mode_off(tmp_path):
+  assert not jax.config.read("jax_enable_x64")
+  result = train.train_and_evaluate(
+      tiny_config(dtype="float64", num_steps=2, eval_every=2, **{"model.name": "mlp"}),
+      str(tmp_path))
+  assert result.state.params["Dense_0"]["kernel"].dtype == np.float64
+  assert not jax.config.read("jax_enable_x64")
+  assert jnp.zeros(1).dtype == jnp.float32
+  with pytest.raises(train.ConfigError, match="64-bit"):
+    train.build(tiny_config(dtype="float64"))
 
 
 def test_scan_and_host_loops_agree():
@@ -249,3 +327,29 @@ def test_wandb_offline_run_is_recorded(tmp_path, monkeypatch):
   assert len(runs) == 1
   files = os.listdir(tmp_path / "wandb" / runs[0])
   assert any(f.endswith(".wandb") for f in files), files
+
+
+def test_images_too_small_for_the_model_are_refused_before_compiling(tmp_path):
+  rng = np.random.default_rng(0)
+  tiny = data_lib.Dataset(
+      name="tiny_images", train_images=rng.integers(0, 255, (200, 3, 3, 1), dtype=np.uint8),
+      train_labels=rng.integers(0, 10, 200), test_images=np.zeros((20, 3, 3, 1), np.uint8),
+      test_labels=np.zeros(20, int), num_classes=10, mean=(0.5,), std=(0.25,))
+  c = tiny_config(**{"model.name": "simple_mnist"})
+  with pytest.raises(train.ConfigError, match="too small for model 'simple_mnist'"):
+    train.train_and_evaluate(c, str(tmp_path), dataset=tiny)
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_damaged_workdirs_are_refused_in_one_sentence(tmp_path):
+  c = tiny_config(num_steps=3, **{"model.name": "mlp"})
+  corrupt = tmp_path / "corrupt"
+  train.train_and_evaluate(c, str(corrupt))
+  (corrupt / "config.json").write_text('{"seed": 1, "dty')
+  with pytest.raises(train.ConfigError, match="cannot be read as JSON"):
+    train.train_and_evaluate(c, str(corrupt))
+  orphan = tmp_path / "orphan"
+  train.train_and_evaluate(c, str(orphan))
+  os.remove(orphan / "config.json")
+  with pytest.raises(train.ConfigError, match="checkpoints but no config.json"):
+    train.train_and_evaluate(c, str(orphan))

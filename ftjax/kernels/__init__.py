@@ -26,7 +26,7 @@ their identity and of jit's cache key) and is visible to the primitives while
 that call is traced, through :func:`use` and :func:`current`. A user-written
 rule that calls these primitives therefore runs with the kernels of the
 aggregator that wraps it. Every fast primitive is tested equal to its plain
-version (``tests/test_kernels.py``).
+version (``tests/test_kernels_rows.py``, ``tests/test_kernels_layers.py``).
 """
 from __future__ import annotations
 
