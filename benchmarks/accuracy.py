@@ -7,7 +7,9 @@ attacks bite. Results go to docs/benchmarks/accuracy.md (and the raw numbers to
 accuracy.json beside it, written after every run so nothing is lost when the
 script is interrupted; rerunning skips the runs already there).
 
-  python benchmarks/accuracy.py --data ../shared/data/mnist.npz --seeds 1,2,3
+  python benchmarks/accuracy.py --data /path/to/mnist.npz --seeds 1,2,3
+
+The .npz layout, and how to build one from TFDS, is in docs/data.md.
 """
 
 import json
@@ -27,7 +29,9 @@ from configs import mnist  # pylint: disable=g-import-not-at-top
 from ftjax import data as data_lib
 from ftjax import train
 
-flags.DEFINE_string("data", "../shared/data/mnist.npz", "MNIST .npz (SPEC section 5 layout).")
+flags.DEFINE_string("data", "mnist.npz",
+                    "MNIST .npz: train_images uint8 [60000, 28, 28, 1], train_labels, "
+                    "test_images, test_labels (docs/data.md).")
 flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds for the defended runs.")
 flags.DEFINE_integer("undefended_seeds", 1, "How many of the seeds also run without defence.")
 flags.DEFINE_list("attacks", ["lf", "sf", "ipm", "alie"], "Attacks to run.")
@@ -77,7 +81,7 @@ def write_markdown(results, path, command):
       f"lr 0.1, clipping 2.0, {FLAGS.dtype}. Test accuracy (%) on the 10,000 test images: the "
       "median over seeds, with min-max when there are several. The last column is the "
       "original PyTorch program (float64, seed 1) on the same machines, from the issue.", "",
-      "Schedules: *clean* is SPEC's beta_t = 1/t and gamma_t = 2/(t+1); *reference* is the "
+      "Schedules: *clean* is the paper's beta_t = 1/t and gamma_t = 2/(t+1); *reference* is the "
       "original program's rounding of both to 3 decimals with a 0.01 floor "
       "(`optim.reference_rounding=True`).", "",
       "| attack | aggregator | schedules | seeds | " + " | ".join(f"acc@{s}" for s in steps)

@@ -4,7 +4,7 @@ Each worker turns its clipped stochastic gradient(s) into the update it sends to
 the server. The training step vmaps these transforms over the worker axis, so
 every state below is per worker; stacked, its leaves gain a leading axis W.
 
-Three estimators (SPEC section 2.2):
+Three estimators (Dahan & Levy, ICML 2024; docs/estimators.md):
 
 * ``sgd``: the clipped gradient itself.
 * ``momentum(beta)``: m_1 = g_1, m_t = beta * m_{t-1} + (1 - beta) * g_t.
@@ -13,7 +13,7 @@ Three estimators (SPEC section 2.2):
   It needs the gradient at the previous query point on the same minibatch,
   passed as the extra argument ``prev_grads``.
 
-Gradient clipping (SPEC 2.1) is applied by the step to every gradient before it
+Per-worker gradient clipping is applied by the step to every gradient before it
 reaches these transforms; see :func:`clip_by_global_norm`.
 """
 

@@ -2,7 +2,7 @@
 
 The server keeps the query point x_t (the model that is evaluated, and the
 ``params`` optax sees) and, for mu2sgd, the anchor iterate w_t inside the state
-of :func:`anytime_averaging`. One server step (SPEC section 2.3) is
+of :func:`anytime_averaging`. One server step is
 
   w_{t+1} = w_t - lr * (a_t + lambda * x_t)
   x_{t+1} = (1 - gamma_t) * x_t + gamma_t * w_{t+1}
