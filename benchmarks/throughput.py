@@ -302,7 +302,7 @@ def main(argv):
                    f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['memory_mib']:.0f} |")
     lines.append("")
   if on_cpu:
-    lines += ["GPU: no accelerator was lent to this session; GPU figures are still to be "
+    lines += ["GPU: no accelerator was available for this run; GPU figures are still to be "
               "measured.", ""]
   else:
     lines += [f"Device: {jax.devices()[0].device_kind} ({jax.default_backend()}, "

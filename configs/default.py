@@ -27,7 +27,8 @@ def get_config(arg=None):
   c.eval_every = 50            # rounds per compiled chunk; evaluate + checkpoint after each
   c.progress = True            # draw a progress bar with ETA on stderr
   c.loop = "auto"              # rounds between evaluations: "scan" (lax.scan), "host" (async
-                               # dispatch of the jitted round); "auto" = scan
+                               # dispatch of the jitted round); "auto" = scan, except on CPU
+                               # with the plain kernels, > 64 workers or a user's own model
   c.devices = 0                # local devices the worker axis is split over (0 = all of them);
                                # main.py --cpu_devices=N exposes N CPU devices (see README)
   c.kernels = "auto"           # primitives under the maths: "plain" (plain JAX everywhere),

@@ -6,7 +6,7 @@ An attack is an :class:`Attack` built by :func:`make_attack` from a name in the
     (honest [H, ...], own [f, ...] or None, key, AttackContext) -> Byzantine rows [f, ...]
 
 for pytrees whose leaves carry a leading worker axis. The adversary is
-omniscient: it sees every honest update of the current round (SPEC section 4).
+omniscient: it sees every honest update of the current round (the paper's threat model).
 
 Two families:
 
@@ -148,7 +148,7 @@ def flip_labels(labels: jax.Array, num_classes: int) -> jax.Array:
 
 
 def alie_z(num_workers: int, num_byzantine: int) -> float:
-  """The ALIE scale of SPEC section 4: ``z = Phi^{-1}((m - f - s) / (m - f))``.
+  """The ALIE scale of "A little is enough" (Baruch et al., 2019): ``z = Phi^{-1}((m - f - s) / (m - f))``.
 
   With ``s = floor(m / 2 + 1) - f`` and Phi the standard normal CDF; 1.2206 for
   m = 17, f = 8.

@@ -111,7 +111,7 @@ def test_alie_formula_unbiased_std():
   std = np.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + 0 + (6 - 3) ** 2) / 3)  # ddof = 1
   out = call(make_attack("alie", z=1.5), honest, 3)["a"]
   np.testing.assert_allclose(out, np.full((3, 1), 3 - 1.5 * std), rtol=1e-6, atol=1e-6)
-  # Default z: the SPEC formula for m = H + f = 7, f = 3.
+  # Default z: Phi^{-1}((m - f - s) / (m - f)), s = floor(m/2 + 1) - f, for m = H + f = 7, f = 3.
   z = attacks.alie_z(7, 3)
   np.testing.assert_allclose(call(make_attack("little"), honest, 3)["a"],
                              np.full((3, 1), 3 - z * std), rtol=1e-6, atol=1e-6)

@@ -20,12 +20,14 @@ and may have fast versions for a backend. Which one runs is a *kernel set*:
   version for shapes where it does not help;
 * ``"auto"``: ``"cpu"`` on the CPU backend, ``"plain"`` on GPU and TPU.
 
-The choice is made where an aggregator or a model is called (it is a field of
-:class:`ftjax.aggregators.Aggregator` and of the Flax models, so it is part of
-their identity and of jit's cache key) and is visible to the primitives while
-that call is traced, through :func:`use` and :func:`current`. A user-written
-rule that calls these primitives therefore runs with the kernels of the
-aggregator that wraps it. Every fast primitive is tested equal to its plain
+The choice is a field of :class:`ftjax.aggregators.Aggregator` and of the
+Flax layers of :mod:`ftjax.models`, so it is part of their identity and of
+jit's cache key. An aggregator makes its kernel set visible to the primitives
+while its call is traced, through :func:`use` and :func:`current`, so a
+user-written rule that calls these primitives runs with the kernels of the
+aggregator that wraps it. The model layers resolve their own field and pass
+the result to the primitives of :mod:`ftjax.kernels.layers` explicitly, because
+the backward pass of a layer is traced after its call has returned. Every fast primitive is tested equal to its plain
 version (``tests/test_kernels_rows.py``, ``tests/test_kernels_layers.py``).
 """
 from __future__ import annotations
