@@ -8,6 +8,7 @@ Running the same command again with the same --workdir resumes from the latest
 checkpoint.
 """
 
+import re
 import sys
 
 from absl import app
@@ -32,6 +33,38 @@ flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _fail(message: str) -> None:
+  print(f"ftjax: error: {' '.join(message.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with one line instead of a traceback for a bad override or file."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (python main.py --helpfull lists the flags).")
+  except (KeyError, AttributeError) as e:
+    # ml_collections names the missing field and often a close match.
+    text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")
+    field = re.search(r"'([^']+)'", text)
+    hint = re.search(r"Did you mean .*\?", text)
+    _fail(f"a --config.* override names a field the config does not have"
+          f"{f' ({field.group(1)!r})' if field else ''}. {hint.group(0) + ' ' if hint else ''}"
+          f"configs/default.py lists every field.")
+
+
+def _load_config():
+  """FLAGS.config, or one line when the config file failed to load."""
+  try:
+    config = FLAGS.config
+    config.get("dtype")  # a file that failed to load raises on first use
+    return config
+  except (OSError, ImportError, SyntaxError, AttributeError) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    _fail(f"cannot load the --config file: {lines[-1] if lines else type(e).__name__}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -43,7 +76,7 @@ def main(argv):
     # Libraries (Orbax) log every checkpoint at INFO; the console table is enough.
     logging.set_verbosity(logging.WARNING)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(_load_config(), FLAGS.workdir)
   except (train.ConfigError, train.TrainingDiverged) as e:
     # Bad input and divergence are the user's to fix: one clear line, no traceback.
     print(f"ftjax: error: {e}", file=sys.stderr)
@@ -51,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

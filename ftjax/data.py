@@ -254,7 +254,33 @@ def _read_npz(spec, *, path, data_dir, download) -> _Arrays:
     num_classes = int(arrays["num_classes"])
   else:
     num_classes = int(max(out["train"][1].max(initial=0), out["test"][1].max(initial=0))) + 1
+    _check_inferred_classes(path, out["train"][1], out["test"][1], num_classes)
   return _Arrays(*out["train"], *out["test"], num_classes)
+
+
+# A class with fewer training examples than this fraction of the median class
+# is taken for a labelling error when the number of classes is inferred.
+_RARE_CLASS_FRACTION = 0.01
+
+
+def _check_inferred_classes(path, train_labels, test_labels, num_classes) -> None:
+  """Refuses labels that would silently change the inferred number of classes.
+
+  One stray label (say 10 in a 10-class file) would make an 11-way model;
+  when the file does not state ``num_classes``, every class must appear in the
+  training split about as often as a real class does.
+  """
+  counts = np.bincount(train_labels, minlength=num_classes)
+  typical = float(np.median(counts[counts > 0])) if counts.any() else 0.0
+  rare = [c for c in range(num_classes) if counts[c] < max(1.0, _RARE_CLASS_FRACTION * typical)]
+  if rare:
+    c = rare[-1]
+    in_test = int(np.sum(test_labels == c))
+    raise ValueError(
+        f"{path!r}: label {c} appears {int(counts[c])} times in train_labels (and {in_test} "
+        f"in test_labels) against a median of {typical:.0f} per class, so the {num_classes} "
+        f"classes inferred from the largest label look wrong; fix the labels, or store "
+        f"num_classes in the file (np.savez(..., num_classes={num_classes})) to keep them.")
 
 
 def _not_prepared(tfds_name: str, data_dir: Optional[str], reason: str) -> DatasetNotPreparedError:

@@ -70,12 +70,17 @@ class Reporter:
                           file=sys.stderr, leave=False)
     self._wandb = None
     if wandb_config is not None and wandb_config.enabled:
-      import wandb  # Imported lazily: W&B is optional at run time.
-      self._wandb = wandb.init(
-          project=wandb_config.project, entity=wandb_config.entity or None,
-          name=wandb_config.name or None, mode=wandb_config.mode, dir=workdir,
-          config=dict(run_config or {}), resume="allow",
-          id=wandb_config.run_id or None)
+      # W&B is a mirror of the local files: when it is missing, unreachable or
+      # not logged in, the run goes on with one warning.
+      try:
+        import wandb  # Imported lazily: W&B is optional at run time.
+        self._wandb = wandb.init(
+            project=wandb_config.project, entity=wandb_config.entity or None,
+            name=wandb_config.name or None, mode=wandb_config.mode, dir=workdir,
+            config=dict(run_config or {}), resume="allow",
+            id=wandb_config.run_id or None)
+      except Exception as e:  # pylint: disable=broad-except
+        self._wandb_failed("start", e)
 
   def _columns(self) -> list[str]:
     keys: list[str] = []
@@ -119,7 +124,16 @@ class Reporter:
           csv.DictWriter(fh, fieldnames=self._columns()).writerow(row)
     self._print_row(row)
     if self._wandb is not None:
-      self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+      try:
+        self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+      except Exception as e:  # pylint: disable=broad-except
+        self._wandb_failed("log to", e)
+
+  def _wandb_failed(self, action: str, error: Exception) -> None:
+    self._wandb = None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    self.note(f"Warning: could not {action} Weights & Biases ({type(error).__name__}: {first}); "
+              f"the run goes on with the local metrics files in {self.workdir}.")
 
   def _print_row(self, row: Mapping[str, Any]) -> None:
     if not self._header_printed:
@@ -139,7 +153,10 @@ class Reporter:
     """Closes the progress bar and the W&B run."""
     self._bar.close()
     if self._wandb is not None:
-      self._wandb.finish()
+      try:
+        self._wandb.finish()
+      except Exception as e:  # pylint: disable=broad-except
+        self._wandb_failed("finish", e)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

@@ -555,3 +555,21 @@ def test_damaged_npz_is_one_clear_error(tmp_path, damage):
   path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"hello" * 100)
   with pytest.raises(ValueError, match="truncated or not an .npz"):
     data.load_dataset("npz", path=str(path))
+
+
+def test_npz_with_a_stray_label_is_refused(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(10), 200)  # 1% of 200 per class: 2 examples
+  labels[7] = 10  # one stray label: an 11-way model without the check
+  arrays = dict(train_images=rng.integers(0, 255, (2000, 4, 4, 1), dtype=np.uint8),
+                train_labels=labels, test_images=np.zeros((20, 4, 4, 1), np.uint8),
+                test_labels=np.arange(20) % 10)
+  np.savez(tmp_path / "stray.npz", **arrays)
+  with pytest.raises(ValueError, match="label 10 appears 1 times"):
+    data.load_dataset("npz", path=str(tmp_path / "stray.npz"))
+  # Stating the classes in the file keeps them; clean labels need no statement.
+  np.savez(tmp_path / "stated.npz", num_classes=11, **arrays)
+  assert data.load_dataset("npz", path=str(tmp_path / "stated.npz")).num_classes == 11
+  arrays["train_labels"] = np.repeat(np.arange(10), 200)
+  np.savez(tmp_path / "clean.npz", **arrays)
+  assert data.load_dataset("npz", path=str(tmp_path / "clean.npz")).num_classes == 10

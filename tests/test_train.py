@@ -353,3 +353,41 @@ def test_damaged_workdirs_are_refused_in_one_sentence(tmp_path):
   os.remove(orphan / "config.json")
   with pytest.raises(train.ConfigError, match="checkpoints but no config.json"):
     train.train_and_evaluate(c, str(orphan))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.aggregator.nmae=cwtm"], 'Did you mean "name"'),
+    (["--config.nonexistent=1"], "'nonexistent'"),
+    (["--config.workers.num=3.5"], "workers.num"),
+])
+def test_main_reports_bad_flags_in_one_line(tmp_path, args, message):
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+         os.path.join(ROOT, "configs", "default.py"), "--workdir", str(tmp_path), *args]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("ftjax: error:") and message in lines[0], lines
+
+
+def test_main_reports_a_missing_config_file_in_one_line(tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+         os.path.join(ROOT, "configs", "nope.py"), "--workdir", str(tmp_path)]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and "cannot load the --config file" in lines[0] and "nope.py" in lines[0]
+
+
+def test_unreachable_wandb_leaves_a_warning_and_local_logs(tmp_path, monkeypatch, capsys):
+  import wandb
+
+  def refuse(**kwargs):
+    raise wandb.errors.CommError("Network error: cannot reach the W&B server")
+
+  monkeypatch.setattr(wandb, "init", refuse)
+  c = tiny_config(**{"wandb.enabled": True, "wandb.mode": "online", "num_steps": 2,
+                     "eval_every": 2, "model.name": "mlp"})
+  result = train.train_and_evaluate(c, str(tmp_path))
+  assert result.metrics["step"] == 2 and [r["step"] for r in _rows(str(tmp_path))] == [2]
+  warnings = [l for l in capsys.readouterr().err.splitlines() if "Weights & Biases" in l]
+  assert len(warnings) == 1 and "CommError" in warnings[0]

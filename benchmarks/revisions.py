@@ -1,0 +1,179 @@
+r"""Speed of two revisions of ftjax side by side: training steps and aggregators.
+
+Checks a base revision out into a temporary git worktree and times the same
+rows in both trees, each measurement in a fresh child process, with the two
+revisions' processes interleaved (A, B, A, B, ...) so that a slow phase of a
+shared machine hits both alike. Reports the median of the repetitions and the
+ratio new / base.
+
+Rows (float32, MNIST-shaped synthetic data):
+
+* training steps per second of simple_mnist at W=17, f=8, b=16 with
+  ctma(cwtm): mu2sgd under sign flipping (every worker computes), mu2sgd
+  under ALIE (only the honest ones do), momentum under sign flipping;
+* milliseconds per call of every aggregator of ``benchmarks/aggregators.py``
+  at d=1e6 coordinates for each ``--workers`` (f = W // 4).
+
+  python benchmarks/revisions.py --base=HEAD~5            # writes docs/benchmarks/revisions.md
+  python benchmarks/revisions.py --base=v0.1 --reps=2 --noaggregators
+
+Both revisions must expose ``train.build``, ``init_state``,
+``make_device_data``, ``make_chunk_fn`` and ``aggregators.make_aggregator``.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+flags.DEFINE_string("base", None, "The revision to compare against (any git revision).")
+flags.DEFINE_integer("reps", 3, "Interleaved repetitions per revision (medians are reported).")
+flags.DEFINE_bool("steps", True, "Time the training-step rows.")
+flags.DEFINE_bool("aggregators", True, "Time the aggregator rows.")
+flags.DEFINE_list("workers", ["17", "65"], "Worker counts of the aggregator rows.")
+flags.DEFINE_integer("dim", 1_000_000, "Coordinates of the aggregator rows.")
+flags.DEFINE_list("rules", [], "Aggregator specs to time (default: every rule of "
+                  "benchmarks/aggregators.py).")
+flags.DEFINE_string("out", "docs/benchmarks/revisions.md", "Markdown output.")
+flags.mark_flag_as_required("base")
+FLAGS = flags.FLAGS
+
+STEP_ROWS = (("mu2sgd", "sf"), ("mu2sgd", "alie"), ("momentum", "sf"))
+
+# The child runs inside one revision's tree; it only uses API both revisions have.
+_STEP_CHILD = textwrap.dedent("""
+    import json, os, statistics, sys, time
+    sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "benchmarks")]
+    import jax, jax.numpy as jnp
+    from configs import default
+    from ftjax import train
+    from synthetic import synthetic_dataset
+    out = {}
+    for estimator, attack in json.loads(sys.argv[1]):
+      c = default.get_config()
+      c.progress = False
+      c.workers.num, c.workers.byzantine, c.workers.batch_size = 17, 8, 16
+      c.model.name = "simple_mnist"
+      c.optim.estimator, c.attack.name = estimator, attack
+      c.aggregator.name, c.aggregator.meta = "cwtm", "ctma"
+      c.devices = 1
+      dataset = synthetic_dataset((28, 28, 1))
+      setup = train.build(c, dataset)
+      state = train.init_state(setup, c.seed)
+      data = train.make_device_data(setup)
+      run = train.make_chunk_fn(setup, "auto")(state, data, 10).run
+      state, m = run(state, data); jax.block_until_ready(m)
+      times = []
+      for _ in range(5):
+        tic = time.perf_counter()
+        state, m = run(state, data); jax.block_until_ready(m)
+        times.append(time.perf_counter() - tic)
+      out[f"{estimator} {attack}"] = 10 / statistics.median(times)
+    print("RESULT " + json.dumps(out))
+    """)
+
+_AGG_CHILD = textwrap.dedent("""
+    import importlib.util, json, os, statistics, sys, time
+    sys.path[:0] = [os.getcwd()]
+    import jax, jax.numpy as jnp
+    from ftjax import aggregators
+    spec = importlib.util.spec_from_file_location(
+        "aggregator_bench", os.path.join("benchmarks", "aggregators.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    w, d = int(sys.argv[1]), int(sys.argv[2])
+    specs = json.loads(sys.argv[3]) or bench.RULES
+    x = jax.random.normal(jax.random.key(0), (w, d), jnp.float32)
+    key = jax.random.key(1)
+    out = {}
+    for spec in specs:
+      fn = jax.jit(aggregators.make_aggregator(spec, w // 4))
+      jax.block_until_ready(fn(x, key))
+      times = []
+      for _ in range(5):
+        tic = time.perf_counter()
+        jax.block_until_ready(fn(x, key))
+        times.append(time.perf_counter() - tic)
+      out[spec] = 1e3 * statistics.median(times)
+    print("RESULT " + json.dumps(out))
+    """)
+
+
+def _child(tree: str, script: str, *args: str) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)  # one CPU device in both trees
+  proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tree, env=env,
+                        capture_output=True, text=True, timeout=3600)
+  if proc.returncode != 0:
+    raise RuntimeError(f"child in {tree} failed:\n{proc.stderr[-3000:]}")
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def _rev(tree: str, rev: str = "HEAD") -> str:
+  return subprocess.run(["git", "rev-parse", "--short", rev], cwd=tree, capture_output=True,
+                        text=True, check=True).stdout.strip()
+
+
+def _table(title, unit, better, base_runs, new_runs):
+  lines = [f"## {title}", "", f"| row | base {unit} | new {unit} | new / base |",
+           "|---|---:|---:|---:|"]
+  for name in [k for k in base_runs[0] if k in new_runs[0]]:
+    b = statistics.median(r[name] for r in base_runs)
+    n = statistics.median(r[name] for r in new_runs)
+    ratio = n / b if better == "higher" else b / n
+    lines.append(f"| {name} | {b:.2f} | {n:.2f} | {ratio:.3f} |")
+  lines += ["", f"Ratio > 1: the new tree is faster ({unit}, {better} is better; "
+            f"medians of {len(base_runs)} interleaved runs).", ""]
+  return lines
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as tmp:
+    base_tree = os.path.join(tmp, "base")
+    subprocess.run(["git", "worktree", "add", "--detach", base_tree, FLAGS.base], cwd=ROOT,
+                   check=True, capture_output=True)
+    try:
+      trees = {"base": base_tree, "new": ROOT}
+      lines = ["# Two revisions side by side", "",
+               f"Produced by `python {' '.join(sys.argv)}` "
+               f"(base tree at {_rev(base_tree)}; new: the working tree). One CPU device, "
+               f"float32; every measurement in its own process, the two trees' processes "
+               f"interleaved; {os.cpu_count()} CPU cores, jax as installed.", ""]
+      if FLAGS.steps:
+        runs = {"base": [], "new": []}
+        for rep in range(FLAGS.reps):
+          for name in ("base", "new") if rep % 2 == 0 else ("new", "base"):
+            runs[name].append(_child(trees[name], _STEP_CHILD, json.dumps(STEP_ROWS)))
+            print(f"steps rep {rep} {name}: {runs[name][-1]}", flush=True)
+        lines += _table("Training steps, simple_mnist, W=17, f=8, b=16, ctma(cwtm)",
+                        "steps/s", "higher", runs["base"], runs["new"])
+      if FLAGS.aggregators:
+        for w in FLAGS.workers:
+          runs = {"base": [], "new": []}
+          for rep in range(FLAGS.reps):
+            for name in ("base", "new") if rep % 2 == 0 else ("new", "base"):
+              runs[name].append(_child(trees[name], _AGG_CHILD, w, str(FLAGS.dim),
+                                       json.dumps(FLAGS.rules)))
+              print(f"aggregators W={w} rep {rep} {name}: {runs[name][-1]}", flush=True)
+          lines += _table(f"Aggregators, W={w}, d={FLAGS.dim:,}, f={int(w) // 4}", "ms",
+                          "lower", runs["base"], runs["new"])
+    finally:
+      subprocess.run(["git", "worktree", "remove", "--force", base_tree], cwd=ROOT,
+                     capture_output=True)
+  with open(os.path.join(ROOT, FLAGS.out), "w") as fh:
+    fh.write("\n".join(lines))
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
