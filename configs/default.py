@@ -3,7 +3,7 @@ r"""Default config: the built-in offline dataset, a visible attack and defence.
 17 workers, 8 of them Byzantine sending "a little is enough" (ALIE) updates,
 mu2sgd on the workers and the server, CTMA over the coordinate-wise trimmed
 mean at the server. The data is scikit-learn's bundled 8x8 handwritten digits,
-so nothing is downloaded. About 45 seconds on two CPU cores.
+so nothing is downloaded. About 25 seconds on two quiet CPU cores.
 
 Run:
   python main.py --config configs/default.py --workdir /tmp/ftjax/default
