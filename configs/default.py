@@ -75,9 +75,10 @@ def get_config(arg=None):
               tol=placeholder(float),  # set to iterate until the step is below tol ...
               max_iters=100)   # ... for at most this many iterations
   o.multikrum = dict(num_selected=placeholder(int))  # rows averaged (None = W - f)
-  o.centered_clipping = dict(tau=10.0,  # clipping radius around the centre
+  o.centered_clipping = dict(tau=placeholder(float),  # clipping radius (None = the rows' median
+                                                    # distance to the centre, scale-free)
                              iters=1,   # clipping iterations
-                             init="mean")  # first centre: "mean", "cwmed" or "zero"
+                             init="cwmed")  # first centre: "cwmed", "mean" or "zero"
   o.ctma = dict(keep_ties=False)  # True: the reference's tie quirk (keeps every tied row)
   o["nnm+ctma"] = dict(keep_ties=False)  # same switch for nnm+ctma
   o.bucketing = dict(bucket_size=placeholder(int))  # s (None = floor(W / (2f)))

@@ -283,16 +283,22 @@ def _krum(x, key, *, f):
   return _multikrum(x, key, f=f, num_selected=1)
 
 
-def centered_clip(updates: PyTree, center: PyTree, tau: float, iters: int = 1) -> PyTree:
+def centered_clip(updates: PyTree, center: PyTree, tau: float | None, iters: int = 1) -> PyTree:
   """Centred clipping (Karimireddy et al., 2021) around a given reference point.
 
   ``v <- v + mean_i clip_tau(x_i - v)``, ``iters`` times, starting at ``center``
   (e.g. the previous aggregate). A non-finite row contributes zero.
 
+  A fixed radius lets f far rows move v by up to (f/W) * tau whatever the
+  scale of the honest rows; ``tau=None`` takes, at every iteration, the median
+  distance of the W rows to v, so that with f < W/2 faulty rows the radius is
+  at most the largest honest distance and their pull stays on the honest
+  rows' own scale.
+
   Args:
     updates: pytree stacked on a leading worker axis W.
     center: pytree without the W axis, the starting point v.
-    tau: clipping radius (> 0).
+    tau: clipping radius (> 0), or None for the median distance to v.
     iters: number of clipping iterations (>= 1).
 
   Returns:
@@ -303,7 +309,9 @@ def centered_clip(updates: PyTree, center: PyTree, tau: float, iters: int = 1) -
   def step(updates, v):
     dist = jnp.sqrt(_row_sqdist(updates, v))
     ok = jnp.isfinite(dist)
-    scale = jnp.where(ok, jnp.minimum(1.0, tau / jnp.where(ok & (dist > 0), dist, 1.0)), 0.0)
+    # Non-finite distances are +inf, so they sort last and the median is finite.
+    radius = jnp.sort(dist)[(w - 1) // 2] if tau is None else tau
+    scale = jnp.where(ok, jnp.minimum(1.0, radius / jnp.where(ok & (dist > 0), dist, 1.0)), 0.0)
     # v + mean_i s_i (x_i - v) = sum_i (s_i / W) x_i - (sum_i s_i / W) v + v
     moved = _weighted_sum(updates, scale / w, ok)
     total = jnp.sum(scale) / w
@@ -844,14 +852,19 @@ def multikrum(f: int, num_selected: int | None = None) -> Aggregator:
   return _base("multikrum", f, num_selected=num_selected)
 
 
-def centered_clipping(tau: float = 10.0, iters: int = 1, init: str = "mean", *,
+def centered_clipping(tau: float | None = None, iters: int = 1, init: str = "cwmed", *,
                       f: int = 0) -> Aggregator:
   """Centred clipping: from a centre v, ``iters`` times v <- v + mean_i clip_tau(x_i - v).
 
+  The defaults protect at any scale: the first centre is the coordinate-wise
+  median and the radius the median distance of the rows to v (see
+  :func:`centered_clip`); a fixed ``tau`` and ``init="mean"`` are the
+  textbook choices, robust only when tau is small against the honest spread.
+
   Args:
-    tau: clipping radius.
+    tau: clipping radius, or None for the median distance to the centre.
     iters: clipping iterations.
-    init: first centre: ``"mean"`` (of the finite rows), ``"cwmed"`` or ``"zero"``.
+    init: first centre: ``"cwmed"``, ``"mean"`` (of the finite rows) or ``"zero"``.
     f: number of Byzantine workers (robust for W > 2f).
 
   Returns:
@@ -1074,6 +1087,8 @@ def _check_option(rule_name: str, name: str, value: Any) -> None:
     bad("use True or False")
   if name in ("iters", "max_iters") and not (is_int and value >= 1):
     bad("use an integer >= 1")
+  if name == "tau" and rule_name == "centered_clipping" and value is None:
+    return  # the adaptive radius
   if name in ("nu", "tau") and not (is_num and value > 0):
     bad("use a positive number")
   if name == "tol" and value is not None and not (is_num and value > 0):

@@ -552,7 +552,7 @@ def test_one_table_of_defaults():
   assert dict(agg_lib.DEFAULT_OPTIONS["gm"]) == {
       "iters": 3, "nu": 0.1, "init": "cwmed", "tol": None, "max_iters": 100}
   assert dict(agg_lib.DEFAULT_OPTIONS["centered_clipping"]) == {
-      "tau": 10.0, "iters": 1, "init": "mean"}
+      "tau": None, "iters": 1, "init": "cwmed"}
   assert agg_lib.AGGREGATORS["gm"].options is agg_lib.DEFAULT_OPTIONS["gm"]
   for name, info in {**agg_lib.AGGREGATORS, **agg_lib.META_AGGREGATORS}.items():
     assert set(agg_lib.DEFAULT_OPTIONS[name]) == set(info.options), name
@@ -738,3 +738,40 @@ def test_large_w_cwtm_robust_to_huge_rows():
   got, _ = jax.jit(agg_lib.make_aggregator("cwtm", f).__call__)(jnp.asarray(x))
   s = np.sort(x, axis=0)[f:w - f].astype(np.float64).mean(0)
   np.testing.assert_allclose(np.asarray(got), s, rtol=1e-5, atol=1e-6)
+
+
+def _np_centered_clipping(x, v, iters):
+  """Adaptive centred clipping in NumPy: the radius is the median row distance to v."""
+  w = x.shape[0]
+  for _ in range(iters):
+    d = np.sqrt(((x - v) ** 2).sum(1))
+    d = np.where(np.isfinite(d), d, np.inf)
+    tau = np.sort(d)[(w - 1) // 2]
+    s = np.where(np.isfinite(d), np.minimum(1.0, tau / np.where(d > 0, d, 1.0)), 0.0)
+    offsets = np.where(np.isfinite(d)[:, None], x - v, 0.0)
+    v = v + (s[:, None] * offsets).sum(0) / w
+  return v
+
+
+@pytest.mark.parametrize("value", [1e30, 1e38, -1e30])
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_centered_clipping_defaults_protect_at_any_scale(value, scale):
+  # 8 of 17 rows far away. With the old defaults (tau=10 around the mean) the output
+  # followed them to about (8/17) * value; the default radius (the median distance
+  # to the centre, which f < W/2 far rows cannot raise above the largest honest
+  # distance) keeps their pull on the honest rows' own scale, whatever that scale is.
+  rng = np.random.default_rng(3)
+  with jax.enable_x64(True):
+    honest = scale * rng.normal(1.0, 0.5, (9, 40))
+    x = np.concatenate([honest, np.full((8, 40), value)])
+    out = np.asarray(agg_lib.centered_clipping(f=8)(jnp.asarray(x))[0])
+    expected = _np_centered_clipping(x, np.median(x, 0), iters=1)
+  np.testing.assert_allclose(out, expected, rtol=1e-10)
+  assert np.all(np.isfinite(out))
+  mean = honest.mean(0)
+  spread = np.sqrt(((honest - mean) ** 2).sum(1)).max()
+  # The median start already sits at the honest rows' edge (8 of 17 rows beyond it);
+  # one clipping step moves it by at most the radius, itself at most the largest
+  # honest distance to the start.
+  start = np.linalg.norm(np.median(x, 0) - mean)
+  assert np.linalg.norm(out - mean) <= 2 * start + spread
