@@ -33,9 +33,10 @@ flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+  """One line on stderr and exit: 2 for bad flags, 1 for a config or run the user must fix."""
   print(f"ftjax: error: {' '.join(message.split())}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _parse_flags(argv):
@@ -79,8 +80,7 @@ def main(argv):
     train.train_and_evaluate(_load_config(), FLAGS.workdir)
   except (train.ConfigError, train.TrainingDiverged) as e:
     # Bad input and divergence are the user's to fix: one clear line, no traceback.
-    print(f"ftjax: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e), code=1)
 
 
 if __name__ == "__main__":

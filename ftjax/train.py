@@ -163,8 +163,6 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   c = config
   _check_ints(c)
   w, f, b = c.workers.num, c.workers.byzantine, c.workers.batch_size
-  if c.loop not in LOOPS:
-    raise ConfigError(f"Unknown loop {c.loop!r}; valid: {', '.join(LOOPS)}.")
   if c.dtype not in ("float32", "float64"):
     raise ConfigError(f"dtype must be 'float32' or 'float64', got {c.dtype!r}.")
   if c.dtype == "float64" and not jax.config.read("jax_enable_x64"):
@@ -179,6 +177,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
                       f"{', '.join(data_lib.SHUFFLES)}.")
 
   try:  # The libraries' own ValueErrors carry the sentence to show the user.
+    _check_loop(c.loop)
     kernels.check(c.kernels)
     mesh = sharding.worker_mesh(c.get("devices", 0))
     aggregator = aggregators_lib.make_aggregator(
@@ -455,6 +454,11 @@ def make_train_step(setup: Setup) -> Callable:
 # --------------------------------------------------------------------------
 
 
+def _check_loop(loop: str) -> None:
+  if loop not in LOOPS:
+    raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
+
+
 def resolve_loop(setup: Setup, loop: str = "auto") -> str:
   """The chunk loop: "scan" (rounds inside one ``lax.scan``) or "host".
 
@@ -464,8 +468,7 @@ def resolve_loop(setup: Setup, loop: str = "auto") -> str:
   the jitted, donated round keeps its fast convolution library. A user's own
   model is not known to be scan-friendly, so on CPU it takes the host loop.
   """
-  if loop not in LOOPS:
-    raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
+  _check_loop(loop)
   if loop != "auto":
     return loop
   if jax.default_backend() != "cpu":

@@ -314,15 +314,6 @@ def test_nnm_matches_numpy():
   np.testing.assert_allclose(out, np.median(np_nnm(x, F), axis=0), rtol=1e-10)
 
 
-@pytest.fixture
-def small_slices(monkeypatch):
-  """Slice sizes small enough that test-sized rows take every sliced path."""
-  monkeypatch.setattr(rows, "SQDIST_SLICE", 8)
-  monkeypatch.setattr(rows, "SQDIST_GROUP", 4)
-  monkeypatch.setattr(rows, "SQDIST_MAX_SLICES", 12)
-  monkeypatch.setattr(rows, "GRAM_MIN_SLICE", 8)
-
-
 def _offset_rows(n, seed, offset=1000.0):
   """W rows sharing a large common component, at well separated distances."""
   rng = np.random.default_rng(seed)

@@ -26,15 +26,6 @@ def both(fn, *args):
   return tuple(jax.tree.map(np.asarray, run(k, fn, *args)) for k in KERNEL_SETS)
 
 
-@pytest.fixture
-def small_slices(monkeypatch):
-  """Slice sizes small enough that test-sized rows take every sliced path."""
-  monkeypatch.setattr(rows, "SQDIST_SLICE", 8)
-  monkeypatch.setattr(rows, "SQDIST_GROUP", 4)
-  monkeypatch.setattr(rows, "SQDIST_MAX_SLICES", 12)
-  monkeypatch.setattr(rows, "GRAM_MIN_SLICE", 8)
-
-
 def _faulty_ties(w, n, seed):
   """float32 [w, n] with many ties, large values, NaN, +-inf and -0.0."""
   rng = np.random.default_rng(seed)
