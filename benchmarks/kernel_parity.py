@@ -43,6 +43,7 @@ def _run(kernel_set: str) -> tuple[list[dict], list[np.ndarray]]:
   c.dtype = FLAGS.dtype
   c.num_steps, c.eval_every = FLAGS.steps, FLAGS.eval_every
   c.progress = False
+  c.attack.name = "alie"  # the attack the committed parity results were measured under
   c.checkpoint.enabled = False
   with tempfile.TemporaryDirectory() as workdir:
     result = train.train_and_evaluate(c, workdir)

@@ -1,9 +1,13 @@
 r"""Default config: the built-in offline dataset, a visible attack and defence.
 
-17 workers, 8 of them Byzantine sending "a little is enough" (ALIE) updates,
+17 workers, 8 of them Byzantine flipping the sign of their own updates (sf),
 mu2sgd on the workers and the server, CTMA over the coordinate-wise trimmed
 mean at the server. The data is scikit-learn's bundled 8x8 handwritten digits,
 so nothing is downloaded. About 25 seconds on two quiet CPU cores.
+
+Sign flipping is the default attack because on this data it visibly separates
+the two runs below (docs/benchmarks/default_demo.md): ALIE, the paper's other
+attack, leaves the plain average as accurate as the defended run here.
 
 Run:
   python main.py --config configs/default.py --workdir /tmp/ftjax/default
@@ -28,29 +32,41 @@ def get_config(arg=None):
   c.progress = True            # draw a progress bar with ETA on stderr
   c.loop = "auto"              # rounds between evaluations: "scan" (lax.scan), "host" (async
                                # dispatch of the jitted round); "auto" = scan, except on CPU
-                               # with the plain kernels, > 64 workers or a user's own model
+                               # with the plain kernels, > 64 workers (per workers.chunk) or a
+                               # user's own model
   c.devices = 0                # local devices the worker axis is split over (0 = all of them);
                                # main.py --cpu_devices=N exposes N CPU devices (see README)
   c.kernels = "auto"           # primitives under the maths: "plain" (plain JAX everywhere),
                                # "cpu" (XLA:CPU fast versions), "auto" = cpu on CPU, plain elsewhere
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.aggregation = "replicated"  # with several devices: "replicated" (every device aggregates
+                               # all W x d rows) or "sharded" (each device a slice of the
+                               # coordinates of every row; docs/scaling.md); one device: no effect
 
   c.workers = ml_collections.ConfigDict()
   c.workers.num = 17           # W: number of workers
-  c.workers.byzantine = 8      # f: Byzantine workers (the last f indices); f < W/2
+  c.workers.byzantine = 8      # Byzantine workers that attack (the last ones); < W/2; also the
+                               # aggregator's f unless aggregator.f is set
   c.workers.batch_size = 16    # b: examples per worker per round
+  c.workers.chunk = placeholder(int)  # workers differentiated at once (None / 0 = all); bounds memory
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"       # "digits" (built in, offline), "npz", or a TFDS name ("mnist", ...)
   c.data.path = ""             # the .npz file when name == "npz"
   c.data.data_dir = ""         # TFDS data_dir ("" = TFDS default, ~/tensorflow_datasets)
   c.data.eval_batch_size = 1000  # test-set evaluation batch
-  c.data.partition = "iid"     # worker data split: "iid" (the paper's), "iid_split", "dirichlet", "shards"
+  c.data.partition = "iid"     # worker data split: "iid" (the paper's), "iid_split", "dirichlet",
+                               # "shards", "gamma_similarity", "extreme" (docs/data.md)
   c.data.alpha = 0.5           # Dirichlet concentration for partition="dirichlet" (small = skewed)
   c.data.shards_per_worker = 2  # label-sorted shards per worker for partition="shards"
+  c.data.gamma = 0.5           # share of each class spread i.i.d. for partition="gamma_similarity"
+                               # (the rest label-sorted; 1 = i.i.d., 0 = "extreme")
   c.data.shuffle = "permutation"  # per-epoch shuffle: "permutation" (exact) or "feistel" (cheap)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp
+  c.model.batch_stats = "honest_mean"  # BatchNorm running stats: "honest_mean" of the honest
+                               # workers, or "sequential" (every pass in turn, as the original)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.estimator = "mu2sgd"  # worker estimator: "mu2sgd", "momentum" or "sgd"
@@ -62,10 +78,14 @@ def get_config(arg=None):
   c.optim.clip = 2.0           # per-worker gradient clipping to this L2 norm; 0 (or None) disables
   c.optim.weight_decay = 0.0   # lambda in w <- w - lr * (a + lambda * x)
   c.optim.reference_rounding = False  # reproduce the original's max(round(., 3), 0.01) schedules
+  c.optim.beta_min = 0.0       # mu2sgd: beta_t = max(beta_t, beta_min); 0.01 = the original's floor
+  c.optim.gamma_min = 0.0      # mu2sgd: gamma_t = max(gamma_t, gamma_min); 0.01 = the original's floor
 
   c.aggregator = ml_collections.ConfigDict()
   c.aggregator.name = "cwtm"   # base rule (or a full spec such as "arc(ctma(cwtm))" with meta="none")
   c.aggregator.meta = "ctma"   # "none", "ctma", "nnm", "nnm+ctma", "bucketing", "clip", "arc"
+  c.aggregator.f = placeholder(int)  # the f the rule is built to tolerate (None = workers.byzantine,
+                               # the number that actually attack); docs/aggregators.md
   c.aggregator.options = ml_collections.ConfigDict()  # per-rule options (docs/aggregators.md)
   o = c.aggregator.options
   o.cwmed = dict(lower=False)  # True: the reference's lower median for even W
@@ -85,7 +105,7 @@ def get_config(arg=None):
   o.clip = dict(tau=1.0)       # static clipping of every row to this norm
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.name = "alie"       # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan,
+  c.attack.name = "sf"         # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan,
                                # optimal_ipm, optimal_alie, min_max, min_sum (docs/attacks.md)
   c.attack.options = ml_collections.ConfigDict()  # per-attack options
   a = c.attack.options

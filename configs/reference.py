@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.optim.clip = 2.0
   c.optim.weight_decay = 0.0
   c.optim.reference_rounding = True
+  c.model.batch_stats = "sequential"  # running BatchNorm statistics through every forward pass
   c.aggregator.name = "avg"
   c.aggregator.meta = "none"
   c.aggregator.options.gm.init = "zero"

@@ -35,7 +35,10 @@ not robust.
 Kernels. The rules are written in plain JAX over the worker-axis primitives of
 :mod:`ftjax.kernels.rows` (means, order statistics, trimmed sums, row
 distances, Gram matrices, fusion barriers). An aggregator's ``kernels`` field
-chooses their implementation while it runs (see :mod:`ftjax.kernels`).
+chooses their implementation while it runs (see :mod:`ftjax.kernels`). Every
+sum over coordinates goes through ``rows.sqdist``, ``rows.gram`` or
+``rows.coordinate_sum``, so the same rules run on coordinate slices of the
+rows, one per device (``ftjax.sharding.shard_aggregator``).
 """
 from __future__ import annotations
 
@@ -71,9 +74,7 @@ def _row_sqdist(x: PyTree, center: PyTree | None = None) -> jax.Array:
 
   Summed over the leaves; a non-finite row (or inf - inf) is +inf away.
   """
-  leaves = jax.tree.leaves(x)
-  centers = [None] * len(leaves) if center is None else jax.tree.leaves(center)
-  return sum(rows.sqdist(leaf, c) for leaf, c in zip(leaves, centers))
+  return rows.sqdist(x, center)
 
 
 def _row_finite(x: PyTree) -> jax.Array:
@@ -155,7 +156,7 @@ def _centered_gram(x: PyTree) -> tuple[jax.Array, PyTree, PyTree, jax.Array]:
   center = rows.isolate(lambda v: jax.tree.map(_median, v), x)
   centred = [jnp.where(finite[:, None], (leaf - c[None]).reshape(w, -1), jnp.zeros((), leaf.dtype))
              for leaf, c in zip(jax.tree.leaves(x), jax.tree.leaves(center))]
-  g = sum(rows.gram(y) for y in centred)
+  g = rows.gram(centred)  # sum over the leaves of y y^T
   sq = jnp.diagonal(g)
   dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
   dist = jnp.where(finite[:, None] & finite[None, :], dist, jnp.inf)
@@ -251,8 +252,8 @@ def _gm(x, key, *, f, iters, nu, init, tol, max_iters):
   def body(carry):
     i, z, _ = carry
     new = step(x, z)
-    moved = jnp.sqrt(sum(jnp.sum(jnp.square(a - b)) for a, b in
-                         zip(jax.tree.leaves(new), jax.tree.leaves(z))))
+    moved = jnp.sqrt(rows.coordinate_sum(sum(jnp.sum(jnp.square(a - b)) for a, b in
+                                             zip(jax.tree.leaves(new), jax.tree.leaves(z)))))
     return i + 1, new, moved
 
   dtype = jax.tree.leaves(x)[0].dtype
@@ -620,8 +621,12 @@ class Aggregator:
     leaves = jax.tree.leaves(updates)
     if not leaves:
       raise ValueError("updates is empty: pass a pytree of arrays stacked on a worker axis.")
-    shapes = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in leaves}
-    if len(shapes) != 1 or None in shapes:
+    bare = [l for l in leaves if not jnp.ndim(l)]
+    if bare:
+      raise ValueError(f"A leaf of updates has no worker axis (a {type(bare[0]).__name__} of "
+                       f"shape ()); every leaf needs the workers on axis 0, [W, ...].")
+    shapes = {jnp.shape(l)[0] for l in leaves}
+    if len(shapes) != 1:
       raise ValueError(f"Every leaf of updates needs the same leading worker axis; got leading "
                        f"sizes {sorted(map(str, shapes))}. Stack the workers' updates on axis 0.")
     for l in leaves:

@@ -633,7 +633,7 @@ def _distance_spec(name):
 
 
 _IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=_IPM_REFERENCE_EPS), checks=dict(eps=_finite))
-_ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optional(_finite)),
+_ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optional(_nonnegative)),
               min_honest=2)
 _OPTIMAL_IPM = _search_spec("optimal_ipm", "ipm")
 _OPTIMAL_ALIE = _search_spec("optimal_alie", "alie")

@@ -9,6 +9,8 @@ small JSON of bookkeeping (best accuracy so far, wall time spent).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any, Optional
 
@@ -16,6 +18,33 @@ import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions, ...); one line."""
+
+
+class _DropOrbaxErrors(logging.Filter):
+  """Drops the error records (with tracebacks) that Orbax's writer threads log.
+
+  The same failure reaches the caller as one :class:`CheckpointWriteError`;
+  without the filter a full disk prints dozens of tracebacks before it.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_FILTER = _DropOrbaxErrors()
+
+
+def _reason(error: Exception) -> str:
+  text = " ".join(str(error).split())
+  if "No space left" in text or "os_error_code='28'" in text:
+    return "no space left on the device"
+  if "Permission denied" in text or "os_error_code='13'" in text:
+    return "permission denied"
+  return f"{type(error).__name__}: {text[:200]}"
 
 
 class Checkpointer:
@@ -28,14 +57,19 @@ class Checkpointer:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
+    self.workdir = workdir
     self._managers = {}
     if not enabled:
       return
+    logging.getLogger("absl").addFilter(_FILTER)
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     for name in ("latest", "best"):
       self._managers[name] = ocp.CheckpointManager(
           os.path.join(root, name),
-          options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+          # A crash or a full disk can leave an unfinished save behind; it is never
+          # restored, and removing it at start keeps Orbax from warning about it later.
+          options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                               cleanup_tmp_directories=True))
 
   def restore_latest(self, abstract_state: PyTree) -> Optional[tuple[PyTree, dict]]:
     """Restores the latest checkpoint into the structure of ``abstract_state``.
@@ -63,16 +97,46 @@ class Checkpointer:
     if not self.enabled:
       return
     manager = self._managers[which]
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    # Saving waits for the previous save of this manager, whose failure surfaces here.
+    with self._reporting(which):
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _reporting(self, which: str):
+    """Turns a failed write of manager ``which`` into one :class:`CheckpointWriteError`."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except
+      kept = self._managers[which].latest_step()
+      kept = (f"the complete checkpoint of step {kept} is kept" if kept is not None
+              else "no complete checkpoint is on disk yet")
+      raise CheckpointWriteError(
+          f"Could not write the {which!r} checkpoint in {self.workdir} "
+          f"({_reason(error)}); {kept}. Free space (or fix the workdir) and rerun the same "
+          f"command to resume.") from None
 
   def wait(self) -> None:
-    """Blocks until asynchronous writes are on disk."""
-    for manager in self._managers.values():
-      manager.wait_until_finished()
+    """Blocks until asynchronous writes are on disk.
+
+    Raises:
+      CheckpointWriteError: a save in flight failed.
+    """
+    for which, manager in self._managers.items():
+      with self._reporting(which):
+        manager.wait_until_finished()
 
   def close(self) -> None:
-    """Finishes pending writes and releases the managers."""
-    for manager in self._managers.values():
-      manager.wait_until_finished()
-      manager.close()
+    """Finishes pending writes and releases the managers.
+
+    Raises:
+      CheckpointWriteError: a save in flight failed (the managers are released anyway).
+    """
+    try:
+      self.wait()
+    finally:
+      for manager in self._managers.values():
+        try:
+          manager.close()
+        except Exception:  # pylint: disable=broad-except
+          pass  # Its failure was reported by wait(); closing must not mask it.

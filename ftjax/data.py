@@ -260,7 +260,7 @@ def _read_npz(spec, *, path, data_dir, download) -> _Arrays:
 
 # A class with fewer training examples than this fraction of the median class
 # is taken for a labelling error when the number of classes is inferred.
-_RARE_CLASS_FRACTION = 0.01
+_RARE_CLASS_FRACTION = 0.05
 
 
 def _check_inferred_classes(path, train_labels, test_labels, num_classes) -> None:
@@ -687,6 +687,28 @@ def _partition_shards(rng, labels, num_workers, *, shards_per_worker, **unused) 
   return _pack([np.concatenate([pieces[j] for j in row]) for row in owner])
 
 
+def _partition_gamma_similarity(rng, labels, num_workers, *, gamma, **unused) -> Partition:
+  del unused
+  # Per class, round(gamma * n_c) random members join the i.i.d. pool and the rest stay
+  # in label order: the label-sorted part then holds exactly the (1 - gamma) share of
+  # every class, whatever the draw.
+  pool, rest = [], []
+  for c in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    k = int(round(gamma * members.size))
+    pool.append(members[:k])
+    rest.append(members[k:])
+  spread = np.array_split(rng.permutation(np.concatenate(pool)), num_workers)
+  # Classes ascend (np.unique) and are shuffled within, so `rest` is label-sorted.
+  blocks = np.array_split(np.concatenate(rest), num_workers)
+  return _pack([np.concatenate([a, z]) for a, z in zip(spread, blocks)])
+
+
+def _partition_extreme(rng, labels, num_workers, **unused) -> Partition:
+  del unused
+  return _partition_gamma_similarity(rng, labels, num_workers, gamma=0.0)
+
+
 PARTITIONS: dict[str, Callable[..., Optional[Partition]]] = {
     # The paper's i.i.d. default: no shards; every worker samples the shared per-epoch shuffle
     # with round_indices.
@@ -697,12 +719,18 @@ PARTITIONS: dict[str, Callable[..., Optional[Partition]]] = {
     "dirichlet": _partition_dirichlet,
     # Label-sorted shards, shards_per_worker per worker (McMahan et al., 2017).
     "shards": _partition_shards,
+    # A fraction gamma of every class spread i.i.d., the rest label-sorted in W contiguous
+    # blocks (ByzFL's gamma-similarity split): gamma=1 is iid_split, gamma=0 is "extreme".
+    "gamma_similarity": _partition_gamma_similarity,
+    # The split sorted by label and cut into W contiguous equal parts: each worker sees one
+    # class, or two at a block boundary (ByzFL's extreme non-i.i.d. split).
+    "extreme": _partition_extreme,
 }
 
 
 def partition_indices(key_or_seed, labels, num_workers: int, *, scheme: str = "iid",
                       alpha: float = 0.5, shards_per_worker: int = 2,
-                      min_size: int = 1) -> Optional[Partition]:
+                      gamma: float = 0.5, min_size: int = 1) -> Optional[Partition]:
   """Splits the train split into per-worker shards (host side, once per run).
 
   Args:
@@ -713,6 +741,12 @@ def partition_indices(key_or_seed, labels, num_workers: int, *, scheme: str = "i
     alpha: Dirichlet concentration for "dirichlet"; small is skewed, large is
       close to i.i.d.
     shards_per_worker: label-sorted shards per worker for "shards".
+    gamma: for "gamma_similarity", the fraction in [0, 1] of the data spread
+      i.i.d. From every class c (n_c examples) round(gamma * n_c) random
+      examples form a pool that is shuffled and cut into W near-equal parts;
+      the remaining examples, sorted by label (in random order within a
+      class), are cut into W contiguous near-equal blocks; worker i gets pool
+      part i and block i. gamma=1 is an i.i.d. split, gamma=0 is "extreme".
     min_size: smallest allowed shard for "dirichlet" (pass the batch size).
 
   Returns:
@@ -731,8 +765,13 @@ def partition_indices(key_or_seed, labels, num_workers: int, *, scheme: str = "i
     raise ValueError(f"alpha must be positive, got {alpha!r}.")
   if not isinstance(shards_per_worker, (int, np.integer)) or shards_per_worker < 1:
     raise ValueError(f"shards_per_worker must be a positive int, got {shards_per_worker!r}.")
+  if (isinstance(gamma, bool) or not isinstance(gamma, (int, float, np.number))
+      or not 0 <= gamma <= 1):
+    raise ValueError(f"gamma (the fraction of the data spread i.i.d. by gamma_similarity) "
+                     f"must be a number in [0, 1], got {gamma!r}.")
   return PARTITIONS[scheme](_rng(key_or_seed), labels, num_workers, alpha=float(alpha),
-                            min_size=int(min_size), shards_per_worker=int(shards_per_worker))
+                            min_size=int(min_size), shards_per_worker=int(shards_per_worker),
+                            gamma=float(gamma))
 
 
 def check_partition(partition: Partition, batch_size: int) -> None:

@@ -98,24 +98,40 @@ def momentum(beta: float = 0.9) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def mu2sgd_beta(t: jax.Array, beta: Optional[float], reference_rounding: bool) -> jax.Array:
+def floor_schedule(value: jax.Array, floor: float) -> jax.Array:
+  """``max(value, floor)``: a schedule that stops decreasing at ``floor`` (0: unchanged)."""
+  return jnp.maximum(value, floor) if floor else value
+
+
+def check_floor(name: str, floor: float) -> None:
+  """Refuses a schedule floor outside [0, 1] (a weight beta_t or gamma_t lies there)."""
+  if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not 0 <= floor <= 1:
+    raise ValueError(f"optim.{name} must be a number between 0 and 1 (0 keeps the paper's "
+                     f"schedule, 0.01 is the original program's floor), got {floor!r}.")
+
+
+def mu2sgd_beta(t: jax.Array, beta: Optional[float], reference_rounding: bool,
+                beta_min: float = 0.0) -> jax.Array:
   """The corrected-momentum weight beta_t at round ``t`` (1-based).
 
   Args:
     t: the round number, ``t >= 1``.
     beta: a fixed beta, or ``None`` for the schedule ``beta_t = 1 / t``.
     reference_rounding: apply the reference's ``max(round(., 3), 0.01)``.
+    beta_min: floor, ``beta_t = max(beta_t, beta_min)`` after any rounding;
+      0.01 is the original program's floor without its rounding.
 
   Returns:
     beta_t as a float32 scalar.
   """
   value = (jnp.asarray(beta, jnp.float32) if beta is not None
            else 1.0 / jnp.asarray(t, jnp.float32))
-  return reference_round(value) if reference_rounding else value
+  value = reference_round(value) if reference_rounding else value
+  return floor_schedule(value, beta_min)
 
 
-def mu2sgd(beta: Optional[float] = None,
-           reference_rounding: bool = False) -> optax.GradientTransformationExtraArgs:
+def mu2sgd(beta: Optional[float] = None, reference_rounding: bool = False,
+           beta_min: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Corrected momentum of mu2sgd (the workers' half of the double momentum).
 
   ``update(grads, state, prev_grads=...)`` where ``grads = g(x_t; z_t)`` and
@@ -124,6 +140,7 @@ def mu2sgd(beta: Optional[float] = None,
   Args:
     beta: fixed beta; ``None`` uses ``beta_t = 1 / t``.
     reference_rounding: reproduce the reference's rounding and 0.01 floor.
+    beta_min: floor on beta_t (0: none; 0.01: the original's floor, unrounded).
 
   Returns:
     An optax transform whose state trace is ``d_{t-1}``.
@@ -139,7 +156,7 @@ def mu2sgd(beta: Optional[float] = None,
       raise ValueError("mu2sgd needs prev_grads, the gradient at the previous query "
                        "point on the same minibatch.")
     t = state.count + 1
-    keep = 1.0 - mu2sgd_beta(t, beta, reference_rounding)
+    keep = 1.0 - mu2sgd_beta(t, beta, reference_rounding, beta_min)
     first = state.count == 0
     new = jax.tree.map(
         lambda g, d, gp: jnp.where(first, g, g + (keep * (d - gp)).astype(g.dtype)),
@@ -153,7 +170,8 @@ ESTIMATORS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
     "sgd": lambda c: sgd(),
     "momentum": lambda c: momentum(c.momentum),
     "mu2sgd": lambda c: mu2sgd(
-        None if c.beta_schedule == "1/t" else c.momentum, c.reference_rounding),
+        None if c.beta_schedule == "1/t" else c.momentum, c.reference_rounding,
+        c.get("beta_min", 0.0)),
 }
 
 
@@ -167,7 +185,7 @@ def make_estimator(optim_config) -> optax.GradientTransformationExtraArgs:
 
   Args:
     optim_config: the ``c.optim`` section (fields estimator, momentum,
-      beta_schedule, reference_rounding).
+      beta_schedule, reference_rounding, beta_min).
 
   Returns:
     The optax transform (one worker's; the step vmaps it).
@@ -178,4 +196,14 @@ def make_estimator(optim_config) -> optax.GradientTransformationExtraArgs:
   if optim_config.beta_schedule not in ("1/t", "fixed"):
     raise ValueError(f"optim.beta_schedule must be '1/t' or 'fixed', got "
                      f"{optim_config.beta_schedule!r}.")
+  uses_momentum = name == "momentum" or (name == "mu2sgd" and
+                                          optim_config.beta_schedule == "fixed")
+  beta = optim_config.momentum
+  if uses_momentum and not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
+    raise ValueError(f"optim.momentum is a weight in [0, 1], got {beta!r}.")
+  beta_min = optim_config.get("beta_min", 0.0)
+  check_floor("beta_min", beta_min)
+  if beta_min and name != "mu2sgd":
+    raise ValueError(f"optim.beta_min floors mu2sgd's beta_t, but optim.estimator is "
+                     f"{name!r}; set optim.beta_min=0 or use optim.estimator=mu2sgd.")
   return ESTIMATORS[name](optim_config)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ftjax import kernels as kernels_lib
@@ -186,6 +187,56 @@ class BatchNormReLUMaxPool(BatchNorm):
     y, mean, var = layers.batch_norm_relu_max_pool(x, scale, bias, self.epsilon, k)
     self._record(run_mean, run_var, mean, var, x.size // x.shape[-1])
     return y
+
+
+# How the training step turns a round's forward passes into running statistics
+# (model.batch_stats; docs/data.md).
+BATCH_STATS_MODES = ("honest_mean", "sequential")
+
+# PyTorch's BatchNorm momentum, the weight of a new batch: 1 - BatchNorm.momentum.
+TORCH_MOMENTUM = 0.1
+
+
+def fold_batch_stats(old: Any, per_pass: Any, momentum: float = TORCH_MOMENTUM) -> Any:
+  """Running statistics after K training-mode forward passes, one after another.
+
+  The original program keeps one model, whose BatchNorm layers update their
+  running statistics at every training-mode forward pass,
+  ``s_k = (1 - m) s_{k-1} + m b_k``. After K passes, in closed form,
+
+    s_K = (1 - m)^K s_0 + sum_{k=1..K} m (1 - m)^(K - k) b_k,
+
+  which is what this computes, so that the passes can run in parallel (vmapped
+  over workers) and be folded afterwards.
+
+  Args:
+    old: the running statistics s_0 (a pytree, e.g. ``{"mean": [C], "var": [C]}``
+      per layer).
+    per_pass: like ``old`` with a leading axis K: each pass's own batch
+      statistics b_k, in pass order (the variance unbiased, as PyTorch records it).
+    momentum: m, PyTorch's convention (the weight of the newest batch).
+
+  Returns:
+    s_K, like ``old``.
+  """
+
+  def fold(s0, b):
+    k = b.shape[0]
+    weights = momentum * (1 - momentum) ** np.arange(k - 1, -1, -1, dtype=np.float64)
+    return ((1 - momentum) ** k * s0
+            + jnp.tensordot(jnp.asarray(weights, b.dtype), b, axes=1)).astype(s0.dtype)
+
+  return jax.tree.map(fold, old, per_pass)
+
+
+def batch_stats_of_pass(old: Any, updated: Any, momentum: float = TORCH_MOMENTUM) -> Any:
+  """A pass's own batch statistics b from the running ones it returned.
+
+  A training-mode ``apply`` from running statistics ``old`` returns
+  ``updated = (1 - m) old + m b``; this solves for b (leaves of ``updated``
+  may carry leading axes, e.g. workers).
+  """
+  return jax.tree.map(lambda s0, u: (u - (1 - momentum) * s0) / momentum, old, updated)
 
 
 # --------------------------------------------------------------------------

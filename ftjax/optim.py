@@ -35,17 +35,22 @@ class AnytimeState(NamedTuple):
 
 
 def anytime_gamma(t: jax.Array, alpha_sum: jax.Array, gamma: Optional[float],
-                  reference_rounding: bool) -> jax.Array:
-  """gamma_t = alpha_t / sum_{s<=t} alpha_s with alpha_t = t, or a fixed gamma."""
+                  reference_rounding: bool, gamma_min: float = 0.0) -> jax.Array:
+  """gamma_t = alpha_t / sum_{s<=t} alpha_s with alpha_t = t, or a fixed gamma.
+
+  ``reference_rounding`` applies the original's ``max(round(., 3), 0.01)``;
+  then ``gamma_min`` floors the result, ``max(gamma_t, gamma_min)``.
+  """
   if gamma is None:
     value = jnp.asarray(t, jnp.float32) / alpha_sum
   else:
     value = jnp.asarray(gamma, jnp.float32)
-  return estimators.reference_round(value) if reference_rounding else value
+  value = estimators.reference_round(value) if reference_rounding else value
+  return estimators.floor_schedule(value, gamma_min)
 
 
-def anytime_averaging(gamma: Optional[float] = None,
-                      reference_rounding: bool = False) -> optax.GradientTransformation:
+def anytime_averaging(gamma: Optional[float] = None, reference_rounding: bool = False,
+                      gamma_min: float = 0.0) -> optax.GradientTransformation:
   """AnyTime averaging of the query point (the server's half of mu2sgd).
 
   Expects ``updates`` to be the increment of the anchor w (``-lr * a_t`` after
@@ -55,6 +60,9 @@ def anytime_averaging(gamma: Optional[float] = None,
     gamma: fixed averaging weight, or ``None`` for alpha_t = t, i.e.
       gamma_t = 2 / (t + 1) (gamma_1 = 1).
     reference_rounding: reproduce the reference's ``max(round(., 3), 0.01)``.
+    gamma_min: floor on gamma_t (0: none; 0.01: the original's floor, unrounded).
+      With a floor, x stops averaging ever more iterates and follows an
+      exponential average of the latest ones.
 
   Returns:
     A transform whose output is ``x_{t+1} - x_t``.
@@ -70,7 +78,7 @@ def anytime_averaging(gamma: Optional[float] = None,
       raise ValueError("anytime_averaging needs params (the query point x_t).")
     t = state.count + 1
     alpha_sum = state.alpha_sum + t.astype(jnp.float32)
-    g = anytime_gamma(t, alpha_sum, gamma, reference_rounding)
+    g = anytime_gamma(t, alpha_sum, gamma, reference_rounding, gamma_min)
     anchor = jax.tree.map(lambda w, u: w + u, state.anchor, updates)
     new_updates = jax.tree.map(lambda w, x: (g * (w - x)).astype(x.dtype), anchor, params)
     return new_updates, AnytimeState(count=t, anchor=anchor, alpha_sum=alpha_sum)
@@ -83,22 +91,27 @@ def make_server_optimizer(optim_config) -> optax.GradientTransformation:
 
   Args:
     optim_config: fields lr, weight_decay, estimator, gamma_schedule
-      ('anytime' | 'fixed'), gamma, reference_rounding.
+      ('anytime' | 'fixed'), gamma, reference_rounding, gamma_min.
 
   Returns:
     An optax transform; call ``update(aggregate, state, params=x)``.
   """
   c = optim_config
-  if c.lr <= 0:
-    raise ValueError(f"optim.lr must be positive, got {c.lr}.")
+  if not (isinstance(c.lr, (int, float)) and 0 < c.lr < float("inf")):
+    raise ValueError(f"optim.lr must be a positive number, got {c.lr!r}.")
   parts = []
   if c.weight_decay:
     parts.append(optax.add_decayed_weights(c.weight_decay))
   parts.append(optax.sgd(c.lr))
+  gamma_min = c.get("gamma_min", 0.0)
+  estimators.check_floor("gamma_min", gamma_min)
+  if gamma_min and c.estimator != "mu2sgd":
+    raise ValueError(f"optim.gamma_min floors mu2sgd's AnyTime gamma_t, but optim.estimator "
+                     f"is {c.estimator!r}; set optim.gamma_min=0 or use optim.estimator=mu2sgd.")
   if c.estimator == "mu2sgd":
     if c.gamma_schedule not in ("anytime", "fixed"):
       raise ValueError(f"optim.gamma_schedule must be 'anytime' or 'fixed', got "
                        f"{c.gamma_schedule!r}.")
     gamma = None if c.gamma_schedule == "anytime" else c.gamma
-    parts.append(anytime_averaging(gamma, c.reference_rounding))
+    parts.append(anytime_averaging(gamma, c.reference_rounding, gamma_min))
   return optax.chain(*parts)

@@ -11,6 +11,7 @@ evaluation and fans it out to
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -31,17 +32,41 @@ CONSOLE_COLUMNS = (  # (name, width, format spec)
 )
 
 
+class MetricsWriteError(OSError):
+  """metrics.csv / metrics.jsonl could not be written (disk full, ...); one line."""
+
+
 def _truncate_jsonl(path: str, max_step: int) -> list[dict]:
+  """The rows of ``path`` up to ``max_step``.
+
+  A line that does not parse is a write torn by a crash or a full disk; it can
+  only be the last one written, and its step is past the checkpoint, so it is
+  dropped like the other rows past ``max_step``.
+  """
   rows = []
   if os.path.exists(path):
     with open(path) as fh:
       for line in fh:
         line = line.strip()
-        if line:
+        if not line:
+          continue
+        try:
           row = json.loads(line)
-          if row.get("step", 0) <= max_step:
-            rows.append(row)
+        except ValueError:
+          continue
+        if isinstance(row, dict) and row.get("step", 0) <= max_step:
+          rows.append(row)
   return rows
+
+
+def _replace_file(path: str, write) -> None:
+  """Writes ``path`` through a temporary file, so a crash leaves the old or the new one."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as fh:
+    write(fh)
+    fh.flush()
+    os.fsync(fh.fileno())
+  os.replace(tmp, path)
 
 
 class Reporter:
@@ -54,17 +79,20 @@ class Reporter:
     wandb_config: the ``c.wandb`` section, or None.
     run_config: the whole config, recorded by W&B.
     show_progress: draw the tqdm bar (off in tests).
+    print_rows: print a console table row per evaluation (off inside a sweep,
+      which prints its own table).
   """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
                wandb_config=None, run_config: Optional[Mapping[str, Any]] = None,
-               show_progress: bool = True):
+               show_progress: bool = True, print_rows: bool = True):
     self.workdir = workdir
     self.csv_path = os.path.join(workdir, "metrics.csv")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.rows = _truncate_jsonl(self.jsonl_path, start_step)
     self._rewrite_files()
     self._header_printed = False
+    self._print_rows = print_rows
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                           dynamic_ncols=True, disable=not show_progress,
                           file=sys.stderr, leave=False)
@@ -91,13 +119,29 @@ class Reporter:
     return keys
 
   def _rewrite_files(self) -> None:
-    with open(self.jsonl_path, "w") as fh:
+    def jsonl(fh):
       for row in self.rows:
         fh.write(json.dumps(row) + "\n")
-    with open(self.csv_path, "w", newline="") as fh:
+
+    def table(fh):
       writer = csv.DictWriter(fh, fieldnames=self._columns())
       writer.writeheader()
       writer.writerows(self.rows)
+
+    # JSONL first: it is what a resume reads back.
+    with self._reporting_failures():
+      _replace_file(self.jsonl_path, jsonl)
+      _replace_file(self.csv_path, table)
+
+  @contextlib.contextmanager
+  def _reporting_failures(self):
+    try:
+      yield
+    except OSError as e:
+      raise MetricsWriteError(
+          f"Could not write the metrics files in {self.workdir} "
+          f"({e.strerror or e}); free space (or fix the workdir) and rerun the same command: "
+          f"the run resumes from its latest checkpoint and rewrites the rows after it.") from None
 
   def note(self, message: str) -> None:
     """Prints a one-line message above the progress bar."""
@@ -114,15 +158,16 @@ class Reporter:
     self.rows.append(row)
     if new_columns and len(self.rows) > 1:
       self._rewrite_files()  # The CSV header changes; rewrite it whole.
+    elif len(self.rows) == 1:
+      self._rewrite_files()
     else:
-      with open(self.jsonl_path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-      if len(self.rows) == 1:
-        self._rewrite_files()
-      else:
+      with self._reporting_failures():
+        with open(self.jsonl_path, "a") as fh:
+          fh.write(json.dumps(row) + "\n")
         with open(self.csv_path, "a", newline="") as fh:
           csv.DictWriter(fh, fieldnames=self._columns()).writerow(row)
-    self._print_row(row)
+    if self._print_rows:
+      self._print_row(row)
     if self._wandb is not None:
       try:
         self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))

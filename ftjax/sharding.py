@@ -1,10 +1,18 @@
-"""Device meshes: the workers' gradients split over local devices.
+"""Device meshes: the workers' gradients and the aggregation split over devices.
 
 With one device (the default) nothing here is used. With several, the round's
 per-worker gradients run under ``shard_map`` over a one-axis mesh named
 ``"workers"``: each device differentiates its own workers' losses, and one
 all-gather of one flat row per worker brings the results back for the rest of
 the round (estimator, attack, aggregator, server step), which is replicated.
+
+:func:`shard_aggregator` runs an aggregator in the parameter-sharded layout:
+each device holds every worker's values for its slice of the coordinates, the
+coordinate-wise work runs locally, and each reduction over coordinates (a
+squared distance, a Gram matrix) is one ``psum`` of the devices' partial
+results (:func:`ftjax.kernels.shard_coordinates`). No device holds W x d
+values. The round uses it with ``config.mesh.aggregation = "sharded"``
+(docs/scaling.md).
 
 On CPU, XLA exposes one device unless asked for more before JAX starts:
 :func:`expose_cpu_devices` is the explicit way to ask (``main.py
@@ -13,6 +21,7 @@ own.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Optional
 
@@ -22,10 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ftjax import kernels as kernels_lib
+
 PyTree = Any
 
 WORKER_AXIS = "workers"
 """The mesh axis the worker axis is split over."""
+
+COORDINATE_AXIS = "model"
+"""The default name of a mesh axis that splits the coordinates (parameters)."""
+
+AGGREGATION_LAYOUTS = ("replicated", "sharded")
+"""Values of ``config.mesh.aggregation``."""
 
 
 def expose_cpu_devices(count: int = 0) -> None:
@@ -53,6 +70,9 @@ def expose_cpu_devices(count: int = 0) -> None:
 def worker_mesh(devices: int = 0) -> Optional[Mesh]:
   """The one-axis mesh of the first ``devices`` local devices (0 = all).
 
+  After :func:`initialize_distributed` with several processes, the devices of
+  every process (``jax.devices()``) instead.
+
   Returns:
     The mesh, or None when that is a single device (no split).
 
@@ -62,7 +82,8 @@ def worker_mesh(devices: int = 0) -> Optional[Mesh]:
   if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
     raise ValueError(f"devices must be a non-negative integer (0 = all local devices), "
                      f"got {devices!r}.")
-  available = jax.local_devices()
+  # Several processes (jax.distributed): the mesh spans every process's devices.
+  available = jax.devices() if jax.process_count() > 1 else jax.local_devices()
   if devices > len(available):
     raise ValueError(
         f"devices={devices} but only {len(available)} local "
@@ -89,6 +110,11 @@ def replicated_struct(mesh: Optional[Mesh], struct: jax.ShapeDtypeStruct
     return struct
   return jax.ShapeDtypeStruct(struct.shape, struct.dtype,
                               sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def constrain_replicated(mesh: Mesh, tree: PyTree) -> PyTree:
+  """``tree`` constrained to be replicated on ``mesh`` (inside jit)."""
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def split_over_workers(fn: Callable, mesh: Mesh, num_shared: int) -> Callable:
@@ -143,3 +169,153 @@ def split_over_workers(fn: Callable, mesh: Mesh, num_shared: int) -> Callable:
 # rendezvous timeout (a bare shard_map all-gather on 2 CPU devices reproduces
 # it with 64 calls queued and runs 20,000 calls with up to 16 queued).
 MAX_ROUNDS_IN_FLIGHT = 2
+
+
+# --------------------------------------------------------------------------
+# The parameter-sharded layout
+# --------------------------------------------------------------------------
+
+
+def coordinate_mesh(devices: int = 0, axis: str = COORDINATE_AXIS) -> Optional[Mesh]:
+  """The one-axis mesh named ``axis`` of the first ``devices`` local devices (0 = all).
+
+  Returns:
+    The mesh, or None when that is a single device.
+  """
+  mesh = worker_mesh(devices)
+  return None if mesh is None else Mesh(mesh.devices, (axis,))
+
+
+def _padded_columns(n: int, num_devices: int) -> int:
+  return -(-n // num_devices) * num_devices
+
+
+def shard_rows(updates: PyTree, mesh: Mesh, axis: str = COORDINATE_AXIS) -> list[jax.Array]:
+  """The leaves of ``updates`` in the coordinate-sharded layout (inside jit).
+
+  Each leaf [W, ...] is flattened to [W, n] and padded with zero columns to a
+  multiple of the device count of ``axis``, and constrained to be split over
+  ``axis`` along its columns: from replicated rows XLA takes each device's
+  slice; from rows split over the workers on the same axis it is one
+  all-to-all.
+
+  Returns:
+    The list of [W, n_padded] leaves, in ``jax.tree.leaves`` order.
+  """
+  num = mesh.shape[axis]
+  out = []
+  for leaf in jax.tree.leaves(updates):
+    flat = leaf.reshape(leaf.shape[0], -1)
+    n = flat.shape[1]
+    if _padded_columns(n, num) != n:
+      flat = jnp.pad(flat, ((0, 0), (0, _padded_columns(n, num) - n)))
+    out.append(jax.lax.with_sharding_constraint(
+        flat, NamedSharding(mesh, PartitionSpec(None, axis))))
+  return out
+
+
+def shard_aggregator(aggregator: Callable, mesh: Mesh, axis: str = COORDINATE_AXIS,
+                     gather: bool = True) -> Callable:
+  """Runs ``aggregator`` on coordinate slices of the rows, one slice per device of ``axis``.
+
+  The rows are laid out so that each device holds every worker's values for
+  its slice of the coordinates (:func:`shard_rows`; zero columns pad each
+  leaf to a multiple of the device count). The aggregator then runs under
+  ``shard_map`` with :func:`ftjax.kernels.shard_coordinates` set: its
+  coordinate-wise steps (medians, trimmed means, weighted sums of rows) are
+  local, and its reductions over coordinates (``rows.sqdist``, ``rows.gram``,
+  ``rows.coordinate_sum``) are completed by one ``psum`` each, so every device
+  takes the same decisions (kept rows, Krum's choice, Weiszfeld weights) as
+  one device holding all the rows would. Zero columns add nothing to a norm, a
+  distance or a Gram entry, and every rule maps them to zero; they are cut off
+  the aggregate.
+
+  Every rule of :mod:`ftjax.aggregators` qualifies. A user-written rule
+  (``aggregators.rule``) qualifies when its sums over coordinates go through
+  those three primitives; a plain ``jnp.sum`` over coordinates would only see
+  the device's slice.
+
+  Args:
+    aggregator: ``aggregator(rows, key) -> (aggregate, diagnostics)``, e.g. an
+      :class:`ftjax.aggregators.Aggregator`.
+    mesh: the device mesh; its axis ``axis`` splits the coordinates (other
+      axes, if any, hold copies).
+    axis: the name of that axis.
+    gather: whether the aggregate comes back replicated (one all-gather of d
+      values); with False it stays split over ``axis`` (each leaf's flat
+      padded vector, sharded) for a caller that continues in that layout.
+
+  Returns:
+    ``fn(rows, key=None) -> (aggregate, diagnostics)`` with ``aggregator``'s
+    results; call it under ``jax.jit``. The diagnostics are replicated.
+  """
+  if axis not in mesh.axis_names:
+    raise ValueError(f"The mesh has axes {mesh.axis_names}, not {axis!r}; pass axis= one of "
+                     f"them.")
+  split, replicated = PartitionSpec(None, axis), PartitionSpec()
+
+  def fn(updates: PyTree, key: Optional[jax.Array] = None):
+    leaves, treedef = jax.tree.flatten(updates)
+    if not leaves or any(jnp.ndim(l) < 1 for l in leaves):
+      raise ValueError("updates must be a non-empty pytree of arrays stacked on a leading "
+                       "worker axis.")
+    flat = shard_rows(updates, mesh, axis)
+
+    def local(flat, *key):
+      with kernels_lib.shard_coordinates(axis):
+        aggregate, diagnostics = aggregator(jax.tree.unflatten(treedef, flat), *key)
+      return jax.tree.leaves(aggregate), diagnostics
+
+    keys = () if key is None else (key,)
+    # check_vma=False: the psums make the diagnostics equal on every device,
+    # which the replicated out_spec then takes as they are.
+    out, diagnostics = jax.shard_map(
+        local, mesh=mesh, in_specs=([split] * len(flat),) + (replicated,) * len(keys),
+        out_specs=([PartitionSpec(axis)] * len(flat), replicated),
+        check_vma=False)(flat, *keys)
+    if not gather:
+      return out, diagnostics
+    aggregate = [
+        jax.lax.with_sharding_constraint(o, NamedSharding(mesh, replicated))[:math.prod(
+            l.shape[1:])].reshape(l.shape[1:]) for o, l in zip(out, leaves)]
+    return jax.tree.unflatten(treedef, aggregate), diagnostics
+
+  return fn
+
+
+# --------------------------------------------------------------------------
+# Several processes
+# --------------------------------------------------------------------------
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Connects this process to the others of a multi-process run (``jax.distributed``).
+
+  Must run before anything touches a device. Arguments left as None come from
+  ``jax.distributed.initialize``'s own detection: ``JAX_COORDINATOR_ADDRESS``
+  (with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` read by ftjax), SLURM,
+  Open MPI, Kubernetes or a Cloud TPU pod slice (docs/scaling.md). On CPU the
+  processes exchange data through gloo, JAX's default CPU collectives.
+
+  Raises:
+    ValueError: a bad count or id, or a cluster that JAX cannot detect.
+  """
+  env = os.environ
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  if num_processes is not None and (not isinstance(num_processes, int) or num_processes < 1):
+    raise ValueError(f"num_processes must be an integer >= 1, got {num_processes!r}.")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id must be in [0, num_processes={num_processes}), got "
+                     f"{process_id!r}.")
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"Cannot start the multi-process run ({e}); pass --coordinator_address, "
+                     f"--num_processes and --process_id, or launch under SLURM, Open MPI or "
+                     f"on a TPU pod slice (docs/scaling.md).") from None

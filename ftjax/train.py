@@ -15,6 +15,9 @@ Sections, in the order a run uses them:
    inside one ``lax.scan`` or as a host loop over the jitted round.
 5. Evaluation: :func:`make_eval_fn` on the whole test split.
 6. The run: :func:`train_and_evaluate`, with metrics, checkpoints and resume.
+7. Several runs of one config at once: :func:`train_runs` stacks the states of
+   R seeds on a leading runs axis and vmaps the round over it (the sweeps of
+   ``ftjax.sweep`` use it); each run keeps its own workdir.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -54,7 +59,7 @@ _KEY_INIT, _KEY_DATA, _KEY_AUGMENT, _KEY_ATTACK, _KEY_AGGREGATOR = range(5)
 
 # Config fields that may change between an interrupted run and its resume.
 _RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "loop",
-                     "devices")
+                     "devices", "mesh")
 
 LOOPS = ("auto", "scan", "host")
 
@@ -65,6 +70,23 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(FloatingPointError):
   """The honest loss or the model became non-finite; the last good checkpoint is kept."""
+
+
+RUN_ERRORS = (ConfigError, TrainingDiverged, checkpoint_lib.CheckpointWriteError,
+              reporting.MetricsWriteError)
+"""What a run raises for a problem the user must fix; each message is one line."""
+
+
+def _close(checkpointer: checkpoint_lib.Checkpointer, reporter: reporting.Reporter,
+           failing: bool) -> None:
+  """Finishes a run's writes; a failed write must not mask the error already raised."""
+  try:
+    checkpointer.close()
+  except checkpoint_lib.CheckpointWriteError:
+    if not failing:
+      raise
+  finally:
+    reporter.close()
 
 
 # --------------------------------------------------------------------------
@@ -83,12 +105,13 @@ class Setup:
   aggregator: aggregators_lib.Aggregator
   attack: attacks_lib.Attack
   num_workers: int     # W
-  num_byzantine: int   # f
+  num_byzantine: int   # workers that attack (workers.byzantine); aggregator.f is the declared f
   batch_size: int      # b, per worker
   dtype: Any
   partition: Optional[data_lib.Partition]  # per-worker shards; None for the i.i.d. split
   mesh: Optional[Mesh] = None  # the workers' gradients are split over it; None: one device
   builtin_model: bool = True   # the model comes from models.MODELS (not the user's own)
+  aggregation: str = "replicated"  # config.mesh.aggregation: the aggregator's layout on the mesh
 
   @property
   def num_honest(self) -> int:
@@ -163,6 +186,10 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   c = config
   _check_ints(c)
   w, f, b = c.workers.num, c.workers.byzantine, c.workers.batch_size
+  chunk = c.workers.get("chunk", None)
+  if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+    raise ConfigError(f"workers.chunk must be an integer >= 0 (0 or None: all workers at once), "
+                      f"got {chunk!r}.")
   if c.dtype not in ("float32", "float64"):
     raise ConfigError(f"dtype must be 'float32' or 'float64', got {c.dtype!r}.")
   if c.dtype == "float64" and not jax.config.read("jax_enable_x64"):
@@ -180,8 +207,19 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     _check_loop(c.loop)
     kernels.check(c.kernels)
     mesh = sharding.worker_mesh(c.get("devices", 0))
+    aggregation = (c.get("mesh") or {}).get("aggregation", "replicated")
+    if aggregation not in sharding.AGGREGATION_LAYOUTS:
+      raise ConfigError(f"Unknown mesh.aggregation {aggregation!r}; valid: "
+                        f"{', '.join(sharding.AGGREGATION_LAYOUTS)}.")
+    # The rule is built for the declared f (aggregator.f); the attack, and the split of
+    # the logged diagnostics into honest and Byzantine rows, use the actual count f.
+    declared_f = c.aggregator.get("f", None)
+    declared_f = f if declared_f is None else declared_f
+    if not isinstance(declared_f, int) or isinstance(declared_f, bool) or declared_f < 0:
+      raise ConfigError(f"aggregator.f must be an integer >= 0, or None for "
+                        f"workers.byzantine, got {declared_f!r}.")
     aggregator = aggregators_lib.make_aggregator(
-        _aggregator_spec(c), f, num_workers=w, options=_to_dict(c.aggregator.options),
+        _aggregator_spec(c), declared_f, num_workers=w, options=_to_dict(c.aggregator.options),
         kernels=c.kernels)
     attack = attacks_lib.make_attack(c.attack.name, **_to_dict(c.attack.options.get(
         attacks_lib.canonical_name(c.attack.name), None)))
@@ -190,6 +228,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     if model is None and c.model.name not in models_lib.MODELS:  # before loading any data
       raise ValueError(f"Unknown model {c.model.name!r}; choose one of: "
                        f"{', '.join(models_lib.MODELS)}.")
+    _check_batch_stats_mode(c.model.get("batch_stats", "honest_mean"), builtin=model is None)
     if dataset is None:
       dataset = data_lib.load_dataset(
           c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
@@ -197,7 +236,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     partition = data_lib.partition_indices(
         jax.random.fold_in(jax.random.key(c.seed), _KEY_DATA), dataset.train_labels, w,
         scheme=c.data.partition, alpha=c.data.alpha,
-        shards_per_worker=c.data.shards_per_worker)
+        shards_per_worker=c.data.shards_per_worker, gamma=c.data.get("gamma", 0.5))
     if partition is not None:
       data_lib.check_partition(partition, b)
     builtin = model is None
@@ -213,7 +252,18 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   return Setup(config=c, dataset=dataset, model=model, worker_tx=worker_tx,
                server_tx=server_tx, aggregator=aggregator, attack=attack,
                num_workers=w, num_byzantine=f, batch_size=b, dtype=dtype,
-               partition=partition, mesh=mesh, builtin_model=builtin)
+               partition=partition, mesh=mesh, builtin_model=builtin, aggregation=aggregation)
+
+
+def _check_batch_stats_mode(mode: str, builtin: bool) -> None:
+  if mode not in models_lib.BATCH_STATS_MODES:
+    raise ValueError(f"Unknown model.batch_stats {mode!r}; valid: "
+                     f"{', '.join(models_lib.BATCH_STATS_MODES)}.")
+  if mode == "sequential" and not builtin:
+    # The fold assumes ftjax's BatchNorm momentum, which a model of one's own may not use.
+    raise ValueError("model.batch_stats='sequential' needs one of ftjax's models (it assumes "
+                     "their BatchNorm momentum, PyTorch's 0.1); with your own model use "
+                     "model.batch_stats='honest_mean'.")
 
 
 def _check_model_fits(model: nn.Module, dataset: data_lib.Dataset, dtype, name: str,
@@ -348,26 +398,69 @@ def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
 
 
 def make_worker_gradients(setup: Setup) -> Callable:
-  """``(params, batch_stats, prev_params, x, y) -> (out, prev_grads)``.
+  """``(params, batch_stats, prev_params, x, y) -> (out, prev_grads, prev_stats)``.
 
   ``x`` [n, b, ...] and ``y`` [n, b] are the n computed workers' minibatches;
   ``out = ((loss, (logits, stats)), grads)`` has a leading worker axis, and
-  ``prev_grads`` are the same workers' gradients at ``prev_params`` on the same
-  minibatches (mu2sgd's second gradient), or None when ``prev_params`` is None.
+  ``prev_grads`` and ``prev_stats`` are the same workers' gradients and updated
+  running statistics at ``prev_params`` on the same minibatches (mu2sgd's
+  second pass), or None when ``prev_params`` is None.
   With a mesh, the worker axis is split over its devices
   (:func:`ftjax.sharding.split_over_workers`).
+
+  With ``workers.chunk = k`` (0 or None: all at once), the workers go through a
+  ``lax.map`` in chunks of k, each chunk a vmap over its k workers (the last
+  one takes the remainder), so that only k workers' activations are live at a
+  time: the same per-worker values, with peak memory bounded in W.
   """
-  grads = jax.vmap(jax.value_and_grad(make_loss_fn(setup.model), has_aux=True),
-                   in_axes=(None, None, 0, 0))
+  value_and_grad = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)
+  chunk = setup.config.workers.get("chunk", None) or 0
+
+  def passes(grads, params, batch_stats, prev_params, x, y):
+    out = grads(params, batch_stats, x, y)
+    if prev_params is None:
+      return out, None, None
+    (_, (_, prev_stats)), prev_grads = grads(prev_params, batch_stats, x, y)
+    return out, prev_grads, prev_stats
 
   def both(params, batch_stats, prev_params, x, y):
-    out = grads(params, batch_stats, x, y)
-    prev = None if prev_params is None else grads(prev_params, batch_stats, x, y)[1]
-    return out, prev
+    if 0 < chunk < x.shape[0]:  # x.shape[0]: the workers of this device
+      # lax.map vmaps the one-worker passes over each chunk of workers in turn.
+      return jax.lax.map(lambda xy: passes(value_and_grad, params, batch_stats, prev_params,
+                                           *xy), (x, y), batch_size=chunk)
+    return passes(jax.vmap(value_and_grad, in_axes=(None, None, 0, 0)), params, batch_stats,
+                  prev_params, x, y)
 
   if setup.mesh is None:
     return both
   return sharding.split_over_workers(both, setup.mesh, num_shared=3)
+
+
+def update_batch_stats(mode: str, old: PyTree, stats: PyTree, prev_stats: Optional[PyTree],
+                       num_honest: int) -> PyTree:
+  """The running BatchNorm statistics after a round (``model.batch_stats``; docs/data.md).
+
+  Args:
+    mode: "honest_mean": the mean of the honest workers' updated statistics,
+      one EMA step with their mean batch statistics; "sequential": the
+      original program's, every computed worker's pass folded into the EMA one
+      after another in worker order, each worker's pass at x_t followed by its
+      mu2sgd pass at x_{t-1} (:func:`ftjax.models.fold_batch_stats`).
+    old: the running statistics the round started from.
+    stats: [n, ...] each computed worker's updated statistics after its pass at x_t.
+    prev_stats: [n, ...] the same after its pass at x_{t-1}, or None.
+    num_honest: h; the first h workers are honest.
+
+  Returns:
+    The new running statistics, like ``old``.
+  """
+  if mode == "honest_mean":
+    return jax.tree.map(lambda s: s[:num_honest].mean(0), stats)
+  passes = stats
+  if prev_stats is not None:  # [n, 2, ...] -> [2n, ...]: worker 0 at x_t, at x_{t-1}, worker 1 ...
+    passes = jax.tree.map(lambda a, b: jnp.stack([a, b], 1).reshape((-1,) + a.shape[1:]),
+                          stats, prev_stats)
+  return models_lib.fold_batch_stats(old, models_lib.batch_stats_of_pass(old, passes))
 
 
 def make_train_step(setup: Setup) -> Callable:
@@ -382,6 +475,12 @@ def make_train_step(setup: Setup) -> Callable:
   clip = c.optim.clip or None  # 0 (typeable on the command line) or None: no clipping
   needs_prev = estimators.needs_previous_gradient(c.optim.estimator)
   worker_gradients = make_worker_gradients(setup)
+  aggregate_rows = setup.aggregator
+  if setup.mesh is not None and setup.aggregation == "sharded":
+    # The rows are cut by coordinates over the same devices right before the
+    # aggregator, and its d-value aggregate is gathered back (docs/scaling.md).
+    aggregate_rows = sharding.shard_aggregator(setup.aggregator, setup.mesh,
+                                               axis=sharding.WORKER_AXIS)
   clip_rows = jax.vmap(functools.partial(estimators.clip_by_global_norm, max_norm=clip))
   attack_ctx = attacks_lib.AttackContext(num_byzantine=f, aggregator=setup.aggregator,
                                          num_classes=ds.num_classes)
@@ -408,7 +507,7 @@ def make_train_step(setup: Setup) -> Callable:
       y = y.at[h:].set(attacks_lib.flip_labels(y[h:], ds.num_classes))
 
     # Workers: clipped gradients, then the estimator (mu2sgd needs x_{t-1} too).
-    ((loss, (logits, new_stats)), grads), prev_grads = worker_gradients(
+    ((loss, (logits, new_stats)), grads), prev_grads, prev_stats = worker_gradients(
         state.params, state.batch_stats, state.prev_params if needs_prev else None, x, y)
     grads = clip_rows(grads)
     if needs_prev:
@@ -427,12 +526,12 @@ def make_train_step(setup: Setup) -> Callable:
 
     # Server: robust aggregate, then the server optax chain.
     key = jax.random.fold_in(_purpose_key(state, _KEY_AGGREGATOR), step)
-    aggregate, diagnostics = setup.aggregator(rows, key)
+    aggregate, diagnostics = aggregate_rows(rows, key)
     server_updates, server_state = setup.server_tx.update(
         aggregate, state.server_state, state.params)
     params = optax.apply_updates(state.params, server_updates)
-    # Running BatchNorm statistics follow the honest workers' batches (docs/data.md).
-    batch_stats = jax.tree.map(lambda s: s[:h].mean(0), new_stats)
+    batch_stats = update_batch_stats(c.model.get("batch_stats", "honest_mean"),
+                                     state.batch_stats, new_stats, prev_stats, h)
 
     metrics = {
         "train_loss": loss[:h].mean().astype(jnp.float32),
@@ -444,6 +543,10 @@ def make_train_step(setup: Setup) -> Callable:
         step=step + 1, params=params, prev_params=state.params if needs_prev else (),
         batch_stats=batch_stats, server_state=server_state,
         worker_state=worker_state, rng=state.rng)
+    if aggregate_rows is not setup.aggregator:
+      # The coordinate split would otherwise spread back into the estimator
+      # state, and the host loop's compiled round takes its state replicated.
+      new_state = sharding.constrain_replicated(setup.mesh, new_state)
     return new_state, metrics
 
   return train_step
@@ -473,8 +576,11 @@ def resolve_loop(setup: Setup, loop: str = "auto") -> str:
     return loop
   if jax.default_backend() != "cpu":
     return "scan"
-  friendly = setup.builtin_model and layers.scan_friendly(setup.config.kernels,
-                                                           setup.num_computed)
+  workers = setup.num_computed
+  chunk = setup.config.workers.get("chunk", None) or 0
+  if chunk:  # the vmapped worker axis is one chunk (make_worker_gradients)
+    workers = min(chunk, workers)
+  friendly = setup.builtin_model and layers.scan_friendly(setup.config.kernels, workers)
   return "scan" if friendly else "host"
 
 
@@ -501,7 +607,29 @@ def _cost(compiled) -> tuple[float, float]:
   return flops, memory
 
 
-def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
+def _run_data_axes(data: DeviceData):
+  """vmap axes of the data over a runs axis: shared, except a per-run partition."""
+  return None if data.table is None else DeviceData(None, None, 0, 0)
+
+
+def compile_lowered(lowered, programs: Optional[dict] = None):
+  """``lowered.compile()``, or a program compiled before from the same HLO.
+
+  ``programs`` (a dict the caller keeps) maps a lowering's text and argument
+  structure to its executable, so that runs whose programs are identical
+  (e.g. the batches of one sweep cell) share one compilation.
+  """
+  if programs is None:
+    return lowered.compile()
+  key = hashlib.sha256(
+      f"{lowered.in_tree}|{lowered.out_tree}|{lowered.as_text()}".encode()).hexdigest()
+  if key not in programs:
+    programs[key] = lowered.compile()
+  return programs[key]
+
+
+def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
+                  programs: Optional[dict] = None) -> Callable:
   """``compile(state, data, length) -> CompiledChunk``: the rounds between evaluations.
 
   With "scan" the ``length`` rounds run inside one jitted ``lax.scan``; with
@@ -512,47 +640,67 @@ def make_chunk_fn(setup: Setup, loop: str = "auto") -> Callable:
   ``finite`` (whether the new parameters are all finite). The chunk is
   compiled ahead of time, so that the caller can report compile time and XLA's
   cost analysis; a length compiled before is returned from a cache.
+
+  With ``runs=True`` the state has a leading runs axis R (several seeds of one
+  config, :func:`init_states`): the round is vmapped over it, the data is
+  shared (except a per-worker partition, which depends on the seed), and
+  every metric has shape [R]. ``programs`` is passed to
+  :func:`compile_lowered`.
   """
   resolved = resolve_loop(setup, loop)
   train_step = make_train_step(setup)
   mesh = setup.mesh
   cache = {}
+  finite = jax.vmap(_all_finite) if runs else _all_finite
+
+  def sample(state, data, length):
+    if not runs:
+      return sample_chunk(setup, state, data, length)
+    indices = jax.vmap(lambda s, d: sample_chunk(setup, s, d, length),
+                       in_axes=(0, _run_data_axes(data)))(state, data)
+    return jnp.swapaxes(indices, 0, 1)  # [length, R, W, b]: rounds lead, as without runs
+
+  def step_fn(state, data, idx):
+    if not runs:
+      return train_step(state, data, idx)
+    return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
 
   def scan_chunk(state, data, length):
-    indices = sample_chunk(setup, state, data, length)
-    state, metrics = jax.lax.scan(lambda s, idx: train_step(s, data, idx), state, indices)
+    indices = sample(state, data, length)
+    state, metrics = jax.lax.scan(lambda s, idx: step_fn(s, data, idx), state, indices)
     metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-    metrics["finite"] = _all_finite(state.params)
+    metrics["finite"] = finite(state.params)
     return state, metrics
 
   def one_round(state, data, indices, i):
-    return train_step(state, data, indices[i])
+    return step_fn(state, data, indices[i])
 
   def summarize(state, metrics):
     metrics = jax.tree.map(lambda *m: jnp.stack(m).mean(0), *metrics)
-    metrics["finite"] = _all_finite(state.params)
+    metrics["finite"] = finite(state.params)
     return metrics
 
   def compile_scan(state, data, length):
-    compiled = jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).lower(
-        state, data, length).compile()
+    compiled = compile_lowered(jax.jit(scan_chunk, static_argnums=2, donate_argnums=0).lower(
+        state, data, length), programs)
     # XLA's cost analysis counts a while loop's body once, i.e. one round.
     return CompiledChunk(lambda s, d: compiled(place(setup, s), place(setup, d)),
                          *_cost(compiled), "scan")
 
   def compile_host(state, data, length):
-    sample = jax.jit(functools.partial(sample_chunk, setup), static_argnums=2).lower(
-        state, data, length).compile()
+    sampler = compile_lowered(jax.jit(sample, static_argnums=2).lower(
+        state, data, length), programs)
     indices = sharding.replicated_struct(mesh, jax.eval_shape(
-        functools.partial(sample_chunk, setup, length=length), state, data))
-    step = jax.jit(one_round, donate_argnums=0).lower(
-        state, data, indices, jnp.int32(0)).compile()
+        functools.partial(sample, length=length), state, data))
+    step = compile_lowered(jax.jit(one_round, donate_argnums=0).lower(
+        state, data, indices, jnp.int32(0)), programs)
     _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
-    summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
+    summary = compile_lowered(jax.jit(summarize).lower(state, [step_metrics] * length),
+                              programs)
 
     def run(state, data):
       state, data = place(setup, state), place(setup, data)
-      idx = sample(state, data)
+      idx = sampler(state, data)
       metrics = []
       for i in range(length):
         state, m = step(state, data, idx, jnp.int32(i))
@@ -674,6 +822,39 @@ def _check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> Non
         f"or use another --workdir.")
 
 
+def _diverged(config, workdir: str, step: int, length: int, metrics: dict) -> TrainingDiverged:
+  """The error for a chunk from ``step`` whose loss or model is not finite."""
+  kept = (f"The last good checkpoint (step {step}) is kept in {workdir}"
+          if step > 0 and config.checkpoint.enabled else "No checkpoint was written")
+  return TrainingDiverged(
+      f"Training diverged between steps {step} and {step + length}: the honest "
+      f"workers' loss is {metrics['train_loss']} and the model is "
+      f"{'finite' if metrics['finite'] else 'not finite'}. {kept}; lower optim.lr, "
+      f"enable optim.clip, or use a robust aggregator.")
+
+
+def _evaluation_row(step: int, metrics: dict, evaluation: dict, wall_time: float,
+                    steps_per_sec: float) -> dict:
+  """One row of metrics.csv: the chunk's training means, the evaluation, the timing."""
+  return {"step": step, **{k: float(v) for k, v in metrics.items() if k != "finite"},
+          **{k: float(v) for k, v in evaluation.items()},
+          "wall_time": wall_time, "steps_per_sec": steps_per_sec}
+
+
+def _record(reporter: reporting.Reporter, checkpointer: checkpoint_lib.Checkpointer,
+            row: dict, meta: dict, state: TrainState) -> dict:
+  """Writes an evaluation row, then the latest (and, when it is the best, the best)
+  checkpoint; returns the checkpoints' bookkeeping. The row goes first: a crash
+  between the two leaves a row past the checkpoint, which a resume drops."""
+  reporter.write(row)
+  meta = {"best_test_acc": max(meta["best_test_acc"], row["test_acc"]),
+          "wall_time": row["wall_time"]}
+  checkpointer.save("latest", row["step"], state, meta)
+  if row["test_acc"] >= meta["best_test_acc"]:
+    checkpointer.save("best", row["step"], state, meta)
+  return meta
+
+
 class TrainResult(NamedTuple):
   """What :func:`train_and_evaluate` returns."""
   state: TrainState    # the final state (model, estimator and server states, step)
@@ -732,7 +913,8 @@ def _train_and_evaluate(config, workdir, dataset, model) -> TrainResult:
     reporter.note(f"Resumed from the checkpoint at step {start_step} in {workdir}.")
   if setup.mesh is not None:
     reporter.note(f"The workers' gradients are split over {setup.mesh.devices.size} "
-                  f"{jax.default_backend().upper()} devices.")
+                  f"{jax.default_backend().upper()} devices; the aggregation is "
+                  f"{setup.aggregation}.")
 
   compiled_lengths = set()  # at most two: eval_every and a shorter last chunk
 
@@ -756,28 +938,222 @@ def _train_and_evaluate(config, workdir, dataset, model) -> TrainResult:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tic
       if not (metrics["finite"] and np.isfinite(metrics["train_loss"])):
-        kept = (f"The last good checkpoint (step {step}) is kept in {workdir}"
-                if step > 0 and config.checkpoint.enabled else "No checkpoint was written")
-        raise TrainingDiverged(
-            f"Training diverged between steps {step} and {step + length}: the honest "
-            f"workers' loss is {metrics['train_loss']} and the model is "
-            f"{'finite' if metrics['finite'] else 'not finite'}. {kept}; lower optim.lr, "
-            f"enable optim.clip, or use a robust aggregator.")
+        raise _diverged(config, workdir, step, length, metrics)
       state = new_state
       reporter.advance(length)
       evaluation = jax.device_get(eval_fn(state.params, state.batch_stats, eval_data))
-      row = {"step": step + length,
-             **{k: float(v) for k, v in metrics.items() if k != "finite"},
-             **{k: float(v) for k, v in evaluation.items()},
-             "wall_time": time.perf_counter() - wall_start,
-             "steps_per_sec": length / elapsed}
-      reporter.write(row)
-      meta = {"best_test_acc": max(meta["best_test_acc"], row["test_acc"]),
-              "wall_time": row["wall_time"]}
-      checkpointer.save("latest", row["step"], state, meta)
-      if row["test_acc"] >= meta["best_test_acc"]:
-        checkpointer.save("best", row["step"], state, meta)
-  finally:
-    checkpointer.close()
-    reporter.close()
+      row = _evaluation_row(step + length, metrics, evaluation,
+                            time.perf_counter() - wall_start, length / elapsed)
+      meta = _record(reporter, checkpointer, row, meta, state)
+  except BaseException:
+    _close(checkpointer, reporter, failing=True)
+    raise
+  _close(checkpointer, reporter, failing=False)
   return TrainResult(state, row)
+
+
+# --------------------------------------------------------------------------
+# 7. Several runs of one config at once
+# --------------------------------------------------------------------------
+
+
+def init_states(setup: Setup, seeds) -> TrainState:
+  """:func:`init_state` for several seeds, stacked on a leading runs axis [R]."""
+  return jax.vmap(lambda seed: init_state(setup, seed))(jnp.asarray(seeds))
+
+
+@jax.jit
+def _take_runs(tree: PyTree, index: jax.Array) -> PyTree:
+  """The runs ``index`` (an int, or an int array for a new runs axis) of a stacked tree."""
+  return jax.tree.map(lambda a: a[index], tree)
+
+
+@jax.jit
+def _where_runs(keep: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Per run, ``new`` where ``keep`` [R] is True, else ``old``."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+class RunResult(NamedTuple):
+  """What :func:`train_runs` returns for each run."""
+  workdir: str
+  metrics: dict                # the last evaluation row ({} when there is none)
+  error: Optional[Exception]   # the ConfigError or TrainingDiverged that stopped it, or None
+  state: Optional[TrainState] = None  # the final state of a run that finished
+
+
+def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset] = None,
+               model: Optional[nn.Module] = None, *, programs: Optional[dict] = None,
+               on_rounds: Optional[Callable[[int], None]] = None,
+               note: Optional[Callable[[str], None]] = None) -> list[Optional[RunResult]]:
+  """Runs (or resumes) R runs of one config that differ only in their seed, as one program.
+
+  The runs' states are stacked on a leading runs axis and the round is
+  vmapped over it (:func:`make_chunk_fn` with ``runs=True``); the seed enters
+  through ``state.rng``. Each run writes its own workdir as
+  :func:`train_and_evaluate` does (config.json, metrics, checkpoints of its own
+  slice of the state), so every run can be resumed or inspected alone.
+
+  A ``None`` config is an empty slot: it keeps the runs axis at R, so that a
+  smaller last batch of seeds reuses the compiled program, and it computes a
+  discarded copy of another run. A run that fails (a config error for its
+  seed, or :class:`TrainingDiverged`) gets its error in its result and its slot
+  computes copies from then on, while the other runs go on.
+
+  On resume each run restores its latest checkpoint. Runs interrupted between
+  their saves can stand at different steps: the runs behind advance first (the
+  others' slots compute discarded copies) until all stand at the same step, so
+  every run goes through the same chunks, in the same slot of the same program,
+  as without the interruption.
+
+  Args:
+    configs: R configs, equal except ``seed``, or None for an empty slot.
+    workdirs: the runs' workdirs (None for empty slots).
+    dataset: optional in-memory dataset overriding ``config.data``.
+    model: optional Flax module overriding ``config.model.name``.
+    programs: a dict the caller keeps across calls, so that identical programs
+      compile once (:func:`compile_lowered`); its size counts the compilations.
+    on_rounds: called with a number of rounds each time runs advance (summed
+      over the runs), first with the rounds restored from checkpoints.
+    note: receives one-line messages (resumes, divergences); default: stderr.
+
+  Returns:
+    A :class:`RunResult` per slot (None for empty slots).
+
+  Raises:
+    ValueError: the configs differ in more than their seed, or their per-worker
+      partitions have different shapes.
+  """
+  live = [c for c in configs if c is not None]
+  x64 = (jax.enable_x64(True) if live and live[0].dtype == "float64"
+         else contextlib.nullcontext())
+  note = note or (lambda message: print(message, file=sys.stderr))
+  with x64:
+    return _train_runs(configs, workdirs, dataset, model, programs, on_rounds or (lambda n: None),
+                       note)
+
+
+def _without_seed(config) -> dict:
+  return {k: v for k, v in json.loads(config.to_json()).items() if k != "seed"}
+
+
+def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note):
+  num_slots = len(configs)
+  results = [None] * num_slots
+  setups = {}
+  for i, config in enumerate(configs):  # build and validate every run before compiling
+    if config is None:
+      continue
+    try:
+      _check_workdir(workdirs[i])
+      _check_resume_config(workdirs[i], config)
+      shared = dataset if dataset is not None or not setups else next(iter(setups.values())).dataset
+      setups[i] = build(config, shared, model)
+    except ConfigError as e:
+      results[i] = RunResult(workdirs[i], {}, e)
+  live = list(setups)
+  if not live:
+    return results
+  first = setups[live[0]]
+  c = first.config
+  if any(_without_seed(configs[i]) != _without_seed(c) for i in live):
+    raise ValueError("train_runs needs configs that differ only in their seed.")
+  for i in live:
+    with open(os.path.join(workdirs[i], "config.json"), "w") as fh:
+      fh.write(configs[i].to_json(indent=2))
+
+  # Every slot gets a run's seed and data; empty and failed slots borrow the first run's.
+  owner = [i if i in setups else live[0] for i in range(num_slots)]
+  train_data = make_device_data(first)
+  if first.partition is not None:  # per-worker shards depend on the seed: one table per run
+    tables = [setups[i].partition for i in owner]
+    if len({p.table.shape for p in tables}) > 1:
+      raise ValueError("The runs' per-worker partitions have different shapes; run them "
+                       "in separate calls.")
+    train_data = train_data._replace(table=jnp.stack([jnp.asarray(p.table) for p in tables]),
+                                     sizes=jnp.stack([jnp.asarray(p.sizes) for p in tables]))
+  seeds = jnp.asarray([configs[i].seed for i in owner])
+  states = compile_lowered(jax.jit(functools.partial(init_states, first)).lower(seeds),
+                           programs)(seeds)
+
+  checkpointers, reporters, metas, steps = {}, {}, {}, {}
+  restored_any = False
+  host = jax.tree.map(np.array, jax.device_get(states))
+  for i in live:
+    checkpointers[i] = checkpoint_lib.Checkpointer(workdirs[i], enabled=c.checkpoint.enabled)
+    metas[i], steps[i] = {"best_test_acc": -1.0, "wall_time": 0.0}, 0
+    restored = checkpointers[i].restore_latest(_take_runs(states, i))
+    if restored is not None:
+      for leaf, value in zip(jax.tree.leaves(host), jax.tree.leaves(restored[0])):
+        leaf[i] = np.asarray(value)
+      metas[i], steps[i] = restored[1], int(restored[0].step)
+      restored_any = True
+      note(f"Resumed {workdirs[i]} from its checkpoint at step {steps[i]}.")
+    reporters[i] = reporting.Reporter(
+        workdirs[i], total_steps=c.num_steps, start_step=steps[i], wandb_config=c.wandb,
+        run_config=json.loads(configs[i].to_json()), show_progress=False, print_rows=False)
+  if restored_any:
+    states = jax.tree.map(jnp.asarray, host)
+  on_rounds(sum(steps.values()))
+
+  states, train_data = place(first, states), place(first, train_data)
+  eval_data = place(first, make_eval_data(first.dataset, c.data.eval_batch_size))
+  chunk_fn = make_chunk_fn(first, c.loop, runs=True, programs=programs)
+  evaluate = compile_lowered(jax.jit(jax.vmap(make_eval_fn(first), in_axes=(0, 0, None))).lower(
+      states.params, states.batch_stats, eval_data), programs)
+  rows = {i: reporters[i].rows[-1] if reporters[i].rows else {} for i in live}
+  wall_start = {i: time.perf_counter() - metas[i]["wall_time"] for i in live}
+
+  def stop(i, error):
+    results[i] = RunResult(workdirs[i], rows[i], error)
+    live.remove(i)
+    checkpointers.pop(i).close()
+    reporters.pop(i).close()
+
+  try:
+    while any(steps[i] < c.num_steps for i in live):
+      # The runs furthest behind advance; every other slot computes a copy of one of them.
+      step = min(steps[i] for i in live if steps[i] < c.num_steps)
+      moving = [i for i in live if steps[i] == step]
+      length = min(c.eval_every - step % c.eval_every, c.num_steps - step)
+      source = [i if i in moving else moving[0] for i in range(num_slots)]
+      everyone = source == list(range(num_slots))
+      run_chunk = chunk_fn(states, train_data, length).run
+      tic = time.perf_counter()
+      # All slots moving: the state is donated; otherwise the copy is, and the rest is kept.
+      new_states, metrics = run_chunk(
+          states if everyone else _take_runs(states, jnp.asarray(source)), train_data)
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - tic
+      advanced = []
+      for i in moving:
+        if metrics["finite"][i] and np.isfinite(metrics["train_loss"][i]):
+          advanced.append(i)
+        else:
+          error = _diverged(c, workdirs[i], step, length, {k: v[i] for k, v in metrics.items()})
+          note(f"{workdirs[i]}: {error}")
+          stop(i, error)
+      keep = np.array([i in advanced for i in range(num_slots)])
+      # A diverged slot's state is never read again, so donated states are simply replaced.
+      states = new_states if everyone else _where_runs(keep, new_states, states)
+      if not advanced:
+        continue
+      evaluation = jax.device_get(evaluate(states.params, states.batch_stats, eval_data))
+      for i in advanced:
+        steps[i] = step + length
+        rows[i] = _evaluation_row(steps[i], {k: v[i] for k, v in metrics.items()},
+                                  {k: v[i] for k, v in evaluation.items()},
+                                  time.perf_counter() - wall_start[i], length / elapsed)
+        metas[i] = _record(reporters[i], checkpointers[i], rows[i], metas[i],
+                           _take_runs(states, i))
+      on_rounds(length * len(advanced))
+  except BaseException:
+    for i in list(checkpointers):
+      _close(checkpointers[i], reporters[i], failing=True)
+    raise
+  for i in list(checkpointers):
+    _close(checkpointers[i], reporters[i], failing=False)
+  for i in live:
+    results[i] = RunResult(workdirs[i], rows[i], None, _take_runs(states, i))
+  return results

@@ -706,6 +706,13 @@ def test_bad_inputs_refused_before_tracing():
     agg(jnp.zeros((5, 2), jnp.int32))
   with pytest.raises(ValueError, match="at least 3 rows"):
     agg(jnp.zeros((2, 2)))
+  with pytest.raises(ValueError, match="no worker axis"):
+    agg({"a": jnp.zeros((5, 2)), "b": jnp.float32(1.0)})
+  with pytest.raises(ValueError, match=r"integer >= 1, got 0"):
+    agg(jnp.zeros((0, 2)))
+  for dtype in (bool, jnp.complex64):
+    with pytest.raises(ValueError, match="floating"):
+      agg(jnp.zeros((5, 2), dtype))
 
 
 def test_canonical_spec_and_alias():

@@ -5,7 +5,7 @@ import inspect
 import pytest
 
 from configs import cifar10, default, mnist, reference
-from ftjax import aggregators, attacks, estimators
+from ftjax import aggregators, attacks, data, estimators
 
 
 def test_default_config_echoes_every_aggregator_default():
@@ -55,3 +55,13 @@ def test_variants_override_only_what_differs(get, arg, name):
 def test_unknown_cifar10_variant_is_refused():
   with pytest.raises(ValueError, match="resnet18"):
     cifar10.get_config("vgg")
+
+
+def test_default_config_echoes_partition_defaults_and_leaves_f_to_the_workers():
+  c = default.get_config()
+  params = inspect.signature(data.partition_indices).parameters
+  for name in ("alpha", "shards_per_worker", "gamma"):
+    assert c.data[name] == params[name].default, name
+  assert c.data.partition in data.PARTITIONS
+  # None: the aggregator is built for workers.byzantine, the number that attack.
+  assert c.aggregator.f is None

@@ -354,7 +354,8 @@ def _shards(part):
   return [part.table[i, :part.sizes[i]] for i in range(part.table.shape[0])]
 
 
-@pytest.mark.parametrize("scheme", ["iid_split", "dirichlet", "shards"])
+@pytest.mark.parametrize("scheme", ["iid_split", "dirichlet", "shards", "gamma_similarity",
+                                    "extreme"])
 def test_partition_covers_every_index_once(scheme):
   labels = _labels()
   part = data.partition_indices(3, labels, 4, scheme=scheme, alpha=0.5)
@@ -394,8 +395,66 @@ def test_shards_scheme_gives_few_classes_per_worker():
     assert np.unique(labels[shard]).size <= 4
 
 
+def _histograms(part, labels, classes):
+  return np.stack([np.bincount(labels[s], minlength=classes) for s in _shards(part)])
+
+
+# 40 examples, 10 of each of 4 classes, interleaved so that label order is not index order.
+_FORTY = np.tile(np.arange(4), 10)
+
+
+def test_extreme_gives_each_worker_one_block_of_the_label_sorted_split():
+  part = data.partition_indices(0, _FORTY, 4, scheme="extreme")
+  np.testing.assert_array_equal(_histograms(part, _FORTY, 4), 10 * np.eye(4, dtype=int))
+  # W = 3: blocks of 14, 13 and 13 of the sorted labels 0*10, 1*10, 2*10, 3*10.
+  part = data.partition_indices(0, _FORTY, 3, scheme="extreme")
+  np.testing.assert_array_equal(_histograms(part, _FORTY, 4),
+                                [[10, 4, 0, 0], [0, 6, 7, 0], [0, 0, 3, 10]])
+
+
+@pytest.mark.parametrize("gamma, spread", [(0.5, 5), (0.3, 3)])
+def test_gamma_similarity_spreads_a_gamma_share_of_every_class(gamma, spread):
+  # Per class, round(10 * gamma) = spread examples go to the i.i.d. pool (4 * spread in
+  # all, spread per worker); the other 10 - spread of each class, label-sorted, form 4
+  # blocks of 10 - spread, so block i is all class i.
+  part = data.partition_indices(7, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+  pooled = _histograms(part, _FORTY, 4) - (10 - spread) * np.eye(4, dtype=int)
+  assert (pooled >= 0).all()
+  np.testing.assert_array_equal(pooled.sum(1), [spread] * 4)  # spread per worker
+  np.testing.assert_array_equal(pooled.sum(0), [spread] * 4)  # spread of every class
+  again = data.partition_indices(7, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+  np.testing.assert_array_equal(part.table, again.table)
+  other = data.partition_indices(8, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+  assert not np.array_equal(part.table, other.table)
+
+
+def test_gamma_similarity_edge_cases():
+  # gamma = 0: nothing is pooled; the same draw as "extreme".
+  zero = data.partition_indices(5, _FORTY, 4, scheme="gamma_similarity", gamma=0.0)
+  np.testing.assert_array_equal(_histograms(zero, _FORTY, 4), 10 * np.eye(4, dtype=int))
+  np.testing.assert_array_equal(
+      zero.table, data.partition_indices(5, _FORTY, 4, scheme="extreme").table)
+  # gamma = 1: everything is pooled; 10 random examples per worker, close to the overall
+  # class mix on a larger split.
+  one = data.partition_indices(5, _FORTY, 4, scheme="gamma_similarity", gamma=1.0)
+  np.testing.assert_array_equal(one.sizes, [10] * 4)
+  assert (_histograms(one, _FORTY, 4) < 10).all()  # one class only: P < 1e-8 per worker
+  labels = _labels()
+  overall = np.bincount(labels, minlength=5) / labels.size
+  one = data.partition_indices(5, labels, 4, scheme="gamma_similarity", gamma=1.0)
+  fractions = _histograms(one, labels, 5) / one.sizes[:, None]
+  np.testing.assert_allclose(fractions, np.broadcast_to(overall, fractions.shape), atol=0.05)
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan"), "half"])
+def test_gamma_outside_the_unit_interval_is_refused(gamma):
+  with pytest.raises(ValueError, match=r"gamma .* must be a number in \[0, 1\]"):
+    data.partition_indices(0, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+
+
 def test_partition_errors():
-  with pytest.raises(ValueError, match="valid names: dirichlet, iid, iid_split, shards"):
+  with pytest.raises(ValueError, match="valid names: dirichlet, extreme, gamma_similarity, "
+                                       "iid, iid_split, shards"):
     data.partition_indices(0, _labels(), 4, scheme="pathological")
   with pytest.raises(ValueError, match="raise alpha"):
     data.partition_indices(0, _labels(n=40), 8, scheme="dirichlet", alpha=0.01, min_size=5)

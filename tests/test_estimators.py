@@ -166,7 +166,16 @@ def test_plain_sgd_server_without_anytime(estimator):
 
 
 def test_bad_server_settings():
-  with pytest.raises(ValueError, match="lr must be positive"):
-    optim.make_server_optimizer(_optim_config(lr=0.0))
+  for lr in (0.0, -0.1, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+      optim.make_server_optimizer(_optim_config(lr=lr))
   with pytest.raises(ValueError, match="gamma_schedule"):
     optim.make_server_optimizer(_optim_config(gamma_schedule="cosine"))
+
+
+@pytest.mark.parametrize("estimator, schedule", [("momentum", "1/t"), ("mu2sgd", "fixed")])
+@pytest.mark.parametrize("beta", [1.5, -0.1, float("nan")])
+def test_momentum_weight_outside_0_1_is_refused(estimator, schedule, beta):
+  with pytest.raises(ValueError, match=r"optim.momentum is a weight in \[0, 1\]"):
+    estimators.make_estimator(_optim_config(estimator=estimator, beta_schedule=schedule,
+                                            momentum=beta))

@@ -1,9 +1,12 @@
 """The Colab quickstart stays in step with the library and the packaging."""
 
 import ast
+import csv
 import json
 import os
 import re
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
@@ -65,3 +68,35 @@ def test_aggregator_cell_runs_and_defends(capsys):
   distances = {k.strip(): float(v) for k, v in lines.items()}
   assert distances["avg"] > 40          # 8 of 17 rows at 100 drag the mean away
   assert distances["ctma(cwtm)"] < 1.5  # the defence stays near the honest mean
+
+
+def test_the_whole_notebook_runs_on_a_tiny_config(tmp_path, monkeypatch):
+  """Every cell, in order, in a kernel: FTJAX_NOTEBOOK_QUICK=1 shrinks the runs to a few rounds."""
+  nbclient = pytest.importorskip("nbclient")
+  nbformat = pytest.importorskip("nbformat")
+  runs = str(tmp_path / "runs")
+  monkeypatch.setenv("FTJAX_NOTEBOOK_QUICK", "1")
+  monkeypatch.setenv("FTJAX_NOTEBOOK_RUNS", runs)  # the kernel inherits the environment
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  # Opened from notebooks/ as in a checkout: ftjax is importable, so nothing is installed.
+  client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                                   resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+  client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+
+  cells = [c for c in nb.cells if c.cell_type == "code"]
+  assert not any(o.output_type == "error" for c in cells for o in c.outputs)
+  # The training runs went to RUNS, with the quick sizes.
+  for name in ("notebook_ctma", "notebook_avg"):
+    with open(os.path.join(runs, name, "metrics.jsonl")) as fh:
+      assert json.loads(fh.readlines()[-1])["step"] == 20  # the quick size
+  # The sweep finished all 4 cells x 2 seeds and its table is shown.
+  with open(os.path.join(runs, "notebook_sweep", "results.csv")) as fh:
+    table = list(csv.DictReader(fh))
+  assert len(table) == 4 and all(row["status"] == "ok" for row in table)
+  shown = [o for c in cells for o in c.outputs if "text/markdown" in o.get("data", {})]
+  assert any("Worst case per rule" in o.data["text/markdown"] for o in shown)
+  # The plot cell shows its three figures inline.
+  plot_cell = next(c for c in cells if "plot.curves(SWEEP)" in c.source)
+  images = [o for o in plot_cell.outputs if "image/png" in o.get("data", {})]
+  assert len(images) == 3

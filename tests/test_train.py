@@ -113,7 +113,7 @@ def test_resume_refuses_a_different_config(tmp_path):
   c = tiny_config(num_steps=3)
   train.train_and_evaluate(c, str(tmp_path))
   with pytest.raises(train.ConfigError, match="attack.name"):
-    train.train_and_evaluate(tiny_config(**{"attack.name": "sf"}), str(tmp_path))
+    train.train_and_evaluate(tiny_config(**{"attack.name": "ipm"}), str(tmp_path))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -391,3 +391,44 @@ def test_unreachable_wandb_leaves_a_warning_and_local_logs(tmp_path, monkeypatch
   assert result.metrics["step"] == 2 and [r["step"] for r in _rows(str(tmp_path))] == [2]
   warnings = [l for l in capsys.readouterr().err.splitlines() if "Weights & Biases" in l]
   assert len(warnings) == 1 and "CommError" in warnings[0]
+
+
+def test_declared_f_and_the_attacking_workers_are_separate():
+  # The rule tolerates aggregator.f; workers.byzantine is how many actually attack.
+  for declared, actual in ((2, 1), (1, 2), (2, 0)):
+    setup = train.build(tiny_config(**{"aggregator.f": declared, "workers.byzantine": actual}))
+    assert setup.aggregator.f == declared and setup.aggregator.inner.f == declared  # ctma(cwtm)
+    assert setup.num_byzantine == actual and setup.num_honest == 5 - actual
+  setup = train.build(tiny_config(**{"workers.byzantine": 2}))  # None: the actual count
+  assert setup.aggregator.f == 2
+
+
+def test_declared_f_with_no_attackers_trains_and_logs_every_row_as_honest(tmp_path):
+  c = tiny_config(**{"aggregator.f": 2, "workers.byzantine": 0})
+  result = train.train_and_evaluate(c, str(tmp_path))
+  assert int(result.state.step) == 6
+  for row in _rows(str(tmp_path)):
+    # CTMA built for f = 2 keeps W - f = 3 of the 5 rows, all of them honest.
+    assert row["ctma_kept_honest"] == 3.0 and row["ctma_kept_byzantine"] == 0.0
+    assert np.isfinite(row["test_loss"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"aggregator.f": 3}, "ctma needs W > 2f"),  # the rule's own check, W = 5
+    ({"aggregator.f": -1}, "aggregator.f must be an integer >= 0"),
+    ({"data.partition": "gamma_similarity", "data.gamma": 1.5}, r"gamma .* in \[0, 1\]"),
+])
+def test_declared_f_and_gamma_are_checked_before_compiling(overrides, message):
+  with pytest.raises(train.ConfigError, match=message):
+    train.build(tiny_config(**overrides))
+
+
+def test_gamma_similarity_config_reaches_the_partition():
+  c = tiny_config(**{"data.partition": "gamma_similarity", "data.gamma": 0.0})
+  setup = train.build(c)
+  labels = setup.dataset.train_labels
+  # gamma = 0: the label-sorted split in 5 contiguous blocks, so worker i's labels all lie
+  # between worker i-1's and worker i+1's.
+  shards = [setup.partition.table[i, :setup.partition.sizes[i]] for i in range(5)]
+  for lower, upper in zip(shards, shards[1:]):
+    assert labels[lower].max() <= labels[upper].min()

@@ -29,12 +29,20 @@ aggregator that wraps it. The model layers resolve their own field and pass
 the result to the primitives of :mod:`ftjax.kernels.layers` explicitly, because
 the backward pass of a layer is traced after its call has returned. Every fast primitive is tested equal to its plain
 version (``tests/test_kernels_rows.py``, ``tests/test_kernels_layers.py``).
+
+A second setting, :func:`shard_coordinates`, says that the rows seen by the
+primitives are one device's slice of the coordinates, the others living on
+the other devices of a mesh axis (``ftjax.sharding.shard_aggregator``). The
+primitives that reduce over coordinates (:func:`ftjax.kernels.rows.sqdist`,
+:func:`ftjax.kernels.rows.gram`, :func:`ftjax.kernels.rows.coordinate_sum`)
+then add the devices' partial results with one ``psum`` over that axis, so the
+same aggregator code runs on one device or on coordinate slices.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from typing import Iterator, Optional
 
 import jax
 
@@ -44,6 +52,8 @@ KERNEL_SETS = ("auto", "plain", "cpu")
 _AUTO = {"cpu": "cpu"}  # backend -> kernel set; any other backend: "plain"
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("ftjax_kernels", default="auto")
+_coordinate_axis: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "ftjax_coordinate_axis", default=None)
 
 
 def check(name: str) -> str:
@@ -93,3 +103,27 @@ def current() -> str:
   primitive picks its implementation when it is called and closes over it.
   """
   return resolve(_current.get())
+
+
+@contextlib.contextmanager
+def shard_coordinates(axis: Optional[str]) -> Iterator[Optional[str]]:
+  """Inside the block, rows hold one slice of the coordinates per device of ``axis``.
+
+  For code traced inside ``shard_map`` over a mesh whose axis ``axis`` splits
+  the coordinates (the trailing axes) of the rows: the rows primitives that
+  reduce over coordinates complete their reduction with a ``psum`` over
+  ``axis``. ``None`` turns the setting off inside the block.
+
+  Yields:
+    ``axis``.
+  """
+  token = _coordinate_axis.set(axis)
+  try:
+    yield axis
+  finally:
+    _coordinate_axis.reset(token)
+
+
+def coordinate_axis() -> Optional[str]:
+  """The mesh axis the coordinates are split over at this point of tracing, or None."""
+  return _coordinate_axis.get()

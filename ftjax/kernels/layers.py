@@ -158,7 +158,8 @@ def scan_friendly(kernels: str, num_workers: int) -> bool:
 
   Args:
     kernels: a kernel-set name (``"auto"``, ``"plain"`` or ``"cpu"``).
-    num_workers: size of the vmapped worker axis.
+    num_workers: size of the vmapped worker axis (with ``workers.chunk``, the
+      chunk size: each chunk of workers is its own vmap).
 
   Returns:
     Whether a scanned chunk of training rounds keeps the fast convolutions.

@@ -12,6 +12,15 @@ What each primitive computes (its plain version, in ``jax.numpy``):
 * :func:`sort`: ``jnp.sort(x, 0)``, every rank.
 * :func:`sqdist`: ``sum((x[i] - center)**2)`` for every row i.
 * :func:`gram`: ``y @ y.T`` for ``y`` [W, n].
+* :func:`coordinate_sum`: the identity on a sum over coordinates; its
+  ``psum`` over the devices when the coordinates are sharded.
+
+The reductions over coordinates (:func:`sqdist`, :func:`gram`,
+:func:`coordinate_sum`) take pytrees as well as arrays and are the only ones
+that see every coordinate: under :func:`ftjax.kernels.shard_coordinates` they
+add the devices' partial results with one ``psum``, and every other primitive
+works coordinate by coordinate, so rules written over them run unchanged on
+coordinate slices.
 * :func:`isolate`: ``fn(*args)``.
 * :func:`materialize`: the identity.
 
@@ -468,8 +477,25 @@ def _by_chunks(fn, x: jax.Array, num_out: int) -> list[jax.Array]:
 # --------------------------------------------------------------------------
 
 
-def sqdist(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
-  """Squared Euclidean norm of every row of ``x - center``.
+def coordinate_sum(partial: jax.Array) -> jax.Array:
+  """Completes a sum over coordinates.
+
+  ``partial`` holds a sum over the coordinates this device sees. Under
+  :func:`ftjax.kernels.shard_coordinates` those are one slice of them and the
+  result is the ``psum`` of every device's partial sum over the mesh axis;
+  otherwise ``partial`` is the whole sum and is returned as it is.
+  """
+  axis = kernels_lib.coordinate_axis()
+  return partial if axis is None else jax.lax.psum(partial, axis)
+
+
+def sqdist(x: PyTree, center: PyTree | None = None) -> jax.Array:
+  """Squared Euclidean norm of every row of ``x - center``, summed over the leaves.
+
+  ``x`` is an array [W, ...] or a pytree of them (``center`` then has the same
+  structure without the W axis); the distance is global over all leaves. Under
+  :func:`ftjax.kernels.shard_coordinates` the leaves' partial sums are added
+  over the devices with one ``psum`` (:func:`coordinate_sum`).
 
   The CPU version takes about one read of ``x``: rows are cut into column
   slices of ``SQDIST_SLICE`` columns; each group of ``SQDIST_GROUP``
@@ -484,13 +510,24 @@ def sqdist(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
   shorter than four slices take the plain reduction.
 
   Args:
-    x: array [W, ...].
-    center: array of shape ``x.shape[1:]``, or None for squared norms.
+    x: array [W, ...], or a pytree of them.
+    center: array of shape ``x.shape[1:]`` (a pytree like ``x``), or None for
+      squared norms.
 
   Returns:
     [W] squared distances in ``x.dtype``; NaN (a non-finite row, or
     inf - inf) is returned as +inf.
   """
+  leaves = jax.tree.leaves(x)
+  centers = [None] * len(leaves) if center is None else jax.tree.leaves(center)
+  # Each leaf's sum is NaN-free (+inf at worst), so the psum cannot create a NaN.
+  partial = functools.reduce(
+      lambda a, b: a + b, [_leaf_sqdist(leaf, c) for leaf, c in zip(leaves, centers)])
+  return nan_to_posinf(coordinate_sum(partial))
+
+
+def _leaf_sqdist(x: jax.Array, center: jax.Array | None) -> jax.Array:
+  """:func:`sqdist` of one leaf over the coordinates this device holds."""
   w = x.shape[0]
   flat = x.reshape(w, -1)
   c = None if center is None else center.reshape(-1)
@@ -519,18 +556,27 @@ def sqdist(x: jax.Array, center: jax.Array | None = None) -> jax.Array:
   return nan_to_posinf(sum_rows(parts))
 
 
-def gram(y: jax.Array) -> jax.Array:
-  """The Gram matrix ``y @ y.T`` of the rows of ``y`` [W, ...].
+def gram(y: PyTree) -> jax.Array:
+  """The Gram matrix ``y @ y.T`` of the rows of ``y`` [W, ...], summed over the leaves.
 
-  The CPU version sums one product per column slice (at most
-  ``GRAM_SLICES`` slices of at least ``GRAM_MIN_SLICE`` columns).
+  ``y`` is an array or a pytree of them sharing the W axis; the matrix is
+  global over all leaves. The CPU version sums one product per column slice
+  (at most ``GRAM_SLICES`` slices of at least ``GRAM_MIN_SLICE`` columns).
+  Under :func:`ftjax.kernels.shard_coordinates` the partial matrices are added
+  over the devices with one ``psum`` (:func:`coordinate_sum`).
 
   Args:
-    y: array [W, ...], flattened to [W, n].
+    y: array [W, ...] (flattened to [W, n]), or a pytree of them.
 
   Returns:
     [W, W] array in ``y.dtype``, at the highest matmul precision.
   """
+  partial = functools.reduce(lambda a, b: a + b, [_leaf_gram(l) for l in jax.tree.leaves(y)])
+  return coordinate_sum(partial)
+
+
+def _leaf_gram(y: jax.Array) -> jax.Array:
+  """:func:`gram` of one leaf over the coordinates this device holds."""
   w = y.shape[0]
   y = y.reshape(w, -1)
   n = y.shape[1]
@@ -562,7 +608,9 @@ def isolate(fn: Callable[..., PyTree], *args: PyTree) -> PyTree:
   Returns:
     ``fn(*args)``.
   """
-  if not _cpu():
+  # Under shard_coordinates each device would see its own predicate and could
+  # take the other branch, and with it other collectives: no barrier there.
+  if not _cpu() or kernels_lib.coordinate_axis() is not None:
     return fn(*args)
   first = jax.tree.leaves(args[0])[0]
   pred = jnp.isnan(jnp.reshape(first, -1)[0])
