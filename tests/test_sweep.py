@@ -1,0 +1,363 @@
+"""Sweeps: expansion, validation, batched runs, resume, failures, result tables."""
+
+import csv
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ftjax import checkpoint as checkpoint_lib
+from ftjax import results
+from ftjax import sweep as sweep_lib
+from ftjax import train
+
+# Compiled programs shared by the tests, as by the runs of one sweep process: the
+# tiny float32 config compiles once for the whole module.
+PROGRAMS = {}
+
+TINY = {"num_steps": 20, "eval_every": 10, "workers.num": 5, "workers.byzantine": 1,
+        "workers.batch_size": 4, "model.name": "mlp", "data.eval_batch_size": 512}
+
+
+def spec(grid=(), cells=(), seeds=(1, 2), max_batch=8, **overrides):
+  """A sweep config over the tiny digits setting of TINY."""
+  s = ml_collections.ConfigDict()
+  s.name = "test"
+  s.base = "configs/default.py"
+  s.overrides = tuple({**TINY, **overrides}.items())
+  s.grid = tuple(grid)
+  s.cells = list(cells)
+  s.seeds = tuple(seeds)
+  s.max_batch = max_batch
+  return s
+
+
+def _rows(path):
+  return results.read_jsonl(os.path.join(path, "metrics.jsonl"))
+
+
+def _run_dirs(workdir):
+  sweep = results.read_sweep(workdir)
+  return {(c["cell"], r["seed"]): os.path.join(workdir, r["workdir"])
+          for c in sweep["cells"] for r in c["runs"]}
+
+
+def _same_metrics(a, b):
+  """Every logged value equal, except the timings."""
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    for key in ra:
+      if key not in ("wall_time", "steps_per_sec"):
+        assert ra[key] == rb[key], key
+
+
+# --------------------------------------------------------------------------
+# Expansion and validation
+# --------------------------------------------------------------------------
+
+
+def test_expansion_is_grid_times_cells_times_seeds():
+  s = spec(grid=[("attack.name", ["alie", "sf"]), ("workers.byzantine", [1, 2])],
+           cells=[{"aggregator.meta": "none"}, {"aggregator.meta": "ctma", "optim.lr": 0.05}],
+           seeds=(3, 1))
+  sweep = sweep_lib.expand(s)
+  assert sweep.axes == ("attack.name", "workers.byzantine", "aggregator.meta", "optim.lr")
+  expected = []
+  for attack in ("alie", "sf"):
+    for f in (1, 2):
+      expected.append({"attack.name": attack, "workers.byzantine": f, "aggregator.meta": "none",
+                       "optim.lr": 0.1})  # 0.1: the default config's lr
+      expected.append({"attack.name": attack, "workers.byzantine": f, "aggregator.meta": "ctma",
+                       "optim.lr": 0.05})
+  assert [c.values for c in sweep.cells] == expected
+  first = sweep.cells[0]
+  assert first.name == "attack.name=alie,workers.byzantine=1,aggregator.meta=none,optim.lr=0.1"
+  assert first.aggregator == "cwtm" and sweep.cells[1].aggregator == "ctma(cwtm)"
+  assert [r.seed for r in first.runs] == [3, 1]
+  assert first.runs[1].workdir == os.path.join("runs", first.name, "seed=1")
+  config = sweep.cells[3].runs[0].config
+  assert (config.seed, config.attack.name, config.workers.byzantine, config.optim.lr,
+          config.num_steps, config.workers.num) == (3, "alie", 2, 0.05, 20, 5)
+  assert len({c.name for c in sweep.cells}) == 8
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": [("attack.nmae", ["alie"])]}, "no field 'attack.nmae' (did you mean 'attack.name'?)"),
+    ({"cells": [{"workers.num": "ten"}]}, "workers.num='ten' is not a valid value"),
+    ({"overrides": (("optim.learning_rate", 0.1),)}, "sweep.overrides: the config has no field"),
+    ({"seeds": ()}, "sweep.seeds must be a non-empty list"),
+    ({"cells": [{"attack.name": "sf"}, {"attack.name": "sf"}]}, "is the same setting"),
+    ({"grid": [("seed", [1, 2])]}, "sweep.seeds"),
+    ({"base": "configs/nope.py"}, "'configs/nope.py' does not exist"),
+])
+def test_bad_sweep_configs_give_one_line_naming_the_field(change, message):
+  s = spec()
+  for key, value in change.items():
+    s[key] = value
+  with pytest.raises(train.ConfigError) as err:
+    sweep_lib.expand(s)
+  assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_sweep_field_is_refused():
+  s = spec()
+  s.seed = 1
+  with pytest.raises(train.ConfigError, match="no field 'seed' \\(did you mean 'seeds'\\?\\)"):
+    sweep_lib.expand(s)
+
+
+# --------------------------------------------------------------------------
+# Batched runs
+# --------------------------------------------------------------------------
+
+
+def _tiny(seed, dtype):
+  s = sweep_lib.expand(spec(seeds=(seed,), dtype=dtype))
+  return s.cells[0].runs[0].config
+
+
+def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path):
+  dtype, tolerance = "float64", 1e-12
+  separate = [train.train_and_evaluate(_tiny(s, dtype), str(tmp_path / f"alone{s}"))
+              for s in (1, 2)]
+  batched = train.train_runs([_tiny(1, dtype), _tiny(2, dtype)],
+                             [str(tmp_path / "b1"), str(tmp_path / "b2")])
+  for s, alone, together in zip((1, 2), separate, batched):
+    assert together.error is None
+    for a, b in zip(jax.tree.leaves(alone.state.params), jax.tree.leaves(together.state.params)):
+      assert a.dtype == b.dtype == np.dtype(dtype)
+      np.testing.assert_allclose(b, a, rtol=tolerance, atol=tolerance)
+    rows_a, rows_b = _rows(str(tmp_path / f"alone{s}")), _rows(str(tmp_path / f"b{s}"))
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [10, 20]
+    for ra, rb in zip(rows_a, rows_b):
+      for key in ("train_loss", "test_loss", "aggregate_norm"):
+        assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
+  # The two seeds really are different runs.
+  assert _rows(str(tmp_path / "b1"))[-1]["train_loss"] != _rows(str(tmp_path / "b2"))[-1][
+      "train_loss"]
+
+
+def _compiled_names(records):
+  return [r.getMessage() for r in records if "Finished XLA compilation" in r.getMessage()]
+
+
+def test_a_second_batch_of_the_same_cell_reuses_the_compiled_programs(tmp_path):
+  configs = [_tiny(s, "float32") for s in (1, 2, 3)]
+  programs = PROGRAMS
+  batched = train.train_runs(configs[:2], [str(tmp_path / "1"), str(tmp_path / "2")],
+                             programs=programs)
+  compiled = len(programs)
+  # float32: batched and separate runs agree to rounding.
+  alone = train.train_and_evaluate(configs[0], str(tmp_path / "alone"))
+  for a, b in zip(jax.tree.leaves(alone.state.params), jax.tree.leaves(batched[0].state.params)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles():
+      # The last batch of a cell: one seed and an empty slot, so the same shapes.
+      last = train.train_runs([configs[2], None], [str(tmp_path / "3"), None],
+                              programs=programs)
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
+  assert last[1] is None and last[0].error is None and last[0].metrics["step"] == 20
+  assert len(programs) == compiled
+  names = _compiled_names(records)
+  assert not [n for n in names if "scan_chunk" in n or "one_round" in n or "evaluate" in n
+              or "init_states" in n], names
+  # The run in slot 0 beside an empty slot is the run it is beside a sibling.
+  train.train_runs([configs[2], configs[0]], [str(tmp_path / "3b"), str(tmp_path / "1b")],
+                   programs=programs)
+  _same_metrics(_rows(str(tmp_path / "3")), _rows(str(tmp_path / "3b")))
+
+
+def test_a_diverging_seed_fails_alone_and_its_sibling_goes_on(tmp_path, monkeypatch):
+  configs = [_tiny(s, "float32") for s in (1, 2)]
+  # Reference: seed 1 with an empty slot beside it.
+  train.train_runs([configs[0], None], [str(tmp_path / "ref"), None], programs=PROGRAMS)
+  init_states = train.init_states
+
+  def seed_2_is_infinite(setup, seeds):
+    states = init_states(setup, seeds)
+    bad = (jnp.asarray(seeds) == 2).reshape(-1, 1)
+    params = jax.tree.map(lambda p: jnp.where(bad.reshape((-1,) + (1,) * (p.ndim - 1)),
+                                              jnp.inf, p), states.params)
+    return states._replace(params=params)
+
+  monkeypatch.setattr(train, "init_states", seed_2_is_infinite)
+  out = train.train_runs(configs, [str(tmp_path / "s1"), str(tmp_path / "s2")],
+                         programs=PROGRAMS)
+  assert out[0].error is None and out[0].metrics["step"] == 20
+  assert isinstance(out[1].error, train.TrainingDiverged)
+  assert "between steps 0 and 10" in str(out[1].error)
+  assert _rows(str(tmp_path / "s2")) == []
+  _same_metrics(_rows(str(tmp_path / "s1")), _rows(str(tmp_path / "ref")))
+
+
+# --------------------------------------------------------------------------
+# Sweeps: resume, failures
+# --------------------------------------------------------------------------
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_interrupted_sweep_resumes_to_the_same_metrics(tmp_path, monkeypatch):
+  s = spec(grid=[("attack.name", ["alie", "sf"])], seeds=(1, 2))
+  full = str(tmp_path / "full")
+  sweep_lib.run_sweep(s, full, progress=False, programs=PROGRAMS, write=lambda line: None)
+
+  # Interrupt the second cell after its first chunk, between the two runs' saves:
+  # seed 1 has its checkpoint at step 10, seed 2 none.
+  second = sweep_lib.expand(s).cells[1]
+  victim = os.path.abspath(os.path.join(str(tmp_path / "parts"), second.runs[1].workdir))
+  original = checkpoint_lib.Checkpointer
+
+  class Interrupting(original):
+    def __init__(self, workdir, enabled=True):
+      super().__init__(workdir, enabled)
+      self.workdir = os.path.abspath(workdir)
+
+    def save(self, which, step, state, meta):
+      if self.workdir == victim and which == "latest" and step == 10:
+        raise _Interrupt()
+      super().save(which, step, state, meta)
+
+  monkeypatch.setattr(checkpoint_lib, "Checkpointer", Interrupting)
+  parts = str(tmp_path / "parts")
+  with pytest.raises(_Interrupt):
+    sweep_lib.run_sweep(s, parts, progress=False, programs=PROGRAMS, write=lambda line: None)
+  monkeypatch.setattr(checkpoint_lib, "Checkpointer", original)
+  dirs = _run_dirs(parts)
+  assert sorted(os.listdir(os.path.join(dirs[(second.name, 1)], "checkpoints", "latest"))) == [
+      "10"]
+  status = results.read_status(parts)
+  assert set(status) == {(sweep_lib.expand(s).cells[0].name, 1),
+                         (sweep_lib.expand(s).cells[0].name, 2)}
+
+  lines = []
+  # The rerun compiles afresh, as a new process would.
+  sweep_lib.run_sweep(s, parts, progress=False, programs={}, write=lines.append)
+  assert any("Resumed" in line and "step 10" in line for line in lines)
+  for key, path in _run_dirs(full).items():
+    _same_metrics(_rows(path), _rows(dirs[key]))
+  assert all(e["status"] == "ok" for e in results.read_status(parts).values())
+
+  # A rerun of a finished sweep runs nothing; a changed sweep is refused in one line.
+  lines = []
+  sweep_lib.run_sweep(s, parts, progress=False, programs=PROGRAMS, write=lines.append)
+  assert not any("Resumed" in line for line in lines)
+  with pytest.raises(train.ConfigError, match="optim.lr"):
+    sweep_lib.run_sweep(spec(grid=[("attack.name", ["alie", "sf"])], **{"optim.lr": 0.2}),
+                        parts, progress=False, programs=PROGRAMS, write=lambda line: None)
+  with pytest.raises(train.ConfigError, match="seeds"):
+    sweep_lib.run_sweep(spec(grid=[("attack.name", ["alie", "sf"])], seeds=(1, 2, 3)),
+                        parts, progress=False, programs=PROGRAMS, write=lambda line: None)
+
+
+def test_an_impossible_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
+  s = spec(cells=[{"workers.byzantine": 3}, {"workers.byzantine": 1}], seeds=(1,))
+  lines = []
+  sweep_lib.run_sweep(s, str(tmp_path), progress=False, programs=PROGRAMS, write=lines.append)
+  status = results.read_status(str(tmp_path))
+  bad, good = status[("workers.byzantine=3", 1)], status[("workers.byzantine=1", 1)]
+  assert bad["status"] == "failed" and "fewer than half" in bad["reason"]
+  assert "\n" not in bad["reason"] and good["status"] == "ok"
+  assert not os.path.exists(tmp_path / "runs" / "workers.byzantine=3")
+  with open(tmp_path / "results.csv") as fh:
+    table = {row["cell"]: row for row in csv.DictReader(fh)}
+  assert table["workers.byzantine=3"]["status"] == "failed"
+  assert table["workers.byzantine=1"]["status"] == "ok"
+  final = _rows(str(tmp_path / "runs" / "workers.byzantine=1" / "seed=1"))[-1]["test_acc"]
+  assert float(table["workers.byzantine=1"]["final_test_acc_mean"]) == final
+  assert any(line.startswith("workers.byzantine") for line in lines)  # the table header
+
+
+# --------------------------------------------------------------------------
+# Result tables
+# --------------------------------------------------------------------------
+
+
+def _write_run(workdir, rows):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as fh:
+    for row in rows:
+      fh.write(json.dumps(row) + "\n")
+
+
+def _row(step, acc, speed, wall, **diag):
+  return {"step": step, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0, "test_acc": acc,
+          "aggregate_norm": 1.0, "wall_time": wall, "steps_per_sec": speed, **diag}
+
+
+def test_result_tables_from_a_fake_workdir(tmp_path):
+  w = str(tmp_path)
+  cells = []
+  for attack, rule in (("alie", "ctma(cwtm)"), ("sf", "ctma(cwtm)"), ("alie", "avg"),
+                       ("sf", "avg")):
+    name = f"attack.name={attack},rule={rule}"
+    cells.append({"cell": name, "values": {"attack.name": attack, "aggregator.name": rule},
+                  "aggregator": rule,
+                  "runs": [{"seed": s, "workdir": f"runs/{name}/seed={s}"} for s in (1, 2)]})
+  with open(os.path.join(w, "sweep.json"), "w") as fh:
+    json.dump({"name": "fake", "axes": ["attack.name", "aggregator.name"], "seeds": [1, 2],
+               "cells": cells}, fh)
+  accs = {  # per cell and seed: the test accuracy at steps 10, 20, 30
+      (0, 1): [0.5, 0.9, 0.8], (0, 2): [0.6, 0.7, 0.7],
+      (1, 1): [0.4, 0.6, 0.6], (1, 2): [0.5, 0.5, 0.8],
+      (2, 1): [0.3, 0.2, 0.1], (2, 2): [0.1, 0.1, 0.1],
+  }
+  status = []
+  for (c, s), acc in accs.items():
+    rows = [_row(10 * (i + 1), a, speed=10.0 * s + i, wall=3.0 * s * (i + 1),
+                 ctma_kept_byzantine=float(c + s + i)) for i, a in enumerate(acc)]
+    _write_run(os.path.join(w, cells[c]["runs"][s - 1]["workdir"]), rows)
+    status.append({"cell": cells[c]["cell"], "seed": s, "status": "ok", "reason": ""})
+  status.append({"cell": cells[3]["cell"], "seed": 1, "status": "failed",
+                 "reason": "Training diverged"})
+  status.append({"cell": cells[3]["cell"], "seed": 2, "status": "failed",
+                 "reason": "Training diverged"})
+  # Seed 2 of cell 2 failed after an earlier "ok": the last line counts.
+  status.append({"cell": cells[2]["cell"], "seed": 2, "status": "failed", "reason": "boom"})
+  with open(os.path.join(w, "status.jsonl"), "w") as fh:
+    fh.write("".join(json.dumps(e) + "\n" for e in status))
+
+  results.write_results(w)
+  with open(os.path.join(w, "results.csv")) as fh:
+    table = list(csv.DictReader(fh))
+  first, second, third, fourth = table
+  # Cell 0: finals 0.8 and 0.7, bests 0.9 (step 20) and 0.7 (first at step 20).
+  assert float(first["final_test_acc_mean"]) == pytest.approx(0.75)
+  assert (float(first["final_test_acc_min"]), float(first["final_test_acc_max"])) == (0.7, 0.8)
+  assert float(first["best_test_acc_mean"]) == pytest.approx(0.8)
+  assert float(first["best_step"]) == 20
+  # Medians of the runs' medians: seed 1 chunks 10, 11, 12 -> 11; seed 2 -> 21; median 16.
+  assert float(first["steps_per_sec"]) == 16
+  assert float(first["wall_time"]) == pytest.approx((9.0 + 18.0) / 2)
+  # ctma_kept_byzantine, cell 0: seed 1 (1+2+3)/3 = 2, seed 2 (2+3+4)/3 = 3: mean 2.5.
+  assert float(first["diag.ctma_kept_byzantine"]) == pytest.approx(2.5)
+  assert first["seeds"] == "1;2" and first["status"] == "ok" and first["reason"] == ""
+  # Cell 1: bests 0.6 at step 20 and 0.8 at step 30: median 25.
+  assert float(second["best_step"]) == 25
+  assert float(second["final_test_acc_mean"]) == pytest.approx(0.7)
+  # Cell 2: only seed 1 counts.
+  assert third["status"] == "partial" and third["reason"] == "seed 2: boom"
+  assert float(third["final_test_acc_mean"]) == pytest.approx(0.1)
+  assert fourth["status"] == "failed" and fourth["final_test_acc_mean"] == ""
+
+  with open(os.path.join(w, "results.md")) as fh:
+    md = fh.read()
+  assert "| attack.name=alie,rule=ctma(cwtm) | alie | ctma(cwtm) | 1;2 | ok | 75.0 (70.0-80.0) |" \
+      in md
+  worst = md.split("## Worst case per rule over the attacks")[1]
+  # ctma(cwtm): alie 0.75, sf 0.7 -> 70.0 (sf); avg: alie 0.1, sf failed -> failed (sf).
+  assert "| ctma(cwtm) | 70.0 (sf) |" in worst
+  assert "| avg | failed (sf) |" in worst
