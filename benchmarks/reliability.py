@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-PARTS = ("hostile", "inputs", "faults", "sweep")
+PARTS = ("hostile", "inputs", "faults", "kills", "sweep")
 flags.DEFINE_list("parts", list(PARTS), "Which parts to run; the others keep their last "
                   "results (kept in the .json beside --out).")
 flags.DEFINE_integer("kill_trials", 20, "kill -9 trials on a run.")
@@ -225,7 +226,7 @@ def bad_inputs(tmp):
                                 "--config.aggregator.options.gm.iters=0"]),
       ("unknown gm start", ["--config.aggregator.name=gm",
                             "--config.aggregator.options.gm.init=random"]),
-      ("ALIE z negative", ["--config.attack.options.alie.z=-1"]),
+      ("ALIE z negative", ["--config.attack.name=alie", "--config.attack.options.alie.z=-1"]),
       ("unknown partition", ["--config.data.partition=noniid"]),
       ("Dirichlet alpha <= 0", ["--config.data.partition=dirichlet", "--config.data.alpha=0"]),
       ("unknown kernel set", ["--config.kernels=gpu"]),
@@ -394,22 +395,6 @@ def faults_part():
     lines += ["### Two processes, one config", "",
               f"A second process of the same config: metrics identical: **{same}**.", ""]
 
-    if FLAGS.kill_trials:
-      rows, identical, killed = kill_trials(FLAGS.kill_trials, rng, tmp, reference)
-      summary["kill"] = (identical, killed)
-      lines += ["### kill -9 during a run", "",
-                "Each trial starts the run in a fresh workdir and sends SIGKILL at a random "
-                f"moment of the run's own timeline (seed {FLAGS.seed}): odd trials as soon as "
-                "a checkpoint save is in progress after a random evaluation, even trials "
-                "0-0.5 s after a random evaluation row (or during start-up); then it runs the "
-                "same command "
-                "again to the end. *during a save* means an unfinished Orbax checkpoint "
-                "directory existed when the signal was sent.", ""]
-      lines += md_table(["trial", "killed at", "rerun exit code", "identical"], rows)
-      saves = sum("during a save" in r[1] for r in rows)
-      lines += ["", f"{identical} of {killed} killed runs ({saves} of them during a save) "
-                f"resumed to identical metrics.", ""]
-
     # A raised num_steps: half the rounds, then the same workdir with all of them.
     raised = os.path.join(tmp, "raised")
     c1, _ = main_py([a for a in SMALL if "num_steps" not in a] + ["--config.num_steps=80"],
@@ -436,6 +421,32 @@ def faults_part():
               + ".", ""]
 
     lines += disk_full(tmp, reference, summary)
+  return lines, summary
+
+
+def kills_part():
+  rng = random.Random(FLAGS.seed)
+  summary = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    ref_dir = os.path.join(tmp, "reference")
+    code, err = main_py(SMALL, ref_dir)
+    assert code == 0, err
+    reference = metrics(ref_dir)
+    rows, identical, killed = kill_trials(FLAGS.kill_trials, rng, tmp, reference)
+  summary["kill"] = (identical, killed)
+  lines = ["### kill -9 during a run", "",
+            "Each trial starts the run in a fresh workdir and sends SIGKILL at a random "
+            f"moment of the run's own timeline (seed {FLAGS.seed}): odd trials as soon as "
+            "a checkpoint save is in progress after a random evaluation, even trials "
+            "0-0.5 s after a random evaluation row (or during start-up); then it runs the "
+            "same command "
+            "again to the end. *during a save* means an unfinished Orbax checkpoint "
+            "directory existed when the signal was sent. The run is the one of the faults "
+            "above.", ""]
+  lines += md_table(["trial", "killed at", "rerun exit code", "identical"], rows)
+  saves = sum("during a save" in r[1] for r in rows)
+  lines += ["", f"{identical} of {killed} killed runs ({saves} of them during a save) "
+            f"resumed to identical metrics.", ""]
   return lines, summary
 
 
@@ -474,20 +485,21 @@ def disk_full(tmp, reference, summary):
       first, traceback = error_lines(err)
       os.remove(filler)
       code, err2 = main_py(SMALL, workdir)
+      resumed = re.search(r"Resumed from the checkpoint at step (\d+)", err2)
       same = code == 0 and metrics(workdir) == reference
       identical += same
       shown = first[0][len("ftjax: error: "):] if len(first) == 1 else (
           "finished before the disk filled" if proc.returncode == 0 else
           f"{len(first)} error lines" + ("; TRACEBACK" if traceback else ""))
       rows.append((i + 1, f"after row {target}", proc.returncode, shown,
-                   "yes" if same else "**NO**"))
+                   resumed.group(1) if resumed else "start", "yes" if same else "**NO**"))
       print(f"[disk {i + 1}] exit {proc.returncode}: {shown[:80]}; identical {same}", flush=True)
       shutil.rmtree(workdir)
   finally:
     subprocess.run(["umount", mount], check=False)
   summary["disk full"] = (identical, len(rows))
   lines += md_table(["trial", "filled after", "exit code", "what it printed",
-                     "resumed identical"], rows)
+                     "rerun resumed from step", "resumed identical"], rows)
   return lines + [""]
 
 
@@ -559,7 +571,7 @@ def main(argv):
             "`--parts=...`; the others keep their last results). Machine: 2 CPU cores, JAX "
             "on the CPU.", ""]
   parts = {"hostile": hostile_part, "inputs": inputs_part, "faults": faults_part,
-           "sweep": sweep_part}
+           "kills": kills_part, "sweep": sweep_part}
   def write():
     body = header + [l for part in PARTS if part in sections for l in sections[part]]
     with open(out, "w") as fh:

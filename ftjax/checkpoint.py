@@ -108,7 +108,15 @@ class Checkpointer:
     try:
       yield
     except Exception as error:  # pylint: disable=broad-except
-      kept = self._managers[which].latest_step()
+      try:  # let an earlier save still in flight finish, so that it counts as kept
+        self._managers[which].wait_until_finished()
+      except Exception:  # pylint: disable=broad-except
+        pass  # it failed too; what is on disk below is what is kept
+      # Read from disk: after a failed save the manager's own step list is not reliable.
+      directory = os.path.join(os.path.abspath(self.workdir), "checkpoints", which)
+      done = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
+          directory) else []
+      kept = max(done) if done else None
       kept = (f"the complete checkpoint of step {kept} is kept" if kept is not None
               else "no complete checkpoint is on disk yet")
       raise CheckpointWriteError(

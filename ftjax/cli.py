@@ -41,6 +41,8 @@ def parse_flags(argv, *, command: str = "python main.py", config_flag: str = "co
       text = f"{head}: {last}"
     fail(f"{text} ({command} --helpfull lists the flags).")
   except (KeyError, AttributeError) as e:
+    if isinstance(e, AttributeError) and "get_config" in str(e):
+      fail(f"the --{config_flag} file defines no get_config() (see {fields_doc}).")
     # ml_collections names the missing field and often a close match.
     text = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\'", "'")
     field = re.search(r"'([^']+)'", text)
