@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
 from typing import Any, Optional
 
 import jax
@@ -32,10 +34,60 @@ class _DropOrbaxErrors(logging.Filter):
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False
+    # asyncio reports the same failure again for Orbax's unawaited futures and tasks.
+    tb = record.exc_info[2] if record.exc_info else None
+    return not (record.name == "asyncio" and ("orbax" in record.getMessage() or _from_orbax(tb)))
 
 
 _FILTER = _DropOrbaxErrors()
+
+
+def _from_orbax(tb) -> bool:
+  while tb is not None:
+    name = tb.tb_frame.f_code.co_filename
+    if f"{os.sep}orbax{os.sep}" in name or f"{os.sep}etils{os.sep}" in name:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _quiet_orbax_threads() -> None:
+  """Drops the tracebacks of Orbax's writer threads and coroutines.
+
+  A failed save also raises in Orbax's background threads, and pending
+  coroutines complain at exit; the failure itself reaches the caller once, as a
+  :class:`CheckpointWriteError`. Exceptions from anywhere else pass through.
+  """
+  if getattr(threading.excepthook, "_ftjax", False):
+    return
+  thread_hook, unraisable_hook, except_hook = (threading.excepthook, sys.unraisablehook,
+                                               sys.excepthook)
+
+  def closed_loop(error) -> bool:
+    # Orbax's tensorstore callbacks post to an event loop that is already closed.
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+  def on_thread_error(args):
+    if not (_from_orbax(args.exc_traceback) or closed_loop(args.exc_value)):
+      thread_hook(args)
+
+  def on_uncaught(kind, error, tb):
+    if not closed_loop(error):
+      except_hook(kind, error, tb)
+
+  def on_unraisable(unraisable):
+    text = repr(unraisable.object)
+    if not (_from_orbax(unraisable.exc_traceback) or "orbax" in text or
+            "serialize" in text or closed_loop(unraisable.exc_value)):
+      unraisable_hook(unraisable)
+
+  on_thread_error._ftjax = True  # pylint: disable=protected-access
+  threading.excepthook, sys.unraisablehook = on_thread_error, on_unraisable
+  sys.excepthook = on_uncaught
 
 
 def _reason(error: Exception) -> str:
@@ -45,6 +97,10 @@ def _reason(error: Exception) -> str:
   if "Permission denied" in text or "os_error_code='13'" in text:
     return "permission denied"
   return f"{type(error).__name__}: {text[:200]}"
+
+
+_quiet_orbax_threads()
+logging.getLogger("asyncio").addFilter(_FILTER)
 
 
 class Checkpointer:
