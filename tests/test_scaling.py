@@ -8,6 +8,7 @@ import pytest
 from configs import default
 from ftjax import data as data_lib
 from ftjax import train
+from test_kernels_layers import _conv_eqns, _plain_forward
 
 
 def _config(workers, byzantine, chunk, **overrides):
@@ -102,28 +103,6 @@ def test_chunk_at_or_above_the_worker_count_is_the_unchunked_round():
     for a, b in zip(jax.tree.leaves(runs[0][0].params), jax.tree.leaves(state.params)):
       np.testing.assert_array_equal(a, b)
     assert metrics["train_loss"] == runs[0][1]["train_loss"]
-
-
-def _conv_eqns(jaxpr) -> list:
-  """Every conv_general_dilated equation in ``jaxpr`` and the jaxprs nested in it."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      found.append(eqn)
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          found += _conv_eqns(inner)
-  return found
-
-
-def _plain_forward(eqn) -> bool:
-  plain = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
-  p = eqn.params
-  return (p["dimension_numbers"] == plain and p["feature_group_count"] == 1
-          and p["batch_group_count"] == 1 and set(p["lhs_dilation"]) == {1}
-          and set(p["rhs_dilation"]) == {1})
 
 
 @pytest.mark.parametrize("chunk, friendly", [(0, False), (64, True), (32, True), (65, False)])
