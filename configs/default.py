@@ -3,7 +3,7 @@ r"""Default config: the built-in offline dataset, a visible attack and defence.
 17 workers, 8 of them Byzantine flipping the sign of their own updates (sf),
 mu2sgd on the workers and the server, CTMA over the coordinate-wise trimmed
 mean at the server. The data is scikit-learn's bundled 8x8 handwritten digits,
-so nothing is downloaded. About 25 seconds on two quiet CPU cores.
+so nothing is downloaded. About a minute on two CPU cores.
 
 Sign flipping is the default attack because on this data it visibly separates
 the two runs below (docs/benchmarks/default_demo.md): ALIE, the paper's other
