@@ -5,26 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
 from ftjax import data as data_lib
 from ftjax import train
 from test_kernels_layers import _conv_eqns, _plain_forward
+from test_train import tiny_config
 
 
 def _config(workers, byzantine, chunk, **overrides):
-  c = default.get_config()
-  c.progress = False
-  c.workers.num, c.workers.byzantine, c.workers.batch_size = workers, byzantine, 4
-  c.workers.chunk = chunk
-  c.model.name = "tiny_cnn"
-  c.attack.name = "sf"  # every worker's gradient is computed
-  for key, value in overrides.items():
-    section = c
-    *path, last = key.split(".")
-    for p in path:
-      section = section[p]
-    section[last] = value
-  return c
+  # Every worker's gradient is computed under sign flipping.
+  return tiny_config(**{"workers.num": workers, "workers.byzantine": byzantine,
+                        "workers.chunk": chunk, "attack.name": "sf", **overrides})
 
 
 def _dataset(shape, num_train=600, seed=0):
