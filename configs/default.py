@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.progress = True            # draw a progress bar with ETA on stderr
   c.loop = "auto"              # rounds between evaluations: "scan" (lax.scan), "host" (async
                                # dispatch of the jitted round); "auto" = scan, except on CPU
-                               # with the plain kernels, > 64 workers (per workers.chunk) or a
+                               # with the plain kernels, > 64 workers per chunk or a
                                # user's own model
   c.devices = 0                # local devices the worker axis is split over (0 = all of them);
                                # main.py --cpu_devices=N exposes N CPU devices (see README)
@@ -48,7 +48,8 @@ def get_config(arg=None):
   c.workers.byzantine = 8      # Byzantine workers that attack (the last ones); < W/2; also the
                                # aggregator's f unless aggregator.f is set
   c.workers.batch_size = 16    # b: examples per worker per round
-  c.workers.chunk = placeholder(int)  # workers differentiated at once (None / 0 = all); bounds memory
+  c.workers.chunk = placeholder(int)  # workers differentiated at once: 0 = all, None = the
+                               # backend's choice (CPU: 16 above 64 workers); bounds memory
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"       # "digits" (built in, offline), "npz", or a TFDS name ("mnist", ...)

@@ -430,18 +430,27 @@ def _bucketing(inner: RuleFn, x, key, *, f, bucket_size):
   nb = -(-w // s)
   perm_key, inner_key = jax.random.split(key)
   perm = jax.random.permutation(perm_key, w)
-  bucket_of_slot = jnp.arange(w, dtype=jnp.int32) // s
-  sizes = jnp.bincount(bucket_of_slot, length=nb)
-  bucket = jnp.zeros(w, jnp.int32).at[perm].set(bucket_of_slot)  # worker -> bucket
+  # Slot t of the permuted order belongs to bucket t // s; the last bucket may
+  # be short, and its missing slots read row 0 with weight zero.
+  slots = jnp.concatenate([perm, jnp.zeros(nb * s - w, perm.dtype)]).reshape(nb, s)
+  sizes = jnp.minimum(s, w - s * jnp.arange(nb))                  # [nb]
+  used = (jnp.arange(s)[None, :] < sizes[:, None])                # [nb, s]
+  bucket = jnp.zeros(w, jnp.int32).at[perm].set(jnp.arange(w, dtype=jnp.int32) // s)
   finite = _row_finite(x)
-  member = bucket[None, :] == jnp.arange(nb)[:, None]             # [nb, W]
-  bad = jnp.any(member & ~finite[None, :], axis=1)
-  weights = jnp.where(member, 1.0 / sizes[:, None], 0.0)
+  bad = jnp.any(used & ~finite[slots], axis=1)
 
   def bucket_means(leaf):
-    means = jnp.stack([rows.weighted_sum(leaf, weights[b], member[b] & finite)
-                       for b in range(nb)])
+    # Each row is scaled by 1/size before the bucket's rows are added, so that
+    # finite rows cannot overflow their sum; a bad bucket's mean is NaN anyway.
+    scale = jnp.where(used & finite[slots], 1.0 / sizes[:, None], 0.0).astype(leaf.dtype)
+    zero = jnp.zeros((), leaf.dtype)
     shape = (nb,) + (1,) * (leaf.ndim - 1)
+    parts = []
+    for j in range(s):  # s is small (W / 2f): one fused gather-and-add pass
+      rows_j = jnp.take(leaf, slots[:, j], axis=0)
+      parts.append(jnp.where(scale[:, j].reshape(shape) != 0,
+                             rows_j * scale[:, j].reshape(shape), zero))
+    means = rows.sum_rows(parts)
     return jnp.where(bad.reshape(shape), jnp.array(jnp.nan, leaf.dtype), means)
 
   agg, diag = inner(jax.tree.map(bucket_means, x), inner_key)

@@ -188,7 +188,8 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   w, f, b = c.workers.num, c.workers.byzantine, c.workers.batch_size
   chunk = c.workers.get("chunk", None)
   if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
-    raise ConfigError(f"workers.chunk must be an integer >= 0 (0 or None: all workers at once), "
+    raise ConfigError(f"workers.chunk must be an integer >= 0 (0: all workers at once; None: "
+                      f"the backend's choice), "
                       f"got {chunk!r}.")
   if c.dtype not in ("float32", "float64"):
     raise ConfigError(f"dtype must be 'float32' or 'float64', got {c.dtype!r}.")
@@ -408,13 +409,12 @@ def make_worker_gradients(setup: Setup) -> Callable:
   With a mesh, the worker axis is split over its devices
   (:func:`ftjax.sharding.split_over_workers`).
 
-  With ``workers.chunk = k`` (0 or None: all at once), the workers go through a
+  With a chunk size k (:func:`worker_chunk`), the workers go through a
   ``lax.map`` in chunks of k, each chunk a vmap over its k workers (the last
   one takes the remainder), so that only k workers' activations are live at a
   time: the same per-worker values, with peak memory bounded in W.
   """
   value_and_grad = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)
-  chunk = setup.config.workers.get("chunk", None) or 0
 
   def passes(grads, params, batch_stats, prev_params, x, y):
     out = grads(params, batch_stats, x, y)
@@ -424,7 +424,8 @@ def make_worker_gradients(setup: Setup) -> Callable:
     return out, prev_grads, prev_stats
 
   def both(params, batch_stats, prev_params, x, y):
-    if 0 < chunk < x.shape[0]:  # x.shape[0]: the workers of this device
+    chunk = worker_chunk(setup, x.shape[0])  # x.shape[0]: the workers of this device
+    if 0 < chunk < x.shape[0]:
       # lax.map vmaps the one-worker passes over each chunk of workers in turn.
       return jax.lax.map(lambda xy: passes(value_and_grad, params, batch_stats, prev_params,
                                            *xy), (x, y), batch_size=chunk)
@@ -557,6 +558,19 @@ def make_train_step(setup: Setup) -> Callable:
 # --------------------------------------------------------------------------
 
 
+def worker_chunk(setup: Setup, num_workers: int) -> int:
+  """Workers differentiated at once on a device that computes ``num_workers``.
+
+  ``workers.chunk`` when set (0: all at once); unset (None), the backend's
+  choice, :func:`ftjax.kernels.layers.worker_chunk` (on CPU, chunks of 16 above
+  64 workers). 0 or a chunk of at least ``num_workers`` means one vmap.
+  """
+  chunk = setup.config.workers.get("chunk", None)
+  if chunk is None:
+    chunk = layers.worker_chunk(num_workers)
+  return chunk if 0 < chunk < num_workers else 0
+
+
 def _check_loop(loop: str) -> None:
   if loop not in LOOPS:
     raise ValueError(f"Unknown loop {loop!r}; valid: {', '.join(LOOPS)}.")
@@ -576,10 +590,10 @@ def resolve_loop(setup: Setup, loop: str = "auto") -> str:
     return loop
   if jax.default_backend() != "cpu":
     return "scan"
-  workers = setup.num_computed
-  chunk = setup.config.workers.get("chunk", None) or 0
+  workers = -(-setup.num_computed // (setup.mesh.devices.size if setup.mesh else 1))
+  chunk = worker_chunk(setup, workers)
   if chunk:  # the vmapped worker axis is one chunk (make_worker_gradients)
-    workers = min(chunk, workers)
+    workers = chunk
   friendly = setup.builtin_model and layers.scan_friendly(setup.config.kernels, workers)
   return "scan" if friendly else "host"
 

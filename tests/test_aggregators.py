@@ -165,6 +165,33 @@ def test_cwtm_and_meamed_match_numpy():
   np.testing.assert_allclose(call("meamed", jnp.asarray(x))[0], expected, rtol=1e-5)
 
 
+def test_meamed_and_bucketing_above_the_network_limit_match_numpy():
+  # W > NETWORK_MAX_ROWS: the CPU sort of integer keys and the bucket gather.
+  w, f = 97, 20
+  x = np.array(jax.random.normal(jax.random.key(17), (w, 30)), np.float32)
+  x[3, :5] = np.nan  # a faulty row: sorted as +inf, and its bucket's mean is NaN
+  finite_x = np.where(np.isnan(x), np.inf, x)
+  med = np.median(np.sort(finite_x, axis=0), axis=0)
+  s = np.sort(finite_x, axis=0)
+  expected = []
+  for c in range(x.shape[1]):  # the window of W - f values nearest the median
+    col, m = s[:, c], med[c]
+    k = sum(int((m - col[j]) > (col[w - f + j] - m)) for j in range(f))
+    expected.append(col[k:k + w - f].astype(np.float64).mean())
+  out, _ = call("meamed", jnp.asarray(x), f=f)
+  np.testing.assert_allclose(out, expected, rtol=2e-6, atol=2e-7)
+
+  key = jax.random.key(4)
+  out, _ = call("bucketing(cwmed)", jnp.asarray(x), f=f, key=key,
+                options={"bucketing": {"bucket_size": 3}})
+  perm = np.asarray(jax.random.permutation(jax.random.split(key)[0], w))
+  # A bucket holding a row with any NaN is NaN in every coordinate, which cwmed
+  # orders as +inf.
+  means = np.stack([np.full(x.shape[1], np.inf) if 3 in perm[i:i + 3]
+                    else x[perm[i:i + 3]].astype(np.float64).mean(0) for i in range(0, w, 3)])
+  np.testing.assert_allclose(out, np.median(means, axis=0), rtol=2e-6, atol=2e-7)
+
+
 def _faulty_variants():
   """Rows whose last F are faulty, several ways, all of one shape."""
   rows = tree_rows(jax.random.key(8))

@@ -172,11 +172,11 @@ def test_trimmed_sum_drops_huge_values_without_precision_loss():
 
 
 # --------------------------------------------------------------------------
-# Means and weighted sums (unrolled up to UNROLL_MAX_ROWS, then a matvec)
+# Means and weighted sums (unrolled up to MEAN_UNROLL_MAX_ROWS / UNROLL_MAX_ROWS, then a matvec)
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("w", [1, 5, 17, rows.UNROLL_MAX_ROWS + 10])
+@pytest.mark.parametrize("w", [1, 5, 17, rows.MEAN_UNROLL_MAX_ROWS + 10])
 def test_mean(w):
   x = np.random.default_rng(w).standard_normal((w, 3, 7)).astype(np.float32)
   plain, cpu = both(rows.mean, jnp.asarray(x))

@@ -95,11 +95,13 @@ def test_chunk_at_or_above_the_worker_count_is_the_unchunked_round():
     assert metrics["train_loss"] == runs[0][1]["train_loss"]
 
 
-@pytest.mark.parametrize("chunk, friendly", [(0, False), (64, True), (32, True), (65, False)])
+@pytest.mark.parametrize("chunk, friendly", [(0, False), (64, True), (32, True), (65, False),
+                                             (None, True)])
 def test_auto_loop_follows_the_chunk_past_64_workers(chunk, friendly):
   # 65 workers all computed: unchunked, the cpu weight gradients fall back to a grouped
   # convolution (slow in a loop body on XLA:CPU); in chunks of <= 64 every convolution of
-  # the per-worker gradient is a plain forward one, so "auto" may scan.
+  # the per-worker gradient is a plain forward one, so "auto" may scan. Unset (None), the
+  # chunk is the CPU's choice: 16 past 64 workers.
   if jax.default_backend() != "cpu":
     pytest.skip("the rule is about XLA:CPU")
   setup = train.build(_config(65, 16, chunk, kernels="cpu", **{"model.name": "simple_mnist"}),
@@ -113,3 +115,13 @@ def test_auto_loop_follows_the_chunk_past_64_workers(chunk, friendly):
   assert convs
   assert all(_plain_forward(e) for e in convs) == friendly
   assert train.resolve_loop(setup) == ("scan" if friendly else "host")
+
+
+def test_unset_chunk_is_16_past_64_workers_on_cpu_and_explicit_values_win():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the choice is XLA:CPU's")
+  for workers, chunk, expected in [(65, None, 16), (64, None, 0), (17, None, 0), (257, None, 16),
+                                   (65, 0, 0), (65, 32, 32), (9, 4, 4), (9, 9, 0), (9, 20, 0)]:
+    setup = train.build(_config(workers, 1, chunk), dataset=_dataset((4, 4, 1),
+                                                                     num_train=workers * 8))
+    assert train.worker_chunk(setup, workers) == expected, (workers, chunk)
