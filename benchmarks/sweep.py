@@ -7,17 +7,19 @@ r"""Sweep engine speed: one sweep process against separate runs; seeds batched a
     runs as separate `python main.py` processes, one after the other; wall time of
     each side, ratio sweep / separate. With --reps > 1 the two sides alternate
     which goes first.
-(b) In one process, R seeds of one config as one vmapped program
-    (train.make_chunk_fn(runs=True)) against the same R seeds' chunks run one after
-    the other through the unbatched program: compiled first, then interleaved timed
-    repetitions; medians; speed-up = time in turn / time batched. For the default
-    config (digits) and simple_mnist on MNIST-shaped synthetic data.
+(b) In one process, R seeds of one config as one program (train.make_chunk_fn(runs=True),
+    with the runs vmapped and with the runs looped inside the program) against the same
+    R seeds' chunks run one after the other through the unbatched program: compiled
+    first, then interleaved timed repetitions; medians; speed-up = time in turn / time
+    in the program of R runs. For the default config (digits) and simple_mnist on
+    MNIST-shaped synthetic data.
 
 The script uses whatever backend JAX picks; off CPU it writes
 docs/benchmarks/sweep_<backend>.md unless --out is given.
 """
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,6 +40,7 @@ from configs import default  # pylint: disable=g-import-not-at-top
 from configs.sweeps import default_24  # pylint: disable=g-import-not-at-top
 from ftjax import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
 from ftjax import train  # pylint: disable=g-import-not-at-top
+from ftjax.kernels import layers  # pylint: disable=g-import-not-at-top
 from synthetic import synthetic_dataset  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 flags.DEFINE_integer("num_steps", 100, "Rounds per run in (a), both sides (the default "
@@ -49,12 +52,18 @@ flags.DEFINE_bool("skip_processes", False, "Only part (b).")
 FLAGS = flags.FLAGS
 
 
-def _time(cmd) -> float:
-  tic = time.perf_counter()
+def _children_cpu() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _time(cmd) -> tuple[float, float]:
+  """Wall seconds and CPU seconds (user + system) of one child process."""
+  tic, cpu = time.perf_counter(), _children_cpu()
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if out.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr[-2000:]}")
-  return time.perf_counter() - tic
+  return time.perf_counter() - tic, _children_cpu() - cpu
 
 
 def sweep_vs_processes(num_steps: int, reps: int) -> list[dict]:
@@ -68,57 +77,72 @@ def sweep_vs_processes(num_steps: int, reps: int) -> list[dict]:
                  f"--workdir={tmp}/sweep", f"--sweep.overrides.num_steps={num_steps}"]
 
     def separate():
-      total = 0.0
+      wall = cpu = 0.0
       for i, run in enumerate(runs):
-        total += _time([sys.executable, "main.py", "--config=configs/default.py",
-                        f"--workdir={tmp}/run{i}", f"--config.num_steps={num_steps}",
-                        f"--config.seed={run.seed}", "--config.progress=False",
-                        f"--config.attack.name={run.config.attack.name}",
-                        f"--config.aggregator.name={run.config.aggregator.name}"])
-      return total
+        w, c = _time([sys.executable, "main.py", "--config=configs/default.py",
+                      f"--workdir={tmp}/run{i}", f"--config.num_steps={num_steps}",
+                      f"--config.seed={run.seed}", "--config.progress=False",
+                      f"--config.attack.name={run.config.attack.name}",
+                      f"--config.aggregator.name={run.config.aggregator.name}"])
+        wall, cpu = wall + w, cpu + c
+      return wall, cpu
 
     sides = [("sweep", lambda: _time(sweep_cmd)), ("separate", separate)]
     if rep % 2:
       sides.reverse()
     times = {}
     for name, fn in sides:
-      times[name] = fn()
-      print(f"rep {rep}: {name} {times[name]:.1f} s", flush=True)
+      times[name], times[name + "_cpu"] = fn()
+      print(f"rep {rep}: {name} {times[name]:.1f} s wall, {times[name + '_cpu']:.1f} s CPU",
+            flush=True)
     out.append(times)
     shutil.rmtree(tmp, ignore_errors=True)
   return out
 
 
+def _batched_program(setup, loop, stacked, data, length, vectorize: bool):
+  """The runs=True chunk with the runs vmapped (True) or looped inside the program."""
+  default = layers.vectorize_runs
+  layers.vectorize_runs = lambda *_: vectorize  # read while the chunk is traced and compiled
+  try:
+    return train.make_chunk_fn(setup, loop, runs=True)(stacked, data, length).run
+  finally:
+    layers.vectorize_runs = default
+
+
 def batched_vs_in_turn(config, dataset, num_runs: int, length: int, reps: int) -> dict:
-  """Part (b): seconds per chunk of ``length`` rounds for R seeds, batched and in turn."""
+  """Part (b): seconds per chunk of ``length`` rounds for R seeds, in one program and in turn."""
   setup = train.build(config, dataset)
   data = train.make_device_data(setup)
   single = train.make_chunk_fn(setup, config.loop)
-  batched = train.make_chunk_fn(setup, config.loop, runs=True)
   alone = [train.init_state(setup, s) for s in range(1, num_runs + 1)]
-  stacked = train.init_states(setup, list(range(1, num_runs + 1)))
+  seeds = list(range(1, num_runs + 1))
+  stacked = {mode: train.init_states(setup, seeds) for mode in ("vmap", "map")}
+  programs = {mode: _batched_program(setup, config.loop, stacked[mode], data, length,
+                                     mode == "vmap") for mode in stacked}
   run_single = single(alone[0], data, length).run
-  run_batched = batched(stacked, data, length).run
   for i in range(num_runs):  # warm up
     alone[i], m = run_single(alone[i], data)
     jax.block_until_ready(m)
-  stacked, m = run_batched(stacked, data)
-  jax.block_until_ready(m)
-  in_turn, together = [], []
+  for mode, run in programs.items():
+    stacked[mode], m = run(stacked[mode], data)
+    jax.block_until_ready(m)
+  times = {"in_turn": [], "vmap": [], "map": []}
   for _ in range(reps):
     tic = time.perf_counter()
     for i in range(num_runs):
       alone[i], m = run_single(alone[i], data)
       jax.block_until_ready(m)
-    in_turn.append(time.perf_counter() - tic)
-    tic = time.perf_counter()
-    stacked, m = run_batched(stacked, data)
-    jax.block_until_ready(m)
-    together.append(time.perf_counter() - tic)
-  a, b = statistics.median(in_turn), statistics.median(together)
-  return {"in_turn_s": a, "batched_s": b, "speedup": a / b,
-          "steps_per_sec_in_turn": num_runs * length / a,
-          "steps_per_sec_batched": num_runs * length / b}
+    times["in_turn"].append(time.perf_counter() - tic)
+    for mode, run in programs.items():
+      tic = time.perf_counter()
+      stacked[mode], m = run(stacked[mode], data)
+      jax.block_until_ready(m)
+      times[mode].append(time.perf_counter() - tic)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"in_turn_s": med["in_turn"], "vmap_s": med["vmap"], "map_s": med["map"],
+          "speedup_vmap": med["in_turn"] / med["vmap"], "speedup_map": med["in_turn"] / med["map"],
+          "steps_per_sec_in_turn": num_runs * length / med["in_turn"]}
 
 
 def main(argv):
@@ -140,6 +164,9 @@ def main(argv):
     times = sweep_vs_processes(FLAGS.num_steps, FLAGS.reps)
     sweep_s = statistics.median(t["sweep"] for t in times)
     separate_s = statistics.median(t["separate"] for t in times)
+    sweep_cpu = statistics.median(t["sweep_cpu"] for t in times)
+    separate_cpu = statistics.median(t["separate_cpu"] for t in times)
+    each = "; ".join(f"{t['sweep']:.0f} s / {t['separate']:.0f} s" for t in times)
     lines += ["## (a) One sweep process against 24 separate runs", "",
               f"The 24 runs of `configs/sweeps/default_24.py` (attacks alie, sf, ipm, lf x "
               f"rules ctma(cwtm), ctma(cwmed), ctma(gm) x seeds 1, 2; the default config with "
@@ -147,12 +174,16 @@ def main(argv):
               f"`python -m ftjax.sweep ... --sweep.overrides.num_steps={FLAGS.num_steps}` "
               f"against 24 `python main.py --config=configs/default.py "
               f"--config.num_steps={FLAGS.num_steps} ...` processes run one after the other. "
-              f"Wall time of each side (median of {FLAGS.reps}), including start-up and "
-              f"compilation.", "",
-              "| side | wall s |", "|---|---|",
-              f"| one sweep process (2 seeds batched per cell) | {sweep_s:.1f} |",
-              f"| 24 main.py processes | {separate_s:.1f} |",
-              f"| ratio sweep / separate | {sweep_s / separate_s:.2f} |", ""]
+              f"Wall time and CPU time (user + system of the child processes) of each side, "
+              f"medians of {FLAGS.reps} repetitions that alternate which side goes first "
+              f"(wall sweep / separate per repetition: {each}), including start-up and "
+              f"compilation. On a shared machine the CPU time is the steadier of the two.", "",
+              "| side | wall s | CPU s |", "|---|---|---|",
+              f"| one sweep process (2 seeds per cell in one program) | {sweep_s:.1f} | "
+              f"{sweep_cpu:.1f} |",
+              f"| 24 main.py processes | {separate_s:.1f} | {separate_cpu:.1f} |",
+              f"| ratio sweep / separate | {sweep_s / separate_s:.2f} | "
+              f"{sweep_cpu / separate_cpu:.2f} |", ""]
     print("\n".join(lines[-8:]), flush=True)
 
   c = default.get_config()
@@ -169,17 +200,24 @@ def main(argv):
       r = batched_vs_in_turn(config, dataset, num_runs, length, FLAGS.batch_reps)
       print(name, num_runs, r, flush=True)
       rows.append(f"| {name} | {num_runs} | {length} | {r['in_turn_s']:.2f} | "
-                  f"{r['batched_s']:.2f} | {r['steps_per_sec_in_turn']:.1f} | "
-                  f"{r['steps_per_sec_batched']:.1f} | {r['speedup']:.2f} |")
+                  f"{r['vmap_s']:.2f} | {r['map_s']:.2f} | {r['speedup_vmap']:.2f} | "
+                  f"{r['speedup_map']:.2f} |")
+  chosen = {name: "vmap" if layers.vectorize_runs(shape) else "map"
+            for name, shape in (("digits 8x8", (8, 8, 1)), ("28x28", (28, 28, 1)))}
   lines += ["## (b) R seeds in one program against the same seeds in turn", "",
-            "One process; the unbatched chunk program and the batched one (the round vmapped "
-            "over a leading runs axis, `train.make_chunk_fn(setup, runs=True)`) are compiled "
-            "and warmed up first. Each repetition runs one chunk of each of the R seeds in "
-            "turn through the unbatched program, then one chunk of all R seeds batched; "
-            f"medians over {FLAGS.batch_reps} interleaved repetitions. speed-up = time in "
-            "turn / time batched (above 1: batching is faster).", "",
-            "| config | R | rounds per chunk | in turn s | batched s | rounds/s in turn | "
-            "rounds/s batched | speed-up |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+            "One process; the unbatched chunk program and the program of R runs "
+            "(`train.make_chunk_fn(setup, runs=True)`, the state stacked on a leading runs "
+            "axis) are compiled and warmed up first, the latter twice: with the round vmapped "
+            "over the runs (`vmap`) and with the runs looped one after another inside the "
+            "program (`map`, a `lax.map`). Each repetition runs one chunk of each of the R "
+            "seeds in turn through the unbatched program, then one chunk of all R seeds "
+            f"through each program of R runs; medians over {FLAGS.batch_reps} interleaved "
+            "repetitions. speed-up = time in turn / time in the program of R runs (above 1: "
+            f"faster). On this backend `ftjax.kernels.layers.vectorize_runs` picks "
+            f"`{chosen['digits 8x8']}` for digits 8x8 and `{chosen['28x28']}` for 28x28 inputs.",
+            "",
+            "| config | R | rounds per chunk | in turn s | vmap s | map s | speed-up vmap | "
+            "speed-up map |", "|---|---|---|---|---|---|---|---|", *rows, ""]
   with open(os.path.join(ROOT, out_path), "w") as fh:
     fh.write("\n".join(lines))
   print(f"wrote {out_path}")

@@ -677,7 +677,13 @@ def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
   def step_fn(state, data, idx):
     if not runs:
       return train_step(state, data, idx)
-    return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
+    if layers.vectorize_runs(data.images.shape[1:]):
+      return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
+    # The runs one after another inside the one program (a loop, not a vmap).
+    if data.table is None:
+      return jax.lax.map(lambda a: train_step(a[0], data, a[1]), (state, idx))
+    return jax.lax.map(lambda a: train_step(a[0], data._replace(table=a[2], sizes=a[3]), a[1]),
+                       (state, idx, data.table, data.sizes))
 
   def scan_chunk(state, data, length):
     indices = sample(state, data, length)

@@ -15,6 +15,7 @@ from ftjax import checkpoint as checkpoint_lib
 from ftjax import results
 from ftjax import sweep as sweep_lib
 from ftjax import train
+from ftjax.kernels import layers
 
 # Compiled programs shared by the tests, as by the runs of one sweep process: the
 # tiny float32 config compiles once for the whole module.
@@ -121,10 +122,21 @@ def _tiny(seed, dtype):
   return s.cells[0].runs[0].config
 
 
-def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path):
+@pytest.fixture(scope="module")
+def separate_float64_runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("separate")
+  return tmp, [train.train_and_evaluate(_tiny(s, "float64"), str(tmp / f"alone{s}"))
+               for s in (1, 2)]
+
+
+# The runs of one program vmapped (vectorize) or looped inside it (the choice of
+# kernels.layers.vectorize_runs on CPU for inputs larger than the digits').
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path, separate_float64_runs,
+                                                              vectorize, monkeypatch):
   dtype, tolerance = "float64", 1e-12
-  separate = [train.train_and_evaluate(_tiny(s, dtype), str(tmp_path / f"alone{s}"))
-              for s in (1, 2)]
+  monkeypatch.setattr(layers, "vectorize_runs", lambda *_: vectorize)
+  alone_dir, separate = separate_float64_runs
   batched = train.train_runs([_tiny(1, dtype), _tiny(2, dtype)],
                              [str(tmp_path / "b1"), str(tmp_path / "b2")])
   for s, alone, together in zip((1, 2), separate, batched):
@@ -132,7 +144,7 @@ def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path):
     for a, b in zip(jax.tree.leaves(alone.state.params), jax.tree.leaves(together.state.params)):
       assert a.dtype == b.dtype == np.dtype(dtype)
       np.testing.assert_allclose(b, a, rtol=tolerance, atol=tolerance)
-    rows_a, rows_b = _rows(str(tmp_path / f"alone{s}")), _rows(str(tmp_path / f"b{s}"))
+    rows_a, rows_b = _rows(str(alone_dir / f"alone{s}")), _rows(str(tmp_path / f"b{s}"))
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [10, 20]
     for ra, rb in zip(rows_a, rows_b):
       for key in ("train_loss", "test_loss", "aggregate_norm"):
@@ -140,6 +152,24 @@ def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path):
   # The two seeds really are different runs.
   assert _rows(str(tmp_path / "b1"))[-1]["train_loss"] != _rows(str(tmp_path / "b2"))[-1][
       "train_loss"]
+
+
+def test_looped_runs_with_per_worker_shards_equal_separate_runs(tmp_path, monkeypatch):
+  # The runs looped inside the program, each with its own seed's partition table.
+  monkeypatch.setattr(layers, "vectorize_runs", lambda *_: False)
+  configs = []
+  for seed in (1, 2):
+    c = _tiny(seed, "float32")
+    c.data.partition, c.num_steps = "iid_split", 10
+    configs.append(c)
+  alone = [train.train_and_evaluate(c, str(tmp_path / f"alone{i}")) for i, c in enumerate(configs)]
+  together = train.train_runs(configs, [str(tmp_path / "b0"), str(tmp_path / "b1")])
+  for a, b in zip(alone, together):
+    assert b.error is None
+    for x, y in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(b.state.params)):
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(jax.tree.leaves(together[0].state.params)[0],
+                         jax.tree.leaves(together[1].state.params)[0])
 
 
 def _compiled_names(records):

@@ -170,6 +170,31 @@ def scan_friendly(kernels: str, num_workers: int) -> bool:
   return k == "cpu" and num_workers <= _MAX_UNROLLED_WORKERS
 
 
+VECTORIZE_RUNS_MAX_PIXELS = 256
+"""On CPU, runs are vmapped up to this many input pixels (H x W) per example."""
+
+
+def vectorize_runs(image_shape: tuple[int, ...] = ()) -> bool:
+  """Whether several runs of one program (a sweep's seeds) are vmapped.
+
+  Off CPU they are: the runs' rounds become one wider computation. On CPU a
+  vmap over runs, each with its own weights, turns every convolution into a
+  grouped one on XLA:CPU's slow path; that is cheap next to the per-operation
+  overhead it saves on small inputs, and costs more than it saves on larger
+  ones (docs/benchmarks/sweep.md: 8x8 digits faster vmapped, 28x28 slower). So
+  on CPU inputs above ``VECTORIZE_RUNS_MAX_PIXELS`` pixels run their runs one
+  after another inside the same compiled program (a ``lax.map``). Either way
+  one compilation serves all the runs.
+
+  Args:
+    image_shape: one example's shape (H, W, C); () when unknown.
+  """
+  if jax.default_backend() != "cpu":
+    return True
+  pixels = image_shape[0] * image_shape[1] if len(image_shape) >= 2 else 0
+  return pixels <= VECTORIZE_RUNS_MAX_PIXELS
+
+
 AUTO_CHUNK = 16
 """Workers per chunk that :func:`worker_chunk` picks on CPU above 64 workers."""
 
