@@ -562,12 +562,12 @@ def worker_chunk(setup: Setup, num_workers: int) -> int:
   """Workers differentiated at once on a device that computes ``num_workers``.
 
   ``workers.chunk`` when set (0: all at once); unset (None), the backend's
-  choice, :func:`ftjax.kernels.layers.worker_chunk` (on CPU, chunks of 16 above
-  64 workers). 0 or a chunk of at least ``num_workers`` means one vmap.
+  choice, :func:`ftjax.kernels.layers.worker_chunk` (on CPU with the cpu
+  kernels, chunks of 16 above 64 workers). 0 or a chunk of at least ``num_workers`` means one vmap.
   """
   chunk = setup.config.workers.get("chunk", None)
   if chunk is None:
-    chunk = layers.worker_chunk(num_workers)
+    chunk = layers.worker_chunk(setup.config.kernels, num_workers)
   return chunk if 0 < chunk < num_workers else 0
 
 

@@ -117,7 +117,7 @@ def test_auto_loop_follows_the_chunk_past_64_workers(chunk, friendly):
   assert train.resolve_loop(setup) == ("scan" if friendly else "host")
 
 
-def test_unset_chunk_is_16_past_64_workers_on_cpu_and_explicit_values_win():
+def test_unset_chunk_is_16_past_64_workers_with_cpu_kernels_and_explicit_values_win():
   if jax.default_backend() != "cpu":
     pytest.skip("the choice is XLA:CPU's")
   for workers, chunk, expected in [(65, None, 16), (64, None, 0), (17, None, 0), (257, None, 16),
@@ -125,3 +125,5 @@ def test_unset_chunk_is_16_past_64_workers_on_cpu_and_explicit_values_win():
     setup = train.build(_config(workers, 1, chunk), dataset=_dataset((4, 4, 1),
                                                                      num_train=workers * 8))
     assert train.worker_chunk(setup, workers) == expected, (workers, chunk)
+  plain = train.build(_config(65, 1, None, kernels="plain"), dataset=_dataset((4, 4, 1), 520))
+  assert train.worker_chunk(plain, 65) == 0  # a loop body would hold the slow convolutions

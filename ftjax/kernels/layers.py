@@ -199,24 +199,28 @@ AUTO_CHUNK = 16
 """Workers per chunk that :func:`worker_chunk` picks on CPU above 64 workers."""
 
 
-def worker_chunk(num_workers: int) -> int:
+def worker_chunk(kernels: str, num_workers: int) -> int:
   """How many workers to differentiate at once when ``workers.chunk`` is unset.
 
-  On CPU, above 64 workers the per-worker convolutions of the cpu kernels give
-  way to one grouped convolution, which XLA:CPU runs on a slow path (and
+  On CPU with the cpu kernels, above 64 workers the per-worker convolutions
+  give way to one grouped convolution, which XLA:CPU runs on a slow path (and
   which, with a scan, leaves the fast one for every other convolution too),
   and the activations of every worker are live at once. Chunks of
   ``AUTO_CHUNK`` workers keep both the fast path and memory bounded; they were
-  as fast as chunks of 64 and smaller (docs/benchmarks/scaling.md). Other
-  backends vectorise the whole worker axis.
+  as fast as chunks of 64 and smaller (docs/benchmarks/scaling.md). The plain
+  kernels are not chunked on CPU (a loop body holds autodiff's transposed
+  convolutions, which XLA:CPU runs on its slow path inside any loop), and
+  other backends vectorise the whole worker axis.
 
   Args:
+    kernels: a kernel-set name (``"auto"``, ``"plain"`` or ``"cpu"``).
     num_workers: the workers differentiated on this device.
 
   Returns:
     The chunk size, or 0 for all workers in one vmap.
   """
-  if jax.default_backend() == "cpu" and num_workers > _MAX_UNROLLED_WORKERS:
+  if (jax.default_backend() == "cpu" and kernels_lib.resolve(kernels) == "cpu"
+      and num_workers > _MAX_UNROLLED_WORKERS):
     return AUTO_CHUNK
   return 0
 
