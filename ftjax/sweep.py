@@ -37,7 +37,7 @@ from ftjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SWEEP_FIELDS = ("name", "base", "overrides", "grid", "cells", "seeds", "max_batch")
+SWEEP_FIELDS = ("name", "base", "overrides", "grid", "cells", "seeds", "max_batch", "devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Sweep:
   seeds: tuple
   cells: tuple
   max_batch: int
+  devices: int = 1  # local devices a batch's runs are spread over (0 = all)
 
   def to_json(self) -> dict:
     """The ``sweep.json`` record (docs/sweeps.md)."""
@@ -199,6 +200,11 @@ def expand(spec: ml_collections.ConfigDict) -> Sweep:
   max_batch = spec.get("max_batch", None) or len(seeds)
   if not isinstance(max_batch, int) or max_batch < 1:
     raise train.ConfigError(f"sweep.max_batch must be a positive integer, got {max_batch!r}.")
+  devices = spec.get("devices", None)
+  devices = 1 if devices is None else devices
+  if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
+    raise train.ConfigError(f"sweep.devices must be an integer >= 0 (0 = all local devices, "
+                            f"1 = one device), got {devices!r}.")
   for field, value in _pairs(spec.get("overrides", None), "sweep.overrides"):
     set_field(base, field, value, "sweep.overrides")
   grid = _grid(spec)
@@ -236,10 +242,12 @@ def expand(spec: ml_collections.ConfigDict) -> Sweep:
       run_config = ml_collections.ConfigDict(config.to_dict())
       run_config.seed = seed
       run_config.progress = False
+      if devices != 1:  # the runs are spread over the devices: each run on one of them
+        run_config.devices = 1
       runs.append(Run(name, seed, os.path.join("runs", name, f"seed={seed}"), run_config))
     cells.append(Cell(name, values, _aggregator_spec(config), tuple(runs)))
   return Sweep(spec.get("name", None) or "sweep", tuple(axes), tuple(seeds), tuple(cells),
-               max_batch)
+               max_batch, devices)
 
 
 # --------------------------------------------------------------------------
@@ -386,6 +394,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     KeyboardInterrupt: after the checkpoints and results are written.
   """
   sweep = expand(spec)
+  mesh = train.runs_mesh(sweep.devices)
   failures, widths = validate(sweep, dataset, model)
   check_workdir(sweep, workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -435,6 +444,8 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
                 if (cell.name, r.seed) not in failures}
       # Seeds of a cell share one program, unless their per-worker partitions differ in shape.
       size = min(sweep.max_batch, len(cell.runs)) if len(shapes) <= 1 else 1
+      if mesh is not None:  # a batch fills every device (empty slots pad it)
+        size = -(-size // mesh.devices.size) * mesh.devices.size
       for start in range(0, len(cell.runs), size):
         batch = cell.runs[start:start + size]
         slots = [r if (cell.name, r.seed) in todo else None for r in batch]
@@ -445,7 +456,8 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
         results = train.train_runs(
             [r and r.config for r in slots], [r and os.path.join(workdir, r.workdir)
                                               for r in slots],
-            dataset, model, programs=programs, on_rounds=bar.update, note=write)
+            dataset, model, programs=programs, on_rounds=bar.update, note=write,
+            devices=sweep.devices)
         for run, result in zip(slots, results):
           if run is None:
             continue

@@ -643,7 +643,8 @@ def compile_lowered(lowered, programs: Optional[dict] = None):
 
 
 def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
-                  programs: Optional[dict] = None) -> Callable:
+                  programs: Optional[dict] = None,
+                  vectorize_runs: Optional[bool] = None) -> Callable:
   """``compile(state, data, length) -> CompiledChunk``: the rounds between evaluations.
 
   With "scan" the ``length`` rounds run inside one jitted ``lax.scan``; with
@@ -658,8 +659,10 @@ def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
   With ``runs=True`` the state has a leading runs axis R (several seeds of one
   config, :func:`init_states`): the round is vmapped over it, the data is
   shared (except a per-worker partition, which depends on the seed), and
-  every metric has shape [R]. ``programs`` is passed to
-  :func:`compile_lowered`.
+  every metric has shape [R]. The runs are vmapped or looped inside the
+  program as ``vectorize_runs`` says (None: the backend's choice,
+  :func:`ftjax.kernels.layers.vectorize_runs`; runs spread over devices need
+  the vmap). ``programs`` is passed to :func:`compile_lowered`.
   """
   resolved = resolve_loop(setup, loop)
   train_step = make_train_step(setup)
@@ -677,7 +680,10 @@ def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
   def step_fn(state, data, idx):
     if not runs:
       return train_step(state, data, idx)
-    if layers.vectorize_runs(data.images.shape[1:]):
+    vectorize = vectorize_runs
+    if vectorize is None:
+      vectorize = layers.vectorize_runs(data.images.shape[1:])
+    if vectorize:
       return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
     # The runs one after another inside the one program (a loop, not a vmap).
     if data.table is None:
@@ -1003,10 +1009,40 @@ class RunResult(NamedTuple):
   state: Optional[TrainState] = None  # the final state of a run that finished
 
 
+RUNS_AXIS = "runs"
+"""The mesh axis :func:`train_runs` spreads its runs over."""
+
+
+def runs_mesh(devices: int = 1) -> Optional[jax.sharding.Mesh]:
+  """The one-axis mesh (axis :data:`RUNS_AXIS`) of the first ``devices`` local devices.
+
+  Args:
+    devices: how many local devices (0 = all of them).
+
+  Returns:
+    The mesh, or None for a single device.
+
+  Raises:
+    ConfigError: a count that is not an integer >= 0, or more devices than exist.
+  """
+  if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
+    raise ConfigError(f"The runs' devices must be an integer >= 0 (0 = all local devices), "
+                      f"got {devices!r}.")
+  available = jax.local_devices()
+  if devices > len(available):
+    raise ConfigError(f"The runs are to be spread over {devices} devices, but only "
+                      f"{len(available)} local {jax.default_backend().upper()} device(s) "
+                      f"exist (on CPU: main.py --cpu_devices=N, or XLA_FLAGS="
+                      f"--xla_force_host_platform_device_count=N).")
+  chosen = available[:devices or len(available)]
+  return None if len(chosen) == 1 else jax.sharding.Mesh(np.array(chosen), (RUNS_AXIS,))
+
+
 def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset] = None,
                model: Optional[nn.Module] = None, *, programs: Optional[dict] = None,
                on_rounds: Optional[Callable[[int], None]] = None,
-               note: Optional[Callable[[str], None]] = None) -> list[Optional[RunResult]]:
+               note: Optional[Callable[[str], None]] = None,
+               devices: int = 1) -> list[Optional[RunResult]]:
   """Runs (or resumes) R runs of one config that differ only in their seed, as one program.
 
   The runs' states are stacked on a leading runs axis and the round is
@@ -1037,6 +1073,10 @@ def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset
     on_rounds: called with a number of rounds each time runs advance (summed
       over the runs), first with the rounds restored from checkpoints.
     note: receives one-line messages (resumes, divergences); default: stderr.
+    devices: spread the runs axis over this many local devices (0 = all; 1 =
+      one device). Each device then trains R / devices of the runs, vmapped;
+      R must be a multiple of the device count, and each run's own
+      ``config.devices`` must be 1 (a run lives on one device).
 
   Returns:
     A :class:`RunResult` per slot (None for empty slots).
@@ -1051,15 +1091,18 @@ def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset
   note = note or (lambda message: print(message, file=sys.stderr))
   with x64:
     return _train_runs(configs, workdirs, dataset, model, programs, on_rounds or (lambda n: None),
-                       note)
+                       note, runs_mesh(devices))
 
 
 def _without_seed(config) -> dict:
   return {k: v for k, v in json.loads(config.to_json()).items() if k != "seed"}
 
 
-def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note):
+def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, mesh):
   num_slots = len(configs)
+  if mesh is not None and num_slots % mesh.devices.size:
+    raise ValueError(f"{num_slots} runs cannot be spread evenly over {mesh.devices.size} "
+                     f"devices; give a multiple of the device count (empty slots count).")
   results = [None] * num_slots
   setups = {}
   for i, config in enumerate(configs):  # build and validate every run before compiling
@@ -1079,6 +1122,9 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note):
   c = first.config
   if any(_without_seed(configs[i]) != _without_seed(c) for i in live):
     raise ValueError("train_runs needs configs that differ only in their seed.")
+  if mesh is not None and first.mesh is not None:
+    raise ConfigError("Runs spread over devices each live on one device: set the runs' "
+                      "config.devices = 1.")
   for i in live:
     with open(os.path.join(workdirs[i], "config.json"), "w") as fh:
       fh.write(configs[i].to_json(indent=2))
@@ -1117,9 +1163,29 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note):
     states = jax.tree.map(jnp.asarray, host)
   on_rounds(sum(steps.values()))
 
-  states, train_data = place(first, states), place(first, train_data)
-  eval_data = place(first, make_eval_data(first.dataset, c.data.eval_batch_size))
-  chunk_fn = make_chunk_fn(first, c.loop, runs=True, programs=programs)
+  if mesh is None:
+    states, train_data = place(first, states), place(first, train_data)
+    eval_data = place(first, make_eval_data(first.dataset, c.data.eval_batch_size))
+
+    def spread(tree):
+      return tree
+  else:
+    # The runs axis (the leading axis of the states, and of a per-run partition)
+    # is split over the devices; the data is replicated. XLA partitions the
+    # vmapped round along it: every device trains its own runs.
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(RUNS_AXIS))
+
+    def spread(tree):
+      return jax.device_put(tree, split)
+
+    states = spread(states)
+    train_data = sharding.replicate(mesh, train_data)
+    if train_data.table is not None:
+      train_data = train_data._replace(table=spread(train_data.table),
+                                       sizes=spread(train_data.sizes))
+    eval_data = sharding.replicate(mesh, make_eval_data(first.dataset, c.data.eval_batch_size))
+  chunk_fn = make_chunk_fn(first, c.loop, runs=True, programs=programs,
+                           vectorize_runs=True if mesh is not None else None)
   evaluate = compile_lowered(jax.jit(jax.vmap(make_eval_fn(first), in_axes=(0, 0, None))).lower(
       states.params, states.batch_stats, eval_data), programs)
   rows = {i: reporters[i].rows[-1] if reporters[i].rows else {} for i in live}
@@ -1143,7 +1209,7 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note):
       tic = time.perf_counter()
       # All slots moving: the state is donated; otherwise the copy is, and the rest is kept.
       new_states, metrics = run_chunk(
-          states if everyone else _take_runs(states, jnp.asarray(source)), train_data)
+          states if everyone else spread(_take_runs(states, jnp.asarray(source))), train_data)
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tic
       advanced = []
@@ -1156,7 +1222,7 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note):
           stop(i, error)
       keep = np.array([i in advanced for i in range(num_slots)])
       # A diverged slot's state is never read again, so donated states are simply replaced.
-      states = new_states if everyone else _where_runs(keep, new_states, states)
+      states = spread(new_states if everyone else _where_runs(keep, new_states, states))
       if not advanced:
         continue
       evaluation = jax.device_get(evaluate(states.params, states.batch_stats, eval_data))

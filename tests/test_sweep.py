@@ -4,6 +4,8 @@ import csv
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -391,3 +393,79 @@ def test_result_tables_from_a_fake_workdir(tmp_path):
   # ctma(cwtm): alie 0.75, sf 0.7 -> 70.0 (sf); avg: alie 0.1, sf failed -> failed (sf).
   assert "| ctma(cwtm) | 70.0 (sf) |" in worst
   assert "| avg | failed (sf) |" in worst
+
+
+# --------------------------------------------------------------------------
+# Runs spread over devices
+# --------------------------------------------------------------------------
+
+_SPREAD_SCRIPT = """
+import json, sys
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+from ftjax import sweep as sweep_lib, train
+from tests.test_sweep import spec
+
+out = {"devices": jax.device_count()}
+tmp = sys.argv[1]
+s = spec(seeds=(1, 2, 3), dtype="float64", devices=1, **{"workers.num": 5, "num_steps": 10})
+configs = [r.config for r in sweep_lib.expand(s).cells[0].runs]
+make_chunk_fn, specs = train.make_chunk_fn, []
+
+
+def spy(*args, **kwargs):  # records how the states reach the compiled chunk
+  compile_chunk = make_chunk_fn(*args, **kwargs)
+
+  def wrapped(state, data, length):
+    specs.append(str(getattr(jax.tree.leaves(state.params)[0].sharding, "spec", None)))
+    return compile_chunk(state, data, length)
+  return wrapped
+
+
+train.make_chunk_fn = spy
+params = {}
+for devices in (1, 0):
+  results = train.train_runs(configs, [f"{tmp}/d{devices}_{i}" for i in range(3)],
+                             devices=devices)
+  params[devices] = [[np.asarray(p) for p in jax.tree.leaves(r.state.params)] for r in results]
+out["max_diff"] = max(float(np.abs(a - b).max()) for ra, rb in zip(params[1], params[0])
+                      for a, b in zip(ra, rb))
+out["seeds_differ"] = bool(np.abs(params[0][0][0] - params[0][1][0]).max() > 0)
+out["specs"] = sorted(set(specs))
+try:
+  train.train_runs(configs[:2], [f"{tmp}/odd_{i}" for i in range(2)], devices=0)
+except ValueError as e:
+  out["uneven"] = str(e)
+# A sweep of two seeds over the three devices: one batch padded with an empty slot.
+two = spec(seeds=(1, 2), dtype="float64", **{"workers.num": 5, "num_steps": 10})
+two.devices = 0
+sweep_lib.run_sweep(two, f"{tmp}/sweep", progress=False, write=lambda line: None)
+ran = sweep_lib.expand(two).cells[0].runs
+out["sweep_devices"] = [r.config.devices for r in ran]
+rows = {}
+for r in ran:
+  with open(f"{tmp}/sweep/{r.workdir}/metrics.jsonl") as fh:
+    rows[r.seed] = [json.loads(line) for line in fh][-1]["train_loss"]
+for i, seed in enumerate((1, 2)):
+  with open(f"{tmp}/d1_{i}/metrics.jsonl") as fh:
+    out[f"loss_{seed}"] = [rows[seed], [json.loads(line) for line in fh][-1]["train_loss"]]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_runs_spread_over_devices_equal_the_runs_on_one_device(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _SPREAD_SCRIPT, str(tmp_path)],
+                        capture_output=True, text=True, cwd=root, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+  assert out["devices"] == 3
+  assert out["max_diff"] <= 1e-12 and out["seeds_differ"]
+  assert "P('runs',)" in out["specs"]  # the spread states, split on the runs axis
+  assert "cannot be spread evenly over 3 devices" in out["uneven"]
+  assert out["sweep_devices"] == [1, 1]
+  for seed in (1, 2):
+    spread, alone = out[f"loss_{seed}"]
+    assert spread == pytest.approx(alone, rel=1e-12)
