@@ -47,6 +47,8 @@ flags.DEFINE_integer("reps", 3, "Interleaved repetitions of every configuration.
 flags.DEFINE_string("child", "", "Internal: run this JSON configuration and print its result.")
 flags.DEFINE_string("only", "", "Comma-separated table names to run (w, loops, memory).")
 flags.DEFINE_string("out", "docs/benchmarks/scaling.md", "Markdown output.")
+flags.DEFINE_list("workers", [], "Only these worker counts (default: all of the tables').")
+flags.DEFINE_list("chunks", [], "Above 64 workers, only these chunk settings (0, 64, unset).")
 flags.DEFINE_string("from_log", "", "Render the tables from the printed output of an earlier "
                     "(possibly unfinished) run instead of measuring.")
 FLAGS = flags.FLAGS
@@ -72,7 +74,7 @@ def run_child(spec):
   c = default.get_config()
   c.progress = False
   c.workers.num, c.workers.byzantine, c.workers.batch_size = w, w // 4, 16
-  c.workers.chunk = spec.get("chunk", 0)
+  c.workers.chunk = spec.get("chunk", 0)  # None: unset, the backend's choice
   c.model.name = spec.get("model", "simple_mnist")
   c.kernels = spec.get("kernels", "auto")
   c.attack.name = "sf"
@@ -130,11 +132,11 @@ def _specs(quick, only):
   for w in w_values:
     if w == 1024:  # unchunked: compiled for its memory only; chunked: one repetition
       tables["w"] += [{"workers": w, "chunk": 0, "run": False, "once": True},
-                      {"workers": w, "chunk": 64, "once": True}]
+                      {"workers": w, "chunk": None, "once": True}]
       continue
     tables["w"].append({"workers": w, "chunk": 0})
-    if w > 64:
-      tables["w"] += [{"workers": w, "chunk": 64}, {"workers": w, "chunk": 16}]
+    if w > 64:  # None: workers.chunk unset, which is 16 here (layers.worker_chunk)
+      tables["w"] += [{"workers": w, "chunk": 64}, {"workers": w, "chunk": None}]
   for w in (65,) if quick else (65, 257):
     # The chunked round in the host loop: what loop=auto chose for it before the rule
     # followed the chunk (its vmapped axis); the plain kernels in the host loop.
@@ -145,7 +147,17 @@ def _specs(quick, only):
                              "shape": [32, 32, 3], "run": False, "once": True})
   if only:
     tables = {k: v for k, v in tables.items() if k in only.split(",")}
+  if FLAGS.workers:
+    keep = {int(w) for w in FLAGS.workers}
+    tables = {k: [s for s in v if s["workers"] in keep] for k, v in tables.items()}
+  if FLAGS.chunks:  # above 64 workers only: W = 17 is the reference
+    tables = {k: [s for s in v if s["workers"] <= 64 or str(_chunk(s)).split()[0]
+                  in FLAGS.chunks] for k, v in tables.items()}
   return tables
+
+
+def _chunk(spec):
+  return "unset (16)" if spec["chunk"] is None else spec["chunk"]
 
 
 def _median(results, key):
@@ -225,7 +237,8 @@ def _write(tables, results, reps):
                  if base and med(base, "steps_per_sec") else None)
     lines += ["## Worker count", "",
               "`loop=auto`, `kernels=auto`; chunk 0 = all workers in one vmap, otherwise "
-              "`workers.chunk`.", "",
+              "`workers.chunk`; `unset (16)` is the default (`workers.chunk = None`), which "
+              "on CPU is chunks of 16 above 64 workers.", "",
               "| W | f | chunk | loop | runs | steps/s | cost per worker vs W=17 | compile s | "
               "temp MiB | args MiB |",
               "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -233,7 +246,7 @@ def _write(tables, results, reps):
       sps = med(s, "steps_per_sec")
       cost = (1 / (sps * s["workers"])) / base_cost if sps and base_cost else None
       loop = results[json.dumps(s, sort_keys=True)][0]["loop"]
-      lines.append(f"| {s['workers']} | {s['workers'] // 4} | {s['chunk']} | {loop} | "
+      lines.append(f"| {s['workers']} | {s['workers'] // 4} | {_chunk(s)} | {loop} | "
                    f"{runs(s)} | {_fmt(sps, '.3f')} | {_fmt(cost)} | "
                    f"{_fmt(med(s, 'compile_s'), '.1f')} | "
                    f"{_fmt(med(s, 'temp_mib'), '.0f')} | {_fmt(med(s, 'args_mib'), '.0f')} |")
