@@ -105,11 +105,17 @@ def np_krum(x, f):
   return np_multikrum(x, f, 1)
 
 
-def np_cclip(x, f, tau=10.0):
-  v = x.mean(0)
-  diff = x - v
-  scale = np.minimum(1.0, tau / np.maximum(np.linalg.norm(diff, axis=1), 1e-12))
-  return v + (scale[:, None] * diff).mean(0)
+def np_cclip(x, f, iters=1):
+  # ftjax's defaults: start at the coordinate-wise median, radius = the median distance.
+  w = x.shape[0]
+  v = np.median(x, axis=0)
+  for _ in range(iters):
+    diff = x - v
+    dist = np.linalg.norm(diff, axis=1)
+    tau = np.sort(dist)[(w - 1) // 2]
+    scale = np.minimum(1.0, tau / np.maximum(dist, 1e-12))
+    v = v + (scale[:, None] * diff).mean(0)
+  return v
 
 
 def np_ctma(base):
