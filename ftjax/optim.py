@@ -102,7 +102,9 @@ def make_server_optimizer(optim_config) -> optax.GradientTransformation:
   parts = []
   if c.weight_decay:
     parts.append(optax.add_decayed_weights(c.weight_decay))
-  parts.append(optax.sgd(c.lr))
+  # The learning rate is a value in the optimizer state, not a constant of the
+  # compiled round: runs that differ only in it share one program.
+  parts.append(optax.inject_hyperparams(optax.sgd)(learning_rate=c.lr))
   gamma_min = c.get("gamma_min", 0.0)
   estimators.check_floor("gamma_min", gamma_min)
   if gamma_min and c.estimator != "mu2sgd":

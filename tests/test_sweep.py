@@ -174,6 +174,23 @@ def test_looped_runs_with_per_worker_shards_equal_separate_runs(tmp_path, monkey
                          jax.tree.leaves(together[1].state.params)[0])
 
 
+def test_runs_that_differ_only_in_the_learning_rate_share_the_chunk_program():
+  # optim.lr lives in the server optimizer's state, so it is not a constant of the round.
+  programs, params = {}, {}
+  for lr in (0.1, 0.02):
+    c = _tiny(1, "float32")
+    c.optim.lr = lr
+    setup = train.build(c)
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    before = len(programs)
+    run = train.make_chunk_fn(setup, "scan", programs=programs)(state, data, 3).run
+    params[lr] = jax.tree.leaves(run(state, data)[0].params)
+    assert len(programs) == (1 if lr == 0.1 else before)
+  # The same program, yet each run trained with its own rate.
+  assert not np.allclose(params[0.1][0], params[0.02][0])
+
+
 def _compiled_names(records):
   return [r.getMessage() for r in records if "Finished XLA compilation" in r.getMessage()]
 
