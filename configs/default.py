@@ -40,8 +40,9 @@ def get_config(arg=None):
                                # "cpu" (XLA:CPU fast versions), "auto" = cpu on CPU, plain elsewhere
   c.mesh = ml_collections.ConfigDict()
   c.mesh.aggregation = "replicated"  # with several devices: "replicated" (every device aggregates
-                               # all W x d rows) or "sharded" (each device a slice of the
-                               # coordinates of every row; docs/scaling.md); one device: no effect
+                               # all W x d rows) or "sharded" (estimators on their workers'
+                               # devices, attack and aggregator on slices of the coordinates;
+                               # docs/scaling.md); one device: no effect
 
   c.workers = ml_collections.ConfigDict()
   c.workers.num = 17           # W: number of workers

@@ -22,6 +22,15 @@ All norms and distances are global over the leaves of the pytree. Options are
 Python values fixed at construction, so an attack can be closed over inside
 ``jax.jit``; the output is a deterministic function of the inputs and the key.
 docs/attacks.md lists every attack with its formula and defaults.
+
+Every sum over coordinates (a norm, a Gram matrix, an inner product) goes
+through :func:`ftjax.kernels.rows.coordinate_sum`, and every other step works
+coordinate by coordinate, so an attack also runs on one device's slice of the
+coordinates under :func:`ftjax.kernels.shard_coordinates` (the round of
+``mesh.aggregation = "sharded"``); the line searches then call the aggregator
+on the same slices. The random values of ``gaussian`` come from
+:meth:`Attack.draw`, which needs only the rows' shapes, so a caller holding
+slices can draw them for the whole rows and pass its slice as ``draws``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ftjax.kernels import rows as rows_lib
 
 PyTree = Any
 Aggregator = Callable[[PyTree, jax.Array], tuple]
@@ -81,9 +92,27 @@ class Attack:
   needs_aggregator: bool = False
   min_honest: int = 1
   fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
+  draw_fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
+
+  def draw(self, honest: PyTree, key: jax.Array, ctx: AttackContext) -> Optional[PyTree]:
+    """The random values this attack adds to its rows, or None for a deterministic attack.
+
+    ``gaussian``'s noise: leaves [f, ...] like the Byzantine rows. Only the
+    shapes and dtypes of ``honest`` are read (``jax.ShapeDtypeStruct`` leaves
+    will do), so the noise of the whole rows can be drawn where only slices of
+    them are held, and each slice passed to :meth:`__call__` as ``draws``.
+
+    Args:
+      honest: the honest rows (or their shapes), leaves ``[H, ...]``.
+      key: the key :meth:`__call__` gets.
+      ctx: the static :class:`AttackContext`.
+    """
+    if self.draw_fn is None:
+      return None
+    return self.draw_fn(honest, key, _check_context(ctx, self))
 
   def __call__(self, honest: PyTree, own: Optional[PyTree], key: jax.Array,
-               ctx: AttackContext) -> PyTree:
+               ctx: AttackContext, draws: Optional[PyTree] = None) -> PyTree:
     """Produces this round's Byzantine rows.
 
     Args:
@@ -92,6 +121,9 @@ class Attack:
         ``[f, ...]``, when ``uses_own_updates``; otherwise ignored (pass None).
       key: PRNG key of this round's attack randomness.
       ctx: the static :class:`AttackContext`.
+      draws: the attack's random values (:meth:`draw`) laid out like the
+        Byzantine rows, e.g. this device's slice of them; None draws them
+        here from ``key``.
 
     Returns:
       The Byzantine rows: the structure of ``honest`` with leading axis f and
@@ -120,7 +152,12 @@ class Attack:
         _check_own(own, honest, f, self.name)
     if f == 0:
       return _empty_rows(honest)
-    rows = self.fn(honest, own, key, ctx, num_honest, f)
+    if self.draw_fn is None:
+      rows = self.fn(honest, own, key, ctx, num_honest, f)
+    else:
+      if draws is None:
+        draws = self.draw_fn(honest, key, f)
+      rows = self.fn(honest, own, key, ctx, num_honest, f, draws)
     return jax.tree.map(lambda r, h: r.astype(h.dtype), rows, honest)
 
 
@@ -231,7 +268,8 @@ def make_attack(name: str, **options) -> Attack:
   return Attack(name=spec.name, uses_own_updates=spec.uses_own_updates,
                 flips_labels=spec.flips_labels, options=tuple(sorted(resolved.items())),
                 needs_aggregator=spec.needs_aggregator, min_honest=spec.min_honest,
-                fn=spec.build(**resolved))
+                fn=spec.build(**resolved),
+                draw_fn=None if spec.draw is None else spec.draw(**resolved))
 
 
 # --------------------------------------------------------------------------
@@ -306,7 +344,8 @@ def _std(rows: PyTree) -> PyTree:
 
 
 def _sq_norm(tree: PyTree, acc) -> jax.Array:
-  return sum(jnp.sum(jnp.square(x.astype(acc))) for x in jax.tree.leaves(tree))
+  return rows_lib.coordinate_sum(
+      sum(jnp.sum(jnp.square(x.astype(acc))) for x in jax.tree.leaves(tree)))
 
 
 def _repeat(row: PyTree, f: int) -> PyTree:
@@ -321,7 +360,9 @@ def _along(base: PyTree, direction: PyTree, scale: jax.Array) -> PyTree:
 
 # --------------------------------------------------------------------------
 # Attack bodies. Each builder takes the resolved options and returns
-# fn(honest, own, key, ctx, num_honest, f) -> rows with leading axis f.
+# fn(honest, own, key, ctx, num_honest, f) -> rows with leading axis f; an
+# attack with a draw builder (_Spec.draw) gets its random values as a last
+# argument.
 
 
 def _build_own(**_):
@@ -356,16 +397,25 @@ def _build_mimic(index):
   return fn
 
 
-def _build_gaussian(sigma, center):
-  def fn(honest, own, key, ctx, h, f):
+def _draw_gaussian(sigma, center):
+  del center
+
+  def draw(honest, key, f):
     leaves, treedef = jax.tree.flatten(honest)
     keys = jax.random.split(key, len(leaves))
-    rows = []
-    for k, x in zip(keys, leaves):
-      # Independent noise per Byzantine worker, as independent faulty devices would send.
-      noise = sigma * jax.random.normal(k, (f,) + x.shape[1:], x.dtype)
-      rows.append(noise + jnp.mean(x, axis=0) if center == "mean" else noise)
-    return jax.tree.unflatten(treedef, rows)
+    # Independent noise per Byzantine worker, as independent faulty devices would send.
+    return jax.tree.unflatten(treedef, [
+        sigma * jax.random.normal(k, (f,) + tuple(x.shape[1:]), x.dtype)
+        for k, x in zip(keys, leaves)])
+  return draw
+
+
+def _build_gaussian(sigma, center):
+  del sigma
+
+  def fn(honest, own, key, ctx, h, f, noise):
+    return jax.tree.map(lambda n, x: n + jnp.mean(x, axis=0) if center == "mean" else n,
+                        noise, honest)
   return fn
 
 
@@ -473,7 +523,7 @@ def _centered_gram(honest, acc):
   for x, m in zip(jax.tree.leaves(honest), jax.tree.leaves(mu)):
     c = (x.astype(acc) - m.astype(acc)).reshape(x.shape[0], -1)
     gram = gram + jnp.matmul(c, c.T, precision=jax.lax.Precision.HIGHEST)
-  return gram
+  return rows_lib.coordinate_sum(gram)
 
 
 def _build_min_distance(kind, perturbation, solver, gamma_init, steps):
@@ -498,10 +548,10 @@ def _build_min_distance(kind, perturbation, solver, gamma_init, steps):
     gram = _centered_gram(honest, acc)
     a = jnp.diagonal(gram)
     sq_dists = jnp.maximum(a[:, None] + a[None, :] - 2.0 * gram, 0.0)
-    b = -sum(jnp.matmul((x.astype(acc) - m.astype(acc)).reshape(h, -1), q.reshape(-1),
-                        precision=jax.lax.Precision.HIGHEST)
-             for x, m, q in zip(jax.tree.leaves(honest), jax.tree.leaves(mu),
-                                jax.tree.leaves(p)))
+    b = -rows_lib.coordinate_sum(sum(
+        jnp.matmul((x.astype(acc) - m.astype(acc)).reshape(h, -1), q.reshape(-1),
+                   precision=jax.lax.Precision.HIGHEST)
+        for x, m, q in zip(jax.tree.leaves(honest), jax.tree.leaves(mu), jax.tree.leaves(p))))
     c = _sq_norm(p, acc)
     if kind == "min_max":
       threshold = jnp.max(sq_dists)
@@ -611,6 +661,7 @@ class _Spec(NamedTuple):
   needs_aggregator: bool = False
   min_honest: int = 1
   cross_check: Optional[Callable] = None
+  draw: Optional[Callable] = None      # (**options) -> draw(honest, key, f): random values
 
 
 def _search_spec(name, kind):
@@ -651,7 +702,8 @@ ATTACKS: dict[str, _Spec] = {
     "mimic": _Spec("mimic", _build_mimic, defaults=dict(index=0),
                    checks=dict(index=_int_at_least(0))),
     "gaussian": _Spec("gaussian", _build_gaussian, defaults=dict(sigma=1.0, center="mean"),
-                      checks=dict(sigma=_nonnegative, center=_choice("mean", "zero"))),
+                      checks=dict(sigma=_nonnegative, center=_choice("mean", "zero")),
+                      draw=_draw_gaussian),
     "inf": _Spec("inf", lambda: _build_constant(jnp.inf), {}, {}),
     "nan": _Spec("nan", lambda: _build_constant(jnp.nan), {}, {}),
     "optimal_ipm": _OPTIMAL_IPM,

@@ -4,15 +4,19 @@ With one device (the default) nothing here is used. With several, the round's
 per-worker gradients run under ``shard_map`` over a one-axis mesh named
 ``"workers"``: each device differentiates its own workers' losses, and one
 all-gather of one flat row per worker brings the results back for the rest of
-the round (estimator, attack, aggregator, server step), which is replicated.
+the round (estimator, attack, aggregator, server step), which is replicated
+(``config.mesh.aggregation = "replicated"``, :func:`split_over_workers`).
 
-:func:`shard_aggregator` runs an aggregator in the parameter-sharded layout:
-each device holds every worker's values for its slice of the coordinates, the
-coordinate-wise work runs locally, and each reduction over coordinates (a
-squared distance, a Gram matrix) is one ``psum`` of the devices' partial
-results (:func:`ftjax.kernels.shard_coordinates`). No device holds W x d
-values. The round uses it with ``config.mesh.aggregation = "sharded"``
-(docs/scaling.md).
+The parameter-sharded layout: each device holds every worker's values for its
+slice of the coordinates, the coordinate-wise work runs locally, and each
+reduction over coordinates (a squared distance, a Gram matrix, a norm) is one
+``psum`` of the devices' partial results
+(:func:`ftjax.kernels.shard_coordinates`). :func:`shard_aggregator` runs an
+aggregator that way; :func:`shard_round` runs the round's middle that way
+(``config.mesh.aggregation = "sharded"``): the per-worker work and state stay
+on the workers' devices, one all-to-all takes their rows to coordinate
+slices, and the attack and the aggregator run there. No device holds W x d
+values (docs/scaling.md).
 
 On CPU, XLA exposes one device unless asked for more before JAX starts:
 :func:`expose_cpu_devices` is the explicit way to ask (``main.py
@@ -139,10 +143,7 @@ def split_over_workers(fn: Callable, mesh: Mesh, num_shared: int) -> Callable:
   def wrapped(*args):
     shared, per_worker = args[:num_shared], args[num_shared:]
     n = jax.tree.leaves(per_worker)[0].shape[0]
-    padded = -(-n // devices) * devices
-    if padded != n:
-      rows = np.arange(padded) % n
-      per_worker = jax.tree.map(lambda a: a[rows], per_worker)
+    per_worker = repeat_workers(per_worker, padded_workers(n, devices))
     one = jax.eval_shape(fn, *shared, *jax.tree.map(lambda a: a[:1], per_worker))
     unravel = jax.flatten_util.ravel_pytree(
         jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), one))[1]
@@ -161,6 +162,29 @@ def split_over_workers(fn: Callable, mesh: Mesh, num_shared: int) -> Callable:
     return jax.vmap(unravel)(flat)
 
   return wrapped
+
+
+def padded_workers(num_workers: int, num_devices: int) -> int:
+  """The worker count rounded up to a multiple of ``num_devices``: rows of a split worker axis."""
+  return -(-num_workers // num_devices) * num_devices
+
+
+def repeat_workers(tree: PyTree, padded: int) -> PyTree:
+  """``tree``'s leaves [n, ...] extended to ``padded`` rows by repeating workers from the first.
+
+  The extra workers' results are dropped; repeating real ones keeps their
+  computations finite.
+  """
+  n = jax.tree.leaves(tree)[0].shape[0]
+  if padded == n:
+    return tree
+  rows = np.arange(padded) % n
+  return jax.tree.map(lambda a: a[rows], tree)
+
+
+def worker_split(mesh: Mesh, leading: int = 0) -> NamedSharding:
+  """The sharding that splits axis ``leading`` of an array over :data:`WORKER_AXIS`."""
+  return NamedSharding(mesh, PartitionSpec(*(None,) * leading, WORKER_AXIS))
 
 
 # With the workers split over CPU devices, a host loop keeps at most this many
@@ -214,6 +238,84 @@ def shard_rows(updates: PyTree, mesh: Mesh, axis: str = COORDINATE_AXIS) -> list
   return out
 
 
+def _by_dtype(arrays: list) -> dict:
+  """Indices of ``arrays`` grouped by dtype (a packed buffer holds one dtype)."""
+  groups = {}
+  for i, a in enumerate(arrays):
+    groups.setdefault(jnp.dtype(a.dtype), []).append(i)
+  return groups
+
+
+def workers_to_coordinates(leaves: list[jax.Array], axis: str) -> list[jax.Array]:
+  """This device's workers' rows -> every worker's values for this device's columns.
+
+  For code inside ``shard_map`` over a mesh axis ``axis`` of D devices that
+  splits the workers: each leaf [k, ...] holds this device's k workers (device
+  j holds workers j k to j k + k - 1). Each leaf is flattened to [k, n],
+  padded with zero columns to D c columns (c = ceil(n / D), the layout of
+  :func:`shard_rows`), and all leaves of one dtype travel in one
+  ``all_to_all``.
+
+  Returns:
+    One [D k, c] array per leaf: every worker's values (in worker order) for
+    this device's columns ``[j c, j c + c)`` of the flattened leaf.
+  """
+  num = jax.lax.axis_size(axis)
+  out = [None] * len(leaves)
+  for idx in _by_dtype(leaves).values():
+    k = leaves[idx[0]].shape[0]
+    parts, widths = [], []
+    for i in idx:
+      flat = leaves[i].reshape(k, -1)
+      c = -(-flat.shape[1] // num)
+      flat = jnp.pad(flat, ((0, 0), (0, num * c - flat.shape[1])))
+      parts.append(flat.reshape(k, num, c))
+      widths.append(c)
+    packed = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
+    # [k, D, C] -> [D, k, C]: block j comes from device j, i.e. workers j k to j k + k - 1.
+    got = jax.lax.all_to_all(packed, axis, split_axis=1, concat_axis=0)
+    got = got.reshape(num * k, -1)
+    start = 0
+    for i, c in zip(idx, widths):
+      out[i] = got[:, start:start + c]
+      start += c
+  return out
+
+
+def gather_coordinates(leaves: list[jax.Array], axis: str,
+                       shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+  """This device's columns of some vectors -> the whole vectors, on every device.
+
+  For code inside ``shard_map``: leaf i [c_i] holds columns ``[j c_i, j c_i +
+  c_i)`` of a flattened vector of ``prod(shapes[i])`` values padded to D c_i
+  (the layout of :func:`shard_rows`). All leaves of one dtype travel in one
+  ``all_gather``; the padding is cut off.
+
+  Returns:
+    The vectors, shaped ``shapes``.
+  """
+  out = [None] * len(leaves)
+  for idx in _by_dtype(leaves).values():
+    packed = leaves[idx[0]] if len(idx) == 1 else jnp.concatenate([leaves[i] for i in idx])
+    got = jax.lax.all_gather(packed, axis)  # [D, C]
+    start = 0
+    for i in idx:
+      c = leaves[i].shape[0]
+      out[i] = got[:, start:start + c].reshape(-1)[:math.prod(shapes[i])].reshape(shapes[i])
+      start += c
+  return out
+
+
+def column_mask(columns: int, size: int, axis: str) -> jax.Array:
+  """bool [columns]: which of this device's columns lie inside a leaf of ``size`` values.
+
+  For code inside ``shard_map`` in the layout of :func:`shard_rows`; False on
+  the zero columns that pad the leaf to a multiple of the device count.
+  """
+  start = jax.lax.axis_index(axis) * columns
+  return start + jnp.arange(columns) < size
+
+
 def shard_aggregator(aggregator: Callable, mesh: Mesh, axis: str = COORDINATE_AXIS,
                      gather: bool = True) -> Callable:
   """Runs ``aggregator`` on coordinate slices of the rows, one slice per device of ``axis``.
@@ -261,24 +363,88 @@ def shard_aggregator(aggregator: Callable, mesh: Mesh, axis: str = COORDINATE_AX
                        "worker axis.")
     flat = shard_rows(updates, mesh, axis)
 
+    shapes = [tuple(l.shape[1:]) for l in leaves]
+
     def local(flat, *key):
       with kernels_lib.shard_coordinates(axis):
         aggregate, diagnostics = aggregator(jax.tree.unflatten(treedef, flat), *key)
-      return jax.tree.leaves(aggregate), diagnostics
+      out = jax.tree.leaves(aggregate)
+      return (gather_coordinates(out, axis, shapes) if gather else out), diagnostics
 
     keys = () if key is None else (key,)
-    # check_vma=False: the psums make the diagnostics equal on every device,
-    # which the replicated out_spec then takes as they are.
+    # check_vma=False: the psums make the diagnostics (and the all-gather the
+    # aggregate) equal on every device, which the replicated out_spec then
+    # takes as they are.
     out, diagnostics = jax.shard_map(
         local, mesh=mesh, in_specs=([split] * len(flat),) + (replicated,) * len(keys),
-        out_specs=([PartitionSpec(axis)] * len(flat), replicated),
+        out_specs=(replicated if gather else [PartitionSpec(axis)] * len(flat), replicated),
         check_vma=False)(flat, *keys)
     if not gather:
       return out, diagnostics
-    aggregate = [
-        jax.lax.with_sharding_constraint(o, NamedSharding(mesh, replicated))[:math.prod(
-            l.shape[1:])].reshape(l.shape[1:]) for o, l in zip(out, leaves)]
-    return jax.tree.unflatten(treedef, aggregate), diagnostics
+    return jax.tree.unflatten(treedef, out), diagnostics
+
+  return fn
+
+
+def shard_round(worker_fn: Callable, coordinate_fn: Callable, mesh: Mesh, num_rows: int,
+                axis: str = WORKER_AXIS) -> Callable:
+  """A round whose per-worker work is split over the workers and the rest over coordinates.
+
+  One ``shard_map`` over ``axis`` (D devices): each device runs ``worker_fn``
+  on its own workers; their rows reach the coordinate layout (every worker's
+  values for the device's slice of the coordinates, :func:`shard_rows`'
+  layout) in one ``all_to_all`` (:func:`workers_to_coordinates`);
+  ``coordinate_fn`` runs on those slices under
+  :func:`ftjax.kernels.shard_coordinates`, and its d-value result is gathered
+  back (:func:`gather_coordinates`). No device holds every worker's row.
+
+  Args:
+    worker_fn: ``worker_fn(shared, per_worker) -> (rows, gathered, kept)`` on
+      this device's k workers (leading axis k of every ``per_worker`` leaf):
+      ``rows``, a pytree of the workers' rows [k, ...]; ``gathered``, small
+      per-worker outputs [k, ...] wanted whole on every device (losses);
+      ``kept``, per-worker outputs [k, ...] that stay split (estimator states).
+    coordinate_fn: ``coordinate_fn(rows, extras, replicated) -> (out, aux)``:
+      ``rows`` has the structure of ``worker_fn``'s, each leaf [num_rows, c]
+      (the first ``num_rows`` workers, this device's c columns of the
+      flattened leaf); ``extras`` is the list given to the returned function,
+      each leaf [L, c] likewise; ``out`` is like one row, each leaf [c]; ``aux``
+      must be equal on every device (e.g. computed from ``psum`` results).
+    mesh: the mesh; its axis ``axis`` splits both the workers and the
+      coordinates.
+    num_rows: how many workers (from the first) ``coordinate_fn`` sees; the
+      rest pad the worker axis to a multiple of D.
+    axis: the mesh axis.
+
+  Returns:
+    ``fn(shared, per_worker, extras, replicated) -> (out, aux, gathered,
+    kept)`` (call it under ``jax.jit``): ``shared`` and ``replicated`` are
+    replicated pytrees; ``per_worker`` a pytree of [D k, ...] leaves, split
+    over ``axis``; ``extras`` a list of [L, D c] arrays in :func:`shard_rows`'
+    layout. ``out`` (leaves shaped like one row) and ``aux`` come back
+    replicated, ``gathered`` replicated with D k rows, ``kept`` split over
+    ``axis`` with D k rows.
+  """
+  split, replicated = PartitionSpec(axis), PartitionSpec()
+
+  def body(shared, per_worker, extras, rest):
+    rows, gathered, kept = worker_fn(shared, per_worker)
+    leaves, treedef = jax.tree.flatten(rows)
+    coords = [c[:num_rows] for c in workers_to_coordinates(leaves, axis)]
+    with kernels_lib.shard_coordinates(axis):
+      out, aux = coordinate_fn(jax.tree.unflatten(treedef, coords), extras, rest)
+    out_leaves, out_def = jax.tree.flatten(out)
+    out = jax.tree.unflatten(out_def, gather_coordinates(
+        out_leaves, axis, [tuple(l.shape[1:]) for l in leaves]))
+    gathered = jax.tree.map(lambda g: jax.lax.all_gather(g, axis, tiled=True), gathered)
+    return out, aux, gathered, kept
+
+  def fn(shared, per_worker, extras, rest):
+    # check_vma=False: out and aux are equal on every device (all-gather, psums).
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(replicated, split, PartitionSpec(None, axis), replicated),
+        out_specs=(replicated, replicated, replicated, split),
+        check_vma=False)(shared, per_worker, list(extras), rest)
 
   return fn
 

@@ -359,6 +359,22 @@ def test_isolate_is_a_cond_on_cpu_and_a_call_on_plain():
                                 [2.0, 3.0])
 
 
+def test_isolate_stays_a_barrier_on_coordinate_slices():
+  # Under shard_coordinates the devices' predicates are combined by a psum, so
+  # the cond stays (and every device takes the same branch). A vmapped axis
+  # named like the mesh axis stands for the devices here; its psum makes the
+  # predicate unbatched, so the cond is not turned into a select.
+  x = jnp.arange(12.0).reshape(2, 3, 2).at[1, 0, 0].set(jnp.nan)  # one "device" sees a NaN
+
+  def on_slice(v):
+    with kernels.use("cpu"), kernels.shard_coordinates("model"):
+      return rows.isolate(lambda u: u * 2, v)
+
+  batched = jax.vmap(on_slice, axis_name="model")
+  assert "cond" in {str(e.primitive) for e in jax.make_jaxpr(batched)(x).jaxpr.eqns}
+  np.testing.assert_array_equal(batched(x), 2 * x)
+
+
 def test_materialize_is_a_barrier_on_cpu_and_identity_on_plain():
   tree = {"a": jnp.arange(3.0), "b": (jnp.ones((2, 2)),)}
   for k in KERNEL_SETS:

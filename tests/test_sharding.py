@@ -57,11 +57,16 @@ _SCRIPT = textwrap.dedent("""
     hosted, _ = train.make_chunk_fn(setup, "host")(fresh(), data, 3).run(fresh(), data)
     out["scan_host_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
                                 zip(jax.tree.leaves(scanned.params), jax.tree.leaves(hosted.params)))
-    # A whole run on all devices, resumed on one device (devices is resumable).
+    # A whole run on all devices in the sharded layout (its checkpoint holds
+    # the estimator states padded to 6 rows, split over the workers), resumed
+    # on one device (devices and mesh are resumable).
     workdir = sys.argv[1]
-    train.train_and_evaluate(tiny_config(**{"devices": 0, "num_steps": 3}), workdir)
+    split = train.train_and_evaluate(
+        tiny_config(**{"devices": 0, "num_steps": 3, "mesh.aggregation": "sharded"}), workdir)
+    out["split_rows"] = int(jax.tree.leaves(split.state.worker_state)[-1].shape[0])
     row = train.train_and_evaluate(tiny_config(**{"devices": 1}), workdir)
     out["resumed_step"] = row.metrics["step"]
+    out["resumed_rows"] = int(jax.tree.leaves(row.state.worker_state)[-1].shape[0])
     # A long host-loop chunk: dozens of multi-device rounds queued at once
     # deadlock XLA:CPU's all-gather, so the loop bounds the rounds in flight.
     c = tiny_config(**{"devices": 0})
@@ -111,6 +116,8 @@ def test_scan_chunk_splits_like_the_host_loop(three_devices):
 
 def test_sharded_run_resumes_on_one_device(three_devices):
   assert three_devices["resumed_step"] == 6
+  # 5 computed workers: padded to 6 rows over 3 devices, restored as 5.
+  assert three_devices["split_rows"] == 6 and three_devices["resumed_rows"] == 5
 
 
 def test_long_host_chunk_on_split_workers_does_not_deadlock(three_devices):

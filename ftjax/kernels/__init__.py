@@ -32,11 +32,14 @@ version (``tests/test_kernels_rows.py``, ``tests/test_kernels_layers.py``).
 
 A second setting, :func:`shard_coordinates`, says that the rows seen by the
 primitives are one device's slice of the coordinates, the others living on
-the other devices of a mesh axis (``ftjax.sharding.shard_aggregator``). The
-primitives that reduce over coordinates (:func:`ftjax.kernels.rows.sqdist`,
-:func:`ftjax.kernels.rows.gram`, :func:`ftjax.kernels.rows.coordinate_sum`)
-then add the devices' partial results with one ``psum`` over that axis, so the
-same aggregator code runs on one device or on coordinate slices.
+the other devices of a mesh axis (``ftjax.sharding.shard_aggregator`` and
+``ftjax.sharding.shard_round``). The primitives that reduce over coordinates
+(:func:`ftjax.kernels.rows.sqdist`, :func:`ftjax.kernels.rows.gram`,
+:func:`ftjax.kernels.rows.coordinate_sum`) then add the devices' partial
+results with one ``psum`` over that axis, and the fusion barrier
+:func:`ftjax.kernels.rows.isolate` makes its predicate common with one scalar
+``psum``, so the same aggregator and attack code runs on one device or on
+coordinate slices.
 """
 from __future__ import annotations
 

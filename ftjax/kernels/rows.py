@@ -76,7 +76,9 @@ it:
   computation: both branches of a ``lax.cond`` on a data-dependent predicate,
   which XLA neither folds nor fuses across (``lax.optimization_barrier`` does
   not stop the recomputation). Under ``vmap`` the cond becomes a select and
-  both identical branches run, so it belongs outside vmapped code.
+  both identical branches run, so it belongs outside vmapped code. On
+  coordinate slices the devices agree on the predicate through one scalar
+  ``psum``, so the barrier holds there too.
   :func:`materialize` is an ``optimization_barrier`` on an aggregator's input:
   without it XLA fuses the computation that produced the rows (an estimator,
   an attack) into the selection network and recomputes it there.
@@ -630,7 +632,10 @@ def isolate(fn: Callable[..., PyTree], *args: PyTree) -> PyTree:
   network feeding a distance pass, a point fed to the next distance pass): on
   the CPU set ``fn`` becomes both branches of a ``lax.cond`` whose predicate
   depends on the data (the first entry of ``args[0]`` is NaN), so XLA can
-  neither fold it nor fuse across it. Under ``vmap`` both branches run.
+  neither fold it nor fuse across it. Under
+  :func:`ftjax.kernels.shard_coordinates` the predicate is that of any
+  device, made common by one scalar ``psum`` over the axis. Under ``vmap``
+  both branches run.
 
   Args:
     fn: function of ``args``.
@@ -639,12 +644,15 @@ def isolate(fn: Callable[..., PyTree], *args: PyTree) -> PyTree:
   Returns:
     ``fn(*args)``.
   """
-  # Under shard_coordinates each device would see its own predicate and could
-  # take the other branch, and with it other collectives: no barrier there.
-  if not _cpu() or kernels_lib.coordinate_axis() is not None:
+  if not _cpu():
     return fn(*args)
   first = jax.tree.leaves(args[0])[0]
   pred = jnp.isnan(jnp.reshape(first, -1)[0])
+  axis = kernels_lib.coordinate_axis()
+  if axis is not None:
+    # Each device sees its own slice, so its own predicate; devices taking
+    # different branches would wait at different collectives inside fn.
+    pred = jax.lax.psum(pred.astype(jnp.int32), axis) > 0
   return jax.lax.cond(pred, fn, fn, *args)
 
 
