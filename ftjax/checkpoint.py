@@ -26,6 +26,10 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, permissions, ...); one line."""
 
 
+class CheckpointRestoreError(ValueError):
+  """The workdir's checkpoint does not fit the run's state (one line, for the user)."""
+
+
 class _DropOrbaxErrors(logging.Filter):
   """Drops the error records (with tracebacks) that Orbax's writer threads log.
 
@@ -130,6 +134,11 @@ class Checkpointer:
   def restore_latest(self, abstract_state: PyTree) -> Optional[tuple[PyTree, dict]]:
     """Restores the latest checkpoint into the structure of ``abstract_state``.
 
+    An array saved with more rows than its target but otherwise the same shape
+    is restored as its first rows: the sharded layout pads the per-worker
+    estimator states to a multiple of the device count
+    (``ftjax.train.worker_state_rows``), and those padding rows come last.
+
     Args:
       abstract_state: a state (or ``jax.eval_shape`` of one) giving the tree
         structure, shapes and dtypes to restore into.
@@ -144,9 +153,52 @@ class Checkpointer:
     if step is None:
       return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target, strict=not self._padded_rows(step, target)),
+          meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # Orbax: the saved tree's structure or shapes differ
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointRestoreError(
+          f"The checkpoint of step {step} in {self.workdir} does not fit this run's state "
+          f"(Orbax: {first.rstrip(':')}); it was written by another ftjax version or "
+          f"layout. Resume it with the ftjax that wrote it, or start in a new workdir."
+      ) from None
     return restored.state, dict(restored.meta)
+
+  def _padded_rows(self, step: int, target: PyTree) -> bool:
+    """Whether the checkpoint differs from ``target`` only by extra leading rows.
+
+    Every saved array is looked up by its path in the checkpoint's metadata;
+    any other difference, or a path not found, answers False (a strict
+    restore then reports it).
+    """
+    try:  # the managers name each step's directory by the plain step number
+      directory = self._managers["latest"].directory / str(step) / "state"
+      stored = ocp.StandardCheckpointHandler().metadata(directory).tree
+    except Exception:  # pylint: disable=broad-except
+      return False
+    padded = False
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+      node = stored
+      for entry in path:
+        name = getattr(entry, "name", getattr(entry, "key", getattr(entry, "idx", None)))
+        if isinstance(node, dict):
+          node = node.get(name, node.get(str(name)))
+        elif isinstance(node, (list, tuple)) and isinstance(name, int) and name < len(node):
+          node = node[name]
+        else:
+          node = None
+        if node is None:
+          return False
+      shape = tuple(getattr(node, "shape", ()) or ())
+      want = tuple(leaf.shape)
+      if shape == want:
+        continue
+      if len(shape) != len(want) or not want or shape[1:] != want[1:] or shape[0] < want[0]:
+        return False
+      padded = True
+    return padded
 
   def save(self, which: str, step: int, state: PyTree, meta: dict) -> None:
     """Writes ``state`` as the ``which`` ('latest' or 'best') checkpoint at ``step``."""

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -73,7 +74,7 @@ class TrainingDiverged(FloatingPointError):
 
 
 RUN_ERRORS = (ConfigError, TrainingDiverged, checkpoint_lib.CheckpointWriteError,
-              reporting.MetricsWriteError)
+              checkpoint_lib.CheckpointRestoreError, reporting.MetricsWriteError)
 """What a run raises for a problem the user must fix; each message is one line."""
 
 
@@ -291,8 +292,48 @@ def place(setup: Setup, tree: PyTree) -> PyTree:
 
   The jitted round takes its state and data replicated over the mesh; arrays
   from elsewhere (a restored checkpoint, a notebook) go through this first.
+  In the sharded layout (``mesh.aggregation = "sharded"``) a
+  :class:`TrainState`'s ``worker_state`` is split over the workers instead,
+  its worker axis padded with zero rows to :func:`worker_state_rows` (a state
+  with a leading runs axis, :func:`init_states`, is split on its second axis).
   """
-  return sharding.replicate(setup.mesh, tree)
+  if not (_sharded(setup) and isinstance(tree, TrainState)):
+    return sharding.replicate(setup.mesh, tree)
+  axis = jnp.ndim(tree.step)  # 1 with a leading runs axis
+  worker_state = jax.device_put(
+      _pad_workers(tree.worker_state, worker_state_rows(setup), axis),
+      sharding.worker_split(setup.mesh, axis))
+  return sharding.replicate(setup.mesh, tree._replace(worker_state=()))._replace(
+      worker_state=worker_state)
+
+
+def _sharded(setup: Setup) -> bool:
+  """Whether the round runs in the parameter-sharded layout (docs/scaling.md)."""
+  return setup.mesh is not None and setup.aggregation == "sharded"
+
+
+def worker_state_rows(setup: Setup) -> int:
+  """Rows of ``TrainState.worker_state`` in the round: the computed workers, padded.
+
+  ``setup.num_computed``; in the sharded layout rounded up to a multiple of
+  the device count, so that the rows split evenly over the devices (the
+  padding rows are computed and thrown away, and a checkpoint holding them is
+  restored into any layout, :meth:`ftjax.checkpoint.Checkpointer.restore_latest`).
+  """
+  if not _sharded(setup):
+    return setup.num_computed
+  return sharding.padded_workers(setup.num_computed, setup.mesh.devices.size)
+
+
+def _pad_workers(tree: PyTree, rows: int, axis: int = 0) -> PyTree:
+  """``tree``'s leaves with zero rows appended on ``axis`` up to ``rows`` rows."""
+  def pad(a):
+    if a.shape[axis] == rows:
+      return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, rows - a.shape[axis])
+    return jnp.pad(a, widths)
+  return jax.tree.map(pad, tree)
 
 
 # --------------------------------------------------------------------------
@@ -398,7 +439,7 @@ def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
   return out
 
 
-def make_worker_gradients(setup: Setup) -> Callable:
+def make_worker_gradients(setup: Setup, split: bool = True) -> Callable:
   """``(params, batch_stats, prev_params, x, y) -> (out, prev_grads, prev_stats)``.
 
   ``x`` [n, b, ...] and ``y`` [n, b] are the n computed workers' minibatches;
@@ -407,7 +448,8 @@ def make_worker_gradients(setup: Setup) -> Callable:
   running statistics at ``prev_params`` on the same minibatches (mu2sgd's
   second pass), or None when ``prev_params`` is None.
   With a mesh, the worker axis is split over its devices
-  (:func:`ftjax.sharding.split_over_workers`).
+  (:func:`ftjax.sharding.split_over_workers`); ``split=False`` returns the
+  one-device function anyway (for a caller already inside ``shard_map``).
 
   With a chunk size k (:func:`worker_chunk`), the workers go through a
   ``lax.map`` in chunks of k, each chunk a vmap over its k workers (the last
@@ -432,7 +474,7 @@ def make_worker_gradients(setup: Setup) -> Callable:
     return passes(jax.vmap(value_and_grad, in_axes=(None, None, 0, 0)), params, batch_stats,
                   prev_params, x, y)
 
-  if setup.mesh is None:
+  if setup.mesh is None or not split:
     return both
   return sharding.split_over_workers(both, setup.mesh, num_shared=3)
 
@@ -468,7 +510,9 @@ def make_train_step(setup: Setup) -> Callable:
   """The pure synchronous round ``(state, data, indices) -> (state, metrics)``.
 
   ``indices`` int32 [W, b] are the workers' examples of this round (one entry
-  of :func:`sample_chunk`); without them the round samples its own.
+  of :func:`sample_chunk`); without them the round samples its own. In the
+  sharded layout the returned ``worker_state`` has :func:`worker_state_rows`
+  rows, split over the workers.
   """
   c = setup.config
   ds = setup.dataset
@@ -477,11 +521,6 @@ def make_train_step(setup: Setup) -> Callable:
   needs_prev = estimators.needs_previous_gradient(c.optim.estimator)
   worker_gradients = make_worker_gradients(setup)
   aggregate_rows = setup.aggregator
-  if setup.mesh is not None and setup.aggregation == "sharded":
-    # The rows are cut by coordinates over the same devices right before the
-    # aggregator, and its d-value aggregate is gathered back (docs/scaling.md).
-    aggregate_rows = sharding.shard_aggregator(setup.aggregator, setup.mesh,
-                                               axis=sharding.WORKER_AXIS)
   clip_rows = jax.vmap(functools.partial(estimators.clip_by_global_norm, max_norm=clip))
   attack_ctx = attacks_lib.AttackContext(num_byzantine=f, aggregator=setup.aggregator,
                                          num_classes=ds.num_classes)
@@ -490,6 +529,9 @@ def make_train_step(setup: Setup) -> Callable:
     if needs_prev:
       return setup.worker_tx.update(grads, worker_state, prev_grads=prev_grads)
     return setup.worker_tx.update(grads, worker_state)
+
+  sharded_round = (_make_sharded_round(setup, clip_rows, worker_update, attack_ctx)
+                   if _sharded(setup) else None)
 
   def train_step(state: TrainState, data: DeviceData, idx: Optional[jax.Array] = None):
     step = state.step
@@ -507,27 +549,33 @@ def make_train_step(setup: Setup) -> Callable:
     if f and setup.attack.flips_labels:
       y = y.at[h:].set(attacks_lib.flip_labels(y[h:], ds.num_classes))
 
-    # Workers: clipped gradients, then the estimator (mu2sgd needs x_{t-1} too).
-    ((loss, (logits, new_stats)), grads), prev_grads, prev_stats = worker_gradients(
-        state.params, state.batch_stats, state.prev_params if needs_prev else None, x, y)
-    grads = clip_rows(grads)
-    if needs_prev:
-      prev_grads = clip_rows(prev_grads)
-    updates, worker_state = jax.vmap(worker_update)(grads, state.worker_state, prev_grads)
-
-    # Byzantine rows: the attack sees the honest updates (and its own, if it uses them).
-    honest = jax.tree.map(lambda u: u[:h], updates)
-    if f:
-      own = jax.tree.map(lambda u: u[h:], updates) if setup.attack.uses_own_updates else None
-      key = jax.random.fold_in(_purpose_key(state, _KEY_ATTACK), step)
-      byzantine = setup.attack(honest, own, key, attack_ctx)
-      rows = jax.tree.map(lambda a, z: jnp.concatenate([a, z.astype(a.dtype)]), honest, byzantine)
+    if sharded_round is not None:
+      # The same workers, attack and aggregator in the parameter-sharded layout.
+      (aggregate, diagnostics, (loss, logits, new_stats, prev_stats),
+       worker_state) = sharded_round(state, x, y)
     else:
-      rows = honest
+      # Workers: clipped gradients, then the estimator (mu2sgd needs x_{t-1} too).
+      ((loss, (logits, new_stats)), grads), prev_grads, prev_stats = worker_gradients(
+          state.params, state.batch_stats, state.prev_params if needs_prev else None, x, y)
+      grads = clip_rows(grads)
+      if needs_prev:
+        prev_grads = clip_rows(prev_grads)
+      updates, worker_state = jax.vmap(worker_update)(grads, state.worker_state, prev_grads)
 
-    # Server: robust aggregate, then the server optax chain.
-    key = jax.random.fold_in(_purpose_key(state, _KEY_AGGREGATOR), step)
-    aggregate, diagnostics = aggregate_rows(rows, key)
+      # Byzantine rows: the attack sees the honest updates (and its own, if it uses them).
+      honest = jax.tree.map(lambda u: u[:h], updates)
+      if f:
+        own = jax.tree.map(lambda u: u[h:], updates) if setup.attack.uses_own_updates else None
+        key = jax.random.fold_in(_purpose_key(state, _KEY_ATTACK), step)
+        byzantine = setup.attack(honest, own, key, attack_ctx)
+        rows = jax.tree.map(lambda a, z: jnp.concatenate([a, z.astype(a.dtype)]), honest,
+                            byzantine)
+      else:
+        rows = honest
+
+      # Server: robust aggregate, then the server optax chain.
+      key = jax.random.fold_in(_purpose_key(state, _KEY_AGGREGATOR), step)
+      aggregate, diagnostics = aggregate_rows(rows, key)
     server_updates, server_state = setup.server_tx.update(
         aggregate, state.server_state, state.params)
     params = optax.apply_updates(state.params, server_updates)
@@ -544,13 +592,91 @@ def make_train_step(setup: Setup) -> Callable:
         step=step + 1, params=params, prev_params=state.params if needs_prev else (),
         batch_stats=batch_stats, server_state=server_state,
         worker_state=worker_state, rng=state.rng)
-    if aggregate_rows is not setup.aggregator:
-      # The coordinate split would otherwise spread back into the estimator
-      # state, and the host loop's compiled round takes its state replicated.
-      new_state = sharding.constrain_replicated(setup.mesh, new_state)
+    if sharded_round is not None:
+      # The layout place() gives, which the host loop's compiled round takes back.
+      new_state = sharding.constrain_replicated(setup.mesh, new_state._replace(
+          worker_state=()))._replace(worker_state=jax.lax.with_sharding_constraint(
+              worker_state, sharding.worker_split(setup.mesh)))
     return new_state, metrics
 
   return train_step
+
+
+def _make_sharded_round(setup: Setup, clip_rows: Callable, worker_update: Callable,
+                        attack_ctx: attacks_lib.AttackContext) -> Callable:
+  """The middle of the round in the parameter-sharded layout (docs/scaling.md).
+
+  ``fn(state, x, y) -> (aggregate, diagnostics, (loss, logits, stats,
+  prev_stats), worker_state)``: each device differentiates, clips and runs
+  the estimator for its own workers with their own rows of
+  ``state.worker_state``; one all-to-all gives every device all workers'
+  updates for its slice of the coordinates, where the attack and the
+  aggregator run (:func:`ftjax.sharding.shard_round`); the d-value aggregate
+  and the per-worker losses, logits and BatchNorm statistics come back
+  replicated, the new ``worker_state`` split over the workers
+  (:func:`worker_state_rows` rows).
+  """
+  mesh = setup.mesh
+  f, h, n = setup.num_byzantine, setup.num_honest, setup.num_computed
+  rows_total = worker_state_rows(setup)
+  num_devices = mesh.devices.size
+  needs_prev = estimators.needs_previous_gradient(setup.config.optim.estimator)
+  gradients = make_worker_gradients(setup, split=False)
+  attack = setup.attack
+
+  def worker_fn(shared, per_worker):
+    params, batch_stats, prev_params = shared
+    x, y, worker_state = per_worker
+    ((loss, (logits, stats)), grads), prev_grads, prev_stats = gradients(
+        params, batch_stats, prev_params, x, y)
+    grads = clip_rows(grads)
+    if needs_prev:
+      prev_grads = clip_rows(prev_grads)
+    updates, worker_state = jax.vmap(worker_update)(grads, worker_state, prev_grads)
+    return updates, (loss, logits, stats, prev_stats), worker_state
+
+  def fn(state: TrainState, x: jax.Array, y: jax.Array):
+    step = state.step
+    attack_key = jax.random.fold_in(_purpose_key(state, _KEY_ATTACK), step)
+    aggregator_key = jax.random.fold_in(_purpose_key(state, _KEY_AGGREGATOR), step)
+    sizes = [math.prod(p.shape) for p in jax.tree.leaves(state.params)]
+    # The attack's random values (gaussian) are drawn for the whole rows, so
+    # they are the ones one device draws, and laid out by coordinates like the
+    # rows; with partitionable threefry (JAX's default) each value depends on
+    # its index alone and XLA generates each device's slice in place.
+    honest_shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct((h,) + p.shape, p.dtype),
+                                 state.params)
+    draws = attack.draw(honest_shapes, attack_key, attack_ctx) if f else None
+    draws_def = None if draws is None else jax.tree.structure(draws)
+    extras = [] if draws is None else sharding.shard_rows(draws, mesh, sharding.WORKER_AXIS)
+
+    def coordinate_fn(rows, extras, keys):
+      attack_key, aggregator_key = keys
+      honest = jax.tree.map(lambda u: u[:h], rows)
+      if not f:
+        return setup.aggregator(honest, aggregator_key)
+      own = jax.tree.map(lambda u: u[h:], rows) if attack.uses_own_updates else None
+      local_draws = None if draws_def is None else jax.tree.unflatten(draws_def, extras)
+      byzantine = attack(honest, own, attack_key, attack_ctx, draws=local_draws)
+      # The zero columns that pad a leaf stay zero (an inf or nan attack fills them).
+      byzantine = jax.tree.map(
+          lambda z, size: z if size % num_devices == 0 else jnp.where(
+              sharding.column_mask(z.shape[1], size, sharding.WORKER_AXIS), z,
+              jnp.zeros((), z.dtype)),
+          byzantine, jax.tree.unflatten(jax.tree.structure(byzantine), sizes))
+      rows = jax.tree.map(lambda a, z: jnp.concatenate([a, z.astype(a.dtype)]), honest,
+                          byzantine)
+      return setup.aggregator(rows, aggregator_key)
+
+    round_fn = sharding.shard_round(worker_fn, coordinate_fn, mesh, num_rows=n)
+    worker_state = _pad_workers(state.worker_state, rows_total)
+    x, y = sharding.repeat_workers((x, y), rows_total)
+    aggregate, diagnostics, gathered, worker_state = round_fn(
+        (state.params, state.batch_stats, state.prev_params if needs_prev else None),
+        (x, y, worker_state), extras, (attack_key, aggregator_key))
+    return aggregate, diagnostics, jax.tree.map(lambda g: g[:n], gathered), worker_state
+
+  return fn
 
 
 # --------------------------------------------------------------------------

@@ -189,3 +189,18 @@ def test_resume_with_raised_num_steps_equals_the_longer_run(tmp_path, reference)
   train.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path))
   train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert _rows(str(tmp_path)) == reference
+
+
+def test_a_checkpoint_of_another_state_structure_is_one_line(tmp_path):
+  # e.g. a workdir written by an ftjax whose server state had another structure.
+  import jax.numpy as jnp
+  writer = checkpoint_lib.Checkpointer(str(tmp_path))
+  writer.save("latest", 3, {"params": jnp.ones(4), "server_state": [jnp.zeros(2)]}, {})
+  writer.close()
+  reader = checkpoint_lib.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpoint_lib.CheckpointRestoreError) as err:
+    reader.restore_latest({"params": jnp.ones(4), "server_state": {"count": jnp.zeros(2)}})
+  reader.close()
+  message = str(err.value)
+  assert "\n" not in message and "step 3" in message and str(tmp_path) in message
+  assert checkpoint_lib.CheckpointRestoreError in train.RUN_ERRORS
