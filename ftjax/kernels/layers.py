@@ -170,29 +170,23 @@ def scan_friendly(kernels: str, num_workers: int) -> bool:
   return k == "cpu" and num_workers <= _MAX_UNROLLED_WORKERS
 
 
-VECTORIZE_RUNS_MAX_PIXELS = 256
-"""On CPU, runs are vmapped up to this many input pixels (H x W) per example."""
-
-
 def vectorize_runs(image_shape: tuple[int, ...] = ()) -> bool:
   """Whether several runs of one program (a sweep's seeds) are vmapped.
 
-  Off CPU they are: the runs' rounds become one wider computation. On CPU a
-  vmap over runs, each with its own weights, turns every convolution into a
-  grouped one on XLA:CPU's slow path; that is cheap next to the per-operation
-  overhead it saves on small inputs, and costs more than it saves on larger
-  ones (docs/benchmarks/sweep.md: 8x8 digits faster vmapped, 28x28 slower). So
-  on CPU inputs above ``VECTORIZE_RUNS_MAX_PIXELS`` pixels run their runs one
-  after another inside the same compiled program (a ``lax.map``). Either way
-  one compilation serves all the runs.
+  They are, on every backend: the runs' rounds become one wider computation.
+  The alternative, the runs one after another inside the same compiled program
+  (a ``lax.map``, ``train.make_chunk_fn(vectorize_runs=False)``), was measured
+  on CPU too (docs/benchmarks/sweep.md): for 28x28 inputs it beat the vmap with
+  2 seeds (1.04x against 0.96x of the seeds run in turn) but fell to 0.81x with
+  4, while the vmap, whose per-run convolutions XLA:CPU runs as grouped ones,
+  stayed at 0.91-0.97x; so the vmap is the choice everywhere.
 
   Args:
-    image_shape: one example's shape (H, W, C); () when unknown.
+    image_shape: one example's shape (H, W, C); kept for backend rules that
+      depend on it.
   """
-  if jax.default_backend() != "cpu":
-    return True
-  pixels = image_shape[0] * image_shape[1] if len(image_shape) >= 2 else 0
-  return pixels <= VECTORIZE_RUNS_MAX_PIXELS
+  del image_shape
+  return True
 
 
 AUTO_CHUNK = 16
