@@ -176,10 +176,9 @@ def vectorize_runs(image_shape: tuple[int, ...] = ()) -> bool:
   They are, on every backend: the runs' rounds become one wider computation.
   The alternative, the runs one after another inside the same compiled program
   (a ``lax.map``, ``train.make_chunk_fn(vectorize_runs=False)``), was measured
-  on CPU too (docs/benchmarks/sweep.md): for 28x28 inputs it beat the vmap with
-  2 seeds (1.04x against 0.96x of the seeds run in turn) but fell to 0.81x with
-  4, while the vmap, whose per-run convolutions XLA:CPU runs as grouped ones,
-  stayed at 0.91-0.97x; so the vmap is the choice everywhere.
+  on CPU too (docs/benchmarks/sweep.md, part (b)): for 28x28 inputs it beat the
+  vmap, whose per-run convolutions XLA:CPU runs as grouped ones, with 2 seeds
+  and fell well behind it with 4, so the vmap is the choice everywhere.
 
   Args:
     image_shape: one example's shape (H, W, C); kept for backend rules that
