@@ -103,7 +103,7 @@ def sweep_vs_processes(num_steps: int, reps: int) -> list[dict]:
 def _batched_program(setup, loop, stacked, data, length, vectorize: bool):
   """The runs=True chunk with the runs vmapped (True) or looped inside the program."""
   default = layers.vectorize_runs
-  layers.vectorize_runs = lambda *_: vectorize  # read while the chunk is traced and compiled
+  layers.vectorize_runs = lambda: vectorize  # read while the chunk is traced and compiled
   try:
     return train.make_chunk_fn(setup, loop, runs=True)(stacked, data, length).run
   finally:
@@ -202,8 +202,7 @@ def main(argv):
       rows.append(f"| {name} | {num_runs} | {length} | {r['in_turn_s']:.2f} | "
                   f"{r['vmap_s']:.2f} | {r['map_s']:.2f} | {r['speedup_vmap']:.2f} | "
                   f"{r['speedup_map']:.2f} |")
-  chosen = {name: "vmap" if layers.vectorize_runs(shape) else "map"
-            for name, shape in (("digits 8x8", (8, 8, 1)), ("28x28", (28, 28, 1)))}
+  chosen = "vmap" if layers.vectorize_runs() else "map"
   lines += ["## (b) R seeds in one program against the same seeds in turn", "",
             "One process; the unbatched chunk program and the program of R runs "
             "(`train.make_chunk_fn(setup, runs=True)`, the state stacked on a leading runs "
@@ -214,7 +213,7 @@ def main(argv):
             f"through each program of R runs; medians over {FLAGS.batch_reps} interleaved "
             "repetitions. speed-up = time in turn / time in the program of R runs (above 1: "
             f"faster). On this backend `ftjax.kernels.layers.vectorize_runs` picks "
-            f"`{chosen['digits 8x8']}` for digits 8x8 and `{chosen['28x28']}` for 28x28 inputs.",
+            f"`{chosen}`.",
             "",
             "| config | R | rounds per chunk | in turn s | vmap s | map s | speed-up vmap | "
             "speed-up map |", "|---|---|---|---|---|---|---|---|", *rows, ""]

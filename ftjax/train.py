@@ -808,7 +808,7 @@ def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
       return train_step(state, data, idx)
     vectorize = vectorize_runs
     if vectorize is None:
-      vectorize = layers.vectorize_runs(data.images.shape[1:])
+      vectorize = layers.vectorize_runs()
     if vectorize:
       return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
     # The runs one after another inside the one program (a loop, not a vmap).

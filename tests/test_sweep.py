@@ -131,8 +131,8 @@ def separate_float64_runs(tmp_path_factory):
                for s in (1, 2)]
 
 
-# The runs of one program vmapped (vectorize) or looped inside it (the choice of
-# kernels.layers.vectorize_runs on CPU for inputs larger than the digits').
+# The runs of one program vmapped (vectorize, kernels.layers.vectorize_runs's choice)
+# or looped inside it (make_chunk_fn(vectorize_runs=False)).
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path, separate_float64_runs,
                                                               vectorize, monkeypatch):

@@ -170,7 +170,7 @@ def scan_friendly(kernels: str, num_workers: int) -> bool:
   return k == "cpu" and num_workers <= _MAX_UNROLLED_WORKERS
 
 
-def vectorize_runs(image_shape: tuple[int, ...] = ()) -> bool:
+def vectorize_runs() -> bool:
   """Whether several runs of one program (a sweep's seeds) are vmapped.
 
   They are, on every backend: the runs' rounds become one wider computation.
@@ -179,12 +179,7 @@ def vectorize_runs(image_shape: tuple[int, ...] = ()) -> bool:
   on CPU too (docs/benchmarks/sweep.md, part (b)): for 28x28 inputs it beat the
   vmap, whose per-run convolutions XLA:CPU runs as grouped ones, with 2 seeds
   and fell well behind it with 4, so the vmap is the choice everywhere.
-
-  Args:
-    image_shape: one example's shape (H, W, C); kept for backend rules that
-      depend on it.
   """
-  del image_shape
   return True
 
 
