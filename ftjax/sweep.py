@@ -7,7 +7,8 @@ config, fixed overrides, the axes (``grid``: a product over field values,
 and/or ``cells``: an explicit list of overrides) and the ``seeds``. Every run
 (cell x seed) is validated with ``train.build`` before anything runs; the runs
 of a cell differ only in their seed and train as one compiled program
-(``train.train_runs``), in batches of at most ``max_batch`` seeds. Each run
+(``train.train_runs``), in batches of at most ``max_batch`` seeds; cells that
+differ only in their attack share that program (:func:`attack_families`). Each run
 writes a normal run workdir under ``runs/<cell>/seed=<s>``, so rerunning the
 command skips finished runs and resumes interrupted ones. At the end (and on
 every rerun) ``results.csv`` and ``results.md`` are written
@@ -37,7 +38,8 @@ from ftjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SWEEP_FIELDS = ("name", "base", "overrides", "grid", "cells", "seeds", "max_batch", "devices")
+SWEEP_FIELDS = ("name", "base", "overrides", "grid", "cells", "seeds", "max_batch", "devices",
+                "share_programs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Sweep:
   cells: tuple
   max_batch: int
   devices: int = 1  # local devices a batch's runs are spread over (0 = all)
+  share_programs: bool = True  # cells that differ only in their attack share a program
 
   def to_json(self) -> dict:
     """The ``sweep.json`` record (docs/sweeps.md)."""
@@ -205,6 +208,10 @@ def expand(spec: ml_collections.ConfigDict) -> Sweep:
   if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
     raise train.ConfigError(f"sweep.devices must be an integer >= 0 (0 = all local devices, "
                             f"1 = one device), got {devices!r}.")
+  share = spec.get("share_programs", None)
+  share = True if share is None else share
+  if not isinstance(share, bool):
+    raise train.ConfigError(f"sweep.share_programs must be True or False, got {share!r}.")
   for field, value in _pairs(spec.get("overrides", None), "sweep.overrides"):
     set_field(base, field, value, "sweep.overrides")
   grid = _grid(spec)
@@ -247,7 +254,36 @@ def expand(spec: ml_collections.ConfigDict) -> Sweep:
       runs.append(Run(name, seed, os.path.join("runs", name, f"seed={seed}"), run_config))
     cells.append(Cell(name, values, _aggregator_spec(config), tuple(runs)))
   return Sweep(spec.get("name", None) or "sweep", tuple(axes), tuple(seeds), tuple(cells),
-               max_batch, devices)
+               max_batch, devices, share)
+
+
+def attack_families(sweep: Sweep, failures: dict) -> dict[str, tuple]:
+  """``{cell name: attack names}``: the attacks one compiled round serves for the cell.
+
+  Cells whose configs differ only in ``attack.name`` share one round that
+  switches between their attacks (``train.build(attacks=...)``), grouped by
+  ``train.attack_family``; a cell with a run that failed validation, or in
+  the sharded layout, keeps its own round (an empty tuple), as does every
+  cell when ``sweep.share_programs`` is False.
+  """
+  groups = {}
+  for cell in sweep.cells:
+    c = cell.runs[0].config
+    if (not sweep.share_programs or any((cell.name, r.seed) in failures for r in cell.runs)
+        or (c.get("mesh") or {}).get("aggregation", "replicated") != "replicated"):
+      continue
+    rest = json.loads(c.to_json())
+    rest["attack"] = {k: v for k, v in rest["attack"].items() if k != "name"}
+    groups.setdefault(json.dumps(rest, sort_keys=True), []).append(cell)
+  families = {cell.name: () for cell in sweep.cells}
+  for cells in groups.values():
+    c = cells[0].runs[0].config
+    names = list(dict.fromkeys(cell.runs[0].config.attack.name for cell in cells))
+    for family in train.attack_family(names, c.workers.num - c.workers.byzantine):
+      for cell in cells:
+        if len(family) > 1 and cell.runs[0].config.attack.name in family:
+          families[cell.name] = family
+  return families
 
 
 # --------------------------------------------------------------------------
@@ -432,6 +468,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     if not any((cell.name, r.seed) in todo for r in cell.runs):
       table.line(cell, workdir, status)
 
+  families = attack_families(sweep, failures)
   programs = {} if programs is None else programs
   known = len(programs)
   batches = 0
@@ -457,7 +494,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
             [r and r.config for r in slots], [r and os.path.join(workdir, r.workdir)
                                               for r in slots],
             dataset, model, programs=programs, on_rounds=bar.update, note=write,
-            devices=sweep.devices)
+            devices=sweep.devices, attacks=families[cell.name])
         for run, result in zip(slots, results):
           if run is None:
             continue

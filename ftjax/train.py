@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -113,6 +113,9 @@ class Setup:
   mesh: Optional[Mesh] = None  # the workers' gradients are split over it; None: one device
   builtin_model: bool = True   # the model comes from models.MODELS (not the user's own)
   aggregation: str = "replicated"  # config.mesh.aggregation: the aggregator's layout on the mesh
+  # The attacks one compiled round serves (a sweep's cells that differ only in
+  # their attack), chosen by DeviceData.attack; empty: the round runs ``attack``.
+  attacks: tuple = ()
 
   @property
   def num_honest(self) -> int:
@@ -165,7 +168,7 @@ def _check_ints(c) -> None:
 
 
 def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset] = None,
-          model: Optional[nn.Module] = None) -> Setup:
+          model: Optional[nn.Module] = None, *, attacks: Sequence[str] = ()) -> Setup:
   """Validates ``config`` and builds the static parts of a run.
 
   Args:
@@ -175,6 +178,12 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     model: train this Flax module instead of ``config.model.name``. It is
       called as ``model.apply(variables, x, train=...)`` on NHWC float inputs
       and returns logits; BatchNorm-style state lives in ``"batch_stats"``.
+    attacks: attack names, ``config.attack.name`` among them, for one compiled
+      round that serves all of them (:func:`attack_family`): the round picks
+      the run's attack with ``lax.switch`` on ``DeviceData.attack``, so runs
+      that differ only in their attack share one compilation. Each attack
+      takes its options from ``config.attack.options``. Empty: the round
+      runs ``config.attack.name`` alone.
 
   Returns:
     The :class:`Setup`.
@@ -223,8 +232,8 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     aggregator = aggregators_lib.make_aggregator(
         _aggregator_spec(c), declared_f, num_workers=w, options=_to_dict(c.aggregator.options),
         kernels=c.kernels)
-    attack = attacks_lib.make_attack(c.attack.name, **_to_dict(c.attack.options.get(
-        attacks_lib.canonical_name(c.attack.name), None)))
+    attack = _make_attack(c, c.attack.name)
+    family = _attack_family(c, attack, attacks, aggregation)
     worker_tx = estimators.make_estimator(c.optim)
     server_tx = optim.make_server_optimizer(c.optim)
     if model is None and c.model.name not in models_lib.MODELS:  # before loading any data
@@ -254,7 +263,53 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   return Setup(config=c, dataset=dataset, model=model, worker_tx=worker_tx,
                server_tx=server_tx, aggregator=aggregator, attack=attack,
                num_workers=w, num_byzantine=f, batch_size=b, dtype=dtype,
-               partition=partition, mesh=mesh, builtin_model=builtin, aggregation=aggregation)
+               partition=partition, mesh=mesh, builtin_model=builtin, aggregation=aggregation,
+               attacks=family)
+
+
+def _make_attack(c, name: str) -> attacks_lib.Attack:
+  return attacks_lib.make_attack(name, **_to_dict(c.attack.options.get(
+      attacks_lib.canonical_name(name), None)))
+
+
+def _attack_family(c, attack: attacks_lib.Attack, names: Sequence[str],
+                   aggregation: str) -> tuple:
+  """The attacks of one compiled round (``build(attacks=...)``), or () for ``attack`` alone."""
+  family = tuple(dict.fromkeys(_make_attack(c, name) for name in names))
+  if len(family) < 2:
+    if family and family != (attack,):
+      raise ConfigError(f"build(attacks={list(names)}) must include the run's own attack "
+                        f"{c.attack.name!r}.")
+    return ()
+  if attack not in family:
+    raise ConfigError(f"build(attacks={list(names)}) must include the run's own attack "
+                      f"{c.attack.name!r}.")
+  if len({a.uses_own_updates for a in family}) > 1:
+    raise ConfigError(f"The attacks {[a.name for a in family]} cannot share one round: some "
+                      f"send the Byzantine workers' own updates and some do not, so their "
+                      f"rounds compute different workers (attack_family groups them apart).")
+  if aggregation == "sharded":
+    raise ConfigError("Attacks share one round only in the replicated layout "
+                      "(mesh.aggregation='replicated').")
+  return family
+
+
+def attack_family(names: Sequence[str], num_honest: Optional[int] = None
+                  ) -> list[tuple[str, ...]]:
+  """Groups attack names into the families that can share one compiled round.
+
+  Attacks that send the Byzantine workers' own updates (``none``, ``lf``,
+  ``sf``) and omniscient ones compute different workers, so they never share
+  a round; every other pair can (``build(attacks=...)``). An attack that
+  needs more than ``num_honest`` honest rows stays alone, so that its error
+  cannot stop the others' round. Order is kept.
+  """
+  groups = {}
+  for name in names:
+    attack = attacks_lib.make_attack(name)
+    alone = num_honest is not None and attack.min_honest > num_honest
+    groups.setdefault(name if alone else attack.uses_own_updates, []).append(name)
+  return [tuple(g) for g in groups.values()]
 
 
 def _check_batch_stats_mode(mode: str, builtin: bool) -> None:
@@ -383,15 +438,19 @@ class DeviceData(NamedTuple):
   labels: jax.Array   # int32 [N]
   table: Optional[jax.Array] = None  # int32 [W, S] per-worker shards (non-i.i.d.), or None
   sizes: Optional[jax.Array] = None  # int32 [W] shard sizes
+  attack: Optional[jax.Array] = None  # int32 []: the run's attack in Setup.attacks, or None
 
 
 def make_device_data(setup: Setup) -> DeviceData:
   """Puts the training split (and the per-worker partition, if any) on device."""
   ds, partition = setup.dataset, setup.partition
   images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+  attack = (jnp.asarray(setup.attacks.index(setup.attack), jnp.int32) if setup.attacks
+            else None)
   if partition is None:
-    return DeviceData(images, labels)
-  return DeviceData(images, labels, jnp.asarray(partition.table), jnp.asarray(partition.sizes))
+    return DeviceData(images, labels, attack=attack)
+  return DeviceData(images, labels, jnp.asarray(partition.table), jnp.asarray(partition.sizes),
+                    attack)
 
 
 def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int) -> jax.Array:
@@ -546,7 +605,10 @@ def make_train_step(setup: Setup) -> Callable:
       x = data_lib.augment_crop_flip(jax.random.fold_in(_purpose_key(state, _KEY_AUGMENT), step), x)
     x = data_lib.preprocess(x, ds.mean, ds.std, setup.dtype)
     y = data.labels[idx]
-    if f and setup.attack.flips_labels:
+    if f and setup.attacks and any(a.flips_labels for a in setup.attacks):
+      flips = jnp.asarray([a.flips_labels for a in setup.attacks])[data.attack]
+      y = y.at[h:].set(jnp.where(flips, attacks_lib.flip_labels(y[h:], ds.num_classes), y[h:]))
+    elif f and not setup.attacks and setup.attack.flips_labels:
       y = y.at[h:].set(attacks_lib.flip_labels(y[h:], ds.num_classes))
 
     if sharded_round is not None:
@@ -567,7 +629,12 @@ def make_train_step(setup: Setup) -> Callable:
       if f:
         own = jax.tree.map(lambda u: u[h:], updates) if setup.attack.uses_own_updates else None
         key = jax.random.fold_in(_purpose_key(state, _KEY_ATTACK), step)
-        byzantine = setup.attack(honest, own, key, attack_ctx)
+        if setup.attacks:  # one round for several runs' attacks: this run's, by index
+          byzantine = jax.lax.switch(
+              data.attack, [functools.partial(a, ctx=attack_ctx) for a in setup.attacks],
+              honest, own, key)
+        else:
+          byzantine = setup.attack(honest, own, key, attack_ctx)
         rows = jax.tree.map(lambda a, z: jnp.concatenate([a, z.astype(a.dtype)]), honest,
                             byzantine)
       else:
@@ -749,7 +816,7 @@ def _cost(compiled) -> tuple[float, float]:
 
 def _run_data_axes(data: DeviceData):
   """vmap axes of the data over a runs axis: shared, except a per-run partition."""
-  return None if data.table is None else DeviceData(None, None, 0, 0)
+  return None if data.table is None else DeviceData(None, None, 0, 0, None)
 
 
 def compile_lowered(lowered, programs: Optional[dict] = None):
@@ -1168,7 +1235,7 @@ def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset
                model: Optional[nn.Module] = None, *, programs: Optional[dict] = None,
                on_rounds: Optional[Callable[[int], None]] = None,
                note: Optional[Callable[[str], None]] = None,
-               devices: int = 1) -> list[Optional[RunResult]]:
+               devices: int = 1, attacks: Sequence[str] = ()) -> list[Optional[RunResult]]:
   """Runs (or resumes) R runs of one config that differ only in their seed, as one program.
 
   The runs' states are stacked on a leading runs axis and the round is
@@ -1203,6 +1270,9 @@ def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset
       one device). Each device then trains R / devices of the runs, vmapped;
       R must be a multiple of the device count, and each run's own
       ``config.devices`` must be 1 (a run lives on one device).
+    attacks: compile the round for these attacks (:func:`build`), so that
+      calls for runs that differ only in their attack (one of these) share
+      one compiled program through ``programs``.
 
   Returns:
     A :class:`RunResult` per slot (None for empty slots).
@@ -1217,14 +1287,14 @@ def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset
   note = note or (lambda message: print(message, file=sys.stderr))
   with x64:
     return _train_runs(configs, workdirs, dataset, model, programs, on_rounds or (lambda n: None),
-                       note, runs_mesh(devices))
+                       note, runs_mesh(devices), tuple(attacks))
 
 
 def _without_seed(config) -> dict:
   return {k: v for k, v in json.loads(config.to_json()).items() if k != "seed"}
 
 
-def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, mesh):
+def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, mesh, attacks):
   num_slots = len(configs)
   if mesh is not None and num_slots % mesh.devices.size:
     raise ValueError(f"{num_slots} runs cannot be spread evenly over {mesh.devices.size} "
@@ -1238,7 +1308,7 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
       _check_workdir(workdirs[i])
       _check_resume_config(workdirs[i], config)
       shared = dataset if dataset is not None or not setups else next(iter(setups.values())).dataset
-      setups[i] = build(config, shared, model)
+      setups[i] = build(config, shared, model, attacks=attacks)
     except ConfigError as e:
       results[i] = RunResult(workdirs[i], {}, e)
   live = list(setups)

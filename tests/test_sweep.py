@@ -97,6 +97,7 @@ def test_expansion_is_grid_times_cells_times_seeds():
     ({"cells": [{"attack.name": "sf"}, {"attack.name": "sf"}]}, "is the same setting"),
     ({"grid": [("seed", [1, 2])]}, "sweep.seeds"),
     ({"base": "configs/nope.py"}, "'configs/nope.py' does not exist"),
+    ({"share_programs": "yes"}, "sweep.share_programs must be True or False"),
 ])
 def test_bad_sweep_configs_give_one_line_naming_the_field(change, message):
   s = spec()
@@ -310,6 +311,41 @@ def test_interrupted_sweep_resumes_to_the_same_metrics(tmp_path, monkeypatch):
   with pytest.raises(train.ConfigError, match="seeds"):
     sweep_lib.run_sweep(spec(grid=[("attack.name", ["alie", "sf"])], seeds=(1, 2, 3)),
                         parts, progress=False, programs=PROGRAMS, write=lambda line: None)
+
+
+def test_cells_that_differ_only_in_the_attack_share_one_program(tmp_path):
+  # alie and ipm are omniscient, sf and lf send the Byzantine workers' own updates
+  # (lf on flipped labels): two families, so two chunk programs instead of four.
+  s = spec(grid=[("attack.name", ["alie", "ipm", "sf", "lf"])], seeds=(1,), num_steps=10)
+  assert sorted(set(sweep_lib.attack_families(sweep_lib.expand(s), {}).values())) == [
+      ("alie", "ipm"), ("sf", "lf")]
+  quiet = {"progress": False, "write": lambda line: None}
+  shared = sweep_lib.run_sweep(s, str(tmp_path / "shared"), programs={}, **quiet)
+  s.share_programs = False
+  alone = sweep_lib.run_sweep(s, str(tmp_path / "alone"), programs={}, **quiet)
+  # Either way: one evaluation program, and one initialisation per family (the
+  # workers' state has a row per computed worker: 4 for alie and ipm, 5 for sf and lf).
+  assert (shared["compilations"], alone["compilations"]) == (3 + 2, 3 + 4)
+  dirs_shared, dirs_alone = _run_dirs(str(tmp_path / "shared")), _run_dirs(str(tmp_path / "alone"))
+  losses = []
+  for key, path in dirs_alone.items():
+    a, b = _rows(path), _rows(dirs_shared[key])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [10]
+    for key_ in ("train_loss", "test_loss", "aggregate_norm"):
+      assert b[-1][key_] == pytest.approx(a[-1][key_], rel=1e-5), (key, key_)
+    losses.append(a[-1]["train_loss"])
+  assert len(set(losses)) == 4  # each cell ran its own attack
+
+
+def test_a_shared_round_refuses_attacks_it_cannot_serve():
+  c = _tiny(1, "float32")
+  assert c.attack.name == "sf"
+  with pytest.raises(train.ConfigError, match="own updates"):
+    train.build(c, attacks=["alie", "sf"])
+  with pytest.raises(train.ConfigError, match="own attack"):
+    train.build(c, attacks=["alie", "ipm"])
+  assert train.build(c, attacks=["sf"]).attacks == ()
+  assert [a.name for a in train.build(c, attacks=["lf", "sf"]).attacks] == ["lf", "sf"]
 
 
 def test_an_impossible_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
