@@ -5,8 +5,9 @@ r"""Sweep engine speed: one sweep process against separate runs; seeds batched a
 (a) The 24 runs of configs/sweeps/default_24.py (4 attacks x 3 rules x 2 seeds of
     the default config) as one `python -m ftjax.sweep` process against the same 24
     runs as separate `python main.py` processes, one after the other; wall time of
-    each side, ratio sweep / separate. With --reps > 1 the two sides alternate
-    which goes first.
+    each side, ratio sweep / separate. A third side is the sweep with
+    share_programs=False (every cell compiles its own round). With --reps > 1 the
+    sides rotate which goes first.
 (b) In one process, R seeds of one config as one program (train.make_chunk_fn(runs=True),
     with the runs vmapped and with the runs looped inside the program) against the same
     R seeds' chunks run one after the other through the unbatched program: compiled
@@ -87,9 +88,10 @@ def sweep_vs_processes(num_steps: int, reps: int) -> list[dict]:
         wall, cpu = wall + w, cpu + c
       return wall, cpu
 
-    sides = [("sweep", lambda: _time(sweep_cmd)), ("separate", separate)]
-    if rep % 2:
-      sides.reverse()
+    sides = [("sweep", lambda: _time(sweep_cmd)), ("separate", separate),
+             ("unshared", lambda: _time([a.replace(f"{tmp}/sweep", f"{tmp}/unshared")
+                                         for a in sweep_cmd] + ["--sweep.share_programs=False"]))]
+    sides = sides[rep % 3:] + sides[:rep % 3]
     times = {}
     for name, fn in sides:
       times[name], times[name + "_cpu"] = fn()
@@ -166,7 +168,10 @@ def main(argv):
     separate_s = statistics.median(t["separate"] for t in times)
     sweep_cpu = statistics.median(t["sweep_cpu"] for t in times)
     separate_cpu = statistics.median(t["separate_cpu"] for t in times)
-    each = "; ".join(f"{t['sweep']:.0f} s / {t['separate']:.0f} s" for t in times)
+    unshared_s = statistics.median(t["unshared"] for t in times)
+    unshared_cpu = statistics.median(t["unshared_cpu"] for t in times)
+    each = "; ".join(f"{t['sweep']:.0f} s / {t['unshared']:.0f} s / {t['separate']:.0f} s"
+                     for t in times)
     lines += ["## (a) One sweep process against 24 separate runs", "",
               f"The 24 runs of `configs/sweeps/default_24.py` (attacks alie, sf, ipm, lf x "
               f"rules ctma(cwtm), ctma(cwmed), ctma(gm) x seeds 1, 2; the default config with "
@@ -174,16 +179,23 @@ def main(argv):
               f"`python -m ftjax.sweep ... --sweep.overrides.num_steps={FLAGS.num_steps}` "
               f"against 24 `python main.py --config=configs/default.py "
               f"--config.num_steps={FLAGS.num_steps} ...` processes run one after the other. "
+              f"The sweep runs as it does by default: each cell's 2 seeds in one program, "
+              f"and cells that differ only in their attack sharing one compiled round "
+              f"(6 chunk programs for the 12 cells); the same sweep with "
+              f"`--sweep.share_programs=False` compiles one per cell. "
               f"Wall time and CPU time (user + system of the child processes) of each side, "
-              f"medians of {FLAGS.reps} repetitions that alternate which side goes first "
-              f"(wall sweep / separate per repetition: {each}), including start-up and "
-              f"compilation. On a shared machine the CPU time is the steadier of the two.", "",
-              "| side | wall s | CPU s |", "|---|---|---|",
-              f"| one sweep process (2 seeds per cell in one program) | {sweep_s:.1f} | "
-              f"{sweep_cpu:.1f} |",
-              f"| 24 main.py processes | {separate_s:.1f} | {separate_cpu:.1f} |",
-              f"| ratio sweep / separate | {sweep_s / separate_s:.2f} | "
-              f"{sweep_cpu / separate_cpu:.2f} |", ""]
+              f"medians of {FLAGS.reps} repetitions that rotate which side goes first "
+              f"(wall sweep / unshared sweep / separate per repetition: {each}), including "
+              f"start-up and compilation. On a shared machine the CPU time is the steadier "
+              f"of the two.", "",
+              "| side | wall s | CPU s | wall / separate | CPU / separate |",
+              "|---|---|---|---|---|",
+              f"| one sweep process | {sweep_s:.1f} | {sweep_cpu:.1f} | "
+              f"{sweep_s / separate_s:.2f} | {sweep_cpu / separate_cpu:.2f} |",
+              f"| one sweep process, share_programs=False | {unshared_s:.1f} | "
+              f"{unshared_cpu:.1f} | {unshared_s / separate_s:.2f} | "
+              f"{unshared_cpu / separate_cpu:.2f} |",
+              f"| 24 main.py processes | {separate_s:.1f} | {separate_cpu:.1f} | 1 | 1 |", ""]
     print("\n".join(lines[-8:]), flush=True)
 
   c = default.get_config()

@@ -19,4 +19,5 @@ def get_config():
   s.cells = []
   s.seeds = (1, 2)
   s.max_batch = 8
+  s.share_programs = True  # cells that differ only in the attack share a compiled round
   return s
