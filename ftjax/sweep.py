@@ -295,11 +295,12 @@ def validate(sweep: Sweep, dataset=None, model=None) -> tuple[dict, dict]:
   """Builds every run with ``train.build`` before anything runs.
 
   Returns:
-    ``(failures, widths)``: ``{(cell, seed): one-line reason}`` for the runs
-    that cannot run, and ``{(cell, seed): shape}`` of the per-worker partition
-    of the others (None for the i.i.d. split).
+    ``(failures, widths, datasets)``: ``{(cell, seed): one-line reason}`` for
+    the runs that cannot run; for the others ``{(cell, seed): shape}`` of the
+    per-worker partition (None for the i.i.d. split) and ``{(cell, seed):
+    Dataset}``, one object per data source, loaded once.
   """
-  failures, widths, datasets = {}, {}, {}
+  failures, widths, datasets, loaded = {}, {}, {}, {}
   for cell in sweep.cells:
     for run in cell.runs:
       c = run.config
@@ -310,13 +311,14 @@ def validate(sweep: Sweep, dataset=None, model=None) -> tuple[dict, dict]:
         key = json.dumps({k: c.data[k] for k in ("name", "path", "data_dir")})
         x64 = jax.enable_x64(True) if c.dtype == "float64" else contextlib.nullcontext()
         with x64:
-          setup = train.build(c, dataset if dataset is not None else datasets.get(key), model)
-        datasets.setdefault(key, setup.dataset)
+          setup = train.build(c, dataset if dataset is not None else loaded.get(key), model)
+        loaded.setdefault(key, setup.dataset)
+        datasets[(cell.name, run.seed)] = setup.dataset
         widths[(cell.name, run.seed)] = (None if setup.partition is None
                                          else setup.partition.table.shape)
       except train.ConfigError as e:
         failures[(cell.name, run.seed)] = " ".join(str(e).split())
-  return failures, widths
+  return failures, widths, datasets
 
 
 def check_workdir(sweep: Sweep, workdir: str) -> None:
@@ -431,7 +433,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
   """
   sweep = expand(spec)
   mesh = train.runs_mesh(sweep.devices)
-  failures, widths = validate(sweep, dataset, model)
+  failures, widths, datasets = validate(sweep, dataset, model)
   check_workdir(sweep, workdir)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "sweep.json"), "w") as fh:
@@ -470,7 +472,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
 
   families = attack_families(sweep, failures)
   programs = {} if programs is None else programs
-  known = len(programs)
+  known = train.num_compiled(programs)
   batches = 0
   try:
     for cell in sweep.cells:
@@ -490,10 +492,12 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
         if not any(slots):
           continue
         batches += 1
+        loaded = next((datasets[(cell.name, r.seed)] for r in slots
+                       if r is not None and (cell.name, r.seed) in datasets), None)
         results = train.train_runs(
             [r and r.config for r in slots], [r and os.path.join(workdir, r.workdir)
                                               for r in slots],
-            dataset, model, programs=programs, on_rounds=bar.update, note=write,
+            loaded, model, programs=programs, on_rounds=bar.update, note=write,
             devices=sweep.devices, attacks=families[cell.name])
         for run, result in zip(slots, results):
           if run is None:
@@ -511,9 +515,9 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     raise
   bar.close()
   csv_path, md_path = results_lib.write_results(workdir)
-  write(f"Compiled {len(programs) - known} programs (initialisation, chunks, evaluation) "
+  write(f"Compiled {train.num_compiled(programs) - known} programs (initialisation, chunks, evaluation) "
         f"for {batches} batches of runs; results in {csv_path} and {md_path}.")
-  return {"compilations": len(programs) - known, "status": status}
+  return {"compilations": train.num_compiled(programs) - known, "status": status}
 
 
 def main(argv):

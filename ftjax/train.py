@@ -835,6 +835,15 @@ def compile_lowered(lowered, programs: Optional[dict] = None):
   return programs[key]
 
 
+def num_compiled(programs: dict) -> int:
+  """The executables in a ``programs`` dict (:func:`compile_lowered`).
+
+  :func:`train_runs` also keeps its traced chunk functions there, under tuple
+  keys; they are not compilations.
+  """
+  return sum(isinstance(key, str) for key in programs)
+
+
 def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
                   programs: Optional[dict] = None,
                   vectorize_runs: Optional[bool] = None) -> Callable:
@@ -1262,7 +1271,9 @@ def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset
     dataset: optional in-memory dataset overriding ``config.data``.
     model: optional Flax module overriding ``config.model.name``.
     programs: a dict the caller keeps across calls, so that identical programs
-      compile once (:func:`compile_lowered`); its size counts the compilations.
+      compile once (:func:`compile_lowered`; :func:`num_compiled` counts them),
+      and calls for the same round (configs equal but the seed, and the attack
+      within ``attacks``, on the same dataset object) skip tracing it again.
     on_rounds: called with a number of rounds each time runs advance (summed
       over the runs), first with the rounds restored from checkpoints.
     note: receives one-line messages (resumes, divergences); default: stderr.
@@ -1380,8 +1391,21 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
       train_data = train_data._replace(table=spread(train_data.table),
                                        sizes=spread(train_data.sizes))
     eval_data = sharding.replicate(mesh, make_eval_data(first.dataset, c.data.eval_batch_size))
-  chunk_fn = make_chunk_fn(first, c.loop, runs=True, programs=programs,
-                           vectorize_runs=True if mesh is not None else None)
+  # Tracing the round takes seconds; a call for the same round reuses the traced function.
+  trace_key = None
+  if programs is not None:
+    fields = _without_seed(c)
+    if attacks:  # the attack is an index the round reads
+      fields["attack"] = {k: v for k, v in fields["attack"].items() if k != "name"}
+    trace_key = ("chunk_fn", json.dumps(fields, sort_keys=True), attacks, num_slots,
+                 id(first.dataset), id(model),
+                 None if mesh is None else tuple(d.id for d in mesh.devices.flat))
+  chunk_fn = programs.get(trace_key) if trace_key else None
+  if chunk_fn is None:
+    chunk_fn = make_chunk_fn(first, c.loop, runs=True, programs=programs,
+                             vectorize_runs=True if mesh is not None else None)
+    if trace_key:
+      programs[trace_key] = chunk_fn
   evaluate = compile_lowered(jax.jit(jax.vmap(make_eval_fn(first), in_axes=(0, 0, None))).lower(
       states.params, states.batch_stats, eval_data), programs)
   rows = {i: reporters[i].rows[-1] if reporters[i].rows else {} for i in live}

@@ -201,7 +201,7 @@ def test_a_second_batch_of_the_same_cell_reuses_the_compiled_programs(tmp_path):
   programs = PROGRAMS
   batched = train.train_runs(configs[:2], [str(tmp_path / "1"), str(tmp_path / "2")],
                              programs=programs)
-  compiled = len(programs)
+  compiled = train.num_compiled(programs)
   # float32: batched and separate runs agree to rounding.
   alone = train.train_and_evaluate(configs[0], str(tmp_path / "alone"))
   for a, b in zip(jax.tree.leaves(alone.state.params), jax.tree.leaves(batched[0].state.params)):
@@ -218,7 +218,7 @@ def test_a_second_batch_of_the_same_cell_reuses_the_compiled_programs(tmp_path):
   finally:
     logging.getLogger("jax").removeHandler(handler)
   assert last[1] is None and last[0].error is None and last[0].metrics["step"] == 20
-  assert len(programs) == compiled
+  assert train.num_compiled(programs) == compiled
   names = _compiled_names(records)
   assert not [n for n in names if "scan_chunk" in n or "one_round" in n or "evaluate" in n
               or "init_states" in n], names
@@ -313,19 +313,24 @@ def test_interrupted_sweep_resumes_to_the_same_metrics(tmp_path, monkeypatch):
                         parts, progress=False, programs=PROGRAMS, write=lambda line: None)
 
 
-def test_cells_that_differ_only_in_the_attack_share_one_program(tmp_path):
+def test_cells_that_differ_only_in_the_attack_share_one_program(tmp_path, monkeypatch):
   # alie and ipm are omniscient, sf and lf send the Byzantine workers' own updates
   # (lf on flipped labels): two families, so two chunk programs instead of four.
   s = spec(grid=[("attack.name", ["alie", "ipm", "sf", "lf"])], seeds=(1,), num_steps=10)
   assert sorted(set(sweep_lib.attack_families(sweep_lib.expand(s), {}).values())) == [
       ("alie", "ipm"), ("sf", "lf")]
   quiet = {"progress": False, "write": lambda line: None}
+  traced = []
+  make_chunk_fn = train.make_chunk_fn
+  monkeypatch.setattr(train, "make_chunk_fn", lambda *a, **k: traced.append(1) or
+                      make_chunk_fn(*a, **k))
   shared = sweep_lib.run_sweep(s, str(tmp_path / "shared"), programs={}, **quiet)
   s.share_programs = False
   alone = sweep_lib.run_sweep(s, str(tmp_path / "alone"), programs={}, **quiet)
   # Either way: one evaluation program, and one initialisation per family (the
   # workers' state has a row per computed worker: 4 for alie and ipm, 5 for sf and lf).
   assert (shared["compilations"], alone["compilations"]) == (3 + 2, 3 + 4)
+  assert len(traced) == 2 + 4  # the second cell of a family reuses the traced round too
   dirs_shared, dirs_alone = _run_dirs(str(tmp_path / "shared")), _run_dirs(str(tmp_path / "alone"))
   losses = []
   for key, path in dirs_alone.items():
