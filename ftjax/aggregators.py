@@ -269,15 +269,43 @@ def _krum_scores(dist: jax.Array, f: int) -> jax.Array:
   return rows.nan_to_posinf(jnp.sum(nearest, axis=1))
 
 
-def _multikrum(x, key, *, f, num_selected):
-  """Mean of the num_selected rows (default W - f) with the smallest Krum scores."""
+def _sqdist_to_combination(dist: jax.Array, weights: jax.Array, finite: jax.Array) -> jax.Array:
+  """|x_i - sum_j w_j x_j|^2 for every row i, from the pairwise squared distances D.
+
+  For weights summing to one, ``sum_j w_j D_ij - (1/2) sum_jl w_j w_l D_jl``
+  (the variance decomposition around the weighted mean), so no pass over the
+  rows is needed. For a single selected row k it is exactly column k of D.
+  Rows of weight zero do not enter the sums (their +inf distances cannot turn
+  into NaN). As with a distance pass, a non-finite row is +inf away, and
+  every row is when a weighted row is non-finite.
+  """
+  used = weights > 0
+  to_points = jnp.sum(jnp.where(used[None, :], weights[None, :] * dist, 0.0), axis=1)
+  spread = 0.5 * jnp.sum(jnp.where(used, weights * to_points, 0.0))
+  r = jnp.maximum(to_points - spread, 0.0)
+  return jnp.where(finite & jnp.all(finite | ~used), r, jnp.inf)
+
+
+def _multikrum_with_distances(x, key, *, f, num_selected):
+  """multikrum, and every row's squared distance to its output (for ctma), from its Gram matrix."""
   del key
   w = _num_rows(x)
   m = w - f if num_selected is None else num_selected
-  dist, _, _, _ = _centered_gram(x)
+  dist, _, _, finite = _centered_gram(x)
   idx = _smallest_indices(_krum_scores(dist, f), m)
   chosen = jnp.zeros(w, bool).at[idx].set(True)
-  return _mean_of(x, idx), {"krum_selected": chosen}
+  r = _sqdist_to_combination(dist, jnp.where(chosen, 1.0 / m, 0.0).astype(dist.dtype), finite)
+  return _mean_of(x, idx), {"krum_selected": chosen}, r
+
+
+def _multikrum(x, key, *, f, num_selected):
+  """Mean of the num_selected rows (default W - f) with the smallest Krum scores."""
+  out, diag, _ = _multikrum_with_distances(x, key, f=f, num_selected=num_selected)
+  return out, diag
+
+
+def _krum_with_distances(x, key, *, f):
+  return _multikrum_with_distances(x, key, f=f, num_selected=1)
 
 
 def _krum(x, key, *, f):
@@ -351,11 +379,20 @@ def _ctma(inner: RuleFn, x, key, *, f, keep_ties):
   With ``keep_ties`` (the original program's variant) S holds every row at a
   distance up to the (W-f)-th smallest, ties at the cut-off included, and the
   result is ``x0 + (1/(W-f)) sum_{i in S} (x_i - x0)``.
+
+  A rule that already knows every row's squared distance to its output
+  (krum and multikrum, from their pairwise distances; see
+  :meth:`Aggregator._apply_with_distances`) hands it over, and the distance
+  pass over the rows is skipped.
   """
+  with_distances = getattr(inner, "with_distances", None)
+  if with_distances is None:
+    with_distances = lambda v, k: (*inner(v, k), None)
   # The centre feeds the distance pass over the rows: its own computation.
-  x0, diag = rows.isolate(lambda v: inner(v, key), x)
+  x0, diag, r = rows.isolate(lambda v: with_distances(v, key), x)
   w = _num_rows(x)
-  r = _row_sqdist(x, x0)
+  if r is None:
+    r = _row_sqdist(x, x0)
   if keep_ties:
     kept = r <= jnp.sort(r)[w - f - 1]
     scale = jnp.full((w,), 1.0 / (w - f))
@@ -568,7 +605,21 @@ class Aggregator:
       info = _TABLE[self.name]
       if self.inner is None:
         return info.body(x, key, f=self.f, **dict(self.options))
-      return info.body(self.inner._apply, x, key, f=self.f, **dict(self.options))
+      return info.body(_InnerRule(self.inner), x, key, f=self.f, **dict(self.options))
+
+  def _apply_with_distances(self, x: PyTree, key: jax.Array | None
+                            ) -> tuple[PyTree, Diagnostics, jax.Array | None]:
+    """:meth:`_apply`, plus every row's squared distance [W] to the aggregate, or None.
+
+    The distances come from rules that compute them anyway (the pairwise
+    distances of krum and multikrum); for any other rule they are None and a
+    caller that needs them makes its own pass over the rows.
+    """
+    info = _TABLE.get(self.name) if self.fn is None and self.inner is None else None
+    if info is None or info.with_distances is None:
+      return (*self._apply(x, key), None)
+    with kernels_lib.use(self.kernels):
+      return info.with_distances(x, key, f=self.f, **dict(self.options))
 
   def _rows_needed(self, num_workers: int, robust: bool) -> list[tuple[str, int, int, str]]:
     """(name, rows it sees, least rows it needs, condition) for each layer."""
@@ -682,6 +733,24 @@ class Aggregator:
       return (agg, diagnostics), AggregatorState(key=state.key, count=state.count + 1)
 
     return optax_aggregating.Aggregator(init=init_fn, update=update_fn)
+
+
+class _InnerRule:
+  """The rule a meta-aggregator wraps, as a :data:`RuleFn`.
+
+  Calling it runs the inner rule; ``with_distances`` also returns every row's
+  squared distance to its output where the rule knows them (else None).
+  """
+
+  def __init__(self, agg: Aggregator):
+    self._agg = agg
+
+  def __call__(self, x: PyTree, key: jax.Array | None) -> tuple[PyTree, Diagnostics]:
+    return self._agg._apply(x, key)
+
+  def with_distances(self, x: PyTree, key: jax.Array | None
+                     ) -> tuple[PyTree, Diagnostics, jax.Array | None]:
+    return self._agg._apply_with_distances(x, key)
 
 
 def _takes_key(fn: Callable) -> bool:
@@ -999,14 +1068,18 @@ class RuleInfo(NamedTuple):
   min_rows: Callable[[int, Mapping[str, Any]], int]    # f, options -> least W computable
   robust_rows: Callable[[int, Mapping[str, Any]], int]  # least W it is meant for
   requirement: str                     # the robust condition, in words
+  # Base rules only, optional: (x, key, *, f, **options) -> (aggregate, diag,
+  # [W] squared distance of every row to the aggregate), for rules that know
+  # those distances without another pass over the rows (ctma uses them).
+  with_distances: Optional[Callable[..., Any]] = None
 
 
-def _info(build, body, min_rows, robust_rows, requirement) -> RuleInfo:
+def _info(build, body, min_rows, robust_rows, requirement, with_distances=None) -> RuleInfo:
   # The builder's keyword defaults are the one source of each option's default.
   defaults = {name: p.default for name, p in inspect.signature(build).parameters.items()
               if name not in ("inner", "f")}
   return RuleInfo(build, body, types.MappingProxyType(defaults), min_rows, robust_rows,
-                  requirement)
+                  requirement, with_distances)
 
 
 def _half(f, o):
@@ -1026,11 +1099,13 @@ AGGREGATORS: dict[str, RuleInfo] = {
     "cwmed": _info(cwmed, _cwmed, _any, _half, "W > 2f"),
     "cwtm": _info(cwtm, _cwtm, _half, _half, "W > 2f"),
     "gm": _info(gm, _gm, _any, _half, "W > 2f"),
-    "krum": _info(krum, _krum, lambda f, o: f + 2, lambda f, o: 2 * f + 3, "W > 2f + 2"),
+    "krum": _info(krum, _krum, lambda f, o: f + 2, lambda f, o: 2 * f + 3, "W > 2f + 2",
+                  with_distances=_krum_with_distances),
     "multikrum": _info(multikrum, _multikrum,
                        lambda f, o: max(f + 2, o["num_selected"] or 0),
                        lambda f, o: max(2 * f + 3, o["num_selected"] or 0),
-                       "W > 2f + 2 (and W >= num_selected)"),
+                       "W > 2f + 2 (and W >= num_selected)",
+                       with_distances=_multikrum_with_distances),
     "centered_clipping": _info(centered_clipping, _centered_clipping, _any, _half, "W > 2f"),
     "meamed": _info(meamed, _meamed, _above, _half, "W > 2f"),
 }

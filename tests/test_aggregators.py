@@ -351,7 +351,7 @@ def _offset_rows(n, seed, offset=1000.0):
 # n: 20 one reduction; 75 slices in groups (4, 4, 1) plus a 3-column tail; 203
 # above SQDIST_MAX_SLICES, 16 long slices plus a tail.
 @pytest.mark.parametrize("n", [20, 75, 203])
-@pytest.mark.parametrize("base", ["cwtm", "cwmed", "avg", "gm"])
+@pytest.mark.parametrize("base", ["cwtm", "cwmed", "avg", "gm", "krum", "multikrum"])
 def test_ctma_long_rows_match_float64_with_common_offset(small_slices, base, n):
   x = _offset_rows(n, seed=n)
   x0, _ = call(base, jnp.asarray(x))
@@ -384,6 +384,101 @@ def test_ctma_long_rows_exact_count_with_ties_and_faulty_rows(small_slices, n):
     keep = 7 if name == "far" else W - F
     assert list(np.flatnonzero(diag["ctma_kept"])) == list(range(keep)), name
     np.testing.assert_allclose(out, x[:W - F].mean(0), rtol=1e-6, err_msg=name)
+
+
+def np_multikrum(x, f, m):
+  """(mean of the m rows with the smallest Krum scores, their indices), NaN-safe, in NumPy."""
+  w = len(x)
+  finite = np.all(np.isfinite(x), axis=1)
+  with np.errstate(invalid="ignore", over="ignore"):
+    dist = np.sum((x[:, None] - x[None]) ** 2, axis=2)
+  dist[~(finite[:, None] & finite[None, :])] = np.inf
+  np.fill_diagonal(dist, np.inf)  # a row is not its own neighbour
+  scores = np.sort(dist, axis=1)[:, :w - f - 1].sum(1)
+  idx = np.sort(np.argsort(scores, kind="stable")[:m])
+  return x[idx].mean(0), idx
+
+
+def np_ctma(x, x0, f, keep_ties):
+  """(aggregate, bool kept) of CTMA around x0, non-finite rows infinitely far, in NumPy."""
+  w = len(x)
+  with np.errstate(invalid="ignore", over="ignore"):
+    r = np.sum((x - x0) ** 2, axis=1)
+  r[np.isnan(r)] = np.inf
+  if keep_ties:
+    kept = r <= np.sort(r)[w - f - 1]
+    return x0 + (x[kept] - x0).sum(0) / (w - f), kept
+  kept = np.zeros(w, bool)
+  kept[np.argsort(r, kind="stable")[:w - f]] = True
+  return x[kept].mean(0), kept
+
+
+def _tie_at_cutoff(spec_m, w, f, seed):
+  """float64 [w, 7] rows where two identical rows sit at CTMA's cut-off around
+  the (multi)krum centre: ranks W-f-1 and W-f of the distances."""
+  for attempt in range(200):
+    rng = np.random.default_rng(seed + 1000 * attempt)
+    x = rng.standard_normal((w, 7))
+    x0, _ = np_multikrum(x, f, spec_m)
+    order = np.argsort(np.sum((x - x0) ** 2, axis=1), kind="stable")
+    x[order[w - f]] = x[order[w - f - 1]]
+    x0, _ = np_multikrum(x, f, spec_m)
+    r = np.sum((x - x0) ** 2, axis=1)
+    ranks = np.argsort(r, kind="stable")
+    a, b = ranks[w - f - 1], ranks[w - f]
+    if np.array_equal(x[a], x[b]) and not np.array_equal(x[a], x0):
+      return x
+  raise AssertionError("no rows with a tie at the cut-off")
+
+
+@pytest.mark.parametrize("keep_ties", [False, True])
+@pytest.mark.parametrize("spec,m", [("krum", 1), ("multikrum", 11 - 2), ("multikrum", 3)])
+@pytest.mark.parametrize("variant", ["tie", "faulty", "leaves"])
+def test_ctma_of_krum_matches_numpy(spec, m, keep_ties, variant):
+  # ctma(krum) and ctma(multikrum) take the rows' distances to the centre from
+  # krum's pairwise distances, not from a pass over the rows: the kept rows and
+  # the aggregate must still be those of a plain float64 NumPy CTMA, with two
+  # identical rows at the cut-off, with NaN and inf rows, and over a pytree.
+  w, f = 11, 2
+  x = _tie_at_cutoff(m, w, f, seed=m + 17 * keep_ties)
+  if variant == "faulty":
+    x[0, 3] = np.nan
+    x[5] = -np.inf
+  x0, _ = np_multikrum(x, f, m)
+  expected, kept = np_ctma(x, x0, f, keep_ties)
+  if variant == "faulty":
+    assert not kept[0] and not kept[5]
+  if variant == "tie":
+    r = np.sum((x - x0) ** 2, axis=1)
+    assert np.sum(r == np.sort(r)[w - f - 1]) >= 2  # the tie really is at the cut-off
+  options = {"ctma": {"keep_ties": keep_ties}, "multikrum": {"num_selected": m}}
+  with jax.enable_x64(True):
+    if variant == "leaves":  # columns 0-2 as one leaf, 3-6 as a [2, 2] leaf
+      rows_in = {"a": jnp.asarray(x[:, :3]), "b": {"c": jnp.asarray(x[:, 3:].reshape(w, 2, 2))}}
+    else:
+      rows_in = jnp.asarray(x)
+    out, diag = jax.jit(make(f"ctma({spec})", f, options=options).__call__)(rows_in)
+  got = flat_agg(out) if variant == "leaves" else np.asarray(out)
+  np.testing.assert_array_equal(np.asarray(diag["ctma_kept"]), kept)
+  np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec,passes", [("ctma(krum)", 0), ("ctma(multikrum)", 0),
+                                         ("ctma(cwtm)", 1), ("ctma(avg)", 1)])
+def test_ctma_distance_passes(monkeypatch, spec, passes):
+  # Distances of the rows to a point (a pass over the rows): ctma makes one to
+  # its centre unless the inner rule knows them (krum's pairwise distances).
+  calls = []
+  real = agg_lib._row_sqdist
+
+  def counting(x, center=None):
+    calls.append(center is not None)
+    return real(x, center)
+
+  monkeypatch.setattr(agg_lib, "_row_sqdist", counting)
+  x = jax.random.normal(jax.random.key(5), (W, 6))
+  jax.make_jaxpr(make(spec).__call__)(x)
+  assert sum(calls) == passes
 
 
 def test_centered_gram_sliced_matches_float64(small_slices):

@@ -53,6 +53,9 @@ def _specs() -> list[tuple[str, dict]]:
       ("centered_clipping", {"centered_clipping": {"tau": 1.0, "iters": 3, "init": "mean"}}),
       ("cwmed", {"cwmed": {"lower": True}}),
       ("bucketing(nnm+ctma(krum))", {}),
+      # ctma takes the distances to its centre from krum's pairwise distances.
+      ("ctma(krum)", {}),
+      ("ctma(multikrum)", {"ctma": {"keep_ties": True}}),
   ]
   return specs
 
@@ -70,7 +73,8 @@ _CASES = {
     "w9_f64": (9, 4, "float64", False, "plain", _base_and("gm")),
     "w17_f32": (17, 8, "float32", False, "plain", _base_and("gm")),
     "w17_faulty": (17, 8, "float64", True, "plain",
-                   [s for s in _base_and("cwtm") if s[0] != "avg"]),  # the mean is not robust
+                   [s for s in _base_and("cwtm") if s[0] != "avg"]  # the mean is not robust
+                   + [("ctma(multikrum)", {})]),
     "w17_cpu_kernels": (17, 8, "float64", False, "auto",
                         [(n, {}) for n in ("cwtm", "meamed", "krum", "ctma(cwtm)", "nnm(cwtm)")]),
 }
