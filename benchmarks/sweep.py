@@ -9,7 +9,7 @@ r"""Sweep engine speed: one sweep process against separate runs; seeds batched a
     share_programs=False (every cell compiles its own round). With --reps > 1 the
     sides rotate which goes first.
 (b) In one process, R seeds of one config as one program (train.make_chunk_fn(runs=True),
-    with the runs vmapped and with the runs looped inside the program) against the same
+    with the runs vmapped, looped inside the program and unrolled) against the same
     R seeds' chunks run one after the other through the unbatched program: compiled
     first, then interleaved timed repetitions; medians; speed-up = time in turn / time
     in the program of R runs. For the default config (digits) and simple_mnist on
@@ -44,12 +44,15 @@ from ftjax import train  # pylint: disable=g-import-not-at-top
 from ftjax.kernels import layers  # pylint: disable=g-import-not-at-top
 from synthetic import synthetic_dataset  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
+LAYOUTS = layers.RUNS_LAYOUTS  # make_chunk_fn(runs=True, runs_layout=...)
+
 flags.DEFINE_integer("num_steps", 100, "Rounds per run in (a), both sides (the default "
                      "config has 600).")
 flags.DEFINE_integer("reps", 1, "Repetitions of (a), alternating which side goes first.")
 flags.DEFINE_integer("batch_reps", 5, "Timed repetitions of each side in (b).")
 flags.DEFINE_string("out", "docs/benchmarks/sweep.md", "Markdown output.")
 flags.DEFINE_bool("skip_processes", False, "Only part (b).")
+flags.DEFINE_bool("skip_batching", False, "Only part (a).")
 FLAGS = flags.FLAGS
 
 
@@ -102,14 +105,10 @@ def sweep_vs_processes(num_steps: int, reps: int) -> list[dict]:
   return out
 
 
-def _batched_program(setup, loop, stacked, data, length, vectorize: bool):
-  """The runs=True chunk with the runs vmapped (True) or looped inside the program."""
-  default = layers.vectorize_runs
-  layers.vectorize_runs = lambda: vectorize  # read while the chunk is traced and compiled
-  try:
-    return train.make_chunk_fn(setup, loop, runs=True)(stacked, data, length).run
-  finally:
-    layers.vectorize_runs = default
+def _batched_program(setup, loop, stacked, data, length, layout: str):
+  """The runs=True chunk with the runs in ``layout`` (make_chunk_fn's runs_layout)."""
+  return train.make_chunk_fn(setup, loop, runs=True, runs_layout=layout)(
+      stacked, data, length).run
 
 
 def batched_vs_in_turn(config, dataset, num_runs: int, length: int, reps: int) -> dict:
@@ -119,9 +118,9 @@ def batched_vs_in_turn(config, dataset, num_runs: int, length: int, reps: int) -
   single = train.make_chunk_fn(setup, config.loop)
   alone = [train.init_state(setup, s) for s in range(1, num_runs + 1)]
   seeds = list(range(1, num_runs + 1))
-  stacked = {mode: train.init_states(setup, seeds) for mode in ("vmap", "map")}
+  stacked = {mode: train.init_states(setup, seeds) for mode in LAYOUTS}
   programs = {mode: _batched_program(setup, config.loop, stacked[mode], data, length,
-                                     mode == "vmap") for mode in stacked}
+                                     mode) for mode in stacked}
   run_single = single(alone[0], data, length).run
   for i in range(num_runs):  # warm up
     alone[i], m = run_single(alone[i], data)
@@ -129,7 +128,7 @@ def batched_vs_in_turn(config, dataset, num_runs: int, length: int, reps: int) -
   for mode, run in programs.items():
     stacked[mode], m = run(stacked[mode], data)
     jax.block_until_ready(m)
-  times = {"in_turn": [], "vmap": [], "map": []}
+  times = {"in_turn": [], **{mode: [] for mode in LAYOUTS}}
   for _ in range(reps):
     tic = time.perf_counter()
     for i in range(num_runs):
@@ -142,8 +141,8 @@ def batched_vs_in_turn(config, dataset, num_runs: int, length: int, reps: int) -
       jax.block_until_ready(m)
       times[mode].append(time.perf_counter() - tic)
   med = {k: statistics.median(v) for k, v in times.items()}
-  return {"in_turn_s": med["in_turn"], "vmap_s": med["vmap"], "map_s": med["map"],
-          "speedup_vmap": med["in_turn"] / med["vmap"], "speedup_map": med["in_turn"] / med["map"],
+  return {"in_turn_s": med["in_turn"], **{f"{m}_s": med[m] for m in LAYOUTS},
+          **{f"speedup_{m}": med["in_turn"] / med[m] for m in LAYOUTS},
           "steps_per_sec_in_turn": num_runs * length / med["in_turn"]}
 
 
@@ -198,6 +197,11 @@ def main(argv):
               f"| 24 main.py processes | {separate_s:.1f} | {separate_cpu:.1f} | 1 | 1 |", ""]
     print("\n".join(lines[-8:]), flush=True)
 
+  if FLAGS.skip_batching:
+    with open(os.path.join(ROOT, out_path), "w") as fh:
+      fh.write("\n".join(lines))
+    print(f"wrote {out_path}")
+    return
   c = default.get_config()
   c.progress = False
   mnist_config = default.get_config()
@@ -212,23 +216,26 @@ def main(argv):
       r = batched_vs_in_turn(config, dataset, num_runs, length, FLAGS.batch_reps)
       print(name, num_runs, r, flush=True)
       rows.append(f"| {name} | {num_runs} | {length} | {r['in_turn_s']:.2f} | "
-                  f"{r['vmap_s']:.2f} | {r['map_s']:.2f} | {r['speedup_vmap']:.2f} | "
-                  f"{r['speedup_map']:.2f} |")
-  chosen = "vmap" if layers.vectorize_runs() else "map"
+                  + " | ".join(f"{r[m + '_s']:.2f}" for m in LAYOUTS) + " | "
+                  + " | ".join(f"{r['speedup_' + m]:.2f}" for m in LAYOUTS) + " |")
+  chosen = ", ".join(f"`{layers.runs_layout(r)}` for R={r}" for r in (2, 4))
   lines += ["## (b) R seeds in one program against the same seeds in turn", "",
             "One process; the unbatched chunk program and the program of R runs "
             "(`train.make_chunk_fn(setup, runs=True)`, the state stacked on a leading runs "
-            "axis) are compiled and warmed up first, the latter twice: with the round vmapped "
-            "over the runs (`vmap`) and with the runs looped one after another inside the "
-            "program (`map`, a `lax.map`). Each repetition runs one chunk of each of the R "
+            "axis) are compiled and warmed up first, the latter in each of its layouts "
+            "(`runs_layout`): the round vmapped over the runs (`vmap`), the runs looped one "
+            "after another inside the program (`map`, a `lax.map`), and one copy of the round "
+            "per run (`unroll`). Each repetition runs one chunk of each of the R "
             "seeds in turn through the unbatched program, then one chunk of all R seeds "
             f"through each program of R runs; medians over {FLAGS.batch_reps} interleaved "
             "repetitions. speed-up = time in turn / time in the program of R runs (above 1: "
-            f"faster). On this backend `ftjax.kernels.layers.vectorize_runs` picks "
-            f"`{chosen}`.",
+            f"faster). On this backend `ftjax.kernels.layers.runs_layout` picks "
+            f"{chosen}.",
             "",
-            "| config | R | rounds per chunk | in turn s | vmap s | map s | speed-up vmap | "
-            "speed-up map |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+            "| config | R | rounds per chunk | in turn s | "
+            + " | ".join(f"{m} s" for m in LAYOUTS) + " | "
+            + " | ".join(f"speed-up {m}" for m in LAYOUTS) + " |",
+            "|---|---|---|---|" + "---|" * (2 * len(LAYOUTS)), *rows, ""]
   with open(os.path.join(ROOT, out_path), "w") as fh:
     fh.write("\n".join(lines))
   print(f"wrote {out_path}")

@@ -846,7 +846,7 @@ def num_compiled(programs: dict) -> int:
 
 def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
                   programs: Optional[dict] = None,
-                  vectorize_runs: Optional[bool] = None) -> Callable:
+                  runs_layout: Optional[str] = None) -> Callable:
   """``compile(state, data, length) -> CompiledChunk``: the rounds between evaluations.
 
   With "scan" the ``length`` rounds run inside one jitted ``lax.scan``; with
@@ -861,11 +861,16 @@ def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
   With ``runs=True`` the state has a leading runs axis R (several seeds of one
   config, :func:`init_states`): the round is vmapped over it, the data is
   shared (except a per-worker partition, which depends on the seed), and
-  every metric has shape [R]. The runs are vmapped or looped inside the
-  program as ``vectorize_runs`` says (None: the backend's choice,
-  :func:`ftjax.kernels.layers.vectorize_runs`; runs spread over devices need
-  the vmap). ``programs`` is passed to :func:`compile_lowered`.
+  every metric has shape [R]. ``runs_layout`` says how the runs share the
+  program: "vmap", "map" (looped inside it) or "unroll" (one copy of the round
+  per run); None: the backend's choice for R runs,
+  :func:`ftjax.kernels.layers.runs_layout` (runs spread over devices need the
+  vmap). ``programs`` is passed to
+  :func:`compile_lowered`.
   """
+  if runs_layout is not None and runs_layout not in layers.RUNS_LAYOUTS:
+    raise ValueError(f"Unknown runs_layout {runs_layout!r}; valid: "
+                     f"{', '.join(layers.RUNS_LAYOUTS)}.")
   resolved = resolve_loop(setup, loop)
   train_step = make_train_step(setup)
   mesh = setup.mesh
@@ -882,11 +887,15 @@ def make_chunk_fn(setup: Setup, loop: str = "auto", *, runs: bool = False,
   def step_fn(state, data, idx):
     if not runs:
       return train_step(state, data, idx)
-    vectorize = vectorize_runs
-    if vectorize is None:
-      vectorize = layers.vectorize_runs()
-    if vectorize:
+    layout = runs_layout or layers.runs_layout(idx.shape[0])
+    if layout == "vmap":
       return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
+    if layout == "unroll":  # one copy of the round per run, independent of the others
+      outs = [train_step(jax.tree.map(lambda a: a[r], state),
+                         data if data.table is None else data._replace(
+                             table=data.table[r], sizes=data.sizes[r]), idx[r])
+              for r in range(idx.shape[0])]
+      return jax.tree.map(lambda *a: jnp.stack(a), *outs)
     # The runs one after another inside the one program (a loop, not a vmap).
     if data.table is None:
       return jax.lax.map(lambda a: train_step(a[0], data, a[1]), (state, idx))
@@ -1403,7 +1412,7 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
   chunk_fn = programs.get(trace_key) if trace_key else None
   if chunk_fn is None:
     chunk_fn = make_chunk_fn(first, c.loop, runs=True, programs=programs,
-                             vectorize_runs=True if mesh is not None else None)
+                             runs_layout="vmap" if mesh is not None else None)
     if trace_key:
       programs[trace_key] = chunk_fn
   evaluate = compile_lowered(jax.jit(jax.vmap(make_eval_fn(first), in_axes=(0, 0, None))).lower(

@@ -132,13 +132,13 @@ def separate_float64_runs(tmp_path_factory):
                for s in (1, 2)]
 
 
-# The runs of one program vmapped (vectorize, kernels.layers.vectorize_runs's choice)
-# or looped inside it (make_chunk_fn(vectorize_runs=False)).
-@pytest.mark.parametrize("vectorize", [True, False])
+# The runs of one program in each layout (make_chunk_fn(runs_layout=...)): vmapped,
+# looped inside it, or one copy of the round per run.
+@pytest.mark.parametrize("layout", layers.RUNS_LAYOUTS)
 def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path, separate_float64_runs,
-                                                              vectorize, monkeypatch):
+                                                              layout, monkeypatch):
   dtype, tolerance = "float64", 1e-12
-  monkeypatch.setattr(layers, "vectorize_runs", lambda *_: vectorize)
+  monkeypatch.setattr(layers, "runs_layout", lambda *_: layout)
   alone_dir, separate = separate_float64_runs
   batched = train.train_runs([_tiny(1, dtype), _tiny(2, dtype)],
                              [str(tmp_path / "b1"), str(tmp_path / "b2")])
@@ -157,9 +157,20 @@ def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path, separate
       "train_loss"]
 
 
-def test_looped_runs_with_per_worker_shards_equal_separate_runs(tmp_path, monkeypatch):
-  # The runs looped inside the program, each with its own seed's partition table.
-  monkeypatch.setattr(layers, "vectorize_runs", lambda *_: False)
+def test_the_runs_layout_is_the_backends_choice_and_checked():
+  # On CPU a few runs are unrolled, more are vmapped (kernels.layers.runs_layout).
+  assert jax.default_backend() == "cpu"
+  assert [layers.runs_layout(r) for r in (1, layers.UNROLL_MAX_RUNS,
+                                          layers.UNROLL_MAX_RUNS + 1)] == ["unroll", "unroll",
+                                                                           "vmap"]
+  with pytest.raises(ValueError, match="Unknown runs_layout 'scan'"):
+    train.make_chunk_fn(train.build(_tiny(1, "float32")), runs=True, runs_layout="scan")
+
+
+@pytest.mark.parametrize("layout", ["map", "unroll"])
+def test_looped_runs_with_per_worker_shards_equal_separate_runs(tmp_path, monkeypatch, layout):
+  # The runs looped inside the program or unrolled, each with its own seed's partition table.
+  monkeypatch.setattr(layers, "runs_layout", lambda *_: layout)
   configs = []
   for seed in (1, 2):
     c = _tiny(seed, "float32")

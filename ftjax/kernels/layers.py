@@ -170,17 +170,30 @@ def scan_friendly(kernels: str, num_workers: int) -> bool:
   return k == "cpu" and num_workers <= _MAX_UNROLLED_WORKERS
 
 
-def vectorize_runs() -> bool:
-  """Whether several runs of one program (a sweep's seeds) are vmapped.
+RUNS_LAYOUTS = ("vmap", "map", "unroll")
 
-  They are, on every backend: the runs' rounds become one wider computation.
-  The alternative, the runs one after another inside the same compiled program
-  (a ``lax.map``, ``train.make_chunk_fn(vectorize_runs=False)``), was measured
-  on CPU too (docs/benchmarks/sweep.md, part (b)): for 28x28 inputs it beat the
-  vmap, whose per-run convolutions XLA:CPU runs as grouped ones, with 2 seeds
-  and fell well behind it with 4, so the vmap is the choice everywhere.
+
+UNROLL_MAX_RUNS = 4
+"""Up to this many runs of one program are unrolled on CPU (:func:`runs_layout`)."""
+
+
+def runs_layout(num_runs: int) -> str:
+  """How ``num_runs`` runs of one program (a sweep's seeds) share it.
+
+  ``train.make_chunk_fn(runs=True, runs_layout=...)`` offers three layouts:
+  "vmap" (the runs' rounds become one wider computation), "map" (a
+  ``lax.map``: the runs one after another inside the program) and "unroll"
+  (one copy of the round per run, independent computations that XLA:CPU's
+  thunk executor runs side by side). On CPU up to ``UNROLL_MAX_RUNS`` runs are
+  unrolled: docs/benchmarks/sweep.md, part (b), measured the unrolled runs
+  at 0.98-1.03x of the same seeds run one after another, for 2 and 4 seeds on
+  8x8 and 28x28 inputs, where the vmap fell to 0.89x on 28x28 (the per-run
+  convolutions become grouped ones) and the loop to 0.79x with 4 seeds. Every
+  copy is compiled, so more runs, and every other backend, use the vmap.
   """
-  return True
+  if jax.default_backend() == "cpu" and num_runs <= UNROLL_MAX_RUNS:
+    return "unroll"
+  return "vmap"
 
 
 AUTO_CHUNK = 16
