@@ -276,14 +276,11 @@ def _attack_family(c, attack: attacks_lib.Attack, names: Sequence[str],
                    aggregation: str) -> tuple:
   """The attacks of one compiled round (``build(attacks=...)``), or () for ``attack`` alone."""
   family = tuple(dict.fromkeys(_make_attack(c, name) for name in names))
-  if len(family) < 2:
-    if family and family != (attack,):
-      raise ConfigError(f"build(attacks={list(names)}) must include the run's own attack "
-                        f"{c.attack.name!r}.")
-    return ()
-  if attack not in family:
+  if family and attack not in family:
     raise ConfigError(f"build(attacks={list(names)}) must include the run's own attack "
                       f"{c.attack.name!r}.")
+  if len(family) < 2:
+    return ()
   if len({a.uses_own_updates for a in family}) > 1:
     raise ConfigError(f"The attacks {[a.name for a in family]} cannot share one round: some "
                       f"send the Byzantine workers' own updates and some do not, so their "
@@ -605,11 +602,12 @@ def make_train_step(setup: Setup) -> Callable:
       x = data_lib.augment_crop_flip(jax.random.fold_in(_purpose_key(state, _KEY_AUGMENT), step), x)
     x = data_lib.preprocess(x, ds.mean, ds.std, setup.dtype)
     y = data.labels[idx]
-    if f and setup.attacks and any(a.flips_labels for a in setup.attacks):
-      flips = jnp.asarray([a.flips_labels for a in setup.attacks])[data.attack]
+    members = setup.attacks or (setup.attack,)
+    if f and any(a.flips_labels for a in members):
+      # In a round for several attacks, whether this run's attack flips is an index away.
+      flips = (jnp.asarray([a.flips_labels for a in members])[data.attack] if setup.attacks
+               else True)
       y = y.at[h:].set(jnp.where(flips, attacks_lib.flip_labels(y[h:], ds.num_classes), y[h:]))
-    elif f and not setup.attacks and setup.attack.flips_labels:
-      y = y.at[h:].set(attacks_lib.flip_labels(y[h:], ds.num_classes))
 
     if sharded_round is not None:
       # The same workers, attack and aggregator in the parameter-sharded layout.
