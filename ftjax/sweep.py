@@ -272,8 +272,7 @@ def attack_families(sweep: Sweep, failures: dict) -> dict[str, tuple]:
     if (not sweep.share_programs or any((cell.name, r.seed) in failures for r in cell.runs)
         or (c.get("mesh") or {}).get("aggregation", "replicated") != "replicated"):
       continue
-    rest = json.loads(c.to_json())
-    rest["attack"] = {k: v for k, v in rest["attack"].items() if k != "name"}
+    rest = train.config_fields(c, ["attack.name"])
     groups.setdefault(json.dumps(rest, sort_keys=True), []).append(cell)
   families = {cell.name: () for cell in sweep.cells}
   for cells in groups.values():

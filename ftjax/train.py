@@ -1308,8 +1308,21 @@ def train_runs(configs: list, workdirs: list, dataset: Optional[data_lib.Dataset
                        note, runs_mesh(devices), tuple(attacks))
 
 
-def _without_seed(config) -> dict:
-  return {k: v for k, v in json.loads(config.to_json()).items() if k != "seed"}
+def config_fields(config, drop: Sequence[str] = ()) -> dict:
+  """The config as a JSON-able dict, without the dotted fields in ``drop``.
+
+  Runs whose configs agree apart from ``seed`` share one program (as runs of
+  :func:`train_runs`), and apart from ``attack.name`` too within an attack
+  family (:func:`build` with ``attacks``); callers compare these dicts.
+  """
+  fields = json.loads(config.to_json())
+  for name in drop:
+    *parents, leaf = name.split(".")
+    node = fields
+    for p in parents:
+      node = node.get(p, {})
+    node.pop(leaf, None)
+  return fields
 
 
 def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, mesh, attacks):
@@ -1334,7 +1347,7 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
     return results
   first = setups[live[0]]
   c = first.config
-  if any(_without_seed(configs[i]) != _without_seed(c) for i in live):
+  if any(config_fields(configs[i], ["seed"]) != config_fields(c, ["seed"]) for i in live):
     raise ValueError("train_runs needs configs that differ only in their seed.")
   if mesh is not None and first.mesh is not None:
     raise ConfigError("Runs spread over devices each live on one device: set the runs' "
@@ -1401,9 +1414,8 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
   # Tracing the round takes seconds; a call for the same round reuses the traced function.
   trace_key = None
   if programs is not None:
-    fields = _without_seed(c)
-    if attacks:  # the attack is an index the round reads
-      fields["attack"] = {k: v for k, v in fields["attack"].items() if k != "name"}
+    # Within a family the attack is an index the round reads.
+    fields = config_fields(c, ["seed", "attack.name"] if attacks else ["seed"])
     trace_key = ("chunk_fn", json.dumps(fields, sort_keys=True), attacks, num_slots,
                  id(first.dataset), id(model),
                  None if mesh is None else tuple(d.id for d in mesh.devices.flat))

@@ -116,6 +116,20 @@ def test_resume_refuses_a_different_config(tmp_path):
     train.train_and_evaluate(tiny_config(**{"attack.name": "ipm"}), str(tmp_path))
 
 
+def test_config_fields_drop_only_the_named_fields():
+  c = tiny_config(seed=3)
+  c.attack.name = "alie"
+  fields = train.config_fields(c, ["seed", "attack.name", "no.such"])
+  assert "seed" not in fields and "name" not in fields["attack"]
+  assert fields["attack"]["options"] == c.attack.options.to_dict()
+  assert fields["workers"] == c.workers.to_dict()
+  assert c.seed == 3 and c.attack.name == "alie"  # the config is not changed
+  other = tiny_config(seed=4)
+  other.attack.name = "ipm"
+  assert train.config_fields(other, ["seed", "attack.name"]) == fields
+  assert train.config_fields(other, ["seed"]) != train.config_fields(c, ["seed"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"workers.byzantine": 3}, "fewer than half"),
     ({"aggregator.name": "mean_of_medians"}, "mean_of_medians"),
