@@ -385,13 +385,14 @@ def _ctma(inner: RuleFn, x, key, *, f, keep_ties):
   :meth:`Aggregator._apply_with_distances`) hands it over, and the distance
   pass over the rows is skipped.
   """
-  with_distances = getattr(inner, "with_distances", None)
-  if with_distances is None:
-    with_distances = lambda v, k: (*inner(v, k), None)
-  # The centre feeds the distance pass over the rows: its own computation.
-  x0, diag, r = rows.isolate(lambda v: with_distances(v, key), x)
   w = _num_rows(x)
-  if r is None:
+  if getattr(inner, "knows_distances", False):
+    # No distance pass follows, so x0 needs no barrier (as its own computation
+    # XLA:CPU would also run krum's Gram products one after the other).
+    x0, diag, r = inner.with_distances(x, key)
+  else:
+    # The centre feeds the distance pass over the rows: its own computation.
+    x0, diag = rows.isolate(lambda v: inner(v, key), x)
     r = _row_sqdist(x, x0)
   if keep_ties:
     kept = r <= jnp.sort(r)[w - f - 1]
@@ -615,11 +616,15 @@ class Aggregator:
     distances of krum and multikrum); for any other rule they are None and a
     caller that needs them makes its own pass over the rows.
     """
-    info = _TABLE.get(self.name) if self.fn is None and self.inner is None else None
-    if info is None or info.with_distances is None:
+    if not self._knows_distances():
       return (*self._apply(x, key), None)
     with kernels_lib.use(self.kernels):
-      return info.with_distances(x, key, f=self.f, **dict(self.options))
+      return _TABLE[self.name].with_distances(x, key, f=self.f, **dict(self.options))
+
+  def _knows_distances(self) -> bool:
+    """Whether :meth:`_apply_with_distances` returns distances (not None)."""
+    return (self.fn is None and self.inner is None
+            and _TABLE[self.name].with_distances is not None)
 
   def _rows_needed(self, num_workers: int, robust: bool) -> list[tuple[str, int, int, str]]:
     """(name, rows it sees, least rows it needs, condition) for each layer."""
@@ -751,6 +756,11 @@ class _InnerRule:
   def with_distances(self, x: PyTree, key: jax.Array | None
                      ) -> tuple[PyTree, Diagnostics, jax.Array | None]:
     return self._agg._apply_with_distances(x, key)
+
+  @property
+  def knows_distances(self) -> bool:
+    """Whether ``with_distances`` returns the distances rather than None."""
+    return self._agg._knows_distances()
 
 
 def _takes_key(fn: Callable) -> bool:

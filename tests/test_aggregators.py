@@ -467,18 +467,27 @@ def test_ctma_of_krum_matches_numpy(spec, m, keep_ties, variant):
                                          ("ctma(cwtm)", 1), ("ctma(avg)", 1)])
 def test_ctma_distance_passes(monkeypatch, spec, passes):
   # Distances of the rows to a point (a pass over the rows): ctma makes one to
-  # its centre unless the inner rule knows them (krum's pairwise distances).
-  calls = []
-  real = agg_lib._row_sqdist
+  # its centre unless the inner rule knows them (krum's pairwise distances),
+  # and only then puts the centre behind a fusion barrier.
+  calls, barriers = [], []
+  real, real_isolate = agg_lib._row_sqdist, agg_lib.rows.isolate
 
   def counting(x, center=None):
     calls.append(center is not None)
     return real(x, center)
 
+  def counting_isolate(fn, *args):
+    barriers.append(fn)
+    return real_isolate(fn, *args)
+
   monkeypatch.setattr(agg_lib, "_row_sqdist", counting)
+  monkeypatch.setattr(agg_lib.rows, "isolate", counting_isolate)
   x = jax.random.normal(jax.random.key(5), (W, 6))
+  jax.make_jaxpr(make(spec[len("ctma("):-1]).__call__)(x)  # the inner rule's own barriers
+  inner_barriers = len(barriers)
   jax.make_jaxpr(make(spec).__call__)(x)
   assert sum(calls) == passes
+  assert len(barriers) - 2 * inner_barriers == passes
 
 
 def test_centered_gram_sliced_matches_float64(small_slices):
