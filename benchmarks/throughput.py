@@ -14,6 +14,11 @@ the honest ones do), in float32 and float64. Side by side, in the same run:
   cost of robustness);
 * XLA's memory analysis of the step (peak temporary + argument buffers).
 
+A second table times the key configuration (mu2sgd, ctma(cwtm), sf, float32)
+at W = 17, 65, 257 and 1024 workers (``--scale_workers``; f = (W - 1) // 2, the
+default ``workers.chunk``): steps/s, the cost per worker relative to W = 17,
+compile seconds and memory.
+
 Writes docs/benchmarks/throughput.md.
 
   python benchmarks/throughput.py            # full table
@@ -62,29 +67,44 @@ flags.DEFINE_integer("reps", 5, "Timed chunks per row (the median is reported)."
 flags.DEFINE_bool("cifar", True, "Also time simple_cifar10 and resnet18.")
 flags.DEFINE_integer("split_child", 0, "Internal: time only the split rows on this many "
                      "CPU devices and print them as JSON.")
-flags.DEFINE_integer("memory_workers", 257, "W of the memory row (f = (W - 1) // 2).")
+flags.DEFINE_list("scale_workers", ["17", "65", "257", "1024"],
+                  "W of the worker-count table (f = (W - 1) // 2).")
 flags.DEFINE_string("out", "docs/benchmarks/throughput.md", "Markdown output.")
 FLAGS = flags.FLAGS
 
 
-def _time_chunks(run, state, data, length, reps):
-  state, metrics = run(state, data)  # one untimed call after compilation
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(reps):
+class Chunks:
+  """A compiled chunk of ``length`` rounds and its state, timed one call at a time."""
+
+  def __init__(self, run, state, data, length):
+    self.run, self.state, self.data, self.length = run, state, data, length
+
+  def call(self) -> float:
+    """Seconds of one chunk (the state carries over to the next call)."""
     tic = time.perf_counter()
-    state, metrics = run(state, data)
+    self.state, metrics = self.run(self.state, self.data)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - tic)
-  return length / statistics.median(times)
+    return time.perf_counter() - tic
 
 
-def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist",
-              kernels="auto", workers=17, byzantine=8, batch=16, length=None, reps=None,
-              loop="auto", devices=1):
-  """Steps per second, FLOPs per step and bytes of one configuration."""
+def interleaved_steps_per_sec(chunks, reps):
+  """Steps/s of each of ``chunks``: one untimed call each, then ``reps`` rounds of one
+  timed call each, the order rotating, so that the machine's load falls on all alike."""
+  for c in chunks:
+    c.call()
+  times = [[] for _ in chunks]
+  for rep in range(reps):
+    for k in range(len(chunks)):
+      i = (k + rep) % len(chunks)
+      times[i].append(chunks[i].call())
+  return [c.length / statistics.median(t) for c, t in zip(chunks, times)]
+
+
+def build_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist",
+               kernels="auto", workers=17, byzantine=8, batch=16, length=None,
+               loop="auto", devices=1):
+  """The compiled chunk of one configuration and its static figures (FLOPs, bytes)."""
   length = length or FLAGS.chunk
-  reps = reps or FLAGS.reps
   c = default.get_config()
   c.dtype = dtype
   c.progress = False
@@ -99,16 +119,34 @@ def time_step(estimator, aggregator, attack, dtype, dataset, model="simple_mnist
   state = train.place(setup, train.init_state(setup, c.seed))
   data = train.place(setup, train.DeviceData(jnp.asarray(dataset.train_images),
                                              jnp.asarray(dataset.train_labels)))
+  tic = time.perf_counter()
   compiled = train.make_chunk_fn(setup, loop)(state, data, length)
-  flops = compiled.flops_per_step
-  steps_per_sec = _time_chunks(compiled.run, state, data, length, reps)
-  return {"steps_per_sec": steps_per_sec, "gflop_per_step": flops / 1e9,
-          "gflops": flops * steps_per_sec / 1e9, "memory_mib": compiled.memory_bytes / 2**20,
-          "loop": compiled.loop}
+  compile_s = time.perf_counter() - tic
+  figures = {"gflop_per_step": compiled.flops_per_step / 1e9,
+             "memory_mib": compiled.memory_bytes / 2**20, "loop": compiled.loop,
+             "compile_s": compile_s, "workers": workers, "byzantine": byzantine,
+             "rounds": length}
+  return Chunks(compiled.run, state, data, length), figures
 
 
-def time_plain_sgd(dataset, dtype, total_batch, model="simple_mnist"):
-  """Steps per second of one model's SGD on ``total_batch`` examples (no workers)."""
+def time_step(*args, plain=None, reps=None, **kwargs):
+  """Steps per second, FLOPs per step and bytes of one configuration.
+
+  With ``plain`` (the :func:`plain_sgd_chunks` of the same dtype) the step and
+  plain SGD are timed interleaved, and ``plain_sgd`` is that paired figure.
+  """
+  chunks, r = build_step(*args, **kwargs)
+  if plain is None:
+    (r["steps_per_sec"],) = interleaved_steps_per_sec([chunks], reps or FLAGS.reps)
+  else:
+    r["steps_per_sec"], r["plain_sgd"] = interleaved_steps_per_sec(
+        [chunks, plain], reps or FLAGS.reps)
+  r["gflops"] = r["gflop_per_step"] * r["steps_per_sec"]
+  return r
+
+
+def plain_sgd_chunks(dataset, dtype, total_batch, model="simple_mnist"):
+  """One model's SGD on ``total_batch`` examples per step (no workers), as :class:`Chunks`."""
   dt = jnp.float64 if dtype == "float64" else jnp.float32
   net = models_lib.make_model(model, dtype=dt)
   x0 = jnp.zeros((1,) + dataset.train_images.shape[1:], dt)
@@ -144,7 +182,7 @@ def time_plain_sgd(dataset, dtype, total_batch, model="simple_mnist"):
     return carry, carry[0]
 
   carry = jax.tree.map(jnp.array, (variables["params"], variables["batch_stats"]))
-  return _time_chunks(run, carry, None, FLAGS.chunk, FLAGS.reps)
+  return Chunks(run, carry, None, FLAGS.chunk)
 
 
 def matmul_gflops(n=2048, reps=5):
@@ -172,9 +210,11 @@ def main(argv):
     for dtype in dtypes:
       if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+      plain = plain_sgd_chunks(mnist, dtype, 17 * 16)
       for estimator in estimators:
         for attack in ("sf", "alie"):
-          r = time_step(estimator, "ctma(cwtm)", attack, dtype, mnist, devices=num_devices)
+          r = time_step(estimator, "ctma(cwtm)", attack, dtype, mnist, devices=num_devices,
+                        plain=plain)
           r.update(dtype=dtype, estimator=estimator, aggregator="ctma(cwtm)", attack=attack,
                    model="simple_mnist", kernels="auto", devices=num_devices)
           out.append(r)
@@ -192,15 +232,13 @@ def main(argv):
   for dtype in dtypes:
     if dtype == "float64":
       jax.config.update("jax_enable_x64", True)
-    plain = plain_sgd[dtype] = time_plain_sgd(mnist, dtype, 17 * 16)
-    print(f"plain SGD {dtype}: {plain:.1f} steps/s", flush=True)
+    plain = plain_sgd[dtype] = plain_sgd_chunks(mnist, dtype, 17 * 16)
     for estimator in estimators:
       for agg in aggs:
         for attack in ("sf", "alie"):
-          r = time_step(estimator, agg, attack, dtype, mnist)
+          r = time_step(estimator, agg, attack, dtype, mnist, plain=plain)
           r.update(dtype=dtype, estimator=estimator, aggregator=agg, attack=attack,
-                   model="simple_mnist", kernels="auto", plain_sgd=plain,
-                   devices=1)
+                   model="simple_mnist", kernels="auto", devices=1)
           rows.append(r)
           print(r, flush=True)
   # The key aggregator's rows with the workers split over one CPU device per core and
@@ -217,7 +255,6 @@ def main(argv):
     for r in json.loads(line[len("RESULT "):]):
       if r["devices"] != devices:
         raise SystemExit(f"the child process got {r['devices']} devices, not {devices}")
-      r["plain_sgd"] = plain_sgd[r["dtype"]]
       # After the last row of the same configuration.
       at = max(i for i, o in enumerate(rows) if all(
           o[k] == r[k] for k in ("dtype", "estimator", "aggregator", "attack")))
@@ -225,12 +262,11 @@ def main(argv):
       print(r, flush=True)
   # The plain kernels (vmapped XLA convolutions), and the host loop instead of lax.scan,
   # for the key row: what each CPU choice buys.
-  for kset, loop, length, reps in (("plain", "auto", None, None), ("auto", "host", None, None)):
-    r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, kernels=kset,
-                  loop=loop, length=length, reps=reps)
+  for kset, loop in (("plain", "auto"), ("auto", "host")):
+    r = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", mnist, kernels=kset, loop=loop,
+                  plain=plain_sgd["float32"])
     r.update(dtype="float32", estimator="mu2sgd", aggregator="ctma(cwtm)", attack="sf",
-             model="simple_mnist", kernels=kset, plain_sgd=rows[0]["plain_sgd"],
-             devices=1)
+             model="simple_mnist", kernels=kset, devices=1)
     rows.append(r)
     print(r, flush=True)
   # XLA's cost analysis of a program split over devices counts one device's share;
@@ -242,10 +278,21 @@ def main(argv):
                                  "loop")))
       r["gflop_per_step"] = one["gflop_per_step"]
       r["gflops"] = r["gflop_per_step"] * r["steps_per_sec"]
-  big_w = FLAGS.memory_workers
-  memory = time_step("mu2sgd", "ctma(cwtm)", "sf", "float32", synthetic_dataset((28, 28, 1), 8192),
-                     workers=big_w, byzantine=(big_w - 1) // 2, length=2, reps=2)
-  print(f"W={big_w}", memory, flush=True)
+  # The key row at more workers: a round takes about W times longer, so fewer rounds
+  # per timed chunk, and one example per worker-batch slot of the largest round.
+  # Every W is compiled first, then their chunks are timed interleaved.
+  scale_rows, scale_chunks = [], []
+  big = synthetic_dataset((28, 28, 1), 16 * max(int(w) for w in FLAGS.scale_workers))
+  for w in (int(w) for w in FLAGS.scale_workers):
+    chunks, r = build_step("mu2sgd", "ctma(cwtm)", "sf", "float32", big, workers=w,
+                           byzantine=(w - 1) // 2, length=max(1, min(FLAGS.chunk, 200 // w)))
+    scale_rows.append(r)
+    scale_chunks.append(chunks)
+    print(f"W={w} compiled", r, flush=True)
+  for r, sps in zip(scale_rows, interleaved_steps_per_sec(scale_chunks, FLAGS.reps)):
+    r["steps_per_sec"] = sps
+    print(f"W={r['workers']}", r, flush=True)
+  del scale_chunks
   cifar_rows = []
   if FLAGS.cifar and (not FLAGS.quick or not on_cpu):
     cifar = synthetic_dataset((32, 32, 3))
@@ -261,16 +308,18 @@ def main(argv):
       f"Command: `python benchmarks/throughput.py {' '.join(sys.argv[1:])}`", "",
       f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, backend "
       f"{jax.default_backend()}. Median of {FLAGS.reps} timed chunks of {FLAGS.chunk} "
-      "rounds after compilation. simple_mnist, W=17, f=8, b=16, MNIST-shaped data.", "",
+      "rounds after compilation and one untimed chunk, each row's chunks alternating with "
+      "plain SGD's (the step cost column is that paired ratio). simple_mnist, b=16, "
+      "MNIST-shaped data; the first table at W=17, f=8.", "",
       f"Roofline: a {matmul_n}-square float32 matmul runs at "
       f"**{roof:.0f} GFLOP/s** here.", "",
-      "| dtype | estimator | aggregator | attack | kernels | loop | devices | steps/s | "
+      "| W | dtype | estimator | aggregator | attack | kernels | loop | devices | steps/s | "
       "GFLOP/step | GFLOP/s | roofline | plain SGD steps/s | step cost vs plain SGD | memory MiB |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ratio = r["plain_sgd"] / r["steps_per_sec"]
     lines.append(
-        f"| {r['dtype']} | {r['estimator']} | {r['aggregator']} | {r['attack']} | "
+        f"| {r['workers']} | {r['dtype']} | {r['estimator']} | {r['aggregator']} | {r['attack']} | "
         f"{r['kernels']} | {r['loop']} | {r['devices']} | {r['steps_per_sec']:.1f} | "
         f"{r['gflop_per_step']:.2f} | "
         f"{r['gflops']:.0f} | {r['gflops'] / roof:.0%} | {r['plain_sgd']:.1f} | "
@@ -287,11 +336,26 @@ def main(argv):
                "count (XLA counts one device's share) and XLA's per-device memory. "
                if on_cpu else "devices: the step runs on one device. ")
             + "Plain SGD: one model's SGD step on the same W*b examples with the same layers, "
-            "in the same run."]
-  lines += ["", f"Memory at W={big_w} (f={(big_w - 1) // 2}, b=16, mu2sgd, ctma(cwtm), sf, "
-            "float32): "
-            f"{memory['memory_mib']:.0f} MiB by XLA's memory analysis "
-            f"({memory['steps_per_sec']:.2f} steps/s).", ""]
+            "timed alternately with each row (in the split rows' own process)."]
+  lines += ["", "## Worker count", "",
+            "mu2sgd, ctma(cwtm), sf (every worker computes), float32, f = (W - 1) // 2, "
+            "`loop=auto`, the default `workers.chunk` (on CPU the workers' gradients are "
+            "taken 16 at a time above 64 workers). A timed chunk is `rounds` rounds; every W "
+            f"is compiled first, then the W's chunks alternate, {FLAGS.reps} timed chunks "
+            "each after an untimed one (medians). Cost per worker: "
+            "seconds per round divided by W, relative to the first row. Compile: building "
+            "and compiling the chunk. Memory: XLA's memory analysis (temporaries and "
+            "arguments).", "",
+            "| W | f | loop | rounds | steps/s | cost per worker vs W=%d | compile s | "
+            "memory MiB |" % scale_rows[0]["workers"],
+            "|---|---|---|---|---|---|---|---|"]
+  base = 1 / (scale_rows[0]["steps_per_sec"] * scale_rows[0]["workers"])
+  for r in scale_rows:
+    per_worker = 1 / (r["steps_per_sec"] * r["workers"])
+    lines.append(f"| {r['workers']} | {r['byzantine']} | {r['loop']} | {r['rounds']} | "
+                 f"{r['steps_per_sec']:.3f} | {per_worker / base:.2f} | "
+                 f"{r['compile_s']:.1f} | {r['memory_mib']:.0f} |")
+  lines.append("")
   if cifar_rows:
     lines += ["CIFAR-10-shaped data (32x32x3), mu2sgd, ctma(cwtm), sf, float32, W=17, b=16:", "",
               "| model | loop | steps/s | GFLOP/step | GFLOP/s | roofline | memory MiB |",
