@@ -387,8 +387,8 @@ def _ctma(inner: RuleFn, x, key, *, f, keep_ties):
   """
   w = _num_rows(x)
   if getattr(inner, "knows_distances", False):
-    # No distance pass follows, so x0 needs no barrier (as its own computation
-    # XLA:CPU would also run krum's Gram products one after the other).
+    # No distance pass follows, so x0 needs no barrier (whose conditional
+    # made ctma(krum) slower).
     x0, diag, r = inner.with_distances(x, key)
   else:
     # The centre feeds the distance pass over the rows: its own computation.
