@@ -101,7 +101,7 @@ def summarize(times: dict, rules) -> dict:
   med = {name: statistics.median(t) for name, t in times.items()}
   mem_name = min(("row sum", "matvec"), key=med.get)
   mem = med[mem_name]
-  out = {"med": med, "mem": mem, "mem_name": mem_name, "passes": {}, "paired": {}}
+  out = {"med": med, "mem": mem, "passes": {}, "paired": {}}
   for name in COMPONENTS:
     out["passes"][name] = med[name] / mem
     out["paired"][name] = statistics.median(a / m for a, m in zip(times[name], times[mem_name]))
@@ -160,7 +160,7 @@ def main(argv):
     extra = statistics.median(r["med"][f"ctma({spec})"] - r["med"][spec] for r in runs)
     row(spec, f"{x_ms:.2f}", f"{extra:.2f}")
   for name in COMPONENTS:
-    row(f"{name}", "-", f"{statistics.median(r['med'][name] for r in runs):.2f}")
+    row(name, "-", f"{statistics.median(r['med'][name] for r in runs):.2f}")
   lines += ["", "The last two rows time CTMA's two passes alone (their own time, not a "
             "difference): the distance pass to a point and the mean of W - f given rows."]
   text = "\n".join(lines) + "\n"

@@ -136,11 +136,11 @@ def time_step(*args, plain=None, reps=None, **kwargs):
   plain SGD are timed interleaved, and ``plain_sgd`` is that paired figure.
   """
   chunks, r = build_step(*args, **kwargs)
+  reps = reps or FLAGS.reps
   if plain is None:
-    (r["steps_per_sec"],) = interleaved_steps_per_sec([chunks], reps or FLAGS.reps)
+    (r["steps_per_sec"],) = interleaved_steps_per_sec([chunks], reps)
   else:
-    r["steps_per_sec"], r["plain_sgd"] = interleaved_steps_per_sec(
-        [chunks, plain], reps or FLAGS.reps)
+    r["steps_per_sec"], r["plain_sgd"] = interleaved_steps_per_sec([chunks, plain], reps)
   r["gflops"] = r["gflop_per_step"] * r["steps_per_sec"]
   return r
 
