@@ -11,7 +11,7 @@ and the median time of each, measured interleaved. This machine has 2 CPU
 cores for 8 XLA devices, so the times say nothing about a real mesh: they are
 for information only.
 
-Then the whole compiled round (``train.make_train_step``, one jitted round
+Then the whole compiled round (``train.make_round``, one jitted round
 with its state donated, as the host loop runs it) in both layouts of
 ``mesh.aggregation``: an ``mlp`` whose hidden width gives d parameters, W
 workers that all compute (sign flipping), mu2sgd; compiled only, from
@@ -69,7 +69,7 @@ def round_cell(spec, w, f, hidden, layout):
   state = state._replace(worker_state=worker_state)
   data = train.place(setup, train.make_device_data(setup))
   idx = jax.ShapeDtypeStruct((w, c.workers.batch_size), jnp.int32, sharding=whole)
-  compiled = jax.jit(train.make_train_step(setup), donate_argnums=0).lower(
+  compiled = jax.jit(train.make_round(setup), donate_argnums=0).lower(
       state, data, idx).compile()
   text = compiled.as_text()
   largest = max((int(np.prod([int(v) for v in dims.split(",") if v]))
@@ -166,7 +166,7 @@ def main():
       if rounds:
         fh.write(
             "\n## The whole round\n\n"
-            "`train.make_train_step` compiled with its state donated (as the host loop "
+            "`train.make_round` compiled with its state donated (as the host loop "
             "runs it), from abstract inputs: an `mlp` of d parameters on the 8x8 digits, "
             "W workers that all compute (`sf`) on 4 examples each, mu2sgd (so two gradients per worker and a "
             "per-worker momentum in the state), float32, f as above. Bytes per device: "

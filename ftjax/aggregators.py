@@ -1176,6 +1176,15 @@ def _parse(spec: str) -> list[str]:
   return names
 
 
+def spec_layers(spec: str) -> list[str]:
+  """The canonical names of a spec's layers, outermost first: 'arc(ctma(cwtm))' -> [arc, ctma, cwtm].
+
+  Raises:
+    ValueError: an unparsable spec or an unknown name.
+  """
+  return _parse(spec)
+
+
 def _check_option(rule_name: str, name: str, value: Any) -> None:
   def bad(what):
     raise ValueError(f"Option {rule_name}.{name}={value!r} is invalid: {what}.")

@@ -172,6 +172,9 @@ def padded_workers(num_workers: int, num_devices: int) -> int:
 def repeat_workers(tree: PyTree, padded: int) -> PyTree:
   """``tree``'s leaves [n, ...] extended to ``padded`` rows by repeating workers from the first.
 
+  Leaves that already have ``padded`` rows (a state padded with rows of its
+  own) are kept.
+
   The extra workers' results are dropped; repeating real ones keeps their
   computations finite.
   """
@@ -179,7 +182,7 @@ def repeat_workers(tree: PyTree, padded: int) -> PyTree:
   if padded == n:
     return tree
   rows = np.arange(padded) % n
-  return jax.tree.map(lambda a: a[rows], tree)
+  return jax.tree.map(lambda a: a if a.shape[0] == padded else a[rows], tree)
 
 
 def worker_split(mesh: Mesh, leading: int = 0) -> NamedSharding:
@@ -187,12 +190,6 @@ def worker_split(mesh: Mesh, leading: int = 0) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*(None,) * leading, WORKER_AXIS))
 
 
-# With the workers split over CPU devices, a host loop keeps at most this many
-# rounds in flight: with dozens of multi-device calls queued, XLA:CPU's device
-# threads deadlock in the all-gather and XLA aborts the process after its
-# rendezvous timeout (a bare shard_map all-gather on 2 CPU devices reproduces
-# it with 64 calls queued and runs 20,000 calls with up to 16 queued).
-MAX_ROUNDS_IN_FLIGHT = 2
 
 
 # --------------------------------------------------------------------------
@@ -485,3 +482,76 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     raise ValueError(f"Cannot start the multi-process run ({e}); pass --coordinator_address, "
                      f"--num_processes and --process_id, or launch under SLURM, Open MPI or "
                      f"on a TPU pod slice (docs/scaling.md).") from None
+
+
+# --------------------------------------------------------------------------
+# The round's layouts
+# --------------------------------------------------------------------------
+
+
+def lay_out_round(local_fn: Callable, rows_fn: Callable, mesh: Optional[Mesh],
+                  aggregation: str, num_rows: int) -> Callable:
+  """Places the round's two halves on the devices, without rewriting either.
+
+  The round is ``local_fn`` (every worker's local update) followed by
+  ``rows_fn`` (the server's view of the rows: the attack, then the
+  aggregator). This applies one of three layouts around them:
+
+  * one device (``mesh`` None): one call after the other;
+  * ``"replicated"``: ``local_fn``'s worker axis split over the devices
+    (:func:`split_over_workers`), the rows gathered and ``rows_fn`` run on
+    every device;
+  * ``"sharded"``: :func:`shard_round`, ``rows_fn`` on each device's slice of
+    the coordinates; the worker axis is padded to a multiple of the devices
+    by repeating workers, and ``kept`` comes back with the padded rows.
+
+  Args:
+    local_fn: ``(shared, per_worker) -> (rows, gathered, kept)``, every output
+      with a leading worker axis.
+    rows_fn: ``(rows, extras, replicated, valid) -> (out, aux)``; ``extras`` a
+      list of arrays laid out like rows (whole, or this device's slice in
+      :func:`shard_rows`' layout), ``valid(tree, sizes)`` zeroes the columns
+      that pad a leaf of ``sizes`` values (the identity outside the sharded
+      layout).
+    mesh: the workers' mesh, or None.
+    aggregation: ``"replicated"`` or ``"sharded"``.
+    num_rows: the workers ``rows_fn`` sees (the first ones).
+
+  Returns:
+    ``fn(shared, per_worker, extras, replicated) -> (out, aux, gathered, kept)``;
+    ``extras`` given whole (a list of [L, ...] arrays).
+  """
+  def whole(tree, sizes):
+    del sizes
+    return tree
+
+  if mesh is None or aggregation == "replicated":
+    local = local_fn if mesh is None else split_over_workers(
+        lambda shared, per_worker: local_fn(shared, per_worker), mesh, num_shared=1)
+
+    def direct(shared, per_worker, extras, replicated):
+      rows, gathered, kept = local(shared, per_worker)
+      out, aux = rows_fn(rows, list(extras), replicated, whole)
+      return out, aux, gathered, kept
+
+    return direct
+
+  devices = mesh.devices.size
+
+  def valid(tree, sizes):
+    return jax.tree.map(
+        lambda z, size: z if size % devices == 0 else jnp.where(
+            column_mask(z.shape[1], size, WORKER_AXIS), z, jnp.zeros((), z.dtype)),
+        tree, jax.tree.unflatten(jax.tree.structure(tree), sizes))
+
+  round_fn = shard_round(local_fn, lambda rows, extras, rest: rows_fn(rows, extras, rest, valid),
+                         mesh, num_rows=num_rows)
+
+  def sharded(shared, per_worker, extras, replicated):
+    n = jax.tree.leaves(per_worker)[0].shape[0]
+    per_worker = repeat_workers(per_worker, padded_workers(n, devices))
+    extras = [piece for e in extras for piece in shard_rows(e, mesh, WORKER_AXIS)]
+    out, aux, gathered, kept = round_fn(shared, per_worker, extras, replicated)
+    return out, aux, jax.tree.map(lambda g: g[:n], gathered), kept
+
+  return sharded

@@ -17,7 +17,6 @@ every rerun) ``results.csv`` and ``results.md`` are written
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -29,11 +28,13 @@ import statistics
 import sys
 from typing import Any, Optional
 
-import jax
 import ml_collections
 import tqdm
 
 from ftjax import results as results_lib
+from ftjax import build as build_lib
+from ftjax import loop as loop_lib
+from ftjax import run as run_lib
 from ftjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +179,7 @@ def _slug(value: Any) -> str:
 
 
 def _aggregator_spec(config) -> str:
-  return train._aggregator_spec(config)  # pylint: disable=protected-access
+  return build_lib.aggregator_spec(config.aggregator.name, config.aggregator.meta)
 
 
 def expand(spec: ml_collections.ConfigDict) -> Sweep:
@@ -308,8 +309,7 @@ def validate(sweep: Sweep, dataset=None, model=None) -> tuple[dict, dict]:
           raise train.ConfigError("wandb.enabled=True is not supported inside a sweep (one "
                                   "process runs many runs); turn it off for the sweep.")
         key = json.dumps({k: c.data[k] for k in ("name", "path", "data_dir")})
-        x64 = jax.enable_x64(True) if c.dtype == "float64" else contextlib.nullcontext()
-        with x64:
+        with run_lib.x64_scope([c]):
           setup = train.build(c, dataset if dataset is not None else loaded.get(key), model)
         loaded.setdefault(key, setup.dataset)
         datasets[(cell.name, run.seed)] = setup.dataset
@@ -344,7 +344,7 @@ def check_workdir(sweep: Sweep, workdir: str) -> None:
                               f"this sweep no longer has{again}.")
     for run in now[cell["cell"]].runs:
       try:
-        train._check_resume_config(  # pylint: disable=protected-access
+        run_lib.check_resume_config(
             os.path.join(workdir, run.workdir), run.config)
       except train.ConfigError as e:
         raise train.ConfigError(f"The sweep config changed for the cell {cell['cell']!r}: "
@@ -408,7 +408,7 @@ class _Table:
 
 def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool = False,
               dataset=None, model=None, progress: bool = True, write=None,
-              programs: Optional[dict] = None) -> dict:
+              programs: Optional[loop_lib.ProgramCache] = None) -> dict:
   """Runs (or resumes) every run of a sweep into ``workdir``.
 
   Args:
@@ -419,8 +419,8 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     dataset, model: passed to ``train.train_runs``.
     progress: draw one progress bar over all rounds of all runs.
     write: prints one line (the live table, notes); default: above the bar.
-    programs: compiled programs to reuse and extend (``train.compile_lowered``),
-      e.g. across sweeps in one process; a new dict by default.
+    programs: compiled programs to reuse and extend (:class:`ftjax.loop.ProgramCache`),
+      e.g. across sweeps in one process; a new cache by default.
 
   Returns:
     ``{"compilations": programs compiled by this call,
@@ -470,8 +470,8 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
       table.line(cell, workdir, status)
 
   families = attack_families(sweep, failures)
-  programs = {} if programs is None else programs
-  known = train.num_compiled(programs)
+  programs = loop_lib.ProgramCache() if programs is None else programs
+  known = programs.compiled
   batches = 0
   try:
     for cell in sweep.cells:
@@ -514,9 +514,9 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     raise
   bar.close()
   csv_path, md_path = results_lib.write_results(workdir)
-  write(f"Compiled {train.num_compiled(programs) - known} programs (initialisation, chunks, evaluation) "
+  write(f"Compiled {programs.compiled - known} programs (initialisation, chunks, evaluation) "
         f"for {batches} batches of runs; results in {csv_path} and {md_path}.")
-  return {"compilations": train.num_compiled(programs) - known, "status": status}
+  return {"compilations": programs.compiled - known, "status": status}
 
 
 def main(argv):

@@ -209,7 +209,7 @@ def test_round_running_stats_equal_a_pass_by_pass_model_run(mode, attack, comput
   # honest_mean: each honest worker's pass at x_t from the round's statistics, averaged.
   setup = train.build(_tiny_config(attack, mode))
   assert setup.num_computed == computed
-  step = jax.jit(train.make_train_step(setup))
+  step = jax.jit(train.make_round(setup))
   data = train.make_device_data(setup)
   state = train.init_state(setup, 1)
   state, _ = step(state, data, train.sample_chunk(setup, state, data, 1)[0])  # now x_2 != x_1
@@ -240,7 +240,7 @@ def test_batch_stats_mode_changes_the_running_statistics_only():
   finals = {}
   for mode in models.BATCH_STATS_MODES:
     setup = train.build(_tiny_config("alie", mode))
-    step = jax.jit(train.make_train_step(setup))
+    step = jax.jit(train.make_round(setup))
     data = train.make_device_data(setup)
     state = train.init_state(setup, 1)
     for _ in range(2):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from ftjax import data as data_lib
+from ftjax import policy
+from ftjax import round as round_lib
 from ftjax import train
 from test_kernels_layers import _conv_eqns, _plain_forward
 from test_train import tiny_config
@@ -61,10 +63,10 @@ def test_chunked_gradients_equal_one_worker_at_a_time():
     x = jnp.asarray(rng.normal(size=(7, 4, 8, 8, 1)))
     y = jnp.asarray(rng.integers(0, 10, (7, 4)), jnp.int32)
     prev = jax.tree.map(lambda p: p + 0.01, state.params)
-    out, prev_grads, prev_stats = train.make_worker_gradients(setup)(
+    out, prev_grads, prev_stats = round_lib.make_worker_gradients(setup)(
         state.params, state.batch_stats, prev, x, y)
     (loss, (logits, stats)), grads = out
-    one = jax.jit(jax.value_and_grad(train.make_loss_fn(setup.model), has_aux=True))
+    one = jax.jit(jax.value_and_grad(round_lib.make_loss_fn(setup.model), has_aux=True))
     for i in range(7):
       (l_i, (z_i, s_i)), g_i = one(state.params, state.batch_stats, x[i], y[i])
       (_, (_, ps_i)), pg_i = one(prev, state.batch_stats, x[i], y[i])
@@ -84,7 +86,7 @@ def test_bad_chunk_is_refused_in_one_line():
   with pytest.raises(train.ConfigError, match="workers.chunk must be an integer"):
     train.build(c)
   del c.workers["chunk"]
-  assert train.resolve_loop(train.build(c)) == "scan"
+  assert train.build(c).loop == "scan"
 
 
 def test_chunk_at_or_above_the_worker_count_is_the_unchunked_round():
@@ -109,12 +111,12 @@ def test_auto_loop_follows_the_chunk_past_64_workers(chunk, friendly):
   state = jax.eval_shape(lambda: train.init_state(setup, 0))
   x = jax.ShapeDtypeStruct((65, 4, 12, 12, 1), jnp.float32)
   y = jax.ShapeDtypeStruct((65, 4), jnp.int32)
-  jaxpr = jax.make_jaxpr(train.make_worker_gradients(setup))(
+  jaxpr = jax.make_jaxpr(round_lib.make_worker_gradients(setup))(
       state.params, state.batch_stats, state.prev_params, x, y).jaxpr
   convs = _conv_eqns(jaxpr)
   assert convs
   assert all(_plain_forward(e) for e in convs) == friendly
-  assert train.resolve_loop(setup) == ("scan" if friendly else "host")
+  assert setup.loop == ("scan" if friendly else "host")
 
 
 def test_unset_chunk_is_16_past_64_workers_with_cpu_kernels_and_explicit_values_win():
@@ -122,8 +124,9 @@ def test_unset_chunk_is_16_past_64_workers_with_cpu_kernels_and_explicit_values_
     pytest.skip("the choice is XLA:CPU's")
   for workers, chunk, expected in [(65, None, 16), (64, None, 0), (17, None, 0), (257, None, 16),
                                    (65, 0, 0), (65, 32, 32), (9, 4, 4), (9, 9, 0), (9, 20, 0)]:
-    setup = train.build(_config(workers, 1, chunk), dataset=_dataset((4, 4, 1),
-                                                                     num_train=workers * 8))
-    assert train.worker_chunk(setup, workers) == expected, (workers, chunk)
-  plain = train.build(_config(65, 1, None, kernels="plain"), dataset=_dataset((4, 4, 1), 520))
-  assert train.worker_chunk(plain, 65) == 0  # a loop body would hold the slow convolutions
+    assert policy.worker_chunk("auto", workers, chunk) == expected, (workers, chunk)
+  assert policy.worker_chunk("plain", 65) == 0  # a loop body would hold the slow convolutions
+  # The setup resolves it for the workers a device computes (all 65: sf sends its own).
+  setup = train.build(_config(65, 1, None, **{"attack.name": "sf"}),
+                      dataset=_dataset((4, 4, 1), num_train=65 * 8))
+  assert setup.worker_chunk == 16

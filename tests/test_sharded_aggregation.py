@@ -403,7 +403,7 @@ _ROUND = textwrap.dedent("""
       state = train.place(setup, train.init_state(setup, c.seed))
       data = train.place(setup, train.make_device_data(setup))
       idx = jax.ShapeDtypeStruct((w, c.workers.batch_size), jnp.int32)
-      compiled = jax.jit(train.make_train_step(setup), donate_argnums=0).lower(
+      compiled = jax.jit(train.make_round(setup), donate_argnums=0).lower(
           state, data, idx).compile()
       mem = compiled.memory_analysis()
       text = compiled.as_text()

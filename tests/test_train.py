@@ -15,6 +15,8 @@ import pytest
 from configs import default
 from ftjax import attacks
 from ftjax import data as data_lib
+from ftjax import build as build_lib
+from ftjax import round as round_lib
 from ftjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +50,9 @@ def test_f0_avg_sgd_step_equals_plain_minibatch_sgd():
   state = train.init_state(setup, c.seed)
   ds = setup.dataset
   data = train.DeviceData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
-  new_state, _ = jax.jit(train.make_train_step(setup))(state, data)
+  new_state, _ = jax.jit(train.make_round(setup))(state, data)
 
-  idx = data_lib.round_indices(train._purpose_key(state, train._KEY_DATA), state.step,
+  idx = data_lib.round_indices(round_lib.purpose_key(state, build_lib.KEY_DATA), state.step,
                                ds.train_images.shape[0], 5, 4).reshape(-1)
   x = data_lib.preprocess(ds.train_images[np.asarray(idx)], ds.mean, ds.std, jnp.float32)
   y = jnp.asarray(ds.train_labels[np.asarray(idx)])

@@ -53,7 +53,7 @@ Array = jax.Array
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 # Above this many workers the per-worker convolutions are not unrolled.
-_MAX_UNROLLED_WORKERS = 64
+MAX_UNROLLED_WORKERS = 64
 
 # Up to this many input channels the cpu forward convolution is written as a sum
 # of shifted inputs times kernel rows: XLA:CPU's convolution runs several times
@@ -167,63 +167,7 @@ def scan_friendly(kernels: str, num_workers: int) -> bool:
   k = kernels_lib.resolve(kernels)
   if jax.default_backend() != "cpu":
     return True
-  return k == "cpu" and num_workers <= _MAX_UNROLLED_WORKERS
-
-
-RUNS_LAYOUTS = ("vmap", "map", "unroll")
-
-
-UNROLL_MAX_RUNS = 4
-"""Up to this many runs of one program are unrolled on CPU (:func:`runs_layout`)."""
-
-
-def runs_layout(num_runs: int) -> str:
-  """How ``num_runs`` runs of one program (a sweep's seeds) share it.
-
-  ``train.make_chunk_fn(runs=True, runs_layout=...)`` offers three layouts:
-  "vmap" (the runs' rounds become one wider computation), "map" (a
-  ``lax.map``: the runs one after another inside the program) and "unroll"
-  (one copy of the round per run, independent computations that XLA:CPU's
-  thunk executor runs side by side). On CPU up to ``UNROLL_MAX_RUNS`` runs are
-  unrolled: docs/benchmarks/sweep.md, part (b), measured the unrolled runs
-  at 0.98-1.03x of the same seeds run one after another, for 2 and 4 seeds on
-  8x8 and 28x28 inputs, where the vmap fell to 0.89x on 28x28 (the per-run
-  convolutions become grouped ones) and the loop to 0.79x with 4 seeds. Every
-  copy is compiled, so more runs, and every other backend, use the vmap.
-  """
-  if jax.default_backend() == "cpu" and num_runs <= UNROLL_MAX_RUNS:
-    return "unroll"
-  return "vmap"
-
-
-AUTO_CHUNK = 16
-"""Workers per chunk that :func:`worker_chunk` picks on CPU above 64 workers."""
-
-
-def worker_chunk(kernels: str, num_workers: int) -> int:
-  """How many workers to differentiate at once when ``workers.chunk`` is unset.
-
-  On CPU with the cpu kernels, above 64 workers the per-worker convolutions
-  give way to one grouped convolution, which XLA:CPU runs on a slow path (and
-  which, with a scan, leaves the fast one for every other convolution too),
-  and the activations of every worker are live at once. Chunks of
-  ``AUTO_CHUNK`` workers keep both the fast path and memory bounded; they were
-  as fast as chunks of 64 and smaller (docs/benchmarks/scaling.md). The plain
-  kernels are not chunked on CPU (a loop body holds autodiff's transposed
-  convolutions, which XLA:CPU runs on its slow path inside any loop), and
-  other backends vectorise the whole worker axis.
-
-  Args:
-    kernels: a kernel-set name (``"auto"``, ``"plain"`` or ``"cpu"``).
-    num_workers: the workers differentiated on this device.
-
-  Returns:
-    The chunk size, or 0 for all workers in one vmap.
-  """
-  if (jax.default_backend() == "cpu" and kernels_lib.resolve(kernels) == "cpu"
-      and num_workers > _MAX_UNROLLED_WORKERS):
-    return AUTO_CHUNK
-  return 0
+  return k == "cpu" and num_workers <= MAX_UNROLLED_WORKERS
 
 
 # --------------------------------------------------------------------------
@@ -414,7 +358,7 @@ def _weight_grad_fn(kernel_shape: tuple[int, ...], dtype: Any, stride: int, padd
   @wgrad.def_vmap
   def _rule(axis_size, in_batched, x, dy):
     x_batched, dy_batched = in_batched
-    if axis_size > _MAX_UNROLLED_WORKERS:
+    if axis_size > MAX_UNROLLED_WORKERS:
       # Compile time grows with every unrolled convolution; past this many
       # workers fall back to the grouped convolution plain vmap produces.
       conv_t = lambda x, dy: jax.linear_transpose(
@@ -453,7 +397,7 @@ def _per_worker_conv(kind: str, stride: int, padding: int):
   @conv.def_vmap
   def _rule(axis_size, in_batched, x, kernel):
     x_batched, k_batched = in_batched
-    if axis_size > _MAX_UNROLLED_WORKERS or not x_batched:
+    if axis_size > MAX_UNROLLED_WORKERS or not x_batched:
       # Compile time grows with every unrolled convolution (as for the weight
       # gradients); an unbatched input has nothing to split.
       return jax.vmap(fn, in_axes=(0 if x_batched else None, 0 if k_batched else None))(

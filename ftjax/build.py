@@ -1,0 +1,351 @@
+"""The config read once: :func:`build` turns a config into a validated :class:`Setup`.
+
+Everything that can be checked before compiling is checked here, and every
+later stage (the round, the loop, the run) reads the :class:`Setup`, never the
+config: the resolved aggregator and attack objects, the estimator and server
+optimiser, the model and dataset, the device layout, the dtype, the lengths
+and the backend choices of :mod:`ftjax.policy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from ftjax import aggregators as aggregators_lib
+from ftjax import attacks as attacks_lib
+from ftjax import data as data_lib
+from ftjax import estimators
+from ftjax import kernels
+from ftjax import models as models_lib
+from ftjax import optim
+from ftjax import policy
+from ftjax import sharding
+
+# Sub-streams of the run's root key, one per purpose.
+KEY_INIT, KEY_DATA, KEY_AUGMENT, KEY_ATTACK, KEY_AGGREGATOR = range(5)
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything static about a run, resolved from its config before compiling."""
+  dataset: data_lib.Dataset
+  model: nn.Module
+  worker_tx: optax.GradientTransformationExtraArgs
+  server_tx: optax.GradientTransformation
+  aggregator: aggregators_lib.Aggregator
+  attack: attacks_lib.Attack
+  num_workers: int     # W
+  num_byzantine: int   # workers that attack (workers.byzantine); aggregator.f is the declared f
+  batch_size: int      # b, per worker
+  dtype: Any
+  partition: Optional[data_lib.Partition]  # per-worker shards; None for the i.i.d. split
+  seed: int
+  clip: Optional[float]      # per-worker gradient clipping norm, None: off
+  needs_prev: bool           # the estimator differentiates at x_{t-1} too (mu2sgd)
+  batch_stats_mode: str      # models.BATCH_STATS_MODES
+  shuffle: str               # data.SHUFFLES
+  num_steps: int
+  eval_every: int
+  eval_batch_size: int
+  kernels: str               # the config's kernel set ("auto" resolves per backend)
+  loop: str                  # "scan" or "host" (policy.loop_kind)
+  worker_chunk: int          # workers differentiated at once, 0: all (policy.worker_chunk)
+  record: dict               # the config as JSON, with the resolved aggregator (config.json)
+  mesh: Optional[Mesh] = None  # the workers are split over it; None: one device
+  builtin_model: bool = True   # the model comes from models.MODELS (not the user's own)
+  aggregation: str = "replicated"  # mesh.aggregation: the aggregator's layout on the mesh
+  # The attacks one compiled round serves (a sweep's cells that differ only in
+  # their attack), chosen by DeviceData.attack; empty: the round runs ``attack``.
+  attacks: tuple = ()
+
+  @property
+  def num_honest(self) -> int:
+    return self.num_workers - self.num_byzantine
+
+  @property
+  def num_computed(self) -> int:
+    """Workers whose gradients the round evaluates.
+
+    Omniscient attacks overwrite the Byzantine rows from the honest ones, so
+    their gradients would be thrown away: they are not computed.
+    """
+    if self.num_byzantine and self.attack.uses_own_updates:
+      return self.num_workers
+    return self.num_honest
+
+  @property
+  def sharded(self) -> bool:
+    """Whether the round runs in the parameter-sharded layout (docs/scaling.md)."""
+    return self.mesh is not None and self.aggregation == "sharded"
+
+  @property
+  def num_devices(self) -> int:
+    return 1 if self.mesh is None else self.mesh.devices.size
+
+  def describe(self) -> str:
+    """The run's header: what it trains, and the backend choices (one line each)."""
+    what = (f"Training {self.record['model']['name'] if self.builtin_model else type(self.model).__name__}"
+            f" on {self.dataset.name}: W={self.num_workers}, {self.num_byzantine} Byzantine "
+            f"({self.attack.name}), aggregator {self.aggregator.spec} with f={self.aggregator.f}, "
+            f"estimator {self.record['optim']['estimator']}, b={self.batch_size}, "
+            f"{self.num_steps} rounds, {jnp.dtype(self.dtype).name}.")
+    return what + "\n" + policy.describe(
+        kernels=self.kernels, loop=self.loop, chunk=self.worker_chunk,
+        devices=self.num_devices, aggregation=self.aggregation)
+
+
+def aggregator_spec(name: str, meta: Optional[str]) -> str:
+  """The spec of ``aggregator.name`` wrapped in ``aggregator.meta``.
+
+  Refuses a name that already holds a meta-aggregator while ``meta`` adds
+  another (``name="ctma(cwtm)"`` with the default ``meta="ctma"`` would train
+  ``ctma(ctma(cwtm))``), and a spec that repeats a meta-aggregator.
+  """
+  meta = (meta or "none").strip()
+  name = name.strip()
+  nested = aggregators_lib.spec_layers(name)
+  if meta.lower() != "none" and len(nested) > 1:
+    raise ConfigError(
+        f"aggregator.name={name!r} already names a meta-aggregator and aggregator.meta="
+        f"{meta!r} would wrap it again; set aggregator.meta='none' to train {name!r}, or "
+        f"aggregator.name={nested[-1]!r} to train {meta}({nested[-1]}).")
+  spec = name if meta.lower() == "none" else f"{meta}({name})"
+  layers = aggregators_lib.spec_layers(spec)
+  repeated = sorted({n for n in layers if layers.count(n) > 1})
+  if repeated:
+    raise ConfigError(f"The aggregator spec {spec!r} applies {repeated[0]!r} twice; "
+                      f"name each meta-aggregator once.")
+  return spec
+
+
+def _to_dict(section) -> dict:
+  if section is None:
+    return {}
+  return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def _check_int(name: str, value: Any, lowest: int) -> int:
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise ConfigError(f"{name} must be an integer, got {value!r}.")
+  if value < lowest:
+    raise ConfigError(f"{name} must be at least {lowest}, got {value}.")
+  return value
+
+
+def _check_counts(c) -> tuple[int, int, int]:
+  w = _check_int("workers.num", c.workers.num, 1)
+  f = _check_int("workers.byzantine", c.workers.byzantine, 0)
+  b = _check_int("workers.batch_size", c.workers.batch_size, 1)
+  _check_int("num_steps", c.num_steps, 1)
+  _check_int("eval_every", c.eval_every, 1)
+  _check_int("data.eval_batch_size", c.data.eval_batch_size, 1)
+  _check_int("seed", c.seed, 0)
+  if 2 * f >= w:
+    raise ConfigError(
+        f"workers.byzantine={f} with workers.num={w}: robust training needs fewer than "
+        f"half of the workers Byzantine (f < W/2); lower workers.byzantine to at most "
+        f"{(w - 1) // 2} or raise workers.num to at least {2 * f + 1}.")
+  chunk = c.workers.get("chunk", None)
+  if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+    raise ConfigError(f"workers.chunk must be an integer >= 0 (0: all workers at once; None: "
+                      f"the backend's choice), got {chunk!r}.")
+  return w, f, b
+
+
+def _check_scalars(c):
+  if c.dtype not in ("float32", "float64"):
+    raise ConfigError(f"dtype must be 'float32' or 'float64', got {c.dtype!r}.")
+  if c.dtype == "float64" and not jax.config.read("jax_enable_x64"):
+    raise ConfigError("dtype float64 needs 64-bit JAX: build inside `with jax.enable_x64(True):` "
+                      "(train_and_evaluate does this itself), or use dtype float32.")
+  clip = c.optim.clip
+  if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                           or clip < 0):
+    raise ConfigError(f"optim.clip must be a positive number, or 0 / None for no clipping, "
+                      f"got {clip!r}.")
+  if c.data.shuffle not in data_lib.SHUFFLES:
+    raise ConfigError(f"Unknown data.shuffle {c.data.shuffle!r}; valid: "
+                      f"{', '.join(data_lib.SHUFFLES)}.")
+  return (jnp.float64 if c.dtype == "float64" else jnp.float32), (clip or None)
+
+
+def _declared_f(c, f: int) -> int:
+  """The f the rule is built for (aggregator.f, default workers.byzantine)."""
+  declared = c.aggregator.get("f", None)
+  declared = f if declared is None else declared
+  if not isinstance(declared, int) or isinstance(declared, bool) or declared < 0:
+    raise ConfigError(f"aggregator.f must be an integer >= 0, or None for "
+                      f"workers.byzantine, got {declared!r}.")
+  return declared
+
+
+def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset] = None,
+          model: Optional[nn.Module] = None, *, attacks: Sequence[str] = ()) -> Setup:
+  """Validates ``config`` and builds the static parts of a run.
+
+  Args:
+    config: a full ftjax config (see ``configs/default.py``).
+    dataset: train on these arrays instead of loading ``config.data``
+      (notebooks, benchmarks on synthetic data).
+    model: train this Flax module instead of ``config.model.name``. It is
+      called as ``model.apply(variables, x, train=...)`` on NHWC float inputs
+      and returns logits; BatchNorm-style state lives in ``"batch_stats"``.
+    attacks: attack names, ``config.attack.name`` among them, for one compiled
+      round that serves all of them (:func:`attack_family`): the round picks
+      the run's attack with ``lax.switch`` on ``DeviceData.attack``, so runs
+      that differ only in their attack share one compilation. Empty: the
+      round runs ``config.attack.name`` alone.
+
+  Returns:
+    The :class:`Setup`.
+
+  Raises:
+    ConfigError: with a sentence saying what to change, for any config that
+      cannot run (unknown names, f >= W/2, batch larger than the data, float64
+      without 64-bit JAX, ...).
+  """
+  c = config
+  w, f, b = _check_counts(c)
+  dtype, clip = _check_scalars(c)
+  try:  # The libraries' own ValueErrors carry the sentence to show the user.
+    kernels.check(c.kernels)
+    if c.loop not in policy.LOOPS:
+      raise ConfigError(f"Unknown loop {c.loop!r}; valid: {', '.join(policy.LOOPS)}.")
+    mesh = sharding.worker_mesh(c.get("devices", 0))
+    aggregation = (c.get("mesh") or {}).get("aggregation", "replicated")
+    if aggregation not in sharding.AGGREGATION_LAYOUTS:
+      raise ConfigError(f"Unknown mesh.aggregation {aggregation!r}; valid: "
+                        f"{', '.join(sharding.AGGREGATION_LAYOUTS)}.")
+    # The rule is built for the declared f (aggregator.f); the attack, and the split of
+    # the logged diagnostics into honest and Byzantine rows, use the actual count f.
+    spec = aggregator_spec(c.aggregator.name, c.aggregator.meta)
+    aggregator = aggregators_lib.make_aggregator(
+        spec, _declared_f(c, f), num_workers=w, options=_to_dict(c.aggregator.options),
+        kernels=c.kernels)
+    attack = _make_attack(c, c.attack.name)
+    family = _attack_family(c, attack, attacks)
+    worker_tx = estimators.make_estimator(c.optim)
+    server_tx = optim.make_server_optimizer(c.optim)
+    if model is None and c.model.name not in models_lib.MODELS:  # before loading any data
+      raise ValueError(f"Unknown model {c.model.name!r}; choose one of: "
+                       f"{', '.join(models_lib.MODELS)}.")
+    batch_stats_mode = c.model.get("batch_stats", "honest_mean")
+    _check_batch_stats_mode(batch_stats_mode, builtin=model is None)
+    if dataset is None:
+      dataset = data_lib.load_dataset(
+          c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
+    data_lib.check_batch(dataset, w, b)
+    partition = data_lib.partition_indices(
+        jax.random.fold_in(jax.random.key(c.seed), KEY_DATA), dataset.train_labels, w,
+        scheme=c.data.partition, alpha=c.data.alpha,
+        shards_per_worker=c.data.shards_per_worker, gamma=c.data.get("gamma", 0.5))
+    if partition is not None:
+      data_lib.check_partition(partition, b)
+    builtin = model is None
+    if builtin:
+      model = models_lib.make_model(c.model.name, num_classes=dataset.num_classes, dtype=dtype,
+                                    kernels=c.kernels)
+    _check_model_fits(model, dataset, dtype, c.model.name if builtin else type(model).__name__,
+                      builtin)
+  except (ValueError, FileNotFoundError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(str(e)) from None
+
+  num_computed = w if f and attack.uses_own_updates else w - f
+  devices = 1 if mesh is None else mesh.devices.size
+  per_device = -(-num_computed // devices)
+  chunk = policy.worker_chunk(c.kernels, per_device, c.workers.get("chunk", None))
+  loop = policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin)
+  record = json.loads(c.to_json())
+  record["aggregator"].update(spec=aggregator.spec, f=aggregator.f)
+  return Setup(
+      dataset=dataset, model=model, worker_tx=worker_tx, server_tx=server_tx,
+      aggregator=aggregator, attack=attack, num_workers=w, num_byzantine=f, batch_size=b,
+      dtype=dtype, partition=partition, seed=c.seed, clip=clip,
+      needs_prev=estimators.needs_previous_gradient(c.optim.estimator),
+      batch_stats_mode=batch_stats_mode, shuffle=c.data.shuffle, num_steps=c.num_steps,
+      eval_every=c.eval_every, eval_batch_size=c.data.eval_batch_size, kernels=c.kernels,
+      loop=loop, worker_chunk=chunk, record=record, mesh=mesh, builtin_model=builtin,
+      aggregation=aggregation, attacks=family)
+
+
+def _make_attack(c, name: str) -> attacks_lib.Attack:
+  return attacks_lib.make_attack(name, **_to_dict(c.attack.options.get(
+      attacks_lib.canonical_name(name), None)))
+
+
+def _attack_family(c, attack: attacks_lib.Attack, names: Sequence[str]) -> tuple:
+  """The attacks of one compiled round (``build(attacks=...)``), or () for ``attack`` alone."""
+  family = tuple(dict.fromkeys(_make_attack(c, name) for name in names))
+  if family and attack not in family:
+    raise ConfigError(f"build(attacks={list(names)}) must include the run's own attack "
+                      f"{c.attack.name!r}.")
+  if len(family) < 2:
+    return ()
+  if len({a.uses_own_updates for a in family}) > 1:
+    raise ConfigError(f"The attacks {[a.name for a in family]} cannot share one round: some "
+                      f"send the Byzantine workers' own updates and some do not, so their "
+                      f"rounds compute different workers (attack_family groups them apart).")
+  return family
+
+
+def attack_family(names: Sequence[str], num_honest: Optional[int] = None
+                  ) -> list[tuple[str, ...]]:
+  """Groups attack names into the families that can share one compiled round.
+
+  Attacks that send the Byzantine workers' own updates (``none``, ``lf``,
+  ``sf``) and omniscient ones compute different workers, so they never share
+  a round; every other pair can (``build(attacks=...)``). An attack that
+  needs more than ``num_honest`` honest rows stays alone, so that its error
+  cannot stop the others' round. Order is kept.
+  """
+  groups = {}
+  for name in names:
+    attack = attacks_lib.make_attack(name)
+    alone = num_honest is not None and attack.min_honest > num_honest
+    groups.setdefault(name if alone else attack.uses_own_updates, []).append(name)
+  return [tuple(g) for g in groups.values()]
+
+
+def _check_batch_stats_mode(mode: str, builtin: bool) -> None:
+  if mode not in models_lib.BATCH_STATS_MODES:
+    raise ValueError(f"Unknown model.batch_stats {mode!r}; valid: "
+                     f"{', '.join(models_lib.BATCH_STATS_MODES)}.")
+  if mode == "sequential" and not builtin:
+    # The fold assumes ftjax's BatchNorm momentum, which a model of one's own may not use.
+    raise ValueError("model.batch_stats='sequential' needs one of ftjax's models (it assumes "
+                     "their BatchNorm momentum, PyTorch's 0.1); with your own model use "
+                     "model.batch_stats='honest_mean'.")
+
+
+def _check_model_fits(model: nn.Module, dataset: data_lib.Dataset, dtype, name: str,
+                      builtin: bool) -> None:
+  """Refuses images on which the model has a zero-size layer (traced, not compiled)."""
+  sample = jax.ShapeDtypeStruct((1,) + dataset.train_images.shape[1:], dtype)
+  try:
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
+  except Exception as e:  # pylint: disable=broad-except
+    if not builtin:  # a user's own model: its traceback is theirs to read
+      raise
+    raise ValueError(f"Model {name!r} cannot run on images of shape "
+                     f"{list(dataset.train_images.shape[1:])}: {str(e).splitlines()[0]}") from None
+  empty = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+           if 0 in leaf.shape]
+  if empty:
+    raise ValueError(f"Images of shape {list(dataset.train_images.shape[1:])} are too small "
+                     f"for model {name!r} (the layer {empty[0]} would be empty); use larger "
+                     f"images or a smaller model (e.g. model.name='mlp').")

@@ -1,0 +1,325 @@
+"""The compiled programs of a run: the rounds between two evaluations, and the evaluation.
+
+:func:`make_chunk_fn` compiles the rounds of one chunk for R runs at once
+(the runs axis leads every state leaf; one run is R = 1), as one ``lax.scan``
+or as a host loop over the jitted round (:func:`ftjax.policy.loop_kind`).
+Compiled programs are kept in a :class:`ProgramCache` under a key holding
+everything that changes the program: the round's identity (the resolved
+config but the seed, the rule, attack and model objects, the dataset's
+shapes and constants, the devices), the loop, the runs layout, the chunk
+length, and the shapes, dtypes and shardings of every argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftjax import data as data_lib
+from ftjax import policy
+from ftjax import round as round_lib
+from ftjax.build import Setup
+
+PyTree = Any
+
+
+# Config fields that do not change the compiled round (the chunk length is keyed apart).
+_NOT_IN_ROUND = ("num_steps", "eval_every", "wandb", "checkpoint", "progress")
+
+
+class CompiledChunk(NamedTuple):
+  """``run(state, data) -> (state, mean metrics)`` for one chunk length."""
+  run: Callable
+  flops_per_step: float    # XLA's cost analysis of one round
+  memory_bytes: float      # XLA's memory analysis (arguments + outputs + temporaries)
+  loop: str                # "scan" or "host"
+
+
+class ProgramCache:
+  """Compiled programs by a key of everything that changes them (module docstring).
+
+  One cache serves every call of a process that wants to share programs (a
+  sweep's cells); :attr:`compiled` counts the compilations.
+  """
+
+  def __init__(self):
+    self._programs = {}
+    self.compiled = 0
+
+  def get(self, key: tuple, compile_fn: Callable[[], Any]) -> Any:
+    if key not in self._programs:
+      self._programs[key] = compile_fn()
+      self.compiled += 1
+    return self._programs[key]
+
+
+def _hashable(obj) -> Any:
+  """``obj`` when it can key a dict (compared by value), else a key equal to nothing else."""
+  try:
+    hash(obj)
+    return obj
+  except TypeError:
+    return object()
+
+
+def round_identity(setup: Setup) -> tuple:
+  """What the compiled round depends on besides its arguments.
+
+  Runs that differ only in their seed (which enters through the state) share
+  it; within an attack family (``setup.attacks``) the attack is an index the
+  round reads, so the run's own attack name is left out too.
+  """
+  record = json.loads(json.dumps(setup.record))
+  record.pop("seed", None)
+  if setup.attacks:
+    record["attack"].pop("name", None)
+  for field in _NOT_IN_ROUND:
+    record.pop(field, None)
+  ds = setup.dataset
+  return (json.dumps(record, sort_keys=True), setup.aggregator, setup.attacks or setup.attack,
+          (ds.name, ds.train_images.shape, ds.test_images.shape, ds.num_classes,
+           tuple(map(float, ds.mean)), tuple(map(float, ds.std)), ds.augment),
+          None if setup.builtin_model else _hashable(setup.model),
+          None if setup.mesh is None else tuple(d.id for d in setup.mesh.devices.flat),
+          setup.loop, setup.worker_chunk)
+
+
+def _signature(*args) -> tuple:
+  """The structure, shapes, dtypes and shardings of ``args``."""
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple((jnp.shape(a), jnp.result_type(a), getattr(a, "sharding", None))
+                        for a in leaves)
+
+
+def _cost(compiled) -> tuple[float, float]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = float((analysis or {}).get("flops", float("nan")))
+  mem = compiled.memory_analysis()
+  memory = (float(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                  + mem.output_size_in_bytes) if mem is not None else float("nan"))
+  return flops, memory
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
+def _run_data_axes(data: round_lib.DeviceData):
+  """vmap axes of the data over a runs axis: shared, except a per-run partition."""
+  return None if data.table is None else round_lib.DeviceData(None, None, 0, 0, None)
+
+
+def _run_data(data: round_lib.DeviceData, r: int) -> round_lib.DeviceData:
+  return data if data.table is None else data._replace(table=data.table[r], sizes=data.sizes[r])
+
+
+def make_runs_round(setup: Setup, layout: str) -> Callable:
+  """The round over a leading runs axis R: ``(states, data, indices [R, W, b])``.
+
+  ``layout`` (:func:`ftjax.policy.runs_layout`): "vmap", "map" (the runs one
+  after another inside the program) or "unroll" (one copy of the round per
+  run). The data is shared, except a per-run partition table.
+  """
+  train_step = round_lib.make_round(setup)
+
+  def step(state, data, idx):
+    if layout == "vmap":
+      return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
+    if layout == "unroll":
+      outs = [train_step(jax.tree.map(lambda a: a[r], state), _run_data(data, r), idx[r])
+              for r in range(idx.shape[0])]
+      return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if data.table is None:
+      return jax.lax.map(lambda a: train_step(a[0], data, a[1]), (state, idx))
+    return jax.lax.map(lambda a: train_step(a[0], data._replace(table=a[2], sizes=a[3]), a[1]),
+                       (state, idx, data.table, data.sizes))
+
+  return step
+
+
+def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = False,
+                  programs: Optional[ProgramCache] = None,
+                  runs_layout: Optional[str] = None) -> Callable:
+  """``compile(states, data, length) -> CompiledChunk``: the rounds between evaluations.
+
+  With ``runs=True`` the states carry a leading runs axis R
+  (:func:`ftjax.round.init_states`), and so does every returned metric; a
+  single state (``runs=False``) runs as R = 1. With loop "scan" the
+  ``length`` rounds run inside one jitted ``lax.scan``; with "host" a Python
+  loop dispatches the jitted round ``length`` times without waiting for it.
+  Either way the state buffers are donated, the example indices of the whole
+  chunk are drawn on device first, and the metrics are the means over the
+  chunk plus ``finite`` (whether each run's parameters are all finite). The
+  chunk is compiled ahead of time, so that the caller can report compile
+  time and XLA's cost analysis.
+
+  Args:
+    setup: the built run.
+    loop: "auto", "scan" or "host" instead of ``setup.loop``, the config's.
+    runs: whether the states have a leading runs axis.
+    programs: the cache that keeps the compiled programs (a fresh one if None).
+    runs_layout: how the runs share the program (:func:`ftjax.policy.runs_layout`
+      when None).
+  """
+  policy.check_runs_layout(runs_layout)
+  if loop is not None:
+    setup = with_loop(setup, loop)
+  if not runs:
+    return _one_run(make_chunk_fn(setup, programs=programs, runs=True, runs_layout=runs_layout))
+  programs = programs if programs is not None else ProgramCache()
+  identity = round_identity(setup)
+  mesh = setup.mesh
+  finite = jax.vmap(_all_finite)
+
+  def sample(state, data, length):
+    indices = jax.vmap(lambda s, d: round_lib.sample_chunk(setup, s, d, length),
+                       in_axes=(0, _run_data_axes(data)))(state, data)
+    return jnp.swapaxes(indices, 0, 1)  # [length, R, W, b]: rounds lead
+
+  def compile_scan(step, state, data, length):
+    def scan_chunk(state, data):
+      state, metrics = jax.lax.scan(lambda s, idx: step(s, data, idx), state,
+                                    sample(state, data, length))
+      metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+      metrics["finite"] = finite(state.params)
+      return state, metrics
+
+    compiled = jax.jit(scan_chunk, donate_argnums=0).lower(state, data).compile()
+    # XLA's cost analysis counts a while loop's body once, i.e. one round.
+    return CompiledChunk(lambda s, d: compiled(round_lib.place(setup, s),
+                                               round_lib.place(setup, d)),
+                         *_cost(compiled), "scan")
+
+  def compile_host(step, state, data, length):
+    sampler = jax.jit(functools.partial(sample, length=length)).lower(state, data).compile()
+    indices = jax.eval_shape(functools.partial(sample, length=length), state, data)
+    if mesh is not None:
+      indices = jax.ShapeDtypeStruct(indices.shape, indices.dtype,
+                                     sharding=jax.sharding.NamedSharding(
+                                         mesh, jax.sharding.PartitionSpec()))
+
+    def one_round(state, data, indices, i):
+      return step(state, data, indices[i])
+
+    rnd = jax.jit(one_round, donate_argnums=0).lower(state, data, indices, jnp.int32(0)).compile()
+    _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
+
+    def summarize(state, metrics):
+      metrics = jax.tree.map(lambda *m: jnp.stack(m).mean(0), *metrics)
+      metrics["finite"] = finite(state.params)
+      return metrics
+
+    summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
+
+    def run(state, data):
+      state, data = round_lib.place(setup, state), round_lib.place(setup, data)
+      idx = sampler(state, data)
+      metrics = []
+      for i in range(length):
+        state, m = rnd(state, data, idx, jnp.int32(i))
+        if mesh is not None and len(metrics) >= policy.MAX_ROUNDS_IN_FLIGHT - 1:
+          jax.block_until_ready(metrics[-1])
+        metrics.append(m)
+      return state, summary(state, metrics)
+
+    return CompiledChunk(run, *_cost(rnd), "host")
+
+  def compile_chunk(state, data, length):
+    # The compiled chunk takes its inputs in place()'s layout; run() places them.
+    state, data = round_lib.place(setup, state), round_lib.place(setup, data)
+    layout = runs_layout or policy.runs_layout(state.step.shape[0])
+    key = ("chunk", identity, layout, length, _signature(state, data))
+    build_chunk = compile_scan if setup.loop == "scan" else compile_host
+    return programs.get(key, lambda: build_chunk(make_runs_round(setup, layout), state, data,
+                                                 length))
+
+  return compile_chunk
+
+
+def with_loop(setup: Setup, loop: str) -> Setup:
+  """``setup`` with the loop kind ``loop`` ("auto": :func:`ftjax.policy.loop_kind`'s choice)."""
+  vmapped = setup.worker_chunk or -(-setup.num_computed // setup.num_devices)
+  return dataclasses.replace(setup, loop=policy.loop_kind(loop, setup.kernels, vmapped,
+                                                          setup.builtin_model))
+
+
+def _one_run(compile_runs: Callable) -> Callable:
+  """A chunk function over stacked runs, for one state without a runs axis."""
+  def add(tree):
+    return jax.tree.map(lambda a: a[None], tree)
+
+  def drop(tree):
+    return jax.tree.map(lambda a: a[0], tree)
+
+  wrapped = {}  # one wrapper per compiled chunk, so a cached chunk comes back as itself
+
+  def compile_chunk(state, data, length):
+    chunk = compile_runs(add(state), data, length)
+    if chunk not in wrapped:
+      wrapped[chunk] = chunk._replace(run=lambda s, d: tuple(map(drop, chunk.run(add(s), d))))
+    return wrapped[chunk]
+
+  return compile_chunk
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------
+
+
+class EvalData(NamedTuple):
+  """The test split on device and the batches that cover it once."""
+  images: jax.Array    # uint8 [M, H, W, C]
+  labels: jax.Array    # int32 [M]
+  indices: jax.Array   # int32 [num_batches, batch]; padded entries point at 0
+  mask: jax.Array      # bool [num_batches, batch]; False on padded entries
+
+
+def make_eval_data(dataset: data_lib.Dataset, batch_size: int) -> EvalData:
+  """Puts the test split on device with the batches of :func:`ftjax.data.eval_batches`."""
+  batches = data_lib.eval_batches(dataset.test_images.shape[0], batch_size)
+  return EvalData(jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels),
+                  jnp.asarray(batches.indices), jnp.asarray(batches.mask))
+
+
+def make_eval_fn(setup: Setup) -> Callable:
+  """``evaluate(params, batch_stats, eval_data) -> {test_loss, test_acc}`` for one run."""
+  ds = setup.dataset
+
+  def evaluate(params, batch_stats, data: EvalData):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+
+    def batch_sums(batch):
+      idx, mask = batch
+      x = data_lib.preprocess(data.images[idx], ds.mean, ds.std, setup.dtype)
+      logits = setup.model.apply(variables, x, train=False)
+      y = data.labels[idx]
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return jnp.where(mask, losses, 0).sum(), jnp.where(mask, jnp.argmax(logits, -1) == y,
+                                                         False).sum()
+
+    losses, correct = jax.lax.map(batch_sums, (data.indices, data.mask))
+    count = data.mask.sum()
+    return {"test_loss": (losses.sum() / count).astype(jnp.float32),
+            "test_acc": (correct.sum() / count).astype(jnp.float32)}
+
+  return evaluate
+
+
+def compile_eval(setup: Setup, states: round_lib.TrainState, eval_data: EvalData,
+                 programs: ProgramCache) -> Callable:
+  """The evaluation of every run of ``states`` (leading runs axis), compiled and cached."""
+  fn = jax.vmap(make_eval_fn(setup), in_axes=(0, 0, None))
+  key = ("eval", round_identity(setup), _signature(states.params, states.batch_stats, eval_data))
+  return programs.get(key, lambda: jax.jit(fn).lower(
+      states.params, states.batch_stats, eval_data).compile())

@@ -1,0 +1,446 @@
+"""One synchronous round, written once as the algorithm's steps.
+
+:func:`make_round` builds the pure function ``(state, data, indices) ->
+(state, metrics)`` from three steps:
+
+1. :func:`make_local_updates`: every computed worker differentiates its loss
+   on its minibatch (at x_t, and at x_{t-1} for mu2sgd), clips the gradients
+   and runs its estimator.
+2. :func:`make_server_rows`: the Byzantine workers' rows replace theirs (the
+   attack sees the honest rows), and the robust aggregator reduces the worker
+   axis.
+3. The server step: the server optax chain applied to the aggregate, the
+   BatchNorm statistics and the logged metrics.
+
+The device layouts (one device, workers split over devices, aggregation on
+coordinate slices) are applied around steps 1 and 2 by
+:func:`ftjax.sharding.lay_out_round`; neither step is written again for them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftjax import attacks as attacks_lib
+from ftjax import data as data_lib
+from ftjax import estimators
+from ftjax import models as models_lib
+from ftjax import sharding
+from ftjax.build import KEY_AGGREGATOR, KEY_ATTACK, KEY_AUGMENT, KEY_DATA, KEY_INIT, Setup
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  """The whole state of a run; a pytree of arrays."""
+  step: jax.Array          # int32 []: rounds done so far
+  params: PyTree           # the query point x_t (the evaluated model)
+  prev_params: PyTree      # x_{t-1} for mu2sgd's second gradient; () otherwise
+  batch_stats: PyTree      # BatchNorm running statistics ({} without BatchNorm)
+  server_state: PyTree     # server optax state (holds the anchor w_t for mu2sgd)
+  worker_state: PyTree     # estimator states stacked on a leading axis [num_computed]
+  rng: jax.Array           # uint32 key data of the run's root key
+
+
+def purpose_key(state: TrainState, purpose: int) -> jax.Array:
+  """The run's key for one purpose (build.KEY_*)."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), purpose)
+
+
+def init_state(setup: Setup, seed: int) -> TrainState:
+  """Initial state: model init, estimator and server states, root key."""
+  root = jax.random.key(seed)
+  sample = jnp.zeros((1,) + setup.dataset.train_images.shape[1:], setup.dtype)
+  variables = setup.model.init(jax.random.fold_in(root, KEY_INIT), sample, train=False)
+  params = variables["params"]
+  worker_state = jax.vmap(setup.worker_tx.init, in_axes=None,
+                          axis_size=setup.num_computed)(params)
+  return TrainState(
+      step=jnp.zeros([], jnp.int32), params=params,
+      prev_params=jax.tree.map(jnp.array, params) if setup.needs_prev else (),
+      batch_stats=variables.get("batch_stats", {}), server_state=setup.server_tx.init(params),
+      worker_state=worker_state, rng=jax.random.key_data(root))
+
+
+def init_states(setup: Setup, seeds) -> TrainState:
+  """:func:`init_state` for several seeds, stacked on a leading runs axis [R]."""
+  return jax.vmap(lambda seed: init_state(setup, seed))(jnp.asarray(seeds))
+
+
+# --------------------------------------------------------------------------
+# The data a round reads
+# --------------------------------------------------------------------------
+
+
+class DeviceData(NamedTuple):
+  """The training split, resident on device; the round gathers from it."""
+  images: jax.Array   # uint8 [N, H, W, C]
+  labels: jax.Array   # int32 [N]
+  table: Optional[jax.Array] = None  # int32 [W, S] per-worker shards (non-i.i.d.), or None
+  sizes: Optional[jax.Array] = None  # int32 [W] shard sizes
+  attack: Optional[jax.Array] = None  # int32 []: the run's attack in Setup.attacks, or None
+
+
+def make_device_data(setup: Setup) -> DeviceData:
+  """Puts the training split (and the per-worker partition, if any) on device."""
+  ds, partition = setup.dataset, setup.partition
+  images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+  attack = (jnp.asarray(setup.attacks.index(setup.attack), jnp.int32) if setup.attacks
+            else None)
+  if partition is None:
+    return DeviceData(images, labels, attack=attack)
+  return DeviceData(images, labels, jnp.asarray(partition.table), jnp.asarray(partition.sizes),
+                    attack)
+
+
+def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int) -> jax.Array:
+  """The workers' example indices for the ``length`` rounds from ``state.step``: [length, W, b]."""
+  key = purpose_key(state, KEY_DATA)
+  if data.table is not None:
+    steps = state.step + jnp.arange(length, dtype=jnp.int32)
+    return jax.vmap(lambda s: data_lib.worker_round_indices(
+        key, s, data.table, data.sizes, setup.batch_size, shuffle=setup.shuffle))(steps)
+  return data_lib.chunk_indices(key, state.step, length, setup.dataset.train_images.shape[0],
+                                setup.num_workers, setup.batch_size, shuffle=setup.shuffle)
+
+
+def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Array):
+  """The computed workers' inputs and labels; Byzantine label flippers flip theirs."""
+  ds, h = setup.dataset, setup.num_honest
+  idx = idx[:setup.num_computed]
+  x = data.images[idx]  # uint8 [n, b, H, W, C]
+  if ds.augment == "crop_flip":
+    # On the raw pixels, so the padding is black as in torchvision.
+    x = data_lib.augment_crop_flip(
+        jax.random.fold_in(purpose_key(state, KEY_AUGMENT), state.step), x)
+  x = data_lib.preprocess(x, ds.mean, ds.std, setup.dtype)
+  y = data.labels[idx]
+  members = setup.attacks or (setup.attack,)
+  if setup.num_byzantine and any(a.flips_labels for a in members):
+    # In a round for several attacks, whether this run's attack flips is an index away.
+    flips = (jnp.asarray([a.flips_labels for a in members])[data.attack] if setup.attacks
+             else True)
+    y = y.at[h:].set(jnp.where(flips, attacks_lib.flip_labels(y[h:], ds.num_classes), y[h:]))
+  return x, y
+
+
+# --------------------------------------------------------------------------
+# Step 1: the workers' local updates
+# --------------------------------------------------------------------------
+
+
+def make_loss_fn(model) -> Callable:
+  """One worker's loss on its minibatch: ``(params, stats, x, y) -> (loss, aux)``."""
+
+  def loss_fn(params, batch_stats, x, y):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    logits, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, (logits, mutated.get("batch_stats", {}))
+
+  return loss_fn
+
+
+def make_worker_gradients(setup: Setup) -> Callable:
+  """``(params, batch_stats, prev_params, x, y) -> (out, prev_grads, prev_stats)``.
+
+  ``x`` [n, b, ...] and ``y`` [n, b] are n workers' minibatches;
+  ``out = ((loss, (logits, stats)), grads)`` has a leading worker axis, and
+  ``prev_grads`` and ``prev_stats`` are the same workers' gradients and updated
+  running statistics at ``prev_params`` on the same minibatches (mu2sgd's
+  second pass), or None when ``prev_params`` is None.
+
+  With a chunk size k (``setup.worker_chunk``), the workers go through a
+  ``lax.map`` in chunks of k, each chunk a vmap over its k workers, so that
+  only k workers' activations are live at a time: the same per-worker values,
+  with peak memory bounded in W.
+  """
+  value_and_grad = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)
+
+  def passes(grads, params, batch_stats, prev_params, x, y):
+    out = grads(params, batch_stats, x, y)
+    if prev_params is None:
+      return out, None, None
+    (_, (_, prev_stats)), prev_grads = grads(prev_params, batch_stats, x, y)
+    return out, prev_grads, prev_stats
+
+  def gradients(params, batch_stats, prev_params, x, y):
+    chunk = setup.worker_chunk
+    if 0 < chunk < x.shape[0]:
+      return jax.lax.map(lambda xy: passes(value_and_grad, params, batch_stats, prev_params,
+                                           *xy), (x, y), batch_size=chunk)
+    return passes(jax.vmap(value_and_grad, in_axes=(None, None, 0, 0)), params, batch_stats,
+                  prev_params, x, y)
+
+  return gradients
+
+
+def make_local_updates(setup: Setup) -> Callable:
+  """Step 1: ``(shared, per_worker) -> (updates, gathered, worker_state)``.
+
+  ``shared = (params, batch_stats, prev_params)`` (``prev_params`` None
+  without mu2sgd); ``per_worker = (x, y, worker_state)`` with a leading
+  worker axis. Each worker's gradients are clipped to ``setup.clip`` and fed
+  to its estimator; ``gathered = (loss, logits, stats, prev_stats)`` are what
+  the server step logs and folds into the BatchNorm statistics.
+  """
+  gradients = make_worker_gradients(setup)
+  clip_rows = jax.vmap(functools.partial(estimators.clip_by_global_norm, max_norm=setup.clip))
+
+  def worker_update(grads, worker_state, prev_grads):
+    if setup.needs_prev:
+      return setup.worker_tx.update(grads, worker_state, prev_grads=prev_grads)
+    return setup.worker_tx.update(grads, worker_state)
+
+  def local_updates(shared, per_worker):
+    params, batch_stats, prev_params = shared
+    x, y, worker_state = per_worker
+    ((loss, (logits, stats)), grads), prev_grads, prev_stats = gradients(
+        params, batch_stats, prev_params, x, y)
+    grads = clip_rows(grads)
+    if setup.needs_prev:
+      prev_grads = clip_rows(prev_grads)
+    updates, worker_state = jax.vmap(worker_update)(grads, worker_state, prev_grads)
+    return updates, (loss, logits, stats, prev_stats), worker_state
+
+  return local_updates
+
+
+# --------------------------------------------------------------------------
+# Step 2: the server's rows (attack, then aggregation)
+# --------------------------------------------------------------------------
+
+
+def _members(setup: Setup) -> tuple:
+  return setup.attacks or (setup.attack,)
+
+
+def attack_draws(setup: Setup, params: PyTree, key: jax.Array) -> list:
+  """The random values of every attack the round serves, as one flat list of leaves.
+
+  Drawn for the whole rows from their shapes, so that a layout holding slices
+  of the rows passes each device its slice (:meth:`ftjax.attacks.Attack.draw`).
+  """
+  ctx = _attack_context(setup)
+  honest = jax.tree.map(lambda p: jax.ShapeDtypeStruct((setup.num_honest,) + p.shape, p.dtype),
+                        params)
+  return [leaf for a in _members(setup) for leaf in jax.tree.leaves(a.draw(honest, key, ctx))]
+
+
+def _attack_context(setup: Setup) -> attacks_lib.AttackContext:
+  return attacks_lib.AttackContext(num_byzantine=setup.num_byzantine,
+                                   aggregator=setup.aggregator,
+                                   num_classes=setup.dataset.num_classes)
+
+
+def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[jax.Array]
+                     ) -> Callable:
+  """Step 2: ``(rows, extras, keys, valid) -> (aggregate, diagnostics)``.
+
+  ``rows`` are the computed workers' updates (honest first); the attack
+  (``setup.attack``, or the member of ``setup.attacks`` at ``attack_index``)
+  writes the Byzantine rows from the honest ones (and their own, for the
+  attacks that send them), then ``setup.aggregator`` reduces the rows.
+  ``extras`` are the attacks' draws (:func:`attack_draws`), ``keys`` the
+  round's (attack, aggregator) keys and ``valid`` the layout's column mask
+  (:func:`ftjax.sharding.lay_out_round`).
+  """
+  f, h = setup.num_byzantine, setup.num_honest
+  ctx = _attack_context(setup)
+  members = _members(setup)
+  honest_shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct((h,) + p.shape, p.dtype),
+                               params_like)
+  # Where each member's draws sit in the flat extras list.
+  layouts, start = [], 0
+  for a in members:
+    drawn = jax.eval_shape(lambda k, a=a: a.draw(honest_shapes, k, ctx), jax.random.key(0))
+    count = len(jax.tree.leaves(drawn))
+    layouts.append((jax.tree.structure(drawn), start, count))
+    start += count
+  sizes = [p.size for p in jax.tree.leaves(params_like)]
+
+  def byzantine_rows(member, layout, honest, own, extras, key):
+    treedef, first, count = layout
+    draws = None if count == 0 else jax.tree.unflatten(treedef, extras[first:first + count])
+    return member(honest, own, key, ctx, draws=draws)
+
+  def server_rows(rows, extras, keys, valid):
+    attack_key, aggregator_key = keys
+    honest = jax.tree.map(lambda u: u[:h], rows)
+    if f:
+      own = jax.tree.map(lambda u: u[h:], rows) if members[0].uses_own_updates else None
+      calls = [functools.partial(byzantine_rows, m, lay) for m, lay in zip(members, layouts)]
+      if len(calls) == 1:
+        byzantine = calls[0](honest, own, extras, attack_key)
+      else:
+        byzantine = jax.lax.switch(attack_index, calls, honest, own, extras, attack_key)
+      # The zero columns that pad a leaf stay zero (an inf or nan attack fills them).
+      byzantine = valid(byzantine, sizes)
+      rows = jax.tree.map(lambda a, z: jnp.concatenate([a, z.astype(a.dtype)]), honest,
+                          byzantine)
+    else:
+      rows = honest
+    return setup.aggregator(rows, aggregator_key)
+
+  return server_rows
+
+
+# --------------------------------------------------------------------------
+# Step 3: the server step, and the round
+# --------------------------------------------------------------------------
+
+
+def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
+  """Turns an aggregator's diagnostics into scalars for logging.
+
+  Scalars pass through; a per-worker vector ``v`` [W] becomes
+  ``v_honest`` and ``v_byzantine``, its sums over the honest and the Byzantine
+  rows (e.g. how many Byzantine rows CTMA kept).
+  """
+  out = {}
+  for name, value in diagnostics.items():
+    value = jnp.asarray(value)
+    if value.ndim == 0:
+      out[name] = value.astype(jnp.float32)
+    elif value.ndim == 1:
+      value = value.astype(jnp.float32)
+      out[f"{name}_honest"] = value[:num_honest].sum()
+      out[f"{name}_byzantine"] = value[num_honest:].sum()
+  return out
+
+
+def update_batch_stats(mode: str, old: PyTree, stats: PyTree, prev_stats: Optional[PyTree],
+                       num_honest: int) -> PyTree:
+  """The running BatchNorm statistics after a round (``model.batch_stats``; docs/data.md).
+
+  Args:
+    mode: "honest_mean": the mean of the honest workers' updated statistics,
+      one EMA step with their mean batch statistics; "sequential": the
+      original program's, every computed worker's pass folded into the EMA one
+      after another in worker order, each worker's pass at x_t followed by its
+      mu2sgd pass at x_{t-1} (:func:`ftjax.models.fold_batch_stats`).
+    old: the running statistics the round started from.
+    stats: [n, ...] each computed worker's updated statistics after its pass at x_t.
+    prev_stats: [n, ...] the same after its pass at x_{t-1}, or None.
+    num_honest: h; the first h workers are honest.
+
+  Returns:
+    The new running statistics, like ``old``.
+  """
+  if mode == "honest_mean":
+    return jax.tree.map(lambda s: s[:num_honest].mean(0), stats)
+  passes = stats
+  if prev_stats is not None:  # [n, 2, ...] -> [2n, ...]: worker 0 at x_t, at x_{t-1}, worker 1 ...
+    passes = jax.tree.map(lambda a, b: jnp.stack([a, b], 1).reshape((-1,) + a.shape[1:]),
+                          stats, prev_stats)
+  return models_lib.fold_batch_stats(old, models_lib.batch_stats_of_pass(old, passes))
+
+
+def worker_state_rows(setup: Setup) -> int:
+  """Rows of ``TrainState.worker_state`` in the round: the computed workers, padded.
+
+  ``setup.num_computed``; in the sharded layout rounded up to a multiple of
+  the device count, so that the rows split evenly over the devices (the
+  padding rows are computed and thrown away, and a checkpoint holding them is
+  restored into any layout, :meth:`ftjax.checkpoint.Checkpointer.restore_latest`).
+  """
+  if not setup.sharded:
+    return setup.num_computed
+  return sharding.padded_workers(setup.num_computed, setup.num_devices)
+
+
+def _pad_workers(tree: PyTree, rows: int, axis: int = 0) -> PyTree:
+  """``tree``'s leaves with zero rows appended on ``axis`` up to ``rows`` rows."""
+  def pad(a):
+    if a.shape[axis] == rows:
+      return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, rows - a.shape[axis])
+    return jnp.pad(a, widths)
+  return jax.tree.map(pad, tree)
+
+
+def place(setup: Setup, tree: PyTree) -> PyTree:
+  """Puts ``tree`` on ``setup``'s devices, replicated (unchanged with one device).
+
+  The jitted round takes its state and data replicated over the mesh; arrays
+  from elsewhere (a restored checkpoint, a notebook) go through this first.
+  In the sharded layout a :class:`TrainState`'s ``worker_state`` is split
+  over the workers instead, its worker axis padded with zero rows to
+  :func:`worker_state_rows` (a state with a leading runs axis,
+  :func:`init_states`, is split on its second axis).
+  """
+  if not (setup.sharded and isinstance(tree, TrainState)):
+    return sharding.replicate(setup.mesh, tree)
+  axis = jnp.ndim(tree.step)  # 1 with a leading runs axis
+  worker_state = jax.device_put(
+      _pad_workers(tree.worker_state, worker_state_rows(setup), axis),
+      sharding.worker_split(setup.mesh, axis))
+  return sharding.replicate(setup.mesh, tree._replace(worker_state=()))._replace(
+      worker_state=worker_state)
+
+
+def _constrain_layout(setup: Setup, state: TrainState) -> TrainState:
+  """The layout :func:`place` gives, which a host loop's compiled round takes back."""
+  if not setup.sharded:
+    return state
+  return sharding.constrain_replicated(setup.mesh, state._replace(worker_state=()))._replace(
+      worker_state=jax.lax.with_sharding_constraint(
+          state.worker_state, sharding.worker_split(setup.mesh)))
+
+
+def make_round(setup: Setup) -> Callable:
+  """The pure synchronous round ``(state, data, indices) -> (state, metrics)``.
+
+  ``indices`` int32 [W, b] are the workers' examples of this round (one entry
+  of :func:`sample_chunk`); without them the round samples its own. In the
+  sharded layout the returned ``worker_state`` has :func:`worker_state_rows`
+  rows, split over the workers.
+  """
+  h, n = setup.num_honest, setup.num_computed
+  local_updates = make_local_updates(setup)
+
+  def train_step(state: TrainState, data: DeviceData, idx: Optional[jax.Array] = None):
+    step = state.step
+    if idx is None:
+      idx = sample_chunk(setup, state, data, 1)[0]
+    x, y = _minibatches(setup, state, data, idx)
+    attack_key = jax.random.fold_in(purpose_key(state, KEY_ATTACK), step)
+    aggregator_key = jax.random.fold_in(purpose_key(state, KEY_AGGREGATOR), step)
+    middle = sharding.lay_out_round(
+        local_updates, make_server_rows(setup, state.params, data.attack), setup.mesh,
+        setup.aggregation, num_rows=n)
+    extras = attack_draws(setup, state.params, attack_key) if setup.num_byzantine else []
+    worker_state = state.worker_state
+    if setup.sharded:
+      worker_state = _pad_workers(worker_state, worker_state_rows(setup))
+    aggregate, diagnostics, (loss, logits, new_stats, prev_stats), worker_state = middle(
+        (state.params, state.batch_stats, state.prev_params if setup.needs_prev else None),
+        (x, y, worker_state), extras, (attack_key, aggregator_key))
+
+    # Step 3: the server step.
+    server_updates, server_state = setup.server_tx.update(
+        aggregate, state.server_state, state.params)
+    params = optax.apply_updates(state.params, server_updates)
+    batch_stats = update_batch_stats(setup.batch_stats_mode, state.batch_stats, new_stats,
+                                     prev_stats, h)
+    metrics = {
+        "train_loss": loss[:h].mean().astype(jnp.float32),
+        "train_acc": (jnp.argmax(logits[:h], -1) == y[:h]).mean(dtype=jnp.float32),
+        "aggregate_norm": optax.tree.norm(aggregate).astype(jnp.float32),
+        **summarize_diagnostics(diagnostics, h),
+    }
+    new_state = TrainState(
+        step=step + 1, params=params, prev_params=state.params if setup.needs_prev else (),
+        batch_stats=batch_stats, server_state=server_state,
+        worker_state=worker_state, rng=state.rng)
+    return _constrain_layout(setup, new_state), metrics
+
+  return train_step
