@@ -107,7 +107,7 @@ def time_step(model, workers, rounds, chunk, batch):
   setup = train.build(c, dataset)
   state = train.init_state(setup, c.seed)
   data = train.DeviceData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels))
-  programs = {}
+  programs = train.ProgramCache()
   tic = time.perf_counter()
   compiled = train.make_chunk_fn(setup, "auto", programs=programs)(state, data, rounds)
   compile_s = time.perf_counter() - tic

@@ -83,7 +83,7 @@ def run_child(spec):
   state = train.init_state(setup, c.seed)
   data = train.DeviceData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels))
   length = spec.get("rounds", _rounds(w))
-  programs = {}
+  programs = train.ProgramCache()
   tic = time.perf_counter()
   compiled = train.make_chunk_fn(setup, spec.get("loop", "auto"), programs=programs)(
       state, data, length)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from ftjax import data as data_lib
+from ftjax import optim
 from ftjax import policy
 from ftjax import round as round_lib
 from ftjax.build import Setup
@@ -68,6 +69,25 @@ def _hashable(obj) -> Any:
     return object()
 
 
+def _identity(setup: Setup, sections: Optional[tuple] = None) -> tuple:
+  """The record's ``sections`` (all but the seed when None), the dataset's constants,
+  a user's model and the devices: what a program of the run closes over."""
+  record = json.loads(json.dumps(setup.record))
+  record.pop("seed", None)
+  for field in _NOT_IN_ROUND:
+    record.pop(field, None)
+  for field in optim.STATE_FIELDS:  # values the state holds, not the program
+    record["optim"].pop(field, None)
+  if sections is not None:
+    record = {k: v for k, v in record.items() if k in sections}
+  ds = setup.dataset
+  return (json.dumps(record, sort_keys=True),
+          (ds.name, ds.train_images.shape, ds.test_images.shape, ds.num_classes,
+           tuple(map(float, ds.mean)), tuple(map(float, ds.std)), ds.augment),
+          None if setup.builtin_model else _hashable(setup.model),
+          None if setup.mesh is None else tuple(d.id for d in setup.mesh.devices.flat))
+
+
 def round_identity(setup: Setup) -> tuple:
   """What the compiled round depends on besides its arguments.
 
@@ -75,19 +95,23 @@ def round_identity(setup: Setup) -> tuple:
   it; within an attack family (``setup.attacks``) the attack is an index the
   round reads, so the run's own attack name is left out too.
   """
-  record = json.loads(json.dumps(setup.record))
-  record.pop("seed", None)
+  identity = _identity(setup)
   if setup.attacks:
+    record = json.loads(identity[0])
     record["attack"].pop("name", None)
-  for field in _NOT_IN_ROUND:
-    record.pop(field, None)
-  ds = setup.dataset
-  return (json.dumps(record, sort_keys=True), setup.aggregator, setup.attacks or setup.attack,
-          (ds.name, ds.train_images.shape, ds.test_images.shape, ds.num_classes,
-           tuple(map(float, ds.mean)), tuple(map(float, ds.std)), ds.augment),
-          None if setup.builtin_model else _hashable(setup.model),
-          None if setup.mesh is None else tuple(d.id for d in setup.mesh.devices.flat),
-          setup.loop, setup.worker_chunk)
+    identity = (json.dumps(record, sort_keys=True),) + identity[1:]
+  return identity + (setup.aggregator, setup.attacks or setup.attack, setup.loop,
+                     setup.worker_chunk)
+
+
+def init_identity(setup: Setup) -> tuple:
+  """What the initial state's program depends on: model, dtype, optimisers, computed workers."""
+  return _identity(setup, ("model", "dtype", "optim", "kernels")) + (setup.num_computed,)
+
+
+def eval_identity(setup: Setup) -> tuple:
+  """What the evaluation program depends on: the model, dtype and test data."""
+  return _identity(setup, ("model", "dtype", "kernels"))
 
 
 def _signature(*args) -> tuple:
@@ -320,6 +344,6 @@ def compile_eval(setup: Setup, states: round_lib.TrainState, eval_data: EvalData
                  programs: ProgramCache) -> Callable:
   """The evaluation of every run of ``states`` (leading runs axis), compiled and cached."""
   fn = jax.vmap(make_eval_fn(setup), in_axes=(0, 0, None))
-  key = ("eval", round_identity(setup), _signature(states.params, states.batch_stats, eval_data))
+  key = ("eval", eval_identity(setup), _signature(states.params, states.batch_stats, eval_data))
   return programs.get(key, lambda: jax.jit(fn).lower(
       states.params, states.batch_stats, eval_data).compile())

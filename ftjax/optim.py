@@ -86,6 +86,12 @@ def anytime_averaging(gamma: Optional[float] = None, reference_rounding: bool = 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+STATE_FIELDS = ("lr",)
+"""``optim`` fields that :func:`make_server_optimizer` puts in the optimiser's state
+(``optax.inject_hyperparams``), not in the compiled program: runs that differ only
+in them share one program (:func:`ftjax.loop.round_identity`)."""
+
+
 def make_server_optimizer(optim_config) -> optax.GradientTransformation:
   """The server chain for the config's ``c.optim`` section.
 

@@ -410,7 +410,7 @@ def _run_group(configs, workdirs, setups, programs, on_rounds, note, mesh, conso
   owner = [i if i in setups else live[0] for i in range(num_slots)]
   train_data = _stack_data(setups, owner)
   seeds = jnp.asarray([configs[i].seed for i in owner])
-  states = programs.get(("init", loop_lib.round_identity(first), num_slots), lambda: jax.jit(
+  states = programs.get(("init", loop_lib.init_identity(first), num_slots), lambda: jax.jit(
       lambda s: round_lib.init_states(first, s)).lower(seeds).compile())(seeds)
 
   runs, host, restored_any = {}, None, False

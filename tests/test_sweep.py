@@ -17,11 +17,12 @@ from ftjax import checkpoint as checkpoint_lib
 from ftjax import results
 from ftjax import sweep as sweep_lib
 from ftjax import train
-from ftjax.kernels import layers
+from ftjax import policy
+from ftjax import round as round_lib
 
 # Compiled programs shared by the tests, as by the runs of one sweep process: the
 # tiny float32 config compiles once for the whole module.
-PROGRAMS = {}
+PROGRAMS = train.ProgramCache()
 
 TINY = {"num_steps": 20, "eval_every": 10, "workers.num": 5, "workers.byzantine": 1,
         "workers.batch_size": 4, "model.name": "mlp", "data.eval_batch_size": 512}
@@ -134,11 +135,11 @@ def separate_float64_runs(tmp_path_factory):
 
 # The runs of one program in each layout (make_chunk_fn(runs_layout=...)): vmapped,
 # looped inside it, or one copy of the round per run.
-@pytest.mark.parametrize("layout", layers.RUNS_LAYOUTS)
+@pytest.mark.parametrize("layout", policy.RUNS_LAYOUTS)
 def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path, separate_float64_runs,
                                                               layout, monkeypatch):
   dtype, tolerance = "float64", 1e-12
-  monkeypatch.setattr(layers, "runs_layout", lambda *_: layout)
+  monkeypatch.setattr(policy, "runs_layout", lambda *_: layout)
   alone_dir, separate = separate_float64_runs
   batched = train.train_runs([_tiny(1, dtype), _tiny(2, dtype)],
                              [str(tmp_path / "b1"), str(tmp_path / "b2")])
@@ -158,10 +159,10 @@ def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path, separate
 
 
 def test_the_runs_layout_is_the_backends_choice_and_checked():
-  # On CPU a few runs are unrolled, more are vmapped (kernels.layers.runs_layout).
+  # On CPU a few runs are unrolled, more are vmapped (kernels.policy.runs_layout).
   assert jax.default_backend() == "cpu"
-  assert [layers.runs_layout(r) for r in (1, layers.UNROLL_MAX_RUNS,
-                                          layers.UNROLL_MAX_RUNS + 1)] == ["unroll", "unroll",
+  assert [policy.runs_layout(r) for r in (1, policy.UNROLL_MAX_RUNS,
+                                          policy.UNROLL_MAX_RUNS + 1)] == ["unroll", "unroll",
                                                                            "vmap"]
   with pytest.raises(ValueError, match="Unknown runs_layout 'scan'"):
     train.make_chunk_fn(train.build(_tiny(1, "float32")), runs=True, runs_layout="scan")
@@ -170,7 +171,7 @@ def test_the_runs_layout_is_the_backends_choice_and_checked():
 @pytest.mark.parametrize("layout", ["map", "unroll"])
 def test_looped_runs_with_per_worker_shards_equal_separate_runs(tmp_path, monkeypatch, layout):
   # The runs looped inside the program or unrolled, each with its own seed's partition table.
-  monkeypatch.setattr(layers, "runs_layout", lambda *_: layout)
+  monkeypatch.setattr(policy, "runs_layout", lambda *_: layout)
   configs = []
   for seed in (1, 2):
     c = _tiny(seed, "float32")
@@ -188,17 +189,17 @@ def test_looped_runs_with_per_worker_shards_equal_separate_runs(tmp_path, monkey
 
 def test_runs_that_differ_only_in_the_learning_rate_share_the_chunk_program():
   # optim.lr lives in the server optimizer's state, so it is not a constant of the round.
-  programs, params = {}, {}
+  programs, params = train.ProgramCache(), {}
   for lr in (0.1, 0.02):
     c = _tiny(1, "float32")
     c.optim.lr = lr
     setup = train.build(c)
     state = train.init_state(setup, c.seed)
     data = train.make_device_data(setup)
-    before = len(programs)
+    before = programs.compiled
     run = train.make_chunk_fn(setup, "scan", programs=programs)(state, data, 3).run
     params[lr] = jax.tree.leaves(run(state, data)[0].params)
-    assert len(programs) == (1 if lr == 0.1 else before)
+    assert programs.compiled == (1 if lr == 0.1 else before)
   # The same program, yet each run trained with its own rate.
   assert not np.allclose(params[0.1][0], params[0.02][0])
 
@@ -212,7 +213,7 @@ def test_a_second_batch_of_the_same_cell_reuses_the_compiled_programs(tmp_path):
   programs = PROGRAMS
   batched = train.train_runs(configs[:2], [str(tmp_path / "1"), str(tmp_path / "2")],
                              programs=programs)
-  compiled = train.num_compiled(programs)
+  compiled = programs.compiled
   # float32: batched and separate runs agree to rounding.
   alone = train.train_and_evaluate(configs[0], str(tmp_path / "alone"))
   for a, b in zip(jax.tree.leaves(alone.state.params), jax.tree.leaves(batched[0].state.params)):
@@ -229,7 +230,7 @@ def test_a_second_batch_of_the_same_cell_reuses_the_compiled_programs(tmp_path):
   finally:
     logging.getLogger("jax").removeHandler(handler)
   assert last[1] is None and last[0].error is None and last[0].metrics["step"] == 20
-  assert train.num_compiled(programs) == compiled
+  assert programs.compiled == compiled
   names = _compiled_names(records)
   assert not [n for n in names if "scan_chunk" in n or "one_round" in n or "evaluate" in n
               or "init_states" in n], names
@@ -252,9 +253,8 @@ def test_a_diverging_seed_fails_alone_and_its_sibling_goes_on(tmp_path, monkeypa
                                               jnp.inf, p), states.params)
     return states._replace(params=params)
 
-  monkeypatch.setattr(train, "init_states", seed_2_is_infinite)
-  out = train.train_runs(configs, [str(tmp_path / "s1"), str(tmp_path / "s2")],
-                         programs=PROGRAMS)
+  monkeypatch.setattr(round_lib, "init_states", seed_2_is_infinite)
+  out = train.train_runs(configs, [str(tmp_path / "s1"), str(tmp_path / "s2")])
   assert out[0].error is None and out[0].metrics["step"] == 20
   assert isinstance(out[1].error, train.TrainingDiverged)
   assert "between steps 0 and 10" in str(out[1].error)
@@ -306,7 +306,7 @@ def test_interrupted_sweep_resumes_to_the_same_metrics(tmp_path, monkeypatch):
 
   lines = []
   # The rerun compiles afresh, as a new process would.
-  sweep_lib.run_sweep(s, parts, progress=False, programs={}, write=lines.append)
+  sweep_lib.run_sweep(s, parts, progress=False, programs=train.ProgramCache(), write=lines.append)
   assert any("Resumed" in line and "step 10" in line for line in lines)
   for key, path in _run_dirs(full).items():
     _same_metrics(_rows(path), _rows(dirs[key]))
@@ -332,16 +332,17 @@ def test_cells_that_differ_only_in_the_attack_share_one_program(tmp_path, monkey
       ("alie", "ipm"), ("sf", "lf")]
   quiet = {"progress": False, "write": lambda line: None}
   traced = []
-  make_chunk_fn = train.make_chunk_fn
-  monkeypatch.setattr(train, "make_chunk_fn", lambda *a, **k: traced.append(1) or
-                      make_chunk_fn(*a, **k))
-  shared = sweep_lib.run_sweep(s, str(tmp_path / "shared"), programs={}, **quiet)
+  make_round = round_lib.make_round
+  monkeypatch.setattr(round_lib, "make_round", lambda *a, **k: traced.append(1) or
+                      make_round(*a, **k))
+  shared = sweep_lib.run_sweep(s, str(tmp_path / "shared"), programs=train.ProgramCache(),
+                               **quiet)
   s.share_programs = False
-  alone = sweep_lib.run_sweep(s, str(tmp_path / "alone"), programs={}, **quiet)
+  alone = sweep_lib.run_sweep(s, str(tmp_path / "alone"), programs=train.ProgramCache(), **quiet)
   # Either way: one evaluation program, and one initialisation per family (the
   # workers' state has a row per computed worker: 4 for alie and ipm, 5 for sf and lf).
   assert (shared["compilations"], alone["compilations"]) == (3 + 2, 3 + 4)
-  assert len(traced) == 2 + 4  # the second cell of a family reuses the traced round too
+  assert len(traced) == 2 + 4  # the second cell of a family reuses the compiled round
   dirs_shared, dirs_alone = _run_dirs(str(tmp_path / "shared")), _run_dirs(str(tmp_path / "alone"))
   losses = []
   for key, path in dirs_alone.items():
@@ -472,14 +473,14 @@ _SPREAD_SCRIPT = """
 import json, sys
 import jax, numpy as np
 jax.config.update("jax_enable_x64", True)
-from ftjax import sweep as sweep_lib, train
+from ftjax import loop as loop_lib, sweep as sweep_lib, train
 from tests.test_sweep import spec
 
 out = {"devices": jax.device_count()}
 tmp = sys.argv[1]
 s = spec(seeds=(1, 2, 3), dtype="float64", devices=1, **{"workers.num": 5, "num_steps": 10})
 configs = [r.config for r in sweep_lib.expand(s).cells[0].runs]
-make_chunk_fn, specs = train.make_chunk_fn, []
+make_chunk_fn, specs = loop_lib.make_chunk_fn, []
 
 
 def spy(*args, **kwargs):  # records how the states reach the compiled chunk
@@ -491,7 +492,7 @@ def spy(*args, **kwargs):  # records how the states reach the compiled chunk
   return wrapped
 
 
-train.make_chunk_fn = spy
+loop_lib.make_chunk_fn = spy
 params = {}
 for devices in (1, 0):
   results = train.train_runs(configs, [f"{tmp}/d{devices}_{i}" for i in range(3)],
@@ -538,3 +539,35 @@ def test_runs_spread_over_devices_equal_the_runs_on_one_device(tmp_path):
   for seed in (1, 2):
     spread, alone = out[f"loss_{seed}"]
     assert spread == pytest.approx(alone, rel=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Non-i.i.d. sweeps: every seed and partition gets its own program where shapes differ
+# --------------------------------------------------------------------------
+
+
+def test_three_seed_dirichlet_sweep_runs_each_seed_as_alone(tmp_path):
+  # Each seed's Dirichlet split has shards of its own sizes, so its table has its own shape.
+  s = spec(seeds=(1, 2, 3), num_steps=10, **{"data.partition": "dirichlet"})
+  out = sweep_lib.run_sweep(s, str(tmp_path / "sweep"), progress=False,
+                            programs=train.ProgramCache(), write=lambda line: None)
+  assert [e["status"] for e in out["status"].values()] == ["ok"] * 3
+  for (cell, seed), path in _run_dirs(str(tmp_path / "sweep")).items():
+    c = sweep_lib.expand(s).cells[0].runs[seed - 1].config
+    alone = train.train_and_evaluate(c, str(tmp_path / f"alone{seed}"))
+    assert _rows(path)[-1]["train_loss"] == pytest.approx(alone.metrics["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_a_sweep_mixing_partitions_runs_each_cells_own_program(tmp_path, loop):
+  # Two cells whose rounds differ only in the partition table they read: the second must
+  # not run the first one's executable.
+  s = spec(grid=[("data.partition", ["dirichlet", "shards"])], seeds=(1,), num_steps=10,
+           loop=loop)
+  sweep_lib.run_sweep(s, str(tmp_path / "sweep"), progress=False,
+                      programs=train.ProgramCache(), write=lambda line: None)
+  for cell in sweep_lib.expand(s).cells:
+    [run] = cell.runs
+    alone = train.train_and_evaluate(run.config, str(tmp_path / cell.name))
+    rows = _rows(os.path.join(str(tmp_path / "sweep"), run.workdir))
+    assert rows[-1]["train_loss"] == pytest.approx(alone.metrics["train_loss"], rel=1e-5)
