@@ -80,7 +80,7 @@ def rules():
 
 def _memory(programs):
   """XLA's memory analysis of the largest compiled program, MiB (temporaries, arguments)."""
-  analyses = [p.memory_analysis() for p in programs.values()]
+  analyses = [p.memory_analysis() for p in programs]
   analyses = [m for m in analyses if m is not None]
   if not analyses:
     return None, None
@@ -107,9 +107,8 @@ def time_step(model, workers, rounds, chunk, batch):
   setup = train.build(c, dataset)
   state = train.init_state(setup, c.seed)
   data = train.DeviceData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels))
-  programs = train.ProgramCache()
   tic = time.perf_counter()
-  compiled = train.make_chunk_fn(setup, "auto", programs=programs)(state, data, rounds)
+  compiled = train.make_chunk_fn(setup, "auto")(state, data, rounds)
   compile_s = time.perf_counter() - tic
   state, metrics = compiled.run(state, data)  # untimed
   jax.block_until_ready(metrics)
@@ -119,7 +118,7 @@ def time_step(model, workers, rounds, chunk, batch):
     state, metrics = compiled.run(state, data)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - tic)
-  temp, args = _memory(programs)
+  temp, args = _memory(compiled.executables)
   steps_per_sec = rounds / statistics.median(times)
   return dict(steps_per_sec=steps_per_sec, compile_s=compile_s, loop=compiled.loop,
               gflops=compiled.flops_per_step * steps_per_sec / 1e9, temp_mib=temp,

@@ -83,13 +83,12 @@ def run_child(spec):
   state = train.init_state(setup, c.seed)
   data = train.DeviceData(jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels))
   length = spec.get("rounds", _rounds(w))
-  programs = train.ProgramCache()
   tic = time.perf_counter()
-  compiled = train.make_chunk_fn(setup, spec.get("loop", "auto"), programs=programs)(
+  compiled = train.make_chunk_fn(setup, spec.get("loop", "auto"))(
       state, data, length)
   compile_s = time.perf_counter() - tic
   # The largest compiled program (the scanned chunk, or the host loop's round).
-  analyses = [p.memory_analysis() for p in programs.values()]
+  analyses = [p.memory_analysis() for p in compiled.executables]
   peak = max(analyses, key=lambda m: m.temp_size_in_bytes)
   result = {"compile_s": compile_s, "loop": compiled.loop, "rounds": length,
             "temp_mib": peak.temp_size_in_bytes / _MIB,

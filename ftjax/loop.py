@@ -40,6 +40,7 @@ class CompiledChunk(NamedTuple):
   flops_per_step: float    # XLA's cost analysis of one round
   memory_bytes: float      # XLA's memory analysis (arguments + outputs + temporaries)
   loop: str                # "scan" or "host"
+  executables: tuple = ()  # the compiled XLA programs (for their memory analyses)
 
 
 class ProgramCache:
@@ -220,7 +221,7 @@ def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = Fals
     # XLA's cost analysis counts a while loop's body once, i.e. one round.
     return CompiledChunk(lambda s, d: compiled(round_lib.place(setup, s),
                                                round_lib.place(setup, d)),
-                         *_cost(compiled), "scan")
+                         *_cost(compiled), "scan", (compiled,))
 
   def compile_host(step, state, data, length):
     sampler = jax.jit(functools.partial(sample, length=length)).lower(state, data).compile()
@@ -254,7 +255,7 @@ def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = Fals
         metrics.append(m)
       return state, summary(state, metrics)
 
-    return CompiledChunk(run, *_cost(rnd), "host")
+    return CompiledChunk(run, *_cost(rnd), "host", (sampler, rnd, summary))
 
   def compile_chunk(state, data, length):
     # The compiled chunk takes its inputs in place()'s layout; run() places them.
