@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from optax.experimental import aggregating as optax_aggregating
 
 from ftjax import kernels as kernels_lib
+from ftjax import registry
 from ftjax.kernels import rows
 
 PyTree = Any
@@ -576,7 +577,7 @@ class Aggregator:
   @property
   def stochastic(self) -> bool:
     """Whether a call needs a PRNG key (bucketing anywhere in the rule)."""
-    return any(a.fn is None and a.name == "bucketing" for a in self._layers())
+    return any(a.fn is None and _TABLE[a.name].stochastic for a in self._layers())
 
   def with_kernels(self, name: str) -> Aggregator:
     """The same rule with kernel set ``name``.
@@ -636,8 +637,8 @@ class Aggregator:
       info, opts = _TABLE[a.name], dict(a.options)
       need = (info.robust_rows if robust else info.min_rows)(a.f, opts)
       out.append((a.name, n, need, info.requirement))
-      if a.name == "bucketing":
-        n = -(-n // _bucket_size(n, a.f, opts["bucket_size"]))
+      if info.rows_after is not None:
+        n = info.rows_after(n, a.f, opts)
     return out
 
   def _validate(self, num_workers: Any, robust: bool) -> None:
@@ -1082,14 +1083,20 @@ class RuleInfo(NamedTuple):
   # [W] squared distance of every row to the aggregate), for rules that know
   # those distances without another pass over the rows (ctma uses them).
   with_distances: Optional[Callable[..., Any]] = None
+  stochastic: bool = False             # a call needs a PRNG key
+  # Rows the inner rule of a meta-aggregator sees: (W, f, options) -> rows.
+  rows_after: Optional[Callable[[int, int, Mapping[str, Any]], int]] = None
+  check: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError
+  meta: bool = False                   # wraps an inner rule
 
 
-def _info(build, body, min_rows, robust_rows, requirement, with_distances=None) -> RuleInfo:
+def _info(build, body, min_rows, robust_rows, requirement, with_distances=None,
+          **more) -> RuleInfo:
   # The builder's keyword defaults are the one source of each option's default.
   defaults = {name: p.default for name, p in inspect.signature(build).parameters.items()
               if name not in ("inner", "f")}
   return RuleInfo(build, body, types.MappingProxyType(defaults), min_rows, robust_rows,
-                  requirement, with_distances)
+                  requirement, with_distances, **more)
 
 
 def _half(f, o):
@@ -1122,20 +1129,97 @@ AGGREGATORS: dict[str, RuleInfo] = {
 """Base rules: name -> :class:`RuleInfo`."""
 
 META_AGGREGATORS: dict[str, RuleInfo] = {
-    "ctma": _info(ctma, _ctma, _above, _half, "W > 2f"),
-    "nnm": _info(nnm, _nnm, _above, _half, "W > 2f"),
-    "nnm+ctma": _info(nnm_ctma, _nnm_ctma, _above, _half, "W > 2f"),
-    "bucketing": _info(bucketing, _bucketing, _any, lambda f, o: 4 * f, "W >= 4f (f <= W/4)"),
-    "clip": _info(clip, _clip, _any, _any, "any W"),
-    "arc": _info(arc, _arc, _any, _half, "W > 2f"),
+    "ctma": _info(ctma, _ctma, _above, _half, "W > 2f", meta=True),
+    "nnm": _info(nnm, _nnm, _above, _half, "W > 2f", meta=True),
+    "nnm+ctma": _info(nnm_ctma, _nnm_ctma, _above, _half, "W > 2f", meta=True),
+    "bucketing": _info(bucketing, _bucketing, _any, lambda f, o: 4 * f, "W >= 4f (f <= W/4)",
+                       stochastic=True, meta=True,
+                       rows_after=lambda n, f, o: -(-n // _bucket_size(n, f, o["bucket_size"]))),
+    "clip": _info(clip, _clip, _any, _any, "any W", meta=True),
+    "arc": _info(arc, _arc, _any, _half, "W > 2f", meta=True),
 }
 """Meta- and pre-aggregators (wrapping an inner rule): name -> :class:`RuleInfo`."""
 
-_TABLE = {**AGGREGATORS, **META_AGGREGATORS}
+_TABLE = {**AGGREGATORS, **META_AGGREGATORS}  # every rule; register() adds to all three
 
 DEFAULT_OPTIONS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
     {name: info.options for name, info in _TABLE.items()})
-"""Rule name -> option name -> default, for every rule (e.g. to write a config)."""
+"""Rule name -> option name -> default, for the built-in rules (e.g. to write a config);
+:func:`options_of` also knows the registered ones."""
+
+
+def options_of(name: str) -> Mapping[str, Any]:
+  """A rule's options and their defaults, built-in or registered."""
+  return _TABLE[_canonical(name)].options
+
+
+# --------------------------------------------------------------------------
+# Your own rules: one function and one registration
+# --------------------------------------------------------------------------
+
+
+def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | Callable = 1,
+             robust_rows: Optional[int | Callable] = None, requirement: str = "any W",
+             stochastic: bool = False, check: Optional[Callable[..., None]] = None,
+             aliases: tuple[str, ...] = ()) -> Callable:
+  """Registers a rule under a name, so specs, configs and sweeps can name it.
+
+  The rule is one function, ``body(updates, key, *, f, **options) ->
+  (aggregate, diagnostics)`` (a meta-aggregator takes the inner rule first,
+  ``body(inner, updates, key, *, f, **options)``, and calls ``inner(updates,
+  key)``); its options and their defaults are its keyword-only parameters::
+
+    @aggregators.register(requirement="W > 2f", robust_rows=lambda f, o: 2 * f + 1)
+    def trimmed_norm(updates, key, *, f, keep=0.5):
+      ...
+      return aggregate, {}
+
+    make_aggregator("ctma(trimmed_norm)", f=4)      # or in a config:
+    # config.aggregator.name = "trimmed_norm"; config.aggregator.options.trimmed_norm = {...}
+
+  Args:
+    name: the rule's name (default: the function's name).
+    meta: whether it wraps an inner rule.
+    min_rows: the fewest rows it can compute on, an int or ``(f, options) -> int``.
+    robust_rows: the fewest rows it is robust on (default ``min_rows``).
+    requirement: that condition in words, for error messages and ``ftjax list``.
+    stochastic: whether a call needs the PRNG key.
+    check: ``check(**options)`` raising ValueError for bad option values;
+      without it each option must have the type of its default.
+    aliases: other names for it.
+
+  Returns:
+    A decorator returning a builder: ``builder(f=..., **options)`` (for a
+    meta-aggregator ``builder(inner, f=None, **options)``) makes the
+    :class:`Aggregator`.
+  """
+  def as_rows(value):
+    return value if callable(value) else (lambda f, o: value)
+
+  def decorator(body: Callable) -> Callable:
+    rule_name = _canonical(name or body.__name__)
+    if rule_name in _TABLE or rule_name in ALIASES:
+      raise ValueError(f"A rule named {rule_name!r} exists already; register yours under "
+                       f"another name.")
+    shape = "(inner, updates, key, *, f, ...)" if meta else "(updates, key, *, f, ...)"
+    options = registry.options_from_signature(body, 3 if meta else 2, shape, keyword="f")
+
+    def builder(*args, f: Optional[int] = None if meta else 0, **given):
+      return (_meta if meta else lambda n, f, **o: _base(n, f, **o))(
+          rule_name, *args, f=f, **{**options, **given})
+
+    builder.__name__, builder.__doc__, builder.__module__ = (rule_name, body.__doc__,
+                                                             body.__module__)
+    info = RuleInfo(builder, body, types.MappingProxyType(options), as_rows(min_rows),
+                    as_rows(robust_rows if robust_rows is not None else min_rows), requirement,
+                    stochastic=stochastic, check=check, meta=meta)
+    (META_AGGREGATORS if meta else AGGREGATORS)[rule_name] = info
+    _TABLE[rule_name] = info
+    for alias in aliases:
+      ALIASES[_canonical(alias)] = rule_name
+    return builder
+
+  return decorator
 
 ALIASES: dict[str, str] = {"rfa": "gm"}
 """Other spellings accepted in specs and options."""
@@ -1186,6 +1270,14 @@ def spec_layers(spec: str) -> list[str]:
 
 
 def _check_option(rule_name: str, name: str, value: Any) -> None:
+  info = _TABLE.get(rule_name)
+  if info is not None and info.build.__module__ != __name__:  # a registered rule
+    if info.check is not None:
+      info.check(**{**info.options, name: value})
+    else:
+      registry.check_like_default(f"{rule_name}.{name}", value, info.options.get(name))
+    return
+
   def bad(what):
     raise ValueError(f"Option {rule_name}.{name}={value!r} is invalid: {what}.")
 

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import registry
 from ftjax.kernels import rows as rows_lib
 
 PyTree = Any
@@ -711,3 +712,57 @@ ATTACKS: dict[str, _Spec] = {
     "min_max": _distance_spec("min_max"),
     "min_sum": _distance_spec("min_sum"),
 }
+
+
+# --------------------------------------------------------------------------
+# Your own attacks: one function and one registration
+
+
+def register(name: Optional[str] = None, *, uses_own_updates: bool = False,
+             needs_aggregator: bool = False, min_honest: int = 1,
+             aliases: tuple[str, ...] = ()) -> Callable:
+  """Registers an attack under a name, so configs, sweeps and :func:`make_attack` can name it.
+
+  The attack is one function, ``fn(honest, own, key, ctx, *, **options) ->
+  Byzantine rows`` with leading axis ``ctx.num_byzantine``; its options and
+  their defaults are its keyword-only parameters (each takes values of its
+  default's type)::
+
+    @attacks.register()
+    def scaled_mean(honest, own, key, ctx, *, scale=-3.0):
+      row = jax.tree.map(lambda h: scale * h.mean(0), honest)
+      return jax.tree.map(lambda r: jnp.repeat(r[None], ctx.num_byzantine, 0), row)
+
+    # config.attack.name = "scaled_mean"; config.attack.options.scaled_mean = {"scale": -5.0}
+
+  Args:
+    name: the attack's name (default: the function's name).
+    uses_own_updates: the Byzantine workers compute honest updates of their
+      own, passed as ``own`` (else ``own`` is None and their gradients are
+      not computed).
+    needs_aggregator: the attack reads ``ctx.aggregator``.
+    min_honest: the fewest honest rows it is defined for.
+    aliases: other names for it.
+
+  Returns:
+    A decorator that registers ``fn`` and returns it unchanged.
+  """
+  def decorator(fn: Callable) -> Callable:
+    key = (name or fn.__name__).strip().lower().replace("-", "_")
+    if key in ATTACKS:
+      raise ValueError(f"An attack named {key!r} exists already; register yours under "
+                       f"another name.")
+    defaults = registry.options_from_signature(fn, 4, "(honest, own, key, ctx, *, ...)")
+
+    def build(**options):
+      return lambda honest, own, rng, ctx, h, f: fn(honest, own, rng, ctx, **options)
+
+    checks = {opt: (lambda what, v, d=d: registry.check_like_default(what, v, d))
+              for opt, d in defaults.items()}
+    spec = _Spec(key, build, defaults, checks, uses_own_updates=uses_own_updates,
+                 needs_aggregator=needs_aggregator, min_honest=min_honest)
+    for alias in (key,) + tuple(aliases):
+      ATTACKS[alias.strip().lower().replace("-", "_")] = spec
+    return fn
+
+  return decorator
