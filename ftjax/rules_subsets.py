@@ -258,7 +258,10 @@ def _caf(x, key, *, f):
     best_c = jnp.where(better, c, best_c)
     best_lam = jnp.where(better, lam, best_lam)
     moved = running & (tau_max > 0)
+    # The row of the largest tau drops out exactly (XLA may divide by tau_max as
+    # a multiplication by its reciprocal, which would leave it a tiny weight).
     new_c = jnp.maximum(c * (1.0 - tau / jnp.where(tau_max > 0, tau_max, 1.0)), 0.0)
+    new_c = jnp.where(tau >= tau_max, 0.0, new_c)
     return jnp.where(moved, new_c, c), best_c, best_lam, done | ~moved
 
   init = (c0, c0, jnp.asarray(jnp.inf, dist.dtype), jnp.asarray(False))
