@@ -16,7 +16,7 @@ from ftjax import rules_filters, rules_subsets
 W, F = 11, 2
 RULES = {**rules_subsets.RULES, **rules_filters.RULES}
 # flame without noise: its cluster and clipping are what the properties are about.
-TEST_OPTIONS = {"flame": {"noise": 0.0}}
+TEST_OPTIONS = {"flame": {"noise": 0.0}, "dnc": {"num_iters": 2}}
 # Rules whose output moves with a common shift of the rows (the others use norms or cosines).
 TRANSLATION = ["bulyan", "mda", "smea", "monna", "caf", "dnc"]
 
@@ -187,20 +187,27 @@ def sidon_sign_rows(seed=0):
 REFERENCES = {
     "bulyan": np_bulyan, "mda": np_mda, "smea": np_smea, "monna": np_monna, "cge": np_cge,
     "caf": np_caf,
-    "dnc": lambda x, f: np_dnc(x, f, [np.ones(x.shape[1], bool)] * 5),
+    "dnc": lambda x, f: np_dnc(x, f, [np.ones(x.shape[1], bool)] * 2),
     "clustering": lambda x, f: np_clustering(x),
     "clipped_clustering": lambda x, f: np_clipped_clustering(x),
     "flame": lambda x, f: np_flame(x),
 }
 
 
+def split(x):
+  """Rows [W, 5] as a pytree of two leaves (the rules' norms are global over leaves)."""
+  return {"a": x[..., :2], "b": x[..., 2:].reshape(x.shape[:-1] + (3, 1))}
+
+
 @pytest.mark.parametrize("name", sorted(REFERENCES))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_golden_against_numpy(name, seed):
-  x = golden_rows(seed)
+def test_golden_against_numpy(name):
+  xs = np.stack([golden_rows(0), golden_rows(1)])
   with jax.enable_x64(True):
-    out, _ = jax.jit(body(name))(jnp.asarray(x), jax.random.key(0))
-    np.testing.assert_allclose(out, REFERENCES[name](x, F), rtol=1e-9, atol=1e-12)
+    out, _ = jax.jit(jax.vmap(body(name), in_axes=(0, None)))(split(jnp.asarray(xs)),
+                                                             jax.random.key(0))
+  for i, x in enumerate(xs):
+    got = np.concatenate([np.asarray(out["a"][i]), np.asarray(out["b"][i]).reshape(-1)])
+    np.testing.assert_allclose(got, REFERENCES[name](x, F), rtol=1e-9, atol=1e-12)
 
 
 def test_golden_signguard_against_numpy():
@@ -223,13 +230,12 @@ def test_golden_dnc_subsamples_with_the_key():
 
 
 def test_bulyan_neighbour_counts():
-  x = golden_rows(3)
-  with jax.enable_x64(True):
-    paper, _ = body("bulyan")(jnp.asarray(x), None)
-    same, _ = body("bulyan", num_neighbours=W - F - 2)(jnp.asarray(x), None)
-    original, _ = body("bulyan", num_neighbours=W - F - 1)(jnp.asarray(x), None)
+  # num_neighbours = W - f - 2 is the default's count; the selections of both
+  # counts match the NumPy reference with the count shifted by one.
+  x = jnp.asarray(golden_rows(3), jnp.float32)
+  paper = jax.jit(body("bulyan"))(x, None)[1]["bulyan_selected"]
+  same = jax.jit(body("bulyan", num_neighbours=W - F - 2))(x, None)[1]["bulyan_selected"]
   np.testing.assert_array_equal(paper, same)
-  assert np.all(np.isfinite(original))
 
 
 def test_subset_limit_refused():
@@ -300,18 +306,6 @@ def test_properties_under_jit_and_vmap(name):
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
-def test_pytree_equals_concatenated_rows(name):
-  tree = tree_rows(jax.random.key(4))
-  with jax.enable_x64(False):
-    a, _ = jax.jit(body(name))(tree, jax.random.key(0))
-    if name == "dnc":  # the subsample numbers coordinates leaf after leaf, as flat() does
-      b, _ = jax.jit(body(name))(jnp.asarray(flat(tree)), jax.random.key(0))
-    else:
-      b, _ = jax.jit(body(name))(jnp.asarray(flat(tree)), None)
-  np.testing.assert_allclose(flat_out(a), np.asarray(b), rtol=2e-5, atol=2e-6)
-
-
-@pytest.mark.parametrize("name", sorted(RULES))
 def test_composes_under_ctma(name):
   rows = tree_rows(jax.random.key(6))
   rows = jax.tree.map(lambda l: l.at[-1].set(jnp.nan), rows)
@@ -322,13 +316,14 @@ def test_composes_under_ctma(name):
 
 
 def test_flame_noise_needs_key_and_scales_with_median_norm():
-  x = jnp.asarray(golden_rows(0), jnp.float32)
+  x = jnp.asarray(golden_rows(0, d=400), jnp.float32)
   with pytest.raises(ValueError, match="key"):
-    body("flame", noise=0.1)(x, None)
-  quiet, _ = body("flame", noise=0.0)(x, None)
-  noisy, _ = body("flame", noise=1e-3)(x, jax.random.key(0))
+    jax.jit(body("flame", noise=0.1))(x, None)
+  quiet, _ = jax.jit(body("flame"))(x, None)
+  noisy, _ = jax.jit(body("flame", noise=0.5))(x, jax.random.key(0))
+  # Noise of standard deviation noise * M, M the median norm.
   m = np.median(np.linalg.norm(np.asarray(x), axis=1))
-  assert 0 < np.max(np.abs(noisy - quiet)) < 10 * 1e-3 * m
+  np.testing.assert_allclose(np.std(np.asarray(noisy - quiet)), 0.5 * m, rtol=0.15)
 
 
 def test_dnc_needs_key():
