@@ -85,6 +85,8 @@ def larger_of_two_clusters(dist: jax.Array, linkage: str, active: jax.Array) -> 
   Returns:
     bool [W], the rows of the larger cluster (one row when only two are active).
   """
+  if linkage not in LINKAGES:
+    raise ValueError(f"Unknown linkage {linkage!r}; valid linkages: {list(LINKAGES)}.")
   w = dist.shape[0]
 
   def body(_, state):
