@@ -31,7 +31,7 @@ from ftjax.kernels import rows
 
 MAX_SUBSETS = 50_000
 """Most subsets of W - f rows that MDA and SMEA enumerate: C(W, f) <= 50,000
-(e.g. W = 17 with any f, W = 20 with f <= 5, W = 30 with f <= 3)."""
+(e.g. W = 17 with any f, W = 20 with f <= 6, W = 30 with f <= 4)."""
 
 
 def _subsets(w: int, f: int, rule: str) -> np.ndarray:
