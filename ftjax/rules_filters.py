@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import aggregators as agg
+from ftjax import kernels as kernels_lib
 from ftjax.kernels import rows
 
 LINKAGES = ("single", "complete", "average")
@@ -173,6 +174,16 @@ def _median_norm(norms):
   return s[(w - 1) // 2] if w % 2 else 0.5 * (s[w // 2 - 1] + s[w // 2])
 
 
+def _slice_key(key: jax.Array) -> jax.Array:
+  """``key``, folded with the device's index when the coordinates are sharded.
+
+  Each device then draws its own coordinates' randomness (a subsample, noise)
+  rather than repeating another device's draws.
+  """
+  axis = kernels_lib.coordinate_axis()
+  return key if axis is None else jax.random.fold_in(key, jax.lax.axis_index(axis))
+
+
 # --------------------------------------------------------------------------
 # DnC
 # --------------------------------------------------------------------------
@@ -218,7 +229,7 @@ def _dnc(x, key, *, f, num_iters=5, subsample=10_000, c=1.0):
                                 jnp.zeros((), leaf.dtype)), x, center)
   weights = finite / jnp.sum(finite)
   good = finite
-  for k in jax.random.split(key, num_iters):
+  for k in jax.random.split(_slice_key(key), num_iters):
     masks = subsample_masks(k, x, subsample)
     g = rows.gram(jax.tree.map(lambda y, m: jnp.where(m[None], y, jnp.zeros((), y.dtype)),
                                centred, jax.tree.unflatten(jax.tree.structure(x), masks)))
@@ -238,7 +249,9 @@ def _dnc(x, key, *, f, num_iters=5, subsample=10_000, c=1.0):
 
 def sign_features(x) -> jax.Array:
   """[W, 3]: each row's fractions of positive, negative and zero coordinates."""
-  d = sum(int(np.prod(leaf.shape[1:])) for leaf in jax.tree.leaves(x))
+  # Counted like the sums below, so that sharded coordinates add up over the devices.
+  d = rows.coordinate_sum(jnp.asarray(sum(int(np.prod(leaf.shape[1:]))
+                                          for leaf in jax.tree.leaves(x)), jnp.float32))
 
   def count(pred):
     return rows.coordinate_sum(sum(jnp.sum(pred(leaf).reshape(leaf.shape[0], -1), axis=1,
@@ -329,7 +342,7 @@ def _flame(x, key, *, f, noise=0.001):
     if key is None:
       raise ValueError("flame adds Gaussian noise: call it with a PRNG key, or set noise=0.")
     leaves, tree = jax.tree.flatten(out)
-    keys = jax.random.split(key, len(leaves))
+    keys = jax.random.split(_slice_key(key), len(leaves))
     leaves = [l + (noise * m).astype(l.dtype) * jax.random.normal(k, l.shape, l.dtype)
               for l, k in zip(leaves, keys)]
     out = jax.tree.unflatten(tree, leaves)
