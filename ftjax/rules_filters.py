@@ -8,8 +8,7 @@ leaves of ``x`` (through :mod:`ftjax.kernels.rows`), and the clustering steps
 run on W x W matrices with a fixed number of steps, so every rule is jit-able
 and vmap-able and deterministic given its key. A row with a non-finite
 coordinate (or whose squared norm overflows) is infinitely far from the others:
-it is never averaged, and in the cosine distances of the clustering rules it is
-at the largest distance, 2.
+it is never averaged, and the clustering rules leave it out of their clusters.
 
 :data:`RULES` lists the bodies with their options and row requirements, and
 :data:`ALIASES` the names other libraries use.

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering
 
@@ -343,10 +343,10 @@ SMALL = hnp.arrays(np.float64, (7, 3), elements=st.floats(-10, 10, allow_subnorm
 def test_subset_rules_match_numpy(x):
   # Ties in the criteria would make both sides pick by index; skip those inputs.
   d = np.sqrt(sqdists(x))
-  if len(np.unique(np.round(d[np.triu_indices(7, 1)], 6))) < 21:
-    return
+  assume(len(np.unique(np.round(d[np.triu_indices(7, 1)], 6))) == 21)
+  assume(len(np.unique(np.round(np.linalg.norm(x, axis=1), 6))) == 7)
   with jax.enable_x64(True):
-    for name, ref in (("mda", np_mda), ("cge", np_cge), ("monna", np_monna)):
+    for name, ref in (("mda", np_mda), ("smea", np_smea), ("cge", np_cge), ("monna", np_monna)):
       out, _ = _jitted(name)(jnp.asarray(x), None)
       np.testing.assert_allclose(out, ref(x, 2), rtol=1e-9, atol=1e-9, err_msg=name)
 
@@ -354,3 +354,17 @@ def test_subset_rules_match_numpy(x):
 @functools.lru_cache(maxsize=None)
 def _jitted(name):
   return jax.jit(body(name, f=2))
+
+
+def test_plain_and_cpu_kernels_agree():
+  from ftjax import kernels
+  rows = tree_rows(jax.random.key(7))
+  names = ["bulyan", "dnc", "signguard"]
+
+  def run(kernel_set):
+    with kernels.use(kernel_set):
+      return jax.jit(lambda x, k: [body(n)(x, k) for n in names])(rows, jax.random.key(0))
+
+  for name, plain, cpu in zip(names, run("plain"), run("cpu")):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6,
+                                   err_msg=name), plain, cpu)
