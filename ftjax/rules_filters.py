@@ -183,6 +183,12 @@ def _slice_key(key: jax.Array) -> jax.Array:
   return key if axis is None else jax.random.fold_in(key, jax.lax.axis_index(axis))
 
 
+def _check(ok: bool, rule: str, what: str) -> None:
+  """Refuses an option value while tracing, in one sentence."""
+  if not ok:
+    raise ValueError(f"{rule}: {what}.")
+
+
 # --------------------------------------------------------------------------
 # DnC
 # --------------------------------------------------------------------------
@@ -219,6 +225,8 @@ def _dnc(x, key, *, f, num_iters=5, subsample=10_000, c=1.0):
                      "agg(updates, jax.random.key(0)).")
   w = agg._num_rows(x)
   keep = w - int(np.floor(c * f))
+  _check(num_iters >= 1 and subsample >= 1, "dnc", "num_iters and subsample must be >= 1")
+  _check(c >= 0 and keep >= 1, "dnc", f"c must be >= 0 and floor(c f) < W = {w}, got c = {c}")
   finite = agg._row_finite(x)
   # Centring at the coordinate-wise median first keeps float32 Gram entries
   # from cancelling; the mean-centred Gram matrix below does not depend on it.
@@ -271,6 +279,7 @@ def _signguard(x, key, *, f, lower=0.1, upper=3.0, linkage="average"):
   S1 and S2, each clipped to norm M (zero when no row is in both).
   """
   del key, f
+  _check(0 <= lower <= upper, "signguard", f"need 0 <= lower <= upper, got {lower}, {upper}")
   norms = jnp.sqrt(agg._row_sqdist(x))
   finite = jnp.isfinite(norms)
   m = _median_norm(norms)
@@ -308,6 +317,7 @@ def _clipped_clustering(x, key, *, f, linkage="average", max_tau=1e5):
   takes the median of the current round's W norms.
   """
   del key, f
+  _check(max_tau > 0, "clipped_clustering", f"max_tau must be positive, got {max_tau}")
   dist, norms, finite = cosine_distances(x)
   tau = jnp.minimum(_median_norm(norms), max_tau)
   chosen = larger_of_two_clusters(dist, linkage, finite)
@@ -332,6 +342,7 @@ def _flame(x, key, *, f, noise=0.001):
   coordinate (``noise=0`` adds none and needs no key).
   """
   del f
+  _check(noise >= 0, "flame", f"noise must be >= 0, got {noise}")
   w = agg._num_rows(x)
   dist, norms, finite = cosine_distances(x)
   chosen = first_cluster_of_size(dist, w // 2 + 1, finite)

@@ -368,3 +368,15 @@ def test_plain_and_cpu_kernels_agree():
   for name, plain, cpu in zip(names, run("plain"), run("cpu")):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6,
                                    err_msg=name), plain, cpu)
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("dnc", {"c": 6.0}, "floor"), ("dnc", {"num_iters": 0}, "num_iters"),
+    ("signguard", {"lower": 2.0, "upper": 1.0}, "lower"), ("clustering", {"linkage": "ward"}, "ward"),
+    ("clipped_clustering", {"max_tau": 0.0}, "max_tau"), ("flame", {"noise": -1.0}, "noise"),
+    ("monna", {"idx": W}, "idx"), ("bulyan", {}, "4f"),
+])
+def test_bad_options_refused(name, options, match):
+  x = jnp.zeros((W if name != "bulyan" else 8, 3))
+  with pytest.raises(ValueError, match=match):
+    body(name, **options)(x, jax.random.key(0))
