@@ -386,8 +386,8 @@ RULES = {
 (flame needs a key only with noise > 0)."""
 
 ALIASES = {
-    "divide_and_conquer": "dnc",
-    "clippedclustering": "clipped_clustering",
-    "sign_guard": "signguard",
+    "divide-and-conquer": "dnc",
+    "clippedclustering": "clipped_clustering",     # Blades' class name, lowercased
 }
-"""Other libraries' names for these rules."""
+"""Other names of these rules (Blades' and FLPoison's other class names, lowercased, are
+the names themselves)."""

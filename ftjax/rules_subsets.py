@@ -298,9 +298,9 @@ RULES = {
 """name -> body, options (name -> default), min_rows, robust_rows, requirement, stochastic."""
 
 ALIASES = {
-    "minimum_diameter_averaging": "mda",
-    "smallest_maximum_eigenvalue_averaging": "smea",
-    "comparative_gradient_elimination": "cge",
-    "covariance_bound_agnostic_filter": "caf",
+    "minimum-diameter-averaging": "mda",           # byzpy
+    "comparative-gradient-elimination": "cge",     # byzpy
+    "smallest-maximum-eigenvalue-averaging": "smea",
+    "covariance-bound-agnostic-filter": "caf",
 }
-"""Other libraries' names for these rules."""
+"""Other names of these rules (ByzFL's class names, lowercased, are the names themselves)."""
