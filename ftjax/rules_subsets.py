@@ -66,7 +66,7 @@ def _best_subset(values: jax.Array, subsets: np.ndarray, w: int):
 
 
 def _bulyan(x, key, *, f, num_neighbours=None):
-  """Bulyan (El Mhamdi et al., 2018): Krum selection of W - 2f rows, then meamed.
+  """Bulyan (El Mhamdi et al., 2018): Krum picks W - 2f rows, then a mean around their median.
 
   Selection: theta = W - 2f times, Krum over the rows not yet selected (a pool
   of n_t = W - t rows at step t) picks the row whose summed squared distance to
@@ -110,7 +110,7 @@ def _median_window_mean(leaf: jax.Array, keep: int) -> jax.Array:
   """
   n = leaf.shape[0]
   s = rows.sort(leaf)
-  m = agg._median(leaf)
+  m = s[(n - 1) // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) * jnp.asarray(0.5, leaf.dtype)
   best_k = jnp.zeros(leaf.shape[1:], jnp.int32)
   best_reach = jnp.maximum(m - s[0], s[keep - 1] - m)
   for k in range(1, n - keep + 1):
