@@ -128,20 +128,33 @@ def _median_window_mean(leaf: jax.Array, keep: int) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def _mda(x, key, *, f):
+def _distances_to_mean(dist, chosen, finite):
+  """Every row's squared distance [W] to the mean of the ``chosen`` rows, from D."""
+  weights = jnp.where(chosen, 1.0 / jnp.sum(chosen), 0.0).astype(dist.dtype)
+  return agg._sqdist_to_combination(dist, weights, finite)
+
+
+def _mda_with_distances(x, key, *, f):
   """Minimum-diameter averaging: the mean of the W - f rows whose diameter is smallest.
 
   The diameter of a subset S is max_{i, j in S} |x_i - x_j|; every subset of
-  W - f rows is enumerated and the first of the smallest wins.
+  W - f rows is enumerated and the first of the smallest wins. Also returns
+  every row's squared distance to the output, from the pairwise distances.
   """
   del key
   w = agg._num_rows(x)
   subsets = _subsets(w, f, "mda")
-  dist, _, _, _ = agg._centered_gram(x)
+  dist, _, _, finite = agg._centered_gram(x)
   s = jnp.asarray(subsets)
   diameter = jnp.max(dist[s[:, :, None], s[:, None, :]], axis=(1, 2))
   idx, chosen = _best_subset(diameter, subsets, w)
-  return agg._mean_of(x, idx), {"mda_selected": chosen}
+  return (agg._mean_of(x, idx), {"mda_selected": chosen},
+          _distances_to_mean(dist, chosen, finite))
+
+
+def _mda(x, key, *, f):
+  """:func:`_mda_with_distances` without the distances."""
+  return _mda_with_distances(x, key, f=f)[:2]
 
 
 def _top_covariance_eigenvalues(dist: jax.Array, subsets: np.ndarray) -> jax.Array:
@@ -164,20 +177,27 @@ def _top_covariance_eigenvalues(dist: jax.Array, subsets: np.ndarray) -> jax.Arr
   return jnp.where(finite, top, jnp.inf)
 
 
-def _smea(x, key, *, f):
+def _smea_with_distances(x, key, *, f):
   """Smallest maximum eigenvalue averaging: the mean of the W - f rows whose covariance
   has the smallest largest eigenvalue.
 
   Exact: every subset of W - f rows is enumerated and its covariance's largest
   eigenvalue computed from the subset's (W - f) x (W - f) centred Gram matrix;
-  the first of the smallest wins.
+  the first of the smallest wins. Also returns every row's squared distance
+  to the output, from the pairwise distances.
   """
   del key
   w = agg._num_rows(x)
   subsets = _subsets(w, f, "smea")
-  dist, _, _, _ = agg._centered_gram(x)
+  dist, _, _, finite = agg._centered_gram(x)
   idx, chosen = _best_subset(_top_covariance_eigenvalues(dist, subsets), subsets, w)
-  return agg._mean_of(x, idx), {"smea_selected": chosen}
+  return (agg._mean_of(x, idx), {"smea_selected": chosen},
+          _distances_to_mean(dist, chosen, finite))
+
+
+def _smea(x, key, *, f):
+  """:func:`_smea_with_distances` without the distances."""
+  return _smea_with_distances(x, key, f=f)[:2]
 
 
 # --------------------------------------------------------------------------
@@ -225,7 +245,7 @@ def _weighted_centred_gram(dist: jax.Array, weights: jax.Array) -> jax.Array:
   return -0.5 * (dist - dw[:, None] - dw[None, :] + weights @ dw)
 
 
-def _caf(x, key, *, f):
+def _caf_with_distances(x, key, *, f):
   """Covariance-bound agnostic filter (Allouah, Guerraoui & Stephan, 2025).
 
   Weights c_i start at 1 (0 for a non-finite row). While sum_i c_i > W - 2f:
@@ -235,11 +255,13 @@ def _caf(x, key, *, f):
   The result is the mu_c of the smallest lambda met. Each step zeroes at least
   one weight, so at most 2f steps run; the eigenpair is exact, from the W x W
   matrix diag(sqrt c) K diag(sqrt c) / sum c with K the centred Gram matrix.
+  Also returns every row's squared distance to the output, from the pairwise
+  distances.
   """
   del key
   w = agg._num_rows(x)
-  dist, _, _, finite = agg._centered_gram(x)
-  dist = jnp.where(finite[:, None] & finite[None, :], dist, 0.0)
+  pairwise, _, _, finite = agg._centered_gram(x)
+  dist = jnp.where(finite[:, None] & finite[None, :], pairwise, 0.0)
   c0 = finite.astype(dist.dtype)
 
   def step(_, carry):
@@ -267,7 +289,13 @@ def _caf(x, key, *, f):
   init = (c0, c0, jnp.asarray(jnp.inf, dist.dtype), jnp.asarray(False))
   _, best_c, _, _ = jax.lax.fori_loop(0, 2 * f, step, init)
   weights = best_c / jnp.sum(best_c)
-  return agg._weighted_sum(x, weights, best_c > 0), {"caf_weights": weights}
+  return (agg._weighted_sum(x, weights, best_c > 0), {"caf_weights": weights},
+          agg._sqdist_to_combination(pairwise, weights, finite))
+
+
+def _caf(x, key, *, f):
+  """:func:`_caf_with_distances` without the distances."""
+  return _caf_with_distances(x, key, f=f)[:2]
 
 
 # --------------------------------------------------------------------------
@@ -278,10 +306,10 @@ RULES = {
     "bulyan": dict(body=_bulyan, options={"num_neighbours": None},
                    min_rows=lambda f, o: 4 * f + 1, robust_rows=lambda f, o: 4 * f + 3,
                    requirement="W > 4f + 2", stochastic=False),
-    "mda": dict(body=_mda, options={},
+    "mda": dict(body=_mda, with_distances=_mda_with_distances, options={},
                 min_rows=lambda f, o: f + 1, robust_rows=lambda f, o: 2 * f + 1,
                 requirement="W > 2f (and C(W, f) <= 50,000)", stochastic=False),
-    "smea": dict(body=_smea, options={},
+    "smea": dict(body=_smea, with_distances=_smea_with_distances, options={},
                  min_rows=lambda f, o: f + 1, robust_rows=lambda f, o: 2 * f + 1,
                  requirement="W > 2f (and C(W, f) <= 50,000)", stochastic=False),
     "monna": dict(body=_monna, options={"idx": 0},
@@ -291,11 +319,14 @@ RULES = {
     "cge": dict(body=_cge, options={},
                 min_rows=lambda f, o: f + 1, robust_rows=lambda f, o: 2 * f + 1,
                 requirement="W > 2f", stochastic=False),
-    "caf": dict(body=_caf, options={},
+    "caf": dict(body=_caf, with_distances=_caf_with_distances, options={},
                 min_rows=lambda f, o: 2 * f + 1, robust_rows=lambda f, o: 2 * f + 1,
                 requirement="W > 2f", stochastic=False),
 }
-"""name -> body, options (name -> default), min_rows, robust_rows, requirement, stochastic."""
+"""name -> body, options (name -> default), min_rows, robust_rows, requirement, stochastic,
+and for mda, smea and caf ``with_distances``: the body that also returns every row's
+squared distance [W] to the aggregate, from the pairwise distances it computed anyway
+(what ``RuleInfo.with_distances`` is for: ctma then skips its distance pass)."""
 
 ALIASES = {
     "minimum-diameter-averaging": "mda",           # byzpy

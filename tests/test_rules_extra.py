@@ -380,3 +380,17 @@ def test_bad_options_refused(name, options, match):
   x = jnp.zeros((W if name != "bulyan" else 8, 3))
   with pytest.raises(ValueError, match=match):
     body(name, **options)(x, jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", ["mda", "smea", "caf"])
+def test_with_distances_are_the_distances_to_the_output(name):
+  rows = jax.tree.map(lambda l: l.at[-1].set(jnp.nan), tree_rows(jax.random.key(8)))
+  fn = functools.partial(RULES[name]["with_distances"], f=F)
+  with jax.enable_x64(True):
+    rows = jax.tree.map(lambda l: l.astype(jnp.float64), rows)
+    out, diag, r = jax.jit(fn)(rows, None)
+    direct = agg_lib._row_sqdist(rows, out)
+    ref_out, ref_diag = jax.jit(body(name))(rows, None)
+  np.testing.assert_allclose(r, direct, rtol=1e-9, atol=1e-12)
+  assert np.isinf(r[-1])
+  jax.tree.map(np.testing.assert_array_equal, (out, diag), (ref_out, ref_diag))
