@@ -42,7 +42,8 @@ def _subsets(w: int, f: int, rule: str) -> np.ndarray:
         f"{rule} enumerates every subset of W - f = {w - f} of the W = {w} rows, "
         f"C({w}, {f}) = {count} subsets, above its limit of {MAX_SUBSETS}; use fewer "
         f"workers or a smaller f, or a rule without enumeration (e.g. cwtm, or ctma around one).")
-  return np.array(list(itertools.combinations(range(w), w - f)), dtype=np.int32).reshape(count, w - f)
+  subsets = np.array(list(itertools.combinations(range(w), w - f)), dtype=np.int32)
+  return subsets.reshape(count, w - f)
 
 
 def _mask(w: int, idx: jax.Array) -> jax.Array:

@@ -372,7 +372,8 @@ def test_plain_and_cpu_kernels_agree():
 
 @pytest.mark.parametrize("name,options,match", [
     ("dnc", {"c": 6.0}, "floor"), ("dnc", {"num_iters": 0}, "num_iters"),
-    ("signguard", {"lower": 2.0, "upper": 1.0}, "lower"), ("clustering", {"linkage": "ward"}, "ward"),
+    ("signguard", {"lower": 2.0, "upper": 1.0}, "lower"),
+    ("clustering", {"linkage": "ward"}, "ward"),
     ("clipped_clustering", {"max_tau": 0.0}, "max_tau"), ("flame", {"noise": -1.0}, "noise"),
     ("monna", {"idx": W}, "idx"), ("bulyan", {}, "4f"),
 ])
