@@ -1161,7 +1161,8 @@ def options_of(name: str) -> Mapping[str, Any]:
 def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | Callable = 1,
              robust_rows: Optional[int | Callable] = None, requirement: str = "any W",
              stochastic: bool = False, check: Optional[Callable[..., None]] = None,
-             aliases: tuple[str, ...] = ()) -> Callable:
+             aliases: tuple[str, ...] = (),
+             with_distances: Optional[Callable[..., Any]] = None) -> Callable:
   """Registers a rule under a name, so specs, configs and sweeps can name it.
 
   The rule is one function, ``body(updates, key, *, f, **options) ->
@@ -1187,6 +1188,9 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
     check: ``check(**options)`` raising ValueError for bad option values;
       without it each option must have the type of its default.
     aliases: other names for it.
+    with_distances: optional, for a base rule: the body that also returns
+      every row's squared distance [W] to the aggregate, when the rule has
+      them anyway (:func:`ctma` then skips its own distance pass).
 
   Returns:
     A decorator returning a builder: ``builder(f=..., **options)`` (for a
@@ -1212,7 +1216,8 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
                                                              body.__module__)
     info = RuleInfo(builder, body, types.MappingProxyType(options), as_rows(min_rows),
                     as_rows(robust_rows if robust_rows is not None else min_rows), requirement,
-                    stochastic=stochastic, check=check, meta=meta)
+                    with_distances=with_distances, stochastic=stochastic, check=check,
+                    meta=meta)
     (META_AGGREGATORS if meta else AGGREGATORS)[rule_name] = info
     _TABLE[rule_name] = info
     for alias in aliases:
@@ -1225,6 +1230,19 @@ ALIASES: dict[str, str] = {"rfa": "gm"}
 """Other spellings accepted in specs and options."""
 
 _INITS = ("zero", "mean", "cwmed")
+
+
+def register_table(rules: Mapping[str, Mapping[str, Any]],
+                   aliases: Mapping[str, str] = types.MappingProxyType({})) -> None:
+  """Registers a module's table of rules, one line each: name -> :func:`register`'s arguments
+  plus ``body`` (and ``options``, which must equal the body's keyword defaults)."""
+  for name, entry in rules.items():
+    entry = dict(entry)
+    body, options = entry.pop("body"), entry.pop("options", None)
+    own = tuple(a for a, target in aliases.items() if target == name)
+    register(name, aliases=own, **entry)(body)
+    if options is not None and dict(options) != dict(_TABLE[name].options):
+      raise ValueError(f"The table's options for {name!r} differ from its body's defaults.")
 
 
 def _canonical(name: str) -> str:
@@ -1358,3 +1376,8 @@ def make_aggregator(spec: str, f: int, *, num_workers: int | None = None,
   if num_workers is not None:
     agg.check(num_workers)
   return agg
+
+
+# The rules of these modules register themselves on import (they use this module).
+from ftjax import rules_filters  # noqa: E402,F401  pylint: disable=wrong-import-position
+from ftjax import rules_subsets  # noqa: E402,F401  pylint: disable=wrong-import-position

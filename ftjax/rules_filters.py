@@ -391,3 +391,5 @@ ALIASES = {
 }
 """Other names of these rules (Blades' and FLPoison's other class names, lowercased, are
 the names themselves)."""
+
+agg.register_table(RULES, ALIASES)

@@ -336,3 +336,5 @@ ALIASES = {
     "covariance-bound-agnostic-filter": "caf",
 }
 """Other names of these rules (ByzFL's class names, lowercased, are the names themselves)."""
+
+agg.register_table(RULES, ALIASES)

@@ -10,8 +10,6 @@ stop a diverged run and close in the same place, here.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -26,11 +24,9 @@ from ftjax import loop as loop_lib
 from ftjax import reporting
 from ftjax import round as round_lib
 from ftjax import sharding
+from ftjax import workdir as workdir_lib
 from ftjax.build import ConfigError, Setup, build
 
-# Config fields that may change between an interrupted run and its resume.
-RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "loop",
-                    "devices", "mesh")
 RUNS_AXIS = "runs"
 """The mesh axis :func:`train_runs` spreads its runs over."""
 
@@ -56,83 +52,6 @@ class RunResult(NamedTuple):
   metrics: dict                # the last evaluation row ({} when there is none)
   error: Optional[Exception]   # the ConfigError or TrainingDiverged that stopped it, or None
   state: Optional[round_lib.TrainState] = None  # the final state of a run that finished
-
-
-# --------------------------------------------------------------------------
-# Workdirs
-# --------------------------------------------------------------------------
-
-
-def config_fields(config, drop: Sequence[str] = ()) -> dict:
-  """The config as a JSON-able dict, without the dotted fields in ``drop``."""
-  fields = json.loads(config.to_json())
-  for name in drop:
-    *parents, leaf = name.split(".")
-    node = fields
-    for p in parents:
-      node = node.get(p, {})
-    node.pop(leaf, None)
-  return fields
-
-
-def check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as fh:
-      fh.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"Cannot write to workdir {workdir!r} ({e.strerror}); pass a "
-                      f"writable --workdir.") from None
-
-
-def _comparable(fields: dict) -> dict:
-  return {k: v for k, v in fields.items() if k not in RESUMABLE_FIELDS + ("resolved",)}
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-  out = []
-  for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k), b.get(k)
-    if isinstance(va, dict) and isinstance(vb, dict):
-      out += _differences(va, vb, f"{prefix}{k}.")
-    elif va != vb:
-      out.append(f"{prefix}{k} was {va!r}, now {vb!r}")
-  return out
-
-
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir that holds another config's run, or checkpoints of an unknown one."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-      raise ConfigError(
-          f"The workdir {workdir!r} holds checkpoints but no config.json, so the run they "
-          f"belong to is unknown; restore its config.json or use another --workdir.")
-    return
-  try:
-    with open(path) as fh:
-      saved = _comparable(json.load(fh))
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} cannot be read as JSON ({e}); the workdir is damaged: restore "
-                      f"the file or use another --workdir.") from None
-  now = _comparable(json.loads(config.to_json()))
-  if saved != now:
-    raise ConfigError(
-        f"The workdir {workdir!r} holds a run with a different config "
-        f"({'; '.join(_differences(saved, now))}); resume it with the same config "
-        f"or use another --workdir.")
-
-
-def _write_config(workdir: str, config, setup: Setup) -> None:
-  """config.json: the config, plus the rule and f it resolved to."""
-  fields = json.loads(config.to_json())
-  fields["resolved"] = {"aggregator": setup.aggregator.spec, "f": setup.aggregator.f,
-                        "attack": setup.attack.name, "loop": setup.loop,
-                        "worker_chunk": setup.worker_chunk}
-  with open(os.path.join(workdir, "config.json"), "w") as fh:
-    json.dump(fields, fh, indent=2)
 
 
 # --------------------------------------------------------------------------
@@ -187,60 +106,6 @@ def _diverged(setup: Setup, workdir: str, step: int, length: int, metrics: dict,
       f"workers' loss is {metrics['train_loss']} and the model is "
       f"{'finite' if metrics['finite'] else 'not finite'}. {kept}; "
       f"{', or '.join(advice)}.")
-
-
-class _Run:
-  """One run's workdir: its checkpointer, reporter, last row and bookkeeping."""
-
-  def __init__(self, workdir: str, config, setup: Setup, console: bool, start_state):
-    self.workdir, self.config = workdir, config
-    self.checkpointer = checkpoint_lib.Checkpointer(workdir, enabled=config.checkpoint.enabled)
-    self.meta = {"best_test_acc": -1.0, "best_step": 0, "wall_time": 0.0}
-    restored = self.checkpointer.restore_latest(start_state)
-    self.restored = restored is not None
-    self.state = restored[0] if self.restored else None
-    if self.restored:
-      self.meta.update(restored[1])
-    self.step = int(self.state.step) if self.restored else 0
-    self.reporter = reporting.Reporter(
-        workdir, total_steps=setup.num_steps, start_step=self.step, wandb_config=config.wandb,
-        run_config=json.loads(config.to_json()), show_progress=console and config.progress,
-        print_rows=console)
-    self.row = self.reporter.rows[-1] if self.reporter.rows else {}
-    self.wall_start = time.perf_counter() - self.meta["wall_time"]
-
-  def record(self, row: dict, state) -> None:
-    """Writes an evaluation row, then the latest (and, when best, the best) checkpoint.
-
-    The row goes first: a crash between the two leaves a row past the
-    checkpoint, which a resume drops."""
-    self.reporter.write(row)
-    self.row, self.step = row, row["step"]
-    best = row["test_acc"] >= self.meta["best_test_acc"]
-    if best:
-      self.meta.update(best_test_acc=row["test_acc"], best_step=row["step"])
-    self.meta["wall_time"] = row["wall_time"]
-    self.checkpointer.save("latest", row["step"], state, self.meta)
-    if best:
-      self.checkpointer.save("best", row["step"], state, self.meta)
-
-  def close(self, failing: bool) -> None:
-    """Finishes the writes; a failed write must not mask the error already raised."""
-    try:
-      self.checkpointer.close()
-    except checkpoint_lib.CheckpointWriteError:
-      if not failing:
-        raise
-    finally:
-      self.reporter.close()
-
-  def summary(self) -> str:
-    row = self.row
-    return (f"Finished {self.workdir} at step {row.get('step', self.step)}: test accuracy "
-            f"{row.get('test_acc', float('nan')):.4f} (best {self.meta['best_test_acc']:.4f} "
-            f"at step {self.meta['best_step']}), {self.meta['wall_time']:.0f} s. Metrics in "
-            f"{self.reporter.csv_path}; plot with `python -m ftjax.plot --workdir="
-            f"{self.workdir}`.")
 
 
 # --------------------------------------------------------------------------
@@ -338,8 +203,8 @@ def _build_runs(configs, workdirs, dataset, model, attacks, results) -> dict:
     if config is None:
       continue
     try:
-      check_workdir(workdirs[i])
-      check_resume_config(workdirs[i], config)
+      workdir_lib.check_workdir(workdirs[i])
+      workdir_lib.check_resume_config(workdirs[i], config)
       shared = dataset if dataset is not None or not setups else next(iter(setups.values())).dataset
       setups[i] = build(config, shared, model, attacks=attacks)
     except ConfigError as e:
@@ -387,13 +252,13 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
     return results
   first = setups[live[0]]
   c = configs[live[0]]
-  if any(config_fields(configs[i], ["seed"]) != config_fields(c, ["seed"]) for i in live):
+  if any(workdir_lib.config_fields(configs[i], ["seed"]) != workdir_lib.config_fields(c, ["seed"]) for i in live):
     raise ValueError("train_runs needs configs that differ only in their seed.")
   if mesh is not None and first.mesh is not None:
     raise ConfigError("Runs spread over devices each live on one device: set the runs' "
                       "config.devices = 1.")
   for i in live:
-    _write_config(workdirs[i], configs[i], setups[i])
+    workdir_lib.write_config(workdirs[i], configs[i], setups[i])
   for group in _table_groups(setups):
     _run_group(configs, workdirs, {i: setups[i] for i in group}, programs, on_rounds, note,
                mesh, console, results)
@@ -402,102 +267,127 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
 
 def _run_group(configs, workdirs, setups, programs, on_rounds, note, mesh, console, results):
   """Trains the runs of ``setups`` as one program; the other slots compute copies."""
-  num_slots = len(configs)
   live = list(setups)
   first = setups[live[0]]
-  c = configs[live[0]]
   # Every slot gets a run's seed and data; empty and failed slots borrow the first run's.
-  owner = [i if i in setups else live[0] for i in range(num_slots)]
-  train_data = _stack_data(setups, owner)
-  seeds = jnp.asarray([configs[i].seed for i in owner])
-  states = programs.get(("init", loop_lib.init_identity(first), num_slots), lambda: jax.jit(
-      lambda s: round_lib.init_states(first, s)).lower(seeds).compile())(seeds)
-
-  runs, host, restored_any = {}, None, False
-  for i in live:
-    runs[i] = _Run(workdirs[i], configs[i], first, console, _take_runs(states, i))
-    if runs[i].restored:
-      host = host if host is not None else jax.tree.map(np.array, jax.device_get(states))
-      for leaf, value in zip(jax.tree.leaves(host), jax.tree.leaves(runs[i].state)):
-        leaf[i] = np.asarray(value)
-      restored_any = True
+  owner = [i if i in setups else live[0] for i in range(len(configs))]
+  states = _init_states(first, [configs[i].seed for i in owner], programs)
+  runs = {i: workdir_lib.RunFiles(workdirs[i], configs[i], first, console, _take_runs(states, i))
+          for i in live}
   if note is None:
     note = runs[live[0]].reporter.note if console else (
         lambda message: print(message, file=sys.stderr))
   if console:
     note(first.describe())
-  for i in live:
-    if runs[i].restored:
-      done = " (already complete)" if runs[i].step >= first.num_steps else ""
-      note(f"Resumed {workdirs[i]} from its checkpoint at step {runs[i].step}{done}.")
-  if restored_any:
-    states = jax.tree.map(jnp.asarray, host)
+  states = _restored(states, runs, first.num_steps, note)
   on_rounds(sum(r.step for r in runs.values()))
-
-  spread = _placement(first, mesh)
-  states, train_data = spread(states), spread(train_data, data=True)
-  eval_data = sharding.replicate(mesh if mesh is not None else first.mesh,
-                                 loop_lib.make_eval_data(first.dataset, first.eval_batch_size))
-  chunk_fn = loop_lib.make_chunk_fn(first, runs=True, programs=programs,
-                                    runs_layout="vmap" if mesh is not None else None)
-  evaluate = loop_lib.compile_eval(first, states, eval_data, programs)
-  compiled = set()
+  group = _Group(first, _stack_data(setups, owner), states, programs, mesh, console, note)
   failing = True
   try:
-    while any(runs[i].step < first.num_steps for i in live):
-      # The runs furthest behind advance; every other slot computes a copy of one of them.
-      step = min(runs[i].step for i in live if runs[i].step < first.num_steps)
-      moving = [i for i in live if runs[i].step == step]
-      length = min(first.eval_every - step % first.eval_every, first.num_steps - step)
-      source = [i if i in moving else moving[0] for i in range(num_slots)]
-      everyone = source == list(range(num_slots))
-      tic = time.perf_counter()
-      run_chunk = chunk_fn(states, train_data, length).run
-      if console and length not in compiled:
-        note(f"Compiled a chunk of {length} rounds in {time.perf_counter() - tic:.1f} s.")
-      compiled.add(length)
-      tic = time.perf_counter()
-      # All slots moving: the state is donated; otherwise the copy is, and the rest is kept.
-      new_states, metrics = run_chunk(
-          states if everyone else spread(_take_runs(states, jnp.asarray(source))), train_data)
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - tic
-      advanced = []
-      for i in moving:
-        if metrics["finite"][i] and np.isfinite(metrics["train_loss"][i]):
-          advanced.append(i)
-          continue
-        error = _diverged(first, workdirs[i], step, length, {k: v[i] for k, v in metrics.items()},
-                          c.checkpoint.enabled)
-        if console:
-          raise error
-        note(f"{workdirs[i]}: {error}")
+    while any(runs[i].step < first.num_steps for i in runs):
+      for i, error in group.advance(runs, on_rounds).items():
         results[i] = RunResult(workdirs[i], runs[i].row, error)
-        live.remove(i)
         runs.pop(i).close(failing=True)
-      keep = np.array([i in advanced for i in range(num_slots)])
-      # A diverged slot's state is never read again, so donated states are simply replaced.
-      states = spread(new_states if everyone else _where_runs(keep, new_states, states))
-      if not advanced:
-        continue
-      evaluation = jax.device_get(evaluate(states.params, states.batch_stats, eval_data))
-      for i in advanced:
-        runs[i].reporter.advance(length)
-        row = {"step": step + length,
-               **{k: float(v[i]) for k, v in metrics.items() if k != "finite"},
-               **{k: float(v[i]) for k, v in evaluation.items()},
-               "wall_time": time.perf_counter() - runs[i].wall_start,
-               "steps_per_sec": length / elapsed}
-        runs[i].record(row, _take_runs(states, i))
-      on_rounds(length * len(advanced))
     failing = False
   finally:
     for run in runs.values():
       run.close(failing=failing)
-  for i in live:
-    results[i] = RunResult(workdirs[i], runs[i].row, None, _take_runs(states, i))
+  for i, run in runs.items():
+    results[i] = RunResult(workdirs[i], run.row, None, _take_runs(group.states, i))
     if console:
-      note(runs[i].summary())
+      note(run.summary())
+
+
+def _init_states(setup: Setup, seeds: list, programs: loop_lib.ProgramCache):
+  seeds = jnp.asarray(seeds)
+  key = ("init", loop_lib.init_identity(setup), len(seeds))
+  return programs.get(key, lambda: jax.jit(
+      lambda s: round_lib.init_states(setup, s)).lower(seeds).compile())(seeds)
+
+
+def _restored(states, runs: dict, num_steps: int, note: Callable):
+  """``states`` with each run's slot replaced by its restored checkpoint, if any."""
+  restored = [i for i, run in runs.items() if run.restored]
+  if not restored:
+    return states
+  host = jax.tree.map(np.array, jax.device_get(states))
+  for i in restored:
+    for leaf, value in zip(jax.tree.leaves(host), jax.tree.leaves(runs[i].state)):
+      leaf[i] = np.asarray(value)
+    done = " (already complete)" if runs[i].step >= num_steps else ""
+    note(f"Resumed {runs[i].workdir} from its checkpoint at step {runs[i].step}{done}.")
+  return jax.tree.map(jnp.asarray, host)
+
+
+class _Group:
+  """The stacked states of a group of runs, and the chunk and evaluation programs."""
+
+  def __init__(self, setup: Setup, data, states, programs, mesh, console, note):
+    self.setup, self.console, self.note = setup, console, note
+    self.spread = _placement(setup, mesh)
+    self.states, self.data = self.spread(states), self.spread(data, data=True)
+    self.eval_data = sharding.replicate(
+        mesh if mesh is not None else setup.mesh,
+        loop_lib.make_eval_data(setup.dataset, setup.eval_batch_size))
+    self.chunk_fn = loop_lib.make_chunk_fn(setup, runs=True, programs=programs,
+                                           runs_layout="vmap" if mesh is not None else None)
+    self.evaluate = loop_lib.compile_eval(setup, self.states, self.eval_data, programs)
+    self.compiled = set()
+
+  def _chunk(self, length: int) -> Callable:
+    tic = time.perf_counter()
+    run_chunk = self.chunk_fn(self.states, self.data, length).run
+    if self.console and length not in self.compiled:
+      self.note(f"Compiled a chunk of {length} rounds in {time.perf_counter() - tic:.1f} s.")
+    self.compiled.add(length)
+    return run_chunk
+
+  def advance(self, runs: dict, on_rounds: Callable) -> dict:
+    """One chunk for the runs furthest behind (the other slots compute copies of one).
+
+    Records the advanced runs' rows and checkpoints; returns the runs that
+    diverged, with their errors (a single run from the console raises it).
+    """
+    setup = self.setup
+    step = min(r.step for r in runs.values() if r.step < setup.num_steps)
+    moving = [i for i, r in runs.items() if r.step == step]
+    length = min(setup.eval_every - step % setup.eval_every, setup.num_steps - step)
+    slots = jax.tree.leaves(self.states.step)[0].shape[0]
+    source = [i if i in moving else moving[0] for i in range(slots)]
+    everyone = source == list(range(slots))
+    run_chunk = self._chunk(length)
+    tic = time.perf_counter()
+    # All slots moving: the state is donated; otherwise the copy is, and the rest is kept.
+    new_states, metrics = run_chunk(self.states if everyone else self.spread(
+        _take_runs(self.states, jnp.asarray(source))), self.data)
+    metrics = jax.device_get(metrics)
+    elapsed = time.perf_counter() - tic
+    failed = {}
+    for i in moving:
+      if not (metrics["finite"][i] and np.isfinite(metrics["train_loss"][i])):
+        failed[i] = _diverged(setup, runs[i].workdir, step, length,
+                              {k: v[i] for k, v in metrics.items()},
+                              runs[i].checkpointer.enabled)
+        if self.console:
+          raise failed[i]
+        self.note(f"{runs[i].workdir}: {failed[i]}")
+    advanced = [i for i in moving if i not in failed]
+    keep = np.array([i in advanced for i in range(slots)])
+    # A diverged slot's state is never read again, so donated states are simply replaced.
+    self.states = self.spread(new_states if everyone
+                              else _where_runs(keep, new_states, self.states))
+    if advanced:
+      evaluation = jax.device_get(self.evaluate(self.states.params, self.states.batch_stats,
+                                                self.eval_data))
+      for i in advanced:
+        runs[i].reporter.advance(length)
+        runs[i].record({"step": step + length,
+                        **{k: float(v[i]) for k, v in metrics.items() if k != "finite"},
+                        **{k: float(v[i]) for k, v in evaluation.items()},
+                        "wall_time": time.perf_counter() - runs[i].wall_start,
+                        "steps_per_sec": length / elapsed}, _take_runs(self.states, i))
+      on_rounds(length * len(advanced))
+    return failed
 
 
 def _placement(setup: Setup, mesh) -> Callable:

@@ -35,6 +35,7 @@ from ftjax import results as results_lib
 from ftjax import build as build_lib
 from ftjax import loop as loop_lib
 from ftjax import run as run_lib
+from ftjax import workdir as workdir_lib
 from ftjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,7 +345,7 @@ def check_workdir(sweep: Sweep, workdir: str) -> None:
                               f"this sweep no longer has{again}.")
     for run in now[cell["cell"]].runs:
       try:
-        run_lib.check_resume_config(
+        workdir_lib.check_resume_config(
             os.path.join(workdir, run.workdir), run.config)
       except train.ConfigError as e:
         raise train.ConfigError(f"The sweep config changed for the cell {cell['cell']!r}: "

@@ -19,7 +19,8 @@ from ftjax.loop import CompiledChunk, EvalData, ProgramCache, make_chunk_fn, mak
 from ftjax.loop import make_eval_fn
 from ftjax.round import DeviceData, TrainState, init_state, init_states, make_device_data
 from ftjax.round import make_round, place, sample_chunk, update_batch_stats, worker_state_rows
-from ftjax.run import RUN_ERRORS, RunResult, TrainingDiverged, TrainResult, config_fields
+from ftjax.run import RUN_ERRORS, RunResult, TrainingDiverged, TrainResult
+from ftjax.workdir import config_fields
 from ftjax.run import runs_mesh, train_and_evaluate, train_runs
 
 __all__ = [
