@@ -32,9 +32,9 @@ are documented.
 """
 
 CONFIG_FIELDS = """\
-The config fields, each documented on its line in configs/default.py (this
-installation's copy: {default}): seed, dtype, num_steps, eval_every, loop, devices, kernels, mesh.*,
-workers.* (num, byzantine, batch_size), data.* (name, path, partition, alpha, ...),
+The config fields, each documented on its line in configs/default.py
+({default}):
+seed, dtype, num_steps, eval_every, loop, devices, kernels, mesh.*, workers.* (num, byzantine, batch_size), data.* (name, path, partition, alpha, ...),
 model.*, optim.* (estimator, lr, clip, ...), aggregator.* (name, meta, f, options.*),
 attack.* (name, options.*), checkpoint.*, wandb.*. The names they accept: ftjax list.
 """
@@ -42,11 +42,11 @@ attack.* (name, options.*), checkpoint.*, wandb.*. The names they accept: ftjax 
 TRAIN_HELP = """\
 usage: {command} --config=NAME_OR_FILE[:arg] --workdir=DIR [--config.FIELD=VALUE ...]
 
-Trains and evaluates one run. --config names a shipped config ({configs}) or a config
-file, optionally with an argument after a colon (mnist:mnist.npz,
-configs/cifar10.py:resnet18). --config.FIELD=VALUE overrides any field, e.g.
---config.aggregator.name=cwtm --config.aggregator.meta=ctma --config.attack.name=alie.
-Rerunning the same command with the same --workdir resumes from the latest checkpoint.
+Trains and evaluates one run. --config names a shipped config or a config file,
+optionally with an argument after a colon (mnist:mnist.npz, configs/cifar10.py:resnet18).
+Shipped configs: {configs}.
+--config.FIELD=VALUE overrides any field, e.g. --config.aggregator.name=cwtm
+--config.aggregator.meta=ctma --config.attack.name=alie. Rerunning the same command with the same --workdir resumes from the latest checkpoint.
 
 {fields}
 The workdir receives config.json, metrics.csv, metrics.jsonl and checkpoints/
@@ -59,11 +59,12 @@ SWEEP_HELP = """\
 usage: {command} --sweep=NAME_OR_FILE[:arg] --workdir=DIR [--retry_failed]
 
 Runs a grid of experiments in one process and one workdir, then writes results.csv and
-results.md. --sweep names a shipped sweep ({sweeps}) or a sweep config file. A sweep
-config's fields (name, base, overrides, grid, cells, seeds, max_batch, devices,
+results.md. --sweep names a shipped sweep or a sweep config file, optionally NAME:arg.
+Shipped sweeps: {sweeps}.
+A sweep config's fields (name, base, overrides, grid, cells, seeds, max_batch, devices,
 share_programs) are documented in docs/sweeps.md and, commented, in
-configs/sweeps/demo.py (installed as {demo}); its overrides and axes name run config
-fields, each documented in configs/default.py. Rerunning the command resumes the sweep.
+configs/sweeps/demo.py ({demo}); its overrides and axes name run config fields, each
+documented in configs/default.py. Rerunning the command resumes the sweep.
 
 flags:
 {flags}"""
