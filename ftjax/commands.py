@@ -34,7 +34,8 @@ are documented.
 CONFIG_FIELDS = """\
 The config fields, each documented on its line in configs/default.py
 ({default}):
-seed, dtype, num_steps, eval_every, loop, devices, kernels, mesh.*, workers.* (num, byzantine, batch_size), data.* (name, path, partition, alpha, ...),
+seed, dtype, num_steps, eval_every, loop, devices, kernels, mesh.*,
+workers.* (num, byzantine, batch_size), data.* (name, path, partition, alpha, ...),
 model.*, optim.* (estimator, lr, clip, ...), aggregator.* (name, meta, f, options.*),
 attack.* (name, options.*), checkpoint.*, wandb.*. The names they accept: ftjax list.
 """
@@ -46,7 +47,8 @@ Trains and evaluates one run. --config names a shipped config or a config file,
 optionally with an argument after a colon (mnist:mnist.npz, configs/cifar10.py:resnet18).
 Shipped configs: {configs}.
 --config.FIELD=VALUE overrides any field, e.g. --config.aggregator.name=cwtm
---config.aggregator.meta=ctma --config.attack.name=alie. Rerunning the same command with the same --workdir resumes from the latest checkpoint.
+--config.aggregator.meta=ctma --config.attack.name=alie. Rerunning the same command
+with the same --workdir resumes from the latest checkpoint.
 
 {fields}
 The workdir receives config.json, metrics.csv, metrics.jsonl and checkpoints/
