@@ -51,6 +51,7 @@ NUMBERS = ("final_test_acc_mean", "final_test_acc_min", "final_test_acc_max",
            "best_test_acc_mean", "best_test_acc_min", "best_test_acc_max", "best_step",
            "steps_per_sec", "wall_time")
 PANEL_WIDTH, PANEL_HEIGHT = 4.6, 3.4
+BOX = 0.45  # half the side of the box around a heatmap entry: boxes of adjacent rows stay apart
 MAX_COLUMNS = 3
 
 
@@ -136,11 +137,9 @@ def _rule(cell: dict, axes: list[str]) -> str:
   return ", ".join([cell["aggregator"]] + [style.setting(a, cell["values"][a]) for a in extra])
 
 
-def _spread_label(values: dict, spread: list[str]) -> str:
+def _spread_label(values: dict, spread: list[str]) -> Any:
   """A heterogeneity setting: the bare value for one axis (the axis names the x label)."""
-  if len(spread) == 1:
-    return style.value_name(spread[0], values[spread[0]])
-  return style.settings(values, spread)
+  return values[spread[0]] if len(spread) == 1 else style.settings(values, spread)
 
 
 def _unique(items) -> list:
@@ -178,15 +177,16 @@ def _line_groups(sweep: dict) -> tuple[Optional[str], list, list[tuple[str, str,
 
 
 def _figure(count: int, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT,
-            ax=None, extra_height: float = 0.0, sharey: bool = False):
-  """A figure with ``count`` panels (wrapped at MAX_COLUMNS), or the caller's axes."""
+            ax=None, extra_height: float = 0.0, sharey: bool = False,
+            max_columns: int = MAX_COLUMNS):
+  """A figure with ``count`` panels (wrapped at ``max_columns``), or the caller's axes."""
   plt = style.pyplot()
   if ax is not None:
     axes = list(np.ravel(ax)) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
     if len(axes) < count:
       raise PlotError(f"This figure has {count} panels; pass as many axes (got {len(axes)}).")
     return axes[0].figure, axes[:count]
-  columns = min(count, MAX_COLUMNS)
+  columns = min(count, max_columns)
   rows = math.ceil(count / columns)
   fig, grid = plt.subplots(rows, columns, figsize=(width * columns, height * rows + extra_height),
                            squeeze=False, layout="constrained", sharey=sharey)
@@ -426,8 +426,9 @@ def _draw_heatmaps(panels: list[dict], ax, xlabel: str, ylabel: str, title: str,
       if box_minimum:
         worst = _worst(panel["values"][i], panel["failed"][i])
         if worst is not None:  # vermillion: visible on viridis' dark and light ends
-          axis.add_patch(patches.Rectangle((worst - 0.5, i - 0.5), 1, 1, fill=False,
-                                           edgecolor=style.PALETTE[4], linewidth=3))
+          axis.add_patch(patches.Rectangle((worst - BOX, i - BOX), 2 * BOX, 2 * BOX,
+                                           fill=False, edgecolor=style.PALETTE[4],
+                                           linewidth=3))
   if image is not None:
     fig.colorbar(image, ax=axes, label="final test accuracy (%)", shrink=0.9)
   if ax is None:
@@ -481,8 +482,8 @@ def heterogeneity(workdir: str, ax=None):
       f"\nand over {', '.join(style.axis_name(a) for a in averaged)}" if averaged else "")
   spread = [a for a in sweep["axes"] if a in HETEROGENEITY]
   return _draw_heatmaps(panels, ax, ", ".join(style.axis_name(a) for a in spread),
-                        "Byzantine workers f",
-                        f"Final test accuracy (%), {over}", box_minimum=False)
+                        "Byzantine workers f", f"Final test accuracy (%), {over}",
+                        box_minimum=False, column_axis=spread[0] if len(spread) == 1 else None)
 
 
 # --------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, float]]]]:
             ("loss", [("test_loss", "test", 1.0), ("train_loss", "train (honest)", 1.0)])]
   if kept:
     panels.append(("rows CTMA kept per round",
-                   [(c, c.replace("_kept_", ": ").replace("_", " "), 1.0) for c in kept]))
+                   [(c, results_lib.diag_label(c).rsplit(" (", 1)[0], 1.0) for c in kept]))
   if "aggregate_norm" in columns:
     panels.append(("norm of the aggregate", [("aggregate_norm", "aggregate", 1.0)]))
   return [(label, [s for s in series if s[0] in columns]) for label, series in panels]
@@ -80,7 +80,8 @@ def run(workdir: str, ax=None):
   title, rule = _title(workdir)
   color = style.rule_color(rule) if rule else style.PALETTE[1]
   panels = _panels(rows)
-  fig, axes = plot._figure(len(panels), ax=ax, width=4.2, height=3.2)  # pylint: disable=protected-access
+  fig, axes = plot._figure(len(panels), ax=ax, width=4.6, height=3.2,  # pylint: disable=protected-access
+                           max_columns=2)
   steps = np.array([r["step"] for r in rows])
   for (ylabel, series), axis in zip(panels, axes):
     for k, (column, label, scale) in enumerate(series):
