@@ -1,11 +1,11 @@
-r"""Train and evaluate one run from a config: the checkout's form of ``ftjax train``.
+r"""Train and evaluate one run from a config: the checkout's form of ftjax train.
 
   python main.py --config configs/default.py --workdir /tmp/ftjax/default \
     --config.workers.num=17 --config.aggregator.name=cwtm \
     --config.aggregator.meta=ctma --config.attack.name=alie
 
 Running the same command again with the same --workdir resumes from the latest
-checkpoint. ``python main.py --help`` lists the flags (ftjax/commands.py).
+checkpoint. python main.py --help lists the flags (ftjax/commands.py).
 """
 
 import sys

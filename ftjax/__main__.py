@@ -1,4 +1,4 @@
-"""``python -m ftjax <command>``: the ``ftjax`` command (ftjax/commands.py)."""
+"""python -m ftjax <command>: the ftjax command (ftjax/commands.py)."""
 
 from ftjax import commands
 

@@ -1,18 +1,18 @@
 r"""Sweeps: a grid of experiments in one process and one workdir.
 
+  ftjax sweep --sweep=demo --workdir=/tmp/sweep
   python -m ftjax.sweep --sweep=configs/sweeps/demo.py --workdir=/tmp/sweep
 
-A sweep config (``configs/sweeps/*.py``, see docs/sweeps.md) names a base
-config, fixed overrides, the axes (``grid``: a product over field values,
-and/or ``cells``: an explicit list of overrides) and the ``seeds``. Every run
-(cell x seed) is validated with ``train.build`` before anything runs; the runs
-of a cell differ only in their seed and train as one compiled program
-(``train.train_runs``), in batches of at most ``max_batch`` seeds; cells that
-differ only in their attack share that program (:func:`attack_families`). Each run
-writes a normal run workdir under ``runs/<cell>/seed=<s>``, so rerunning the
-command skips finished runs and resumes interrupted ones. At the end (and on
-every rerun) ``results.csv`` and ``results.md`` are written
-(:mod:`ftjax.results`).
+A sweep config (configs/sweeps/*.py, see docs/sweeps.md) names a base config,
+fixed overrides, the axes (grid: a product over field values, and/or cells: an
+explicit list of overrides) and the seeds. Every run (cell x seed) is validated
+with train.build before anything runs; the runs of a cell differ only in their
+seed and train as one compiled program (train.train_runs), in batches of at
+most max_batch seeds; cells that differ only in their attack share that
+program (attack_families). Each run writes a normal run workdir under
+runs/<cell>/seed=<s>, so rerunning the command skips finished runs and resumes
+interrupted ones. At the end (and on every rerun) results.csv and results.md
+are written (ftjax.results).
 """
 
 from __future__ import annotations
