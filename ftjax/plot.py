@@ -232,6 +232,7 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
   panel, panels, lines = _line_groups(sweep)
   fig, axes = _figure(len(panels), ax=ax, extra_height=0.35 * math.ceil(len(lines) / 3),
                       sharey=True)
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   for value, axis in zip(panels, axes):
     for label, rule, kind, cells in lines:
       color = style.rule_color(rule)
@@ -242,7 +243,7 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
         if not runs:
           continue
         xs, mean, low, high = _mean_curve(runs, x)
-        axis.plot(xs, 100 * mean, color=color, linestyle=style.LINESTYLES[kind % 4],
+        axis.plot(xs, 100 * mean, color=color, linestyle=style.LINESTYLES[kind % len(style.LINESTYLES)],
                   marker=style.MARKERS[kind % len(style.MARKERS)], markersize=3, label=label)
         if band and len(runs) > 1:
           axis.fill_between(xs, 100 * low, 100 * high, color=color, alpha=0.15, linewidth=0)
@@ -251,6 +252,8 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
                 transform=axis.transAxes, color="0.4")
     axis.set_title(style.setting(panel, value) if panel else sweep["name"])
     axis.set_xlabel(xlabel)
+    if x == "step":
+      axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # rounds: no 12.5
     axis.set_ylabel("test accuracy (%)")
     axis.yaxis.set_tick_params(labelleft=True)
     axis.grid(alpha=0.3)

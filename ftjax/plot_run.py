@@ -82,6 +82,7 @@ def run(workdir: str, ax=None):
   panels = _panels(rows)
   fig, axes = plot._figure(len(panels), ax=ax, width=4.6, height=3.2,  # pylint: disable=protected-access
                            max_columns=2)
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   steps = np.array([r["step"] for r in rows])
   for (ylabel, series), axis in zip(panels, axes):
     for k, (column, label, scale) in enumerate(series):
@@ -93,6 +94,7 @@ def run(workdir: str, ax=None):
       axis.plot(steps, scale * values, color=shade, marker=style.MARKERS[k], markersize=3,
                 linestyle=style.LINESTYLES[k], label=label)
     axis.set_xlabel("round")
+    axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     if len(series) > 1:
