@@ -253,7 +253,7 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
     axis.set_title(style.setting(panel, value) if panel else sweep["name"])
     axis.set_xlabel(xlabel)
     if x == "step":
-      axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # rounds: no 12.5
+      axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     axis.set_ylabel("test accuracy (%)")
     axis.yaxis.set_tick_params(labelleft=True)
     axis.grid(alpha=0.3)

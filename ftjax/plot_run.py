@@ -94,7 +94,7 @@ def run(workdir: str, ax=None):
       axis.plot(steps, scale * values, color=shade, marker=style.MARKERS[k], markersize=3,
                 linestyle=style.LINESTYLES[k], label=label)
     axis.set_xlabel("round")
-    axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     if len(series) > 1:
