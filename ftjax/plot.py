@@ -50,9 +50,7 @@ HETEROGENEITY = ("data.partition", "data.alpha", "data.gamma", "data.shards_per_
 NUMBERS = ("final_test_acc_mean", "final_test_acc_min", "final_test_acc_max",
            "best_test_acc_mean", "best_test_acc_min", "best_test_acc_max", "best_step",
            "steps_per_sec", "wall_time")
-PANEL_WIDTH, PANEL_HEIGHT = 4.6, 3.4
 BOX = 0.45  # half the side of the box around a heatmap entry: boxes of adjacent rows stay apart
-MAX_COLUMNS = 3
 
 
 PlotError = style.PlotError
@@ -176,26 +174,6 @@ def _line_groups(sweep: dict) -> tuple[Optional[str], list, list[tuple[str, str,
   return panel, panels, [(label, *line) for label, line in lines.items()]
 
 
-def _figure(count: int, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT,
-            ax=None, extra_height: float = 0.0, sharey: bool = False,
-            max_columns: int = MAX_COLUMNS):
-  """A figure with ``count`` panels (wrapped at ``max_columns``), or the caller's axes."""
-  plt = style.pyplot()
-  if ax is not None:
-    axes = list(np.ravel(ax)) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
-    if len(axes) < count:
-      raise PlotError(f"This figure has {count} panels; pass as many axes (got {len(axes)}).")
-    return axes[0].figure, axes[:count]
-  columns = min(count, max_columns)
-  rows = math.ceil(count / columns)
-  fig, grid = plt.subplots(rows, columns, figsize=(width * columns, height * rows + extra_height),
-                           squeeze=False, layout="constrained", sharey=sharey)
-  axes = list(grid.ravel())
-  for unused in axes[count:]:
-    unused.set_visible(False)
-  return fig, axes[:count]
-
-
 def training_time(rows: list[dict]) -> list[float]:
   """Seconds spent in training rounds up to each evaluation row.
 
@@ -230,8 +208,8 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
   sweep = _sweep(workdir)
   metrics = run_metrics(workdir)
   panel, panels, lines = _line_groups(sweep)
-  fig, axes = _figure(len(panels), ax=ax, extra_height=0.35 * math.ceil(len(lines) / 3),
-                      sharey=True)
+  fig, axes = style.figure(len(panels), ax=ax, extra_height=0.35 * math.ceil(len(lines) / 3),
+                           sharey=True)
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   for value, axis in zip(panels, axes):
     for label, rule, kind, cells in lines:
@@ -243,8 +221,9 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
         if not runs:
           continue
         xs, mean, low, high = _mean_curve(runs, x)
-        axis.plot(xs, 100 * mean, color=color, linestyle=style.LINESTYLES[kind % len(style.LINESTYLES)],
-                  marker=style.MARKERS[kind % len(style.MARKERS)], markersize=3, label=label)
+        axis.plot(xs, 100 * mean, color=color, markersize=3, label=label,
+                  linestyle=style.LINESTYLES[kind % len(style.LINESTYLES)],
+                  marker=style.MARKERS[kind % len(style.MARKERS)])
         if band and len(runs) > 1:
           axis.fill_between(xs, 100 * low, 100 * high, color=color, alpha=0.15, linewidth=0)
     if not axis.lines:
@@ -399,7 +378,7 @@ def _draw_heatmaps(panels: list[dict], ax, xlabel: str, ylabel: str, title: str,
   from matplotlib import patches  # pylint: disable=import-outside-toplevel
   width = max(max(len(p["columns"]) for p in panels) * 1.05 + 2.4, 5.2)
   height = max(len(p["rows"]) for p in panels) * 0.5 + 1.6
-  fig, axes = _figure(len(panels), width=width, height=height, ax=ax)
+  fig, axes = style.figure(len(panels), width=width, height=height, ax=ax)
   finite = np.concatenate([p["values"][np.isfinite(p["values"])] for p in panels])
   low, high = (100 * finite.min(), 100 * finite.max()) if finite.size else (0.0, 100.0)
   if high - low < 1:

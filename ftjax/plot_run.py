@@ -72,7 +72,6 @@ def run(workdir: str, ax=None):
   ``ax``: axes to draw in, one per panel (2 to 4, as the run's columns allow).
   Returns the Figure.
   """
-  from ftjax import plot  # pylint: disable=import-outside-toplevel
   rows = read_rows(workdir)
   if not rows:
     raise style.PlotError(f"{workdir!r} has no evaluation rows yet (metrics.jsonl or "
@@ -80,8 +79,7 @@ def run(workdir: str, ax=None):
   title, rule = _title(workdir)
   color = style.rule_color(rule) if rule else style.PALETTE[1]
   panels = _panels(rows)
-  fig, axes = plot._figure(len(panels), ax=ax, width=4.6, height=3.2,  # pylint: disable=protected-access
-                           max_columns=2)
+  fig, axes = style.figure(len(panels), ax=ax, height=3.2, max_columns=2)
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   steps = np.array([r["step"] for r in rows])
   for (ylabel, series), axis in zip(panels, axes):

@@ -7,16 +7,19 @@
 * Heatmaps use viridis (no red-green scale).
 * Axis and value names read as words: ``attack.name=alie`` is "attack: ALIE",
   ``workers.byzantine=4`` is "f = 4".
-* :func:`save` writes every figure as PNG and PDF.
+* ``figure`` lays out the panels; ``save`` writes every figure as PNG and PDF.
 
 Nothing here imports JAX; matplotlib is imported only when a figure is drawn.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from typing import Any
+
+import numpy as np
 
 # Okabe & Ito (2008), yellow last: it is faint on white.
 PALETTE = ("#000000", "#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7",
@@ -28,6 +31,8 @@ LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 HEATMAP_CMAP = "viridis"
 FORMATS = ("png", "pdf")
+PANEL_WIDTH, PANEL_HEIGHT = 4.6, 3.4  # inches
+MAX_COLUMNS = 3
 DPI = 150
 
 AXIS_NAMES = {"attack.name": "attack", "workers.byzantine": "f", "workers.num": "W",
@@ -57,8 +62,28 @@ def pyplot():
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise PlotError('Plotting needs matplotlib, which is not installed: '
-                         'pip install "ftjax[plots]".') from None
+                    'pip install "ftjax[plots]".') from None
   return plt
+
+
+def figure(count: int, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT,
+           ax=None, extra_height: float = 0.0, sharey: bool = False,
+           max_columns: int = MAX_COLUMNS):
+  """A figure with ``count`` panels (wrapped at ``max_columns``), or the caller's axes."""
+  plt = pyplot()
+  if ax is not None:
+    axes = list(np.ravel(ax)) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+    if len(axes) < count:
+      raise PlotError(f"This figure has {count} panels; pass as many axes (got {len(axes)}).")
+    return axes[0].figure, axes[:count]
+  columns = min(count, max_columns)
+  rows = math.ceil(count / columns)
+  fig, grid = plt.subplots(rows, columns, figsize=(width * columns, height * rows + extra_height),
+                           squeeze=False, layout="constrained", sharey=sharey)
+  axes = list(grid.ravel())
+  for unused in axes[count:]:
+    unused.set_visible(False)
+  return fig, axes[:count]
 
 
 def rule_color(spec: str) -> str:

@@ -113,7 +113,8 @@ def test_config_names_resolve_to_the_shipped_files(tmp_path, monkeypatch):
   shipped = os.path.join(ROOT, "configs")
   assert configfiles.configs_dir() == shipped
   assert configfiles.resolve("default") == os.path.join(shipped, "default.py")
-  assert configfiles.resolve("mnist.py:mnist.npz") == os.path.join(shipped, "mnist.py") + ":mnist.npz"
+  assert configfiles.resolve("mnist.py:mnist.npz") == (
+      os.path.join(shipped, "mnist.py") + ":mnist.npz")
   assert configfiles.resolve("configs/cifar10.py:resnet18") == (
       os.path.join(shipped, "cifar10.py") + ":resnet18")
   assert configfiles.resolve("tiny", "sweep") == os.path.join(shipped, "sweeps", "tiny.py")
