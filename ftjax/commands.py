@@ -227,4 +227,9 @@ def main(argv: Optional[list[str]] = None) -> None:
   if name not in COMMANDS:
     cli.fail(f"unknown command {name!r}; the commands are {', '.join(COMMANDS)} "
              f"(ftjax --help).")
-  COMMANDS[name]([f"ftjax {name}", *argv[2:]])
+  try:
+    COMMANDS[name]([f"ftjax {name}", *argv[2:]])
+  except BrokenPipeError:
+    # The reader of stdout went away (ftjax list | head): stop quietly, as Unix tools do.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(141)
