@@ -7,7 +7,10 @@ Needs the TFDS cifar10 dataset prepared once (`tfds build cifar10 --file_format=
 Training augmentation (random crop 32 with padding 2, horizontal flip) is on.
 """
 
-from configs import default
+try:
+  from configs import default  # a checkout
+except ImportError:
+  from ftjax.configs import default  # installed with ftjax
 
 
 def get_config(arg=None):

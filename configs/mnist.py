@@ -7,7 +7,10 @@ test_images, test_labels; no TFDS needed, see docs/data.md):
   python main.py --config configs/mnist.py:mnist.npz --workdir /tmp/ftjax/mnist
 """
 
-from configs import default
+try:
+  from configs import default  # a checkout
+except ImportError:
+  from ftjax.configs import default  # installed with ftjax
 
 
 def get_config(arg=None):

@@ -10,7 +10,10 @@ keeping ties, Weiszfeld started at zero).
   python main.py --config configs/reference.py:mnist.npz --workdir /tmp/ftjax/reference
 """
 
-from configs import mnist
+try:
+  from configs import mnist  # a checkout
+except ImportError:
+  from ftjax.configs import mnist  # installed with ftjax
 
 
 def get_config(arg=None):

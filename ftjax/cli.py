@@ -1,4 +1,4 @@
-"""Command-line helpers shared by ``main.py`` and ``python -m ftjax.sweep``.
+"""Command-line helpers shared by the ftjax commands (ftjax.commands, main.py).
 
 Bad input ends the program with one line on stderr (``ftjax: error: ...``)
 instead of a traceback: exit 2 for bad flags, 1 for a config or run the user

@@ -1,26 +1,32 @@
-r"""Plots of a sweep, drawn from its workdir's files alone.
+r"""Paper-ready figures of a sweep or of one run, drawn from its workdir's files alone.
 
-  python -m ftjax.plot --workdir=/tmp/sweep [--out=/tmp/sweep/plots]
+  ftjax plot --workdir=/tmp/sweep [--out=/tmp/sweep/plots]   (or python -m ftjax.plot)
 
-Reads ``sweep.json``, ``results.csv`` and every run's ``metrics.jsonl`` (the
-layout of docs/sweeps.md, through :mod:`ftjax.results`' readers) and writes
-PNGs:
+For a sweep, reads ``sweep.json``, ``results.csv`` and every run's
+``metrics.jsonl`` (the layout of docs/sweeps.md, through ftjax.results'
+readers) and writes, each as PNG and PDF:
 
-* ``curves.png``: test accuracy against rounds, one panel per attack (or per
-  value of the first axis), one line per cell: the mean over its seeds with a
-  min-max band;
-* ``rule_attack.png``: a heatmap rule x attack of the final test accuracy
-  (mean over the seeds), the worst attack of every rule boxed; one heatmap per
+* ``curves``: test accuracy against rounds, one panel per attack (or per
+  value of the first axis) on a shared y-axis, one line per cell: the mean
+  over its seeds with a min-max band;
+* ``rule_attack``: a heatmap rule x attack of the final test accuracy (mean
+  over the seeds), the worst attack of every rule boxed; one heatmap per
   setting of the other axes;
-* ``f_heterogeneity.png``: a heatmap Byzantine workers x data heterogeneity
+* ``f_heterogeneity``: a heatmap Byzantine workers x data heterogeneity
   (``workers.byzantine`` x ``data.partition`` / ``alpha`` / ``gamma`` /
   ``shards_per_worker``), one per rule, when the sweep has those axes;
-* ``wall_time.png``: test accuracy against wall-clock time, per cell.
+* ``wall_time``: test accuracy against the time spent in training rounds,
+  compilation and evaluation excluded (from each row's ``steps_per_sec``).
 
-Every figure is also a function (:func:`curves`, :func:`heatmap`,
-:func:`heterogeneity`, :func:`wall_time`) returning a matplotlib Figure, so a
-notebook shows them inline; :func:`heatmap_data` and
-:func:`heterogeneity_data` return the numbers the heatmaps draw. Nothing here
+A workdir of one run (``metrics.csv``, no ``sweep.json``) gets ``run``: test
+accuracy and loss against rounds, and the aggregate's norm and the rows CTMA
+kept when the run logged them (ftjax.plot_run).
+
+Every figure is also a function (``curves``, ``heatmap``, ``heterogeneity``,
+``wall_time``, ``plot_run.run``) returning a matplotlib Figure, so a notebook
+shows them inline; ``heatmap_data`` and ``heterogeneity_data`` return the
+numbers the heatmaps draw. Colours, names and file formats are those of
+ftjax.plot_style: each rule has one colour in every figure. Nothing here
 imports JAX; matplotlib is the optional extra ``ftjax[plots]``.
 """
 
@@ -34,6 +40,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ftjax import plot_style as style
 from ftjax import results as results_lib
 
 ATTACK = "attack.name"
@@ -43,12 +50,10 @@ HETEROGENEITY = ("data.partition", "data.alpha", "data.gamma", "data.shards_per_
 NUMBERS = ("final_test_acc_mean", "final_test_acc_min", "final_test_acc_max",
            "best_test_acc_mean", "best_test_acc_min", "best_test_acc_max", "best_step",
            "steps_per_sec", "wall_time")
-PANEL_WIDTH, PANEL_HEIGHT = 4.6, 3.4
-MAX_COLUMNS = 3
+BOX = 0.45  # half the side of the box around a heatmap entry: boxes of adjacent rows stay apart
 
 
-class PlotError(ValueError):
-  """A workdir that cannot be plotted, or matplotlib missing: one sentence saying what to do."""
+PlotError = style.PlotError
 
 
 # --------------------------------------------------------------------------
@@ -56,19 +61,11 @@ class PlotError(ValueError):
 # --------------------------------------------------------------------------
 
 
-def _pyplot():
-  try:
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise PlotError('Plotting needs matplotlib, which is not installed: '
-                    'pip install "ftjax[plots]".') from None
-  return plt
-
-
 def _sweep(workdir: str) -> dict:
   if not os.path.isfile(os.path.join(workdir, "sweep.json")):
     raise PlotError(f"{workdir!r} has no sweep.json: point --workdir at the directory of a "
-                    f"sweep (python -m ftjax.sweep --sweep=... --workdir=...).")
+                    f"sweep (ftjax sweep --sweep=... --workdir=...) or of a run (one with a "
+                    f"metrics.csv).")
   try:
     return results_lib.read_sweep(workdir)
   except (OSError, ValueError) as e:
@@ -131,32 +128,16 @@ def run_metrics(workdir: str) -> dict[str, list[list[dict]]]:
 # --------------------------------------------------------------------------
 
 
-def _short(axes: list[str]) -> dict[str, str]:
-  """Each axis by its last name part (``byzantine``) where that is unambiguous."""
-  last = [a.split(".")[-1] for a in axes]
-  return {a: (s if last.count(s) == 1 else a) for a, s in zip(axes, last)}
-
-
-def _format(value: Any) -> str:
-  return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _rule(cell: dict, axes: list[str]) -> str:
   """The rule of a cell: its spec, plus any aggregator axis the spec does not show."""
   extra = [a for a in axes if a.startswith("aggregator.") and
            a not in ("aggregator.name", "aggregator.meta")]
-  short = _short(axes)
-  return ", ".join([cell["aggregator"]] + [f"{short[a]}={_format(cell['values'][a])}"
-                                          for a in extra])
+  return ", ".join([cell["aggregator"]] + [style.setting(a, cell["values"][a]) for a in extra])
 
 
-def _setting(values: dict, axes: list[str], short: dict) -> str:
-  return ", ".join(f"{short[a]}={_format(values[a])}" for a in axes)
-
-
-def _spread_label(values: dict, spread: list[str], short: dict) -> str:
+def _spread_label(values: dict, spread: list[str]) -> Any:
   """A heterogeneity setting: the bare value for one axis (the axis names the x label)."""
-  return _format(values[spread[0]]) if len(spread) == 1 else _setting(values, spread, short)
+  return values[spread[0]] if len(spread) == 1 else style.settings(values, spread)
 
 
 def _unique(items) -> list:
@@ -174,47 +155,47 @@ def _panel_axis(axes: list[str]) -> Optional[str]:
   return next((a for a in axes if not a.startswith("aggregator.")), None)
 
 
-def _line_groups(sweep: dict) -> tuple[Optional[str], list, list[tuple[str, list[dict]]]]:
-  """(panel axis, panel values, [(line label, cells)]) for the curve figures."""
+def _line_groups(sweep: dict) -> tuple[Optional[str], list, list[tuple[str, str, int, list]]]:
+  """(panel axis, panel values, lines) for the curve figures.
+
+  Each line is (label, rule spec, index of its setting of the other axes, cells):
+  the rule gives the colour, the setting the line style.
+  """
   axes = sweep["axes"]
   panel = _panel_axis(axes)
   others = [a for a in axes if a != panel and not a.startswith("aggregator.")]
-  short = _short(axes)
   panels = _unique(c["values"][panel] for c in sweep["cells"]) if panel else [None]
-  labels = {}
+  kinds = _unique(style.settings(c["values"], others) for c in sweep["cells"])
+  lines = {}
   for cell in sweep["cells"]:
-    label = ", ".join(filter(None, [_rule(cell, axes), _setting(cell["values"], others, short)]))
-    labels.setdefault(label, []).append(cell)
-  return panel, panels, list(labels.items())
+    kind = style.settings(cell["values"], others)
+    label = ", ".join(filter(None, [_rule(cell, axes), kind]))
+    lines.setdefault(label, (cell["aggregator"], kinds.index(kind), []))[2].append(cell)
+  return panel, panels, [(label, *line) for label, line in lines.items()]
 
 
-def _figure(count: int, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT,
-            ax=None, extra_height: float = 0.0):
-  """A figure with ``count`` panels (wrapped at MAX_COLUMNS), or the caller's axes."""
-  plt = _pyplot()
-  if ax is not None:
-    axes = list(np.ravel(ax)) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
-    if len(axes) < count:
-      raise PlotError(f"This figure has {count} panels; pass as many axes (got {len(axes)}).")
-    return axes[0].figure, axes[:count]
-  columns = min(count, MAX_COLUMNS)
-  rows = math.ceil(count / columns)
-  fig, grid = plt.subplots(rows, columns, figsize=(width * columns, height * rows + extra_height),
-                           squeeze=False, layout="constrained")
-  axes = list(grid.ravel())
-  for unused in axes[count:]:
-    unused.set_visible(False)
-  return fig, axes[:count]
+def training_time(rows: list[dict]) -> list[float]:
+  """Seconds spent in training rounds up to each evaluation row.
 
-
-def _colors(count: int) -> list:
-  plt = _pyplot()
-  cmap = plt.get_cmap("tab10" if count <= 10 else "tab20")
-  return [cmap(i % cmap.N) for i in range(count)]
+  Each row's ``steps_per_sec`` is measured over the rounds since the previous
+  evaluation, around the compiled chunk alone, so the running sum of rounds /
+  steps_per_sec leaves out compilation and evaluation (``wall_time`` has both).
+  """
+  total, previous, out = 0.0, 0, []
+  for row in rows:
+    total += (row["step"] - previous) / row["steps_per_sec"]
+    previous = row["step"]
+    out.append(total)
+  return out
 
 
 def _mean_curve(runs: list[list[dict]], x: str) -> tuple[np.ndarray, ...]:
-  """Per evaluation step over the runs that reached it: mean x, mean, min and max test_acc."""
+  """Per evaluation step over the runs that reached it: mean x, mean, min and max test_acc.
+
+  ``x`` is a metrics column, or "training_time" (:func:`training_time`).
+  """
+  if x == "training_time":
+    runs = [[{**r, x: t} for r, t in zip(rows, training_time(rows))] for rows in runs]
   steps = sorted({r["step"] for rows in runs for r in rows})
   by_step = [[r for rows in runs for r in rows if r["step"] == s] for s in steps]
   xs = np.array([np.mean([r[x] for r in rs]) for rs in by_step])
@@ -227,10 +208,12 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
   sweep = _sweep(workdir)
   metrics = run_metrics(workdir)
   panel, panels, lines = _line_groups(sweep)
-  fig, axes = _figure(len(panels), ax=ax, extra_height=0.35 * math.ceil(len(lines) / 3))
-  colors = _colors(len(lines))
+  fig, axes = style.figure(len(panels), ax=ax, extra_height=0.35 * math.ceil(len(lines) / 3),
+                           sharey=True)
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   for value, axis in zip(panels, axes):
-    for (label, cells), color in zip(lines, colors):
+    for label, rule, kind, cells in lines:
+      color = style.rule_color(rule)
       for cell in cells:
         if panel is not None and cell["values"][panel] != value:
           continue
@@ -238,15 +221,20 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
         if not runs:
           continue
         xs, mean, low, high = _mean_curve(runs, x)
-        axis.plot(xs, 100 * mean, color=color, marker="o", markersize=3, label=label)
+        axis.plot(xs, 100 * mean, color=color, markersize=3, label=label,
+                  linestyle=style.LINESTYLES[kind % len(style.LINESTYLES)],
+                  marker=style.MARKERS[kind % len(style.MARKERS)])
         if band and len(runs) > 1:
-          axis.fill_between(xs, 100 * low, 100 * high, color=color, alpha=0.2, linewidth=0)
+          axis.fill_between(xs, 100 * low, 100 * high, color=color, alpha=0.15, linewidth=0)
     if not axis.lines:
       axis.text(0.5, 0.5, "no finished evaluation yet", ha="center", va="center",
                 transform=axis.transAxes, color="0.4")
-    axis.set_title(f"{panel}={_format(value)}" if panel else sweep["name"])
+    axis.set_title(style.setting(panel, value) if panel else sweep["name"])
     axis.set_xlabel(xlabel)
+    if x == "step":
+      axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     axis.set_ylabel("test accuracy (%)")
+    axis.yaxis.set_tick_params(labelleft=True)
     axis.grid(alpha=0.3)
   handles = {}
   for axis in axes:
@@ -266,8 +254,9 @@ def curves(workdir: str, ax=None):
   """Test accuracy against rounds: one panel per attack (or value of the first axis).
 
   One line per cell: the mean over its seeds at every evaluation, with a
-  band from the smallest to the largest seed. ``ax``: axes to draw in, one
-  per panel (default: a new figure). Returns the Figure.
+  band from the smallest to the largest seed; the panels share their
+  y-axis. ``ax``: axes to draw in, one per panel (default: a new figure).
+  Returns the Figure.
   """
   seeds = len(_sweep(workdir)["seeds"])
   return _curve_figure(workdir, "step", "round", ax, band=True,
@@ -275,14 +264,15 @@ def curves(workdir: str, ax=None):
 
 
 def wall_time(workdir: str, ax=None):
-  """Test accuracy against wall-clock time since each run started, per cell.
+  """Test accuracy against the time spent training, compilation and evaluation excluded.
 
-  The time and accuracy of every evaluation are means over the cell's seeds
-  (``wall_time`` of metrics.jsonl). Panels and ``ax`` as :func:`curves`.
+  The time (:func:`training_time`) and accuracy of every evaluation are
+  means over the cell's seeds. Panels and ``ax`` as :func:`curves`.
   """
   seeds = len(_sweep(workdir)["seeds"])
-  return _curve_figure(workdir, "wall_time", "wall time (s)", ax, band=False,
-                       title=f"Test accuracy against wall time: mean over {seeds} seeds")
+  return _curve_figure(workdir, "training_time", "training time (s), without compilation",
+                       ax, band=False,
+                       title=f"Test accuracy against training time: mean over {seeds} seeds")
 
 
 # --------------------------------------------------------------------------
@@ -324,11 +314,10 @@ def heatmap_data(workdir: str) -> list[dict]:
   table = cell_rows(workdir)
   by_name = {c["cell"]: c for c in sweep["cells"]}
   others = [a for a in axes if a != ATTACK and not a.startswith("aggregator.")]
-  short = _short(axes)
   groups = {}
   for row in table:
     cell = by_name[row["cell"]]
-    key = _setting(cell["values"], others, short) or "all"
+    key = style.settings(cell["values"], others) or "all"
     groups.setdefault(key, {}).setdefault((_rule(cell, axes), cell["values"][ATTACK]),
                                           []).append(row)
   panels = []
@@ -365,15 +354,14 @@ def heterogeneity_data(workdir: str) -> list[dict]:
   by_name = {c["cell"]: c for c in sweep["cells"]}
   averaged = [a for a in axes if a != BYZANTINE and a not in spread and
               not a.startswith("aggregator.")]
-  short = _short(axes)
   rules = _unique(_rule(c, axes) for c in sweep["cells"])
   groups = {r: {} for r in rules}
   for row in table:
     cell = by_name[row["cell"]]
-    key = (cell["values"][BYZANTINE], _spread_label(cell["values"], spread, short))
+    key = (cell["values"][BYZANTINE], _spread_label(cell["values"], spread))
     groups[_rule(cell, axes)].setdefault(key, []).append(row)
   fs = sorted({c["values"][BYZANTINE] for c in sweep["cells"]})
-  settings = _unique(_spread_label(c["values"], spread, short) for c in sweep["cells"])
+  settings = _unique(_spread_label(c["values"], spread) for c in sweep["cells"])
   panels = []
   for rule in rules:
     values, failed = _matrix(groups[rule], fs, settings)
@@ -383,12 +371,14 @@ def heterogeneity_data(workdir: str) -> list[dict]:
 
 
 def _draw_heatmaps(panels: list[dict], ax, xlabel: str, ylabel: str, title: str,
-                   box_minimum: bool):
-  plt = _pyplot()
+                   box_minimum: bool, column_axis: Optional[str] = None):
+  """The heatmaps of ``panels`` on one colour scale (viridis); ``column_axis`` names the columns'
+  field, so that they read as words ("ALIE")."""
+  plt = style.pyplot()
   from matplotlib import patches  # pylint: disable=import-outside-toplevel
   width = max(max(len(p["columns"]) for p in panels) * 1.05 + 2.4, 5.2)
   height = max(len(p["rows"]) for p in panels) * 0.5 + 1.6
-  fig, axes = _figure(len(panels), width=width, height=height, ax=ax)
+  fig, axes = style.figure(len(panels), width=width, height=height, ax=ax)
   finite = np.concatenate([p["values"][np.isfinite(p["values"])] for p in panels])
   low, high = (100 * finite.min(), 100 * finite.max()) if finite.size else (0.0, 100.0)
   if high - low < 1:
@@ -396,11 +386,13 @@ def _draw_heatmaps(panels: list[dict], ax, xlabel: str, ylabel: str, title: str,
   image = None
   for panel, axis in zip(panels, axes):
     values = 100 * panel["values"]
-    image = axis.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=low, vmax=high,
-                        aspect="auto")
+    image = axis.imshow(np.ma.masked_invalid(values), cmap=style.HEATMAP_CMAP, vmin=low,
+                        vmax=high, aspect="auto")
     axis.set_facecolor("0.85")  # cells without a value
-    axis.set_xticks(range(len(panel["columns"])), [_format(c) for c in panel["columns"]])
-    axis.set_yticks(range(len(panel["rows"])), [_format(r) for r in panel["rows"]])
+    axis.set_xticks(range(len(panel["columns"])),
+                    [style.value_name(column_axis, c) if column_axis else style.format_number(c)
+                     for c in panel["columns"]])
+    axis.set_yticks(range(len(panel["rows"])), [style.format_number(r) for r in panel["rows"]])
     axis.tick_params(length=0)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
@@ -410,12 +402,15 @@ def _draw_heatmaps(panels: list[dict], ax, xlabel: str, ylabel: str, title: str,
       for j in range(values.shape[1]):
         text = ("failed" if panel["failed"][i, j] else
                 "-" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}")
-        axis.text(j, i, text, ha="center", va="center", fontsize="small")
+        dark = np.isfinite(values[i, j]) and (values[i, j] - low) < 0.55 * (high - low)
+        axis.text(j, i, text, ha="center", va="center", fontsize="small",
+                  color="white" if dark else "black")
       if box_minimum:
         worst = _worst(panel["values"][i], panel["failed"][i])
-        if worst is not None:
-          axis.add_patch(patches.Rectangle((worst - 0.5, i - 0.5), 1, 1, fill=False,
-                                           edgecolor="black", linewidth=2.5))
+        if worst is not None:  # vermillion: visible on viridis' dark and light ends
+          axis.add_patch(patches.Rectangle((worst - BOX, i - BOX), 2 * BOX, 2 * BOX,
+                                           fill=False, edgecolor=style.PALETTE[4],
+                                           linewidth=3))
   if image is not None:
     fig.colorbar(image, ax=axes, label="final test accuracy (%)", shrink=0.9)
   if ax is None:
@@ -447,7 +442,7 @@ def heatmap(workdir: str, ax=None):
   seeds = len(_sweep(workdir)["seeds"])
   return _draw_heatmaps(panels, ax, "attack", "rule",
                         f"Final test accuracy (%), mean over {seeds} seeds\n"
-                        f"box: each rule's worst attack", box_minimum=True)
+                        f"box: each rule's worst attack", box_minimum=True, column_axis=ATTACK)
 
 
 def heterogeneity(workdir: str, ax=None):
@@ -466,10 +461,11 @@ def heterogeneity(workdir: str, ax=None):
   sweep = _sweep(workdir)
   averaged = panels[0]["averaged"]
   over = f"mean over {len(sweep['seeds'])} seeds" + (
-      f"\nand over {', '.join(averaged)}" if averaged else "")
+      f"\nand over {', '.join(style.axis_name(a) for a in averaged)}" if averaged else "")
   spread = [a for a in sweep["axes"] if a in HETEROGENEITY]
-  return _draw_heatmaps(panels, ax, ", ".join(spread), "Byzantine workers f",
-                        f"Final test accuracy (%), {over}", box_minimum=False)
+  return _draw_heatmaps(panels, ax, ", ".join(style.axis_name(a) for a in spread),
+                        "Byzantine workers f", f"Final test accuracy (%), {over}",
+                        box_minimum=False, column_axis=spread[0] if len(spread) == 1 else None)
 
 
 # --------------------------------------------------------------------------
@@ -477,54 +473,64 @@ def heterogeneity(workdir: str, ax=None):
 # --------------------------------------------------------------------------
 
 
-FIGURES = (("curves.png", curves), ("rule_attack.png", heatmap),
-           ("f_heterogeneity.png", heterogeneity), ("wall_time.png", wall_time))
+FIGURES = (("curves", curves), ("rule_attack", heatmap), ("f_heterogeneity", heterogeneity),
+           ("wall_time", wall_time))
 
 
 def write_plots(workdir: str, out: Optional[str] = None) -> list[str]:
-  """Writes every figure that applies to the sweep as a PNG; returns their paths.
+  """Writes every figure that applies to the workdir as PNG and PDF; returns their paths.
 
-  ``out`` defaults to ``<workdir>/plots``. A figure that does not apply
-  (no attack axis, no heterogeneity axis) is skipped with a printed note.
+  A sweep's workdir (``sweep.json``) gets the figures of FIGURES, one run's
+  workdir (``metrics.csv`` or ``metrics.jsonl``, no ``sweep.json``) the
+  figure of ftjax.plot_run. ``out`` defaults to ``<workdir>/plots``. A
+  figure that does not apply (no attack axis, no heterogeneity axis) is
+  skipped with a printed note.
   """
-  plt = _pyplot()
-  cell_rows(workdir)  # a missing sweep.json or results.csv stops before any file is written
+  from ftjax import plot_run  # pylint: disable=import-outside-toplevel
+  plt = style.pyplot()
+  if plot_run.is_run(workdir):
+    figures = (("run", plot_run.run),)
+  else:
+    cell_rows(workdir)  # a missing sweep.json or results.csv stops before any file is written
+    figures = FIGURES
   out = out or os.path.join(workdir, "plots")
   os.makedirs(out, exist_ok=True)
   paths = []
-  for name, draw in FIGURES:
+  for name, draw in figures:
     fig = draw(workdir)
     if fig is None:
       continue
-    path = os.path.join(out, name)
-    fig.savefig(path, dpi=120)
+    written = style.save(fig, out, name)
     plt.close(fig)
-    paths.append(path)
-    print(f"Wrote {path}")
+    paths += written
+    print(f"Wrote {' and '.join(written)}")
   return paths
 
 
-def main(argv: list[str]) -> None:
-  """``python -m ftjax.plot --workdir=<sweep workdir> [--out=<dir>]``."""
+def main(argv: list[str], command: str = "python -m ftjax.plot") -> None:
+  """``ftjax plot --workdir=<sweep or run workdir> [--out=<dir>]``."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ftjax import cli  # pylint: disable=import-outside-toplevel
   # Own flag values, so that the command also runs inside another program (the tests).
   values = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "A sweep's directory (python -m ftjax.sweep).",
-                      flag_values=values)
-  flags.DEFINE_string("out", None, "Where the PNGs go (default: <workdir>/plots).",
+  flags.DEFINE_string("workdir", None, "A sweep's directory (ftjax sweep) or one run's "
+                      "(ftjax train).", flag_values=values)
+  flags.DEFINE_string("out", None, "Where the PNG and PDF files go (default: <workdir>/plots).",
                       flag_values=values)
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(f"python -m ftjax.plot --workdir=<sweep workdir> [--out=<dir>]\n"
+    print(f"usage: {command} --workdir=DIR [--out=DIR]\n\n"
+          f"Draws the figures of a sweep (curves, rule x attack and f x heterogeneity\n"
+          f"heatmaps, accuracy against training time) or of one run (accuracy, loss, the\n"
+          f"aggregate's norm, the rows CTMA kept), as PNG and PDF.\n\nflags:\n"
           f"{values.get_help()}")
     return
   try:
     values(argv)
   except flags.Error as e:
-    cli.fail(f"{e} (python -m ftjax.plot --help lists the flags).")
+    cli.fail(f"{e} ({command} --help lists the flags).")
   if not values.workdir:
-    cli.fail("--workdir is required: the directory of a sweep (python -m ftjax.plot "
-             "--workdir=/tmp/sweep).")
+    cli.fail(f"--workdir is required: the directory of a sweep or of a run ({command} "
+             f"--workdir=/tmp/sweep).")
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:

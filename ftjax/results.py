@@ -44,21 +44,37 @@ def run_summary(rows: list[dict]) -> dict:
   """One run's summary from its metrics rows (one per evaluation).
 
   Returns:
-    ``final_test_acc`` (last row), ``best_test_acc`` and ``best_step`` (its
-    first step), ``steps_per_sec`` (median over the chunks), ``wall_time``
-    (last row) and ``diag``: every aggregator diagnostic averaged over the
-    evaluations. Values are None for a run without rows.
+    ``final_test_acc`` and ``final_step`` (last row), ``best_test_acc`` and
+    ``best_step`` (its first step), ``steps_per_sec`` (median over the
+    chunks), ``wall_time`` (last row), ``curve`` ({step: test_acc}) and
+    ``diag``: every aggregator diagnostic averaged over the evaluations.
+    Values are None for a run without rows.
   """
   if not rows:
-    return {"final_test_acc": None, "best_test_acc": None, "best_step": None,
-            "steps_per_sec": None, "wall_time": None, "diag": {}}
+    return {"final_test_acc": None, "final_step": None, "best_test_acc": None,
+            "best_step": None, "steps_per_sec": None, "wall_time": None, "curve": {},
+            "diag": {}}
   best = max(rows, key=lambda r: r["test_acc"])  # max() keeps the first of equal values
   names = [k for k in rows[0] if k not in METRIC_COLUMNS]
-  return {"final_test_acc": rows[-1]["test_acc"], "best_test_acc": best["test_acc"],
-          "best_step": best["step"],
+  return {"final_test_acc": rows[-1]["test_acc"], "final_step": rows[-1]["step"],
+          "best_test_acc": best["test_acc"], "best_step": best["step"],
           "steps_per_sec": statistics.median(r["steps_per_sec"] for r in rows),
           "wall_time": rows[-1]["wall_time"],
+          "curve": {r["step"]: r["test_acc"] for r in rows},
           "diag": {n: statistics.fmean(r[n] for r in rows if n in r) for n in names}}
+
+
+def mean_curve_peak(summaries: list[dict]) -> Optional[int]:
+  """The evaluated step where the seeds' mean test accuracy peaks (the first of equal peaks).
+
+  Over the steps that every run evaluated; None when they share none.
+  """
+  if not summaries:
+    return None
+  steps = sorted(set.intersection(*(set(s["curve"]) for s in summaries)))
+  if not steps:
+    return None
+  return max(steps, key=lambda t: statistics.fmean(s["curve"][t] for s in summaries))
 
 
 def _spread(values: list[float], prefix: str) -> dict:
@@ -73,7 +89,10 @@ def cell_table(workdir: str) -> list[dict]:
 
   Accuracies are over the cell's runs that finished ("ok" in status.jsonl);
   ``status`` is "ok" when all its runs finished, "failed" when all failed,
-  and "partial" otherwise, with the reasons in ``reason``.
+  and "partial" otherwise, with the reasons in ``reason``. ``best_step`` is
+  the evaluated step where the seeds' mean accuracy peaks
+  (:func:`mean_curve_peak`); ``best_steps`` and ``final_steps`` list each
+  finished seed's best and last evaluated step, ";"-separated.
   """
   sweep = read_sweep(workdir)
   status = read_status(workdir)
@@ -100,7 +119,10 @@ def cell_table(workdir: str) -> list[dict]:
            "status": cell_status, "reason": " | ".join(reasons),
            **_spread([s["final_test_acc"] for s in summaries], "final_test_acc"),
            **_spread([s["best_test_acc"] for s in summaries], "best_test_acc")}
-    for name in ("best_step", "steps_per_sec", "wall_time"):
+    row["best_step"] = mean_curve_peak(summaries)
+    row["best_steps"] = ";".join(str(s["best_step"]) for s in summaries)
+    row["final_steps"] = ";".join(str(s["final_step"]) for s in summaries)
+    for name in ("steps_per_sec", "wall_time"):
       row[name] = statistics.median(s[name] for s in summaries) if summaries else None
     diag_names = sorted({n for s in summaries for n in s["diag"]})
     for name in diag_names:
@@ -143,6 +165,10 @@ def worst_case(table: list[dict], axes: list[str]) -> Optional[dict]:
   return {"columns": columns, "rows": rows}
 
 
+def _cell_name(row: dict, axes: list[str]) -> str:
+  return ", ".join(f"{a}={_number(row[a])}" for a in axes) or row["cell"]
+
+
 def _percent(value: Optional[float]) -> str:
   return "" if value is None else f"{100 * value:.1f}"
 
@@ -155,31 +181,66 @@ def _number(value: Any) -> str:
   return str(value)
 
 
+# Diagnostics that count rows (per-worker flags summed over the honest or the Byzantine rows).
+ROW_DIAGNOSTICS = ("kept", "selected", "clipped")
+
+
+def diag_label(column: str) -> str:
+  """A ``diag.*`` column as a header with its unit: ``diag.ctma_kept_byzantine`` ->
+  "ctma kept, Byzantine (rows/round)"."""
+  name = column[len("diag."):] if column.startswith("diag.") else column
+  for group in ("honest", "byzantine"):
+    if name.endswith(f"_{group}"):
+      what = name[:-len(group) - 1].replace("_", " ")
+      unit = "rows/round" if name.split("_")[-2] in ROW_DIAGNOSTICS else "per round"
+      return f"{what}, {'Byzantine' if group == 'byzantine' else group} ({unit})"
+  if name.endswith("_iters"):
+    return f"{name[:-len('_iters')]} iterations/round"
+  return name.replace("_", " ")
+
+
+def _steps(text: str, per_seed: bool) -> str:
+  """"20;30" -> "20, 30"; unless ``per_seed``, one value when every seed has it."""
+  steps = text.split(";") if text else []
+  return steps[0] if not per_seed and len(set(steps)) == 1 else ", ".join(steps)
+
+
 def to_markdown(sweep: dict, table: list[dict]) -> str:
   """``results.md``: the cell table in percentages and the worst case per rule."""
   axes = sweep["axes"]
   diag = sorted({k for row in table for k in row if k.startswith("diag.")})
-  header = (["cell", *axes, "seeds", "status", "final acc % (min-max)", "best acc % (min-max)",
-             "best step", "steps/s", "wall s", *diag])
+  header = ([*axes, "seeds", "status", "final acc % (min-max)", "at round",
+             "best acc % (min-max)", "best at round (per seed)", "steps/s", "wall s",
+             *(diag_label(d) for d in diag)])
   lines = [f"# Sweep {sweep['name']}", "",
            "Test accuracy in percent: mean over the seeds that finished, (min-max) over them. "
-           "steps/s and wall time are medians over the seeds; diag.* are the aggregator's "
-           "diagnostics averaged over the evaluations and the seeds.", "",
-           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+           "The final accuracy is that of each seed's last evaluation (at round); the best "
+           "is each seed's highest, at the round listed per seed. steps/s (rounds per second "
+           "of training, without compilation or evaluation) and wall s (seconds from start to "
+           "the last evaluation, compilation included) are medians over the seeds.", ""]
+  if diag:
+    lines += ["The aggregator's diagnostics are per round, averaged over the evaluations and "
+              "the seeds: rows/round counts the rows of the W workers that got the flag "
+              "(kept by CTMA, selected by Krum, clipped), split into the honest workers' and "
+              "the Byzantine workers' rows.", ""]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in table:
-    cells = [row["cell"], *(_number(row[a]) for a in axes), row["seeds"], row["status"]]
-    for prefix in ("final_test_acc", "best_test_acc"):
+    cells = [*(_number(row[a]) for a in axes), ", ".join(row["seeds"].split(";")),
+             row["status"]]
+    for prefix, steps, per_seed in (("final_test_acc", "final_steps", False),
+                                    ("best_test_acc", "best_steps", True)):
       mean = row[f"{prefix}_mean"]
       cells.append("" if mean is None else
                    f"{_percent(mean)} ({_percent(row[f'{prefix}_min'])}-"
                    f"{_percent(row[f'{prefix}_max'])})")
-    cells += [_number(row["best_step"]), _number(row["steps_per_sec"]),
-              _number(row["wall_time"]), *(_number(row.get(d)) for d in diag)]
+      cells.append(_steps(row[steps], per_seed))
+    cells += [_number(row["steps_per_sec"]), _number(row["wall_time"]),
+              *(_number(row.get(d)) for d in diag)]
     lines.append("| " + " | ".join(cells) + " |")
   failed = [row for row in table if row["reason"]]
   if failed:
     lines += ["", "Failed or unfinished runs:", ""]
-    lines += [f"* {row['cell']}: {row['reason']}" for row in failed]
+    lines += [f"* {_cell_name(row, axes)}: {row['reason']}" for row in failed]
   worst = worst_case(table, axes)
   if worst is not None:
     lines += ["", "## Worst case per rule over the attacks", "",
@@ -206,7 +267,7 @@ def write_results(workdir: str) -> tuple[str, str]:
   columns = ["cell", *sweep["axes"], "seeds", "status", "reason",
              "final_test_acc_mean", "final_test_acc_min", "final_test_acc_max",
              "best_test_acc_mean", "best_test_acc_min", "best_test_acc_max",
-             "best_step", "steps_per_sec", "wall_time"]
+             "best_step", "best_steps", "final_steps", "steps_per_sec", "wall_time"]
   columns += sorted({k for row in table for k in row if k.startswith("diag.")})
   csv_path = os.path.join(workdir, "results.csv")
   with open(csv_path, "w", newline="") as fh:

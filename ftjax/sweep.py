@@ -1,18 +1,18 @@
 r"""Sweeps: a grid of experiments in one process and one workdir.
 
+  ftjax sweep --sweep=demo --workdir=/tmp/sweep
   python -m ftjax.sweep --sweep=configs/sweeps/demo.py --workdir=/tmp/sweep
 
-A sweep config (``configs/sweeps/*.py``, see docs/sweeps.md) names a base
-config, fixed overrides, the axes (``grid``: a product over field values,
-and/or ``cells``: an explicit list of overrides) and the ``seeds``. Every run
-(cell x seed) is validated with ``train.build`` before anything runs; the runs
-of a cell differ only in their seed and train as one compiled program
-(``train.train_runs``), in batches of at most ``max_batch`` seeds; cells that
-differ only in their attack share that program (:func:`attack_families`). Each run
-writes a normal run workdir under ``runs/<cell>/seed=<s>``, so rerunning the
-command skips finished runs and resumes interrupted ones. At the end (and on
-every rerun) ``results.csv`` and ``results.md`` are written
-(:mod:`ftjax.results`).
+A sweep config (configs/sweeps/*.py, see docs/sweeps.md) names a base config,
+fixed overrides, the axes (grid: a product over field values, and/or cells: an
+explicit list of overrides) and the seeds. Every run (cell x seed) is validated
+with train.build before anything runs; the runs of a cell differ only in their
+seed and train as one compiled program (train.train_runs), in batches of at
+most max_batch seeds; cells that differ only in their attack share that
+program (attack_families). Each run writes a normal run workdir under
+runs/<cell>/seed=<s>, so rerunning the command skips finished runs and resumes
+interrupted ones. At the end (and on every rerun) results.csv and results.md
+are written (ftjax.results).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Optional
 import ml_collections
 import tqdm
 
+from ftjax import configfiles
 from ftjax import results as results_lib
 from ftjax import build as build_lib
 from ftjax import loop as loop_lib
@@ -87,10 +88,19 @@ class Sweep:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``path.py`` or ``path.py:arg`` (relative to the current directory or the checkout)."""
+  """Loads ``path.py`` or ``path.py:arg``.
+
+  The path is relative to the current directory or the checkout; a bare name or a
+  ``configs/...`` path that is not there is a shipped config (:mod:`ftjax.configfiles`).
+  """
   path, _, arg = spec.partition(":")
-  candidates = [path, os.path.join(ROOT, path)]
-  found = next((p for p in candidates if os.path.isfile(p)), None)
+  found = next((p for p in (path, os.path.join(ROOT, path)) if os.path.isfile(p)), None)
+  if found is None:
+    try:
+      found = configfiles.resolve(path, "config")
+    except configfiles.ConfigNotFound as e:
+      raise train.ConfigError(f"The sweep's base config: {e}") from None
+    found = found if os.path.isfile(found) else None
   if found is None:
     raise train.ConfigError(f"The sweep's base config {path!r} does not exist; set base to a "
                             f"config file such as 'configs/default.py'.")
@@ -520,11 +530,13 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
   return {"compilations": programs.compiled - known, "status": status}
 
 
-def main(argv):
+def main(argv, command: str = "python -m ftjax.sweep"):
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   from ftjax import cli  # pylint: disable=import-outside-toplevel
-  del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value; "
+             f"{command} --help lists them).")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO
   spec = cli.load_config("sweep")
@@ -534,25 +546,31 @@ def main(argv):
     cli.fail(str(e), code=1)
   except KeyboardInterrupt:
     print(f"Interrupted; the checkpoints and results so far are saved. Resume with the same "
-          f"command: python -m ftjax.sweep {' '.join(sys.argv[1:])}", file=sys.stderr)
+          f"command: {command} {' '.join(sys.argv[1:])}", file=sys.stderr)
     sys.exit(130)
 
 
-def _define_flags():
+def define_flags():
+  """Defines the command's flags (--sweep, --workdir, --retry_failed) on absl's FLAGS."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file(
-      "sweep", None, "Path to a sweep config (configs/sweeps/*.py).", lock_config=True)
+      "sweep", None, "A shipped sweep's name (tiny, demo, ...) or a sweep config file "
+      "(configs/sweeps/*.py), optionally NAME:arg.", lock_config=True)
   flags.DEFINE_string("workdir", None, "The sweep's directory (sweep.json, runs/, results).")
   flags.DEFINE_bool("retry_failed", False, "Run again the runs recorded as failed.")
   flags.mark_flags_as_required(["sweep", "workdir"])
 
 
+def run(argv: list[str], command: str = "python -m ftjax.sweep") -> None:
+  """The command: ``argv`` is ``[program, --sweep=..., --workdir=...]``, flags defined."""
+  import functools  # pylint: disable=import-outside-toplevel
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from ftjax import cli  # pylint: disable=import-outside-toplevel
+  app.run(functools.partial(main, command=command), argv=argv, flags_parser=functools.partial(
+      cli.parse_flags, command=command, config_flag="sweep", fields_doc="docs/sweeps.md"))
+
+
 if __name__ == "__main__":
-  import functools  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from ftjax import cli  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main, flags_parser=functools.partial(
-      cli.parse_flags, command="python -m ftjax.sweep", config_flag="sweep",
-      fields_doc="docs/sweeps.md"))
+  from ftjax import commands  # pylint: disable=g-import-not-at-top
+  commands.sweep(sys.argv, command="python -m ftjax.sweep")

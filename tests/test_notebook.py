@@ -87,7 +87,8 @@ def test_the_whole_notebook_runs_on_a_tiny_config(tmp_path, monkeypatch):
   cells = [c for c in nb.cells if c.cell_type == "code"]
   assert not any(o.output_type == "error" for c in cells for o in c.outputs)
   # The training runs went to RUNS, with the quick sizes.
-  for name in ("notebook_ctma", "notebook_avg"):
+  # Defended and undefended, under sign flipping and under ALIE.
+  for name in ("notebook_ctma", "notebook_avg", "notebook_ctma_alie", "notebook_avg_alie"):
     with open(os.path.join(runs, name, "metrics.jsonl")) as fh:
       assert json.loads(fh.readlines()[-1])["step"] == 20  # the quick size
   # The sweep finished all 4 cells x 2 seeds and its table is shown.
@@ -96,6 +97,9 @@ def test_the_whole_notebook_runs_on_a_tiny_config(tmp_path, monkeypatch):
   assert len(table) == 4 and all(row["status"] == "ok" for row in table)
   shown = [o for c in cells for o in c.outputs if "text/markdown" in o.get("data", {})]
   assert any("Worst case per rule" in o.data["text/markdown"] for o in shown)
+  # The comparison shows one figure, a panel per attack.
+  compare = next(c for c in cells if "train_pair(" in c.source)
+  assert len([o for o in compare.outputs if "image/png" in o.get("data", {})]) == 1
   # The plot cell shows its three figures inline.
   plot_cell = next(c for c in cells if "plot.curves(SWEEP)" in c.source)
   images = [o for o in plot_cell.outputs if "image/png" in o.get("data", {})]

@@ -440,15 +440,18 @@ def test_result_tables_from_a_fake_workdir(tmp_path):
   assert float(first["final_test_acc_mean"]) == pytest.approx(0.75)
   assert (float(first["final_test_acc_min"]), float(first["final_test_acc_max"])) == (0.7, 0.8)
   assert float(first["best_test_acc_mean"]) == pytest.approx(0.8)
-  assert float(first["best_step"]) == 20
+  # Seed means per step: 0.55, 0.8, 0.75: the mean curve peaks at step 20.
+  assert float(first["best_step"]) == 20 and first["best_steps"] == "20;20"
+  assert first["final_steps"] == "30;30"
   # Medians of the runs' medians: seed 1 chunks 10, 11, 12 -> 11; seed 2 -> 21; median 16.
   assert float(first["steps_per_sec"]) == 16
   assert float(first["wall_time"]) == pytest.approx((9.0 + 18.0) / 2)
   # ctma_kept_byzantine, cell 0: seed 1 (1+2+3)/3 = 2, seed 2 (2+3+4)/3 = 3: mean 2.5.
   assert float(first["diag.ctma_kept_byzantine"]) == pytest.approx(2.5)
   assert first["seeds"] == "1;2" and first["status"] == "ok" and first["reason"] == ""
-  # Cell 1: bests 0.6 at step 20 and 0.8 at step 30: median 25.
-  assert float(second["best_step"]) == 25
+  # Cell 1: bests 0.6 at step 20 and 0.8 at step 30; seed means 0.45, 0.55, 0.7 peak at 30
+  # (the median of the seeds' best steps, 25, was never evaluated).
+  assert float(second["best_step"]) == 30 and second["best_steps"] == "20;30"
   assert float(second["final_test_acc_mean"]) == pytest.approx(0.7)
   # Cell 2: only seed 1 counts.
   assert third["status"] == "partial" and third["reason"] == "seed 2: boom"
@@ -457,8 +460,13 @@ def test_result_tables_from_a_fake_workdir(tmp_path):
 
   with open(os.path.join(w, "results.md")) as fh:
     md = fh.read()
-  assert "| attack.name=alie,rule=ctma(cwtm) | alie | ctma(cwtm) | 1;2 | ok | 75.0 (70.0-80.0) |" \
-      in md
+  # One column per axis (no cell name), seeds as a list, the rounds evaluated.
+  assert ("| alie | ctma(cwtm) | 1, 2 | ok | 75.0 (70.0-80.0) | 30 | 80.0 (70.0-90.0) | 20, 20 |"
+          in md)
+  assert "| sf | ctma(cwtm) | 1, 2 | ok | 70.0 (60.0-80.0) | 30 | 70.0 (60.0-80.0) | 20, 30 |" in md
+  assert "attack.name=alie,rule" not in md
+  assert "| ctma kept, Byzantine (rows/round) |" in md.splitlines()[
+      next(i for i, l in enumerate(md.splitlines()) if l.startswith("| attack.name"))]
   worst = md.split("## Worst case per rule over the attacks")[1]
   # ctma(cwtm): alie 0.75, sf 0.7 -> 70.0 (sf); avg: alie 0.1, sf failed -> failed (sf).
   assert "| ctma(cwtm) | 70.0 (sf) |" in worst

@@ -24,7 +24,10 @@ cells show the base config's data.alpha (0.5), which the i.i.d. split ignores.
 
 import ml_collections
 
-from configs.sweeps import paper_common as paper
+try:
+  from configs.sweeps import paper_common as paper  # a checkout
+except ImportError:
+  from ftjax.configs.sweeps import paper_common as paper  # installed with ftjax
 
 SPLITS = [{"data.partition": "iid"},
           {"data.partition": "dirichlet", "data.alpha": 0.5},

@@ -20,7 +20,10 @@ results.md's worst case per rule has one column per f.
 
 import ml_collections
 
-from configs.sweeps import paper_common as paper
+try:
+  from configs.sweeps import paper_common as paper  # a checkout
+except ImportError:
+  from ftjax.configs.sweeps import paper_common as paper  # installed with ftjax
 
 
 def get_config(arg=None):

@@ -17,7 +17,10 @@ Subset: alie and sf, cwtm, the three metas, 250 rounds: 6 cells, 18 runs:
 
 import ml_collections
 
-from configs.sweeps import paper_common as paper
+try:
+  from configs.sweeps import paper_common as paper  # a checkout
+except ImportError:
+  from ftjax.configs.sweeps import paper_common as paper  # installed with ftjax
 
 
 def get_config(arg=None):
