@@ -8,7 +8,8 @@ ratio new / base.
 
 Rows (float32, MNIST-shaped synthetic data):
 
-* training steps per second of simple_mnist at W=17, f=8, b=16 with
+* training steps per second of simple_mnist at each ``--step_workers`` W
+  (f = (W - 1) // 2, b=16) with
   ctma(cwtm): mu2sgd under sign flipping (every worker computes), mu2sgd
   under ALIE (only the honest ones do), momentum under sign flipping;
 * milliseconds per call of every aggregator of ``benchmarks/aggregators.py``
@@ -39,6 +40,8 @@ flags.DEFINE_integer("reps", 3, "Interleaved repetitions per revision (medians a
 flags.DEFINE_bool("steps", True, "Time the training-step rows.")
 flags.DEFINE_bool("aggregators", True, "Time the aggregator rows.")
 flags.DEFINE_list("workers", ["17", "65"], "Worker counts of the aggregator rows.")
+flags.DEFINE_list("step_workers", ["17"], "Worker counts of the training-step rows (f = W // 2 "
+                  "rounded down below W / 2: 8 at W=17).")
 flags.DEFINE_integer("dim", 1_000_000, "Coordinates of the aggregator rows.")
 flags.DEFINE_list("rules", [], "Aggregator specs to time (default: every rule of "
                   "benchmarks/aggregators.py).")
@@ -57,15 +60,16 @@ _STEP_CHILD = textwrap.dedent("""
     from ftjax import train
     from synthetic import synthetic_dataset
     out = {}
+    w = int(sys.argv[2])
     for estimator, attack in json.loads(sys.argv[1]):
       c = default.get_config()
       c.progress = False
-      c.workers.num, c.workers.byzantine, c.workers.batch_size = 17, 8, 16
+      c.workers.num, c.workers.byzantine, c.workers.batch_size = w, (w - 1) // 2, 16
       c.model.name = "simple_mnist"
       c.optim.estimator, c.attack.name = estimator, attack
       c.aggregator.name, c.aggregator.meta = "cwtm", "ctma"
       c.devices = 1
-      dataset = synthetic_dataset((28, 28, 1))
+      dataset = synthetic_dataset((28, 28, 1), num_train=max(4096, 16 * w))
       setup = train.build(c, dataset)
       state = train.init_state(setup, c.seed)
       data = train.make_device_data(setup)
@@ -149,14 +153,14 @@ def main(argv):
                f"(base tree at {_rev(base_tree)}; new: the working tree). One CPU device, "
                f"float32; every measurement in its own process, the two trees' processes "
                f"interleaved; {os.cpu_count()} CPU cores, jax as installed.", ""]
-      if FLAGS.steps:
+      for w in FLAGS.step_workers if FLAGS.steps else ():
         runs = {"base": [], "new": []}
         for rep in range(FLAGS.reps):
           for name in ("base", "new") if rep % 2 == 0 else ("new", "base"):
-            runs[name].append(_child(trees[name], _STEP_CHILD, json.dumps(STEP_ROWS)))
-            print(f"steps rep {rep} {name}: {runs[name][-1]}", flush=True)
-        lines += _table("Training steps, simple_mnist, W=17, f=8, b=16, ctma(cwtm)",
-                        "steps/s", "higher", runs["base"], runs["new"])
+            runs[name].append(_child(trees[name], _STEP_CHILD, json.dumps(STEP_ROWS), w))
+            print(f"steps W={w} rep {rep} {name}: {runs[name][-1]}", flush=True)
+        lines += _table(f"Training steps, simple_mnist, W={w}, f={(int(w) - 1) // 2}, b=16, "
+                        f"ctma(cwtm)", "steps/s", "higher", runs["base"], runs["new"])
       if FLAGS.aggregators:
         for w in FLAGS.workers:
           runs = {"base": [], "new": []}

@@ -1245,9 +1245,13 @@ def register_table(rules: Mapping[str, Mapping[str, Any]],
       raise ValueError(f"The table's options for {name!r} differ from its body's defaults.")
 
 
-def _canonical(name: str) -> str:
+def canonical(name: str) -> str:
+  """A rule's canonical name: lower case, aliases resolved (``rfa`` -> ``gm``)."""
   name = name.strip().lower()
   return ALIASES.get(name, name)
+
+
+_canonical = canonical
 
 
 def _parse(spec: str) -> list[str]:

@@ -116,6 +116,11 @@ def aggregator_spec(name: str, meta: Optional[str]) -> str:
   """
   meta = (meta or "none").strip()
   name = name.strip()
+  if meta.lower() != "none" and aggregators_lib.canonical(meta) not in (
+      aggregators_lib.META_AGGREGATORS):
+    raise ConfigError(f"aggregator.meta={meta!r} is not a meta-aggregator; valid: none, "
+                      f"{', '.join(sorted(aggregators_lib.META_AGGREGATORS))} "
+                      f"(ftjax list metas).")
   nested = aggregators_lib.spec_layers(name)
   if meta.lower() != "none" and len(nested) > 1:
     raise ConfigError(

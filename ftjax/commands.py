@@ -15,6 +15,7 @@ import textwrap
 from typing import Optional
 
 from ftjax import cli
+from ftjax import run as run_lib
 from ftjax import configfiles
 
 USAGE = """\
@@ -158,8 +159,8 @@ def _train_main(argv, command: str) -> None:
   try:
     train_lib.train_and_evaluate(cli.load_config(), values.workdir)
   except train_lib.RUN_ERRORS as e:
-    # Bad input, divergence and a full disk are the user's to fix: one clear line.
-    cli.fail(str(e), code=1)
+    # Bad input (exit 2), divergence and a full disk (exit 1): one clear line.
+    cli.fail(str(e), code=run_lib.exit_code(e))
 
 
 def train(argv: list[str], command: str = "ftjax train") -> None:

@@ -291,8 +291,9 @@ def _not_prepared(tfds_name: str, data_dir: Optional[str], reason: str) -> Datas
       f"machine (e.g. Colab) run `tfds build {tfds_name} --file_format=array_record "
       f"--data_dir=DIR` or `tfds.builder({tfds_name!r}, data_dir=DIR).download_and_prepare("
       "file_format='array_record')`, make DIR available here and pass "
-      "--config.data.data_dir=DIR (data_dir=DIR in Python); or pass download=True where "
-      "TensorFlow and internet exist.")
+      "--config.data.data_dir=DIR (data_dir=DIR in Python); or, from Python, call "
+      "ftjax.data.load_dataset(..., download=True) where TensorFlow and internet exist "
+      "(no config field sets it).")
 
 
 def _diagnose(tfds, name: str, data_dir: Optional[str], download: bool, err: Exception) -> str:

@@ -40,6 +40,11 @@ RUN_ERRORS = (ConfigError, TrainingDiverged, checkpoint_lib.CheckpointWriteError
 """What a run raises for a problem the user must fix; each message is one line."""
 
 
+def exit_code(error: Exception) -> int:
+  """The command line's exit status for a run error: 2 for bad input, 1 for the rest."""
+  return 2 if isinstance(error, ConfigError) else 1
+
+
 class TrainResult(NamedTuple):
   """What :func:`train_and_evaluate` returns."""
   state: round_lib.TrainState  # the final state (model, estimator and server states, step)

@@ -543,7 +543,7 @@ def main(argv, command: str = "python -m ftjax.sweep"):
   try:
     run_sweep(spec, FLAGS.workdir, retry_failed=FLAGS.retry_failed)
   except train.RUN_ERRORS as e:
-    cli.fail(str(e), code=1)
+    cli.fail(str(e), code=run_lib.exit_code(e))
   except KeyboardInterrupt:
     print(f"Interrupted; the checkpoints and results so far are saved. Resume with the same "
           f"command: {command} {' '.join(sys.argv[1:])}", file=sys.stderr)

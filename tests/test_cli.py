@@ -178,7 +178,7 @@ def test_train_reports_bad_names_in_one_line(tmp_path):
   # name:arg reaches the config: mnist.py takes it as the .npz path.
   out = _ftjax(["train", "--config=mnist:nowhere.npz", f"--workdir={tmp_path}"],
                cwd=str(tmp_path))
-  assert out.returncode == 1
+  assert out.returncode == 2
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and "nowhere.npz" in lines[0], lines
 
@@ -230,7 +230,7 @@ def test_wheel_installs_the_command_and_the_configs(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   # mnist.py imports default as ftjax.configs.default when installed.
   out = run("train", "--config=mnist:nowhere.npz", f"--workdir={tmp_path / 'm'}")
-  assert out.returncode == 1 and "nowhere.npz" in out.stderr, out.stderr[-3000:]
+  assert out.returncode == 2 and "nowhere.npz" in out.stderr, out.stderr[-3000:]
   (tmp_path / "s.py").write_text(SWEEP)
   out = run("sweep", f"--sweep={tmp_path / 's.py'}", f"--workdir={tmp_path / 'sweep'}")
   assert out.returncode == 0, out.stderr[-3000:]

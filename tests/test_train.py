@@ -209,7 +209,7 @@ def test_main_reports_bad_input_in_one_line(tmp_path):
          os.path.join(ROOT, "configs", "default.py"), "--workdir", str(tmp_path),
          "--config.workers.byzantine=9"]
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert out.returncode == 1
+  assert out.returncode == 2
   assert "Traceback" not in out.stderr
   assert "ftjax: error:" in out.stderr and "fewer than half" in out.stderr
 
