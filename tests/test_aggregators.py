@@ -7,6 +7,7 @@ import pytest
 from optax.experimental import aggregating as optax_aggregating
 
 from ftjax import aggregators as agg_lib
+from ftjax.aggregators import maths as agg_maths
 from ftjax import kernels
 from ftjax.kernels import rows
 
@@ -470,7 +471,7 @@ def test_ctma_distance_passes(monkeypatch, spec, passes):
   # its centre unless the inner rule knows them (krum's pairwise distances),
   # and only then puts the centre behind a fusion barrier.
   calls, barriers = [], []
-  real, real_isolate = agg_lib._row_sqdist, agg_lib.rows.isolate
+  real, real_isolate = agg_maths.row_sqdist, agg_lib.rows.isolate
 
   def counting(x, center=None):
     calls.append(center is not None)
@@ -493,7 +494,7 @@ def test_ctma_distance_passes(monkeypatch, spec, passes):
 def test_centered_gram_sliced_matches_float64(small_slices):
   x = _offset_rows(75, seed=9)
   x[W - 1, 3] = np.nan
-  dist, _, _, finite = agg_lib._centered_gram(jnp.asarray(x))
+  dist, _, _, finite = agg_maths.centered_gram(jnp.asarray(x))
   x64 = x.astype(np.float64)
   expected = np.sum((x64[:, None] - x64[None]) ** 2, axis=2)
   ok = np.asarray(finite)

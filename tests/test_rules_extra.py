@@ -1,4 +1,4 @@
-"""Tests for ftjax.rules_subsets and ftjax.rules_filters: NumPy goldens, properties, faults."""
+"""Tests for ftjax.aggregators.subsets and ftjax.aggregators.filters: NumPy goldens, properties, faults."""
 import functools
 import itertools
 
@@ -11,7 +11,9 @@ from hypothesis.extra import numpy as hnp
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering
 
 from ftjax import aggregators as agg_lib
-from ftjax import rules_filters, rules_subsets
+from ftjax.aggregators import maths as agg_maths
+from ftjax.aggregators import filters as rules_filters
+from ftjax.aggregators import subsets as rules_subsets
 
 W, F = 11, 2
 RULES = {**rules_subsets.RULES, **rules_filters.RULES}
@@ -390,6 +392,6 @@ def test_with_distances_are_the_distances_to_the_output(name):
   with jax.enable_x64(True):
     rows = jax.tree.map(lambda l: l.astype(jnp.float64), rows)
     out, diag, r = jax.jit(fn)(rows, None)
-    direct = agg_lib._row_sqdist(rows, out)
+    direct = agg_maths.row_sqdist(rows, out)
   np.testing.assert_allclose(r, direct, rtol=1e-9, atol=1e-12)
   assert np.isinf(r[-1])

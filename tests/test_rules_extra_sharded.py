@@ -1,4 +1,4 @@
-"""The rules of ftjax.rules_subsets and ftjax.rules_filters on coordinate slices.
+"""The rules of ftjax.aggregators.subsets and ftjax.aggregators.filters on coordinate slices.
 
 Each rule runs once on one device and once split over 4 CPU devices by
 coordinates (``sharding.shard_aggregator``, in a subprocess started with
@@ -18,7 +18,8 @@ _SCRIPT = textwrap.dedent("""
     import functools, json
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
-    from ftjax import aggregators, sharding, rules_filters, rules_subsets
+    from ftjax import aggregators, sharding
+    from ftjax.aggregators import filters as rules_filters, subsets as rules_subsets
 
     rules = {**rules_subsets.RULES, **rules_filters.RULES}
     mesh = sharding.coordinate_mesh()

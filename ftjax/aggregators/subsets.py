@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import aggregators as agg
+from ftjax.aggregators import core as agg
+from ftjax.aggregators import maths
 from ftjax.kernels import rows
 
 MAX_SUBSETS = 50_000
@@ -77,12 +78,12 @@ def _bulyan(x, key, *, f, num_neighbours=None):
   values nearest the selected rows' median.
   """
   del key
-  w = agg._num_rows(x)
+  w = maths.num_rows(x)
   theta, beta = w - 2 * f, w - 4 * f
   if beta < 1:
     raise ValueError(f"bulyan needs W > 4f (W - 4f values averaged per coordinate), "
                      f"got W = {w}, f = {f}.")
-  dist, _, _, _ = agg._centered_gram(x)
+  dist, _, _, _ = maths.centered_gram(x)
   off_diagonal = ~jnp.eye(w, dtype=bool)
   pool = jnp.ones(w, bool)
   chosen = []
@@ -132,7 +133,7 @@ def _median_window_mean(leaf: jax.Array, keep: int) -> jax.Array:
 def _distances_to_mean(dist, chosen, finite):
   """Every row's squared distance [W] to the mean of the ``chosen`` rows, from D."""
   weights = jnp.where(chosen, 1.0 / jnp.sum(chosen), 0.0).astype(dist.dtype)
-  return agg._sqdist_to_combination(dist, weights, finite)
+  return maths.sqdist_to_combination(dist, weights, finite)
 
 
 def _mda_with_distances(x, key, *, f):
@@ -143,13 +144,13 @@ def _mda_with_distances(x, key, *, f):
   every row's squared distance to the output, from the pairwise distances.
   """
   del key
-  w = agg._num_rows(x)
+  w = maths.num_rows(x)
   subsets = _subsets(w, f, "mda")
-  dist, _, _, finite = agg._centered_gram(x)
+  dist, _, _, finite = maths.centered_gram(x)
   s = jnp.asarray(subsets)
   diameter = jnp.max(dist[s[:, :, None], s[:, None, :]], axis=(1, 2))
   idx, chosen = _best_subset(diameter, subsets, w)
-  return (agg._mean_of(x, idx), {"mda_selected": chosen},
+  return (maths.mean_of(x, idx), {"mda_selected": chosen},
           _distances_to_mean(dist, chosen, finite))
 
 
@@ -188,11 +189,11 @@ def _smea_with_distances(x, key, *, f):
   to the output, from the pairwise distances.
   """
   del key
-  w = agg._num_rows(x)
+  w = maths.num_rows(x)
   subsets = _subsets(w, f, "smea")
-  dist, _, _, finite = agg._centered_gram(x)
+  dist, _, _, finite = maths.centered_gram(x)
   idx, chosen = _best_subset(_top_covariance_eigenvalues(dist, subsets), subsets, w)
-  return (agg._mean_of(x, idx), {"smea_selected": chosen},
+  return (maths.mean_of(x, idx), {"smea_selected": chosen},
           _distances_to_mean(dist, chosen, finite))
 
 
@@ -214,21 +215,21 @@ def _monna(x, key, *, f, idx=0):
   the first W - f are averaged.
   """
   del key
-  w = agg._num_rows(x)
+  w = maths.num_rows(x)
   if not 0 <= idx < w:
     raise ValueError(f"monna's trusted row idx={idx} is not a row of W = {w}.")
   trusted = jax.tree.map(lambda leaf: leaf[idx], x)
-  nearest = agg._smallest_indices(agg._row_sqdist(x, trusted), w - f)
+  nearest = maths.smallest_indices(maths.row_sqdist(x, trusted), w - f)
   chosen = _mask(w, nearest)
-  return agg._masked_mean(x, chosen & agg._row_finite(x)), {"monna_selected": chosen}
+  return maths.masked_mean(x, chosen & maths.row_finite(x)), {"monna_selected": chosen}
 
 
 def _cge(x, key, *, f):
   """Comparative gradient elimination: the mean of the W - f rows of smallest norm."""
   del key
-  w = agg._num_rows(x)
-  idx = agg._smallest_indices(agg._row_sqdist(x), w - f)
-  return agg._mean_of(x, idx), {"cge_selected": _mask(w, idx)}
+  w = maths.num_rows(x)
+  idx = maths.smallest_indices(maths.row_sqdist(x), w - f)
+  return maths.mean_of(x, idx), {"cge_selected": _mask(w, idx)}
 
 
 # --------------------------------------------------------------------------
@@ -260,8 +261,8 @@ def _caf_with_distances(x, key, *, f):
   distances.
   """
   del key
-  w = agg._num_rows(x)
-  pairwise, _, _, finite = agg._centered_gram(x)
+  w = maths.num_rows(x)
+  pairwise, _, _, finite = maths.centered_gram(x)
   dist = jnp.where(finite[:, None] & finite[None, :], pairwise, 0.0)
   c0 = finite.astype(dist.dtype)
 
@@ -290,8 +291,8 @@ def _caf_with_distances(x, key, *, f):
   init = (c0, c0, jnp.asarray(jnp.inf, dist.dtype), jnp.asarray(False))
   _, best_c, _, _ = jax.lax.fori_loop(0, 2 * f, step, init)
   weights = best_c / jnp.sum(best_c)
-  return (agg._weighted_sum(x, weights, best_c > 0), {"caf_weights": weights},
-          agg._sqdist_to_combination(pairwise, weights, finite))
+  return (maths.weighted_sum(x, weights, best_c > 0), {"caf_weights": weights},
+          maths.sqdist_to_combination(pairwise, weights, finite))
 
 
 def _caf(x, key, *, f):

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import aggregators as agg
+from ftjax.aggregators import core as agg
+from ftjax.aggregators import maths
 from ftjax import kernels as kernels_lib
 from ftjax.kernels import rows
 
@@ -137,8 +138,8 @@ def cosine_distances(x) -> tuple[jax.Array, jax.Array, jax.Array]:
     (dist [W, W] with 0 on the diagonal, norms [W] (+inf for a non-finite
     row), bool [W] finite rows).
   """
-  w = agg._num_rows(x)
-  norms = jnp.sqrt(agg._row_sqdist(x))
+  w = maths.num_rows(x)
+  norms = jnp.sqrt(maths.row_sqdist(x))
   finite = jnp.isfinite(norms)
   has_direction = finite & (norms > 0)
   inv = jnp.where(has_direction, 1.0 / jnp.where(has_direction, norms, 1.0), 0.0)
@@ -156,7 +157,7 @@ def cosine_distances(x) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _clip_to(x, norms, tau):
   """Every row scaled to norm at most ``tau`` (non-finite rows are left to the caller's mask)."""
-  w = agg._num_rows(x)
+  w = maths.num_rows(x)
   scale = jnp.where(norms > tau, tau / jnp.where(norms > tau, norms, 1.0), 1.0)
   scale = jnp.where(jnp.isfinite(norms), scale, 0.0)
 
@@ -223,14 +224,14 @@ def _dnc(x, key, *, f, num_iters=5, subsample=10_000, c=1.0):
   if key is None:
     raise ValueError("dnc is stochastic: call it with a PRNG key, e.g. "
                      "agg(updates, jax.random.key(0)).")
-  w = agg._num_rows(x)
+  w = maths.num_rows(x)
   keep = w - int(np.floor(c * f))
   _check(num_iters >= 1 and subsample >= 1, "dnc", "num_iters and subsample must be >= 1")
   _check(c >= 0 and keep >= 1, "dnc", f"c must be >= 0 and floor(c f) < W = {w}, got c = {c}")
-  finite = agg._row_finite(x)
+  finite = maths.row_finite(x)
   # Centring at the coordinate-wise median first keeps float32 Gram entries
   # from cancelling; the mean-centred Gram matrix below does not depend on it.
-  center = rows.isolate(lambda v: jax.tree.map(agg._median, v), x)
+  center = rows.isolate(lambda v: jax.tree.map(maths.median, v), x)
   centred = jax.tree.map(
       lambda leaf, m: jnp.where(finite.reshape((w,) + (1,) * (leaf.ndim - 1)), leaf - m[None],
                                 jnp.zeros((), leaf.dtype)), x, center)
@@ -245,8 +246,8 @@ def _dnc(x, key, *, f, num_iters=5, subsample=10_000, c=1.0):
     k_mat = jnp.where(finite[:, None] & finite[None, :], k_mat, 0.0)
     lam, vecs = jnp.linalg.eigh(k_mat)
     score = jnp.where(finite, lam[-1] * vecs[:, -1] ** 2, jnp.inf)
-    good = good & jnp.zeros(w, bool).at[agg._smallest_indices(score, keep)].set(True)
-  return agg._masked_mean(x, good), {"dnc_selected": good}
+    good = good & jnp.zeros(w, bool).at[maths.smallest_indices(score, keep)].set(True)
+  return maths.masked_mean(x, good), {"dnc_selected": good}
 
 
 # --------------------------------------------------------------------------
@@ -280,14 +281,14 @@ def _signguard(x, key, *, f, lower=0.1, upper=3.0, linkage="average"):
   """
   del key, f
   _check(0 <= lower <= upper, "signguard", f"need 0 <= lower <= upper, got {lower}, {upper}")
-  norms = jnp.sqrt(agg._row_sqdist(x))
+  norms = jnp.sqrt(maths.row_sqdist(x))
   finite = jnp.isfinite(norms)
   m = _median_norm(norms)
   s1 = finite & (norms >= lower * m) & (norms <= upper * m)
   feats = sign_features(x)
   fd = jnp.sqrt(jnp.maximum(jnp.sum((feats[:, None] - feats[None, :]) ** 2, axis=-1), 0.0))
   chosen = s1 & larger_of_two_clusters(fd, linkage, finite)
-  return agg._masked_mean(_clip_to(x, norms, m), chosen), {"signguard_selected": chosen}
+  return maths.masked_mean(_clip_to(x, norms, m), chosen), {"signguard_selected": chosen}
 
 
 # --------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def _clustering(x, key, *, f, linkage="complete"):
   del key, f
   dist, _, finite = cosine_distances(x)
   chosen = larger_of_two_clusters(dist, linkage, finite)
-  return agg._masked_mean(x, chosen), {"clustering_selected": chosen}
+  return maths.masked_mean(x, chosen), {"clustering_selected": chosen}
 
 
 def _clipped_clustering(x, key, *, f, linkage="average", max_tau=1e5):
@@ -321,7 +322,7 @@ def _clipped_clustering(x, key, *, f, linkage="average", max_tau=1e5):
   dist, norms, finite = cosine_distances(x)
   tau = jnp.minimum(_median_norm(norms), max_tau)
   chosen = larger_of_two_clusters(dist, linkage, finite)
-  return (agg._masked_mean(_clip_to(x, norms, tau), chosen),
+  return (maths.masked_mean(_clip_to(x, norms, tau), chosen),
           {"clipped_clustering_selected": chosen})
 
 
@@ -343,11 +344,11 @@ def _flame(x, key, *, f, noise=0.001):
   """
   del f
   _check(noise >= 0, "flame", f"noise must be >= 0, got {noise}")
-  w = agg._num_rows(x)
+  w = maths.num_rows(x)
   dist, norms, finite = cosine_distances(x)
   chosen = first_cluster_of_size(dist, w // 2 + 1, finite)
   m = _median_norm(norms)
-  out = agg._masked_mean(_clip_to(x, norms, m), chosen)
+  out = maths.masked_mean(_clip_to(x, norms, m), chosen)
   if noise:
     if key is None:
       raise ValueError("flame adds Gaussian noise: call it with a PRNG key, or set noise=0.")

@@ -1,0 +1,637 @@
+"""The :class:`Aggregator`, the tables of named rules, registration and the spec grammar.
+
+Every named rule, built in or a user's, is a :class:`RuleInfo` in
+:data:`AGGREGATORS` or :data:`META_AGGREGATORS`, put there by :func:`register`
+(or a module's table, :func:`register_table`); :func:`make_aggregator` builds a
+rule from its string spelling.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import types
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from optax.experimental import aggregating as optax_aggregating
+
+from ftjax import kernels as kernels_lib
+from ftjax import registry
+from ftjax.kernels import rows
+
+PyTree = Any
+Diagnostics = dict[str, jax.Array]
+# (rows, key) -> (aggregate, diagnostics); rows is a pytree stacked on W.
+RuleFn = Callable[[PyTree, Optional[jax.Array]], tuple[PyTree, Diagnostics]]
+
+
+# --------------------------------------------------------------------------
+# The Aggregator
+# --------------------------------------------------------------------------
+
+
+class AggregatorState(NamedTuple):
+  """State of :meth:`Aggregator.as_optax`."""
+  key: jax.Array    # PRNG key; folded with the count for stochastic rules
+  count: jax.Array  # int32 [], number of updates so far
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregator:
+  """A robust aggregation rule: ``agg(updates, key=None) -> (aggregate, diagnostics)``.
+
+  Built by the rule functions of this module (:func:`cwtm`, :func:`ctma`, ...,
+  :func:`rule` for a user-written function) or by :func:`make_aggregator`.
+  Equal aggregators (same rules, f, options, inner rule, kernel set and, for a
+  user-written rule, the same function) compute the same thing, so an
+  aggregator can be a static argument of ``jax.jit``.
+
+  Attributes:
+    name: the rule's name, e.g. ``"ctma"``; a user-written rule's own name.
+    f: number of Byzantine workers tolerated.
+    options: the rule's options, sorted ``(name, value)`` pairs (every option,
+      defaults included; ``dict(agg.options)`` gives the mapping).
+    inner: the wrapped rule of a meta- or pre-aggregator, else None.
+    kernels: kernel set of the :mod:`ftjax.kernels.rows` primitives while this
+      rule runs: ``"auto"`` (the enclosing choice, else the backend's),
+      ``"plain"`` or ``"cpu"``.
+    fn: a user-written rule's function (None for the built-in rules).
+  """
+  name: str
+  f: int
+  options: tuple[tuple[str, Any], ...] = ()
+  inner: Optional[Aggregator] = None
+  kernels: str = "auto"
+  fn: Optional[Callable[..., Any]] = None
+
+  def __post_init__(self):
+    _check_f(self.f)
+    kernels_lib.check(self.kernels)
+
+  def __repr__(self) -> str:
+    opts = {a.name: dict(a.options) for a in self._layers() if a.options}
+    return f"Aggregator({self.spec!r}, f={self.f}, options={opts}, kernels={self.kernels!r})"
+
+  @property
+  def spec(self) -> str:
+    """Canonical spelling, e.g. ``"ctma(cwtm)"``."""
+    return self.name if self.inner is None else f"{self.name}({self.inner.spec})"
+
+  @property
+  def stochastic(self) -> bool:
+    """Whether a call needs a PRNG key (bucketing anywhere in the rule)."""
+    return any(a.fn is None and _TABLE[a.name].stochastic for a in self._layers())
+
+  def with_kernels(self, name: str) -> Aggregator:
+    """The same rule with kernel set ``name``.
+
+    Inner rules whose kernel set is ``"auto"`` follow it.
+
+    Args:
+      name: ``"auto"``, ``"plain"`` or ``"cpu"``.
+
+    Returns:
+      The new :class:`Aggregator`.
+    """
+    return dataclasses.replace(self, kernels=kernels_lib.check(name))
+
+  def _layers(self) -> list[Aggregator]:
+    out, a = [], self
+    while a is not None:
+      out.append(a)
+      a = a.inner
+    return out
+
+  def _apply(self, x: PyTree, key: jax.Array | None) -> tuple[PyTree, Diagnostics]:
+    """The rule's body on validated rows, under this rule's kernel set."""
+    with kernels_lib.use(self.kernels):
+      if self.fn is not None:
+        return _call_user_rule(self.fn, self.name, x, key)
+      info = _TABLE[self.name]
+      if self.inner is None:
+        return info.body(x, key, f=self.f, **dict(self.options))
+      return info.body(_InnerRule(self.inner), x, key, f=self.f, **dict(self.options))
+
+  def _apply_with_distances(self, x: PyTree, key: jax.Array | None
+                            ) -> tuple[PyTree, Diagnostics, jax.Array | None]:
+    """:meth:`_apply`, plus every row's squared distance [W] to the aggregate, or None.
+
+    The distances come from rules that compute them anyway (the pairwise
+    distances of krum and multikrum); for any other rule they are None and a
+    caller that needs them makes its own pass over the rows.
+    """
+    if not self._knows_distances():
+      return (*self._apply(x, key), None)
+    with kernels_lib.use(self.kernels):
+      return _TABLE[self.name].with_distances(x, key, f=self.f, **dict(self.options))
+
+  def _knows_distances(self) -> bool:
+    """Whether :meth:`_apply_with_distances` returns distances (not None)."""
+    return (self.fn is None and self.inner is None
+            and _TABLE[self.name].with_distances is not None)
+
+  def _rows_needed(self, num_workers: int, robust: bool) -> list[tuple[str, int, int, str]]:
+    """(name, rows it sees, least rows it needs, condition) for each layer."""
+    out, n = [], num_workers
+    for a in self._layers():
+      if a.fn is not None:
+        out.append((a.name, n, 1, "any W"))
+        continue
+      info, opts = _TABLE[a.name], dict(a.options)
+      need = (info.robust_rows if robust else info.min_rows)(a.f, opts)
+      out.append((a.name, n, need, info.requirement))
+      if info.rows_after is not None:
+        n = info.rows_after(n, a.f, opts)
+    return out
+
+  def _validate(self, num_workers: Any, robust: bool) -> None:
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+      raise ValueError(f"The number of workers must be an integer >= 1, got {num_workers!r}; "
+                       f"pass updates with a non-empty leading worker axis.")
+    for name, n, need, requirement in self._rows_needed(num_workers, robust):
+      if n < need:
+        where = "" if n == num_workers else (
+            f" (bucketing leaves {n} bucket means out of {num_workers} workers; "
+            f"lower options['bucketing']['bucket_size'])")
+        raise ValueError(
+            f"{self.spec!r} with f={self.f} cannot run on {n} rows{where}: {name} needs "
+            f"{requirement}, i.e. at least {need} rows; lower f to fewer Byzantine workers or "
+            f"use more workers.")
+
+  def check(self, num_workers: int) -> None:
+    """Refuses a worker count for which the rule is not robust to f faults.
+
+    Args:
+      num_workers: W, the number of rows the aggregator will see.
+
+    Raises:
+      ValueError: a sentence saying what to change (e.g. cwtm needs W > 2f,
+        bucketing f <= W/4, krum W > 2f + 2).
+    """
+    self._validate(num_workers, robust=True)
+
+  def __call__(self, updates: PyTree, key: jax.Array | None = None
+               ) -> tuple[PyTree, dict[str, jax.Array]]:
+    """Aggregates W worker rows.
+
+    Args:
+      updates: pytree whose leaves all share a leading worker axis W.
+      key: PRNG key, required only by stochastic rules (bucketing).
+
+    Returns:
+      (aggregate with the W axis removed, same structure and dtypes;
+      diagnostics dict of fixed-shape arrays, possibly empty).
+
+    Raises:
+      ValueError: before tracing, for empty input, mismatched leading axes,
+        non-float leaves, or too few rows to compute the rule at all. The
+        stricter robustness conditions are in :meth:`check`.
+    """
+    leaves = jax.tree.leaves(updates)
+    if not leaves:
+      raise ValueError("updates is empty: pass a pytree of arrays stacked on a worker axis.")
+    bare = [l for l in leaves if not jnp.ndim(l)]
+    if bare:
+      raise ValueError(f"A leaf of updates has no worker axis (a {type(bare[0]).__name__} of "
+                       f"shape ()); every leaf needs the workers on axis 0, [W, ...].")
+    shapes = {jnp.shape(l)[0] for l in leaves}
+    if len(shapes) != 1:
+      raise ValueError(f"Every leaf of updates needs the same leading worker axis; got leading "
+                       f"sizes {sorted(map(str, shapes))}. Stack the workers' updates on axis 0.")
+    for l in leaves:
+      if not jnp.issubdtype(jnp.result_type(l), jnp.floating):
+        raise ValueError(f"Aggregators need floating-point updates, got {jnp.result_type(l)}; "
+                         f"cast the updates to float32 or float64.")
+    self._validate(shapes.pop(), robust=False)
+    if self.stochastic and key is None:
+      raise ValueError(f"{self.spec!r} is stochastic: pass a PRNG key, "
+                       f"agg(updates, jax.random.key(seed)).")
+    with kernels_lib.use(self.kernels):
+      # The rows are computed once, not inside every pass over them.
+      updates = rows.materialize(jax.tree.map(jnp.asarray, updates))
+      return self._apply(updates, key)
+
+  def as_optax(self, key: jax.Array | None = None) -> optax_aggregating.Aggregator:
+    """Wraps the rule as an ``optax.experimental.aggregating.Aggregator``.
+
+    Its ``update(per_worker_updates, state)`` returns
+    ``((aggregate, diagnostics), state)``, the auxiliary-output convention of
+    ``optax.experimental.aggregating.process(..., aggregator_has_aux=True)``,
+    which passes the diagnostics on to the postprocessor as extra arguments::
+
+      tx = aggregating.process(optax.identity(), rule.as_optax(), optax.sgd(0.1),
+                               aggregator_has_aux=True)
+
+    Args:
+      key: PRNG key for stochastic rules (default ``jax.random.key(0)``); each
+        update folds in its count.
+
+    Returns:
+      The optax aggregator; its state is an :class:`AggregatorState`.
+    """
+    if key is None:
+      key = jax.random.key(0)
+
+    def init_fn(params):
+      del params
+      return AggregatorState(key=key, count=jnp.zeros([], jnp.int32))
+
+    def update_fn(per_elt_updates, state, params=None, **extra_args):
+      del params, extra_args
+      agg, diagnostics = self(per_elt_updates, jax.random.fold_in(state.key, state.count))
+      return (agg, diagnostics), AggregatorState(key=state.key, count=state.count + 1)
+
+    return optax_aggregating.Aggregator(init=init_fn, update=update_fn)
+
+
+class _InnerRule:
+  """The rule a meta-aggregator wraps, as a :data:`RuleFn`.
+
+  Calling it runs the inner rule; ``with_distances`` also returns every row's
+  squared distance to its output where the rule knows them (else None).
+  """
+
+  def __init__(self, agg: Aggregator):
+    self._agg = agg
+
+  def __call__(self, x: PyTree, key: jax.Array | None) -> tuple[PyTree, Diagnostics]:
+    return self._agg._apply(x, key)
+
+  def with_distances(self, x: PyTree, key: jax.Array | None
+                     ) -> tuple[PyTree, Diagnostics, jax.Array | None]:
+    return self._agg._apply_with_distances(x, key)
+
+  @property
+  def knows_distances(self) -> bool:
+    """Whether ``with_distances`` returns the distances rather than None."""
+    return self._agg._knows_distances()
+
+
+def _takes_key(fn: Callable) -> bool:
+  """Whether ``fn`` takes two positional arguments (updates, key)."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _call_user_rule(fn: Callable, name: str, x: PyTree, key) -> tuple[PyTree, Diagnostics]:
+  if not _takes_key(fn):
+    return fn(x), {}
+  out = fn(x, key)
+  if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+    raise ValueError(f"Rule {name!r} takes (updates, key), so it must return (aggregate, "
+                     f"diagnostics dict); a function of updates alone may return the aggregate.")
+  return out[0], dict(out[1])
+
+
+# --------------------------------------------------------------------------
+# Public rules
+# --------------------------------------------------------------------------
+
+
+def _check_f(f: Any) -> None:
+  if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+    raise ValueError(f"f (the number of Byzantine workers) must be an integer >= 0, got {f!r}.")
+
+
+def _base(name: str, f: int, **options) -> Aggregator:
+  _check_f(f)
+  for key, value in options.items():
+    _check_option(name, key, value)
+  return Aggregator(name=name, f=f, options=tuple(sorted(options.items())))
+
+
+def _meta(name: str, inner: Union[Aggregator, Callable], f: int | None, **options) -> Aggregator:
+  if not isinstance(inner, Aggregator):
+    inner = rule(inner, f=0 if f is None else f)
+  f = inner.f if f is None else f
+  _check_f(f)
+  for key, value in options.items():
+    _check_option(name, key, value)
+  return Aggregator(name=name, f=f, options=tuple(sorted(options.items())), inner=inner)
+
+
+def rule(fn: Callable, f: int = 0, name: str | None = None) -> Aggregator:
+  """Wraps a user-written rule as an :class:`Aggregator`.
+
+  ``fn`` is either a function of the updates alone, ``updates -> aggregate``,
+  or of two positional arguments, ``(updates, key) -> (aggregate,
+  diagnostics)``. It can call the :mod:`ftjax.kernels.rows` primitives, which
+  then run with the kernel set of the aggregator around it. Two wrappers of
+  the same function (and f, name) are equal.
+
+  Args:
+    fn: the rule, over pytrees stacked on a leading worker axis.
+    f: number of Byzantine workers it tolerates (what meta-aggregators that
+      wrap it use by default).
+    name: its name in :attr:`Aggregator.spec` (default ``fn.__name__``).
+
+  Returns:
+    The :class:`Aggregator`; ``fn`` itself when it already is one.
+  """
+  if isinstance(fn, Aggregator):
+    return fn
+  if not callable(fn):
+    raise ValueError(f"A rule must be a function updates -> aggregate or (updates, key) -> "
+                     f"(aggregate, diagnostics), got {fn!r}.")
+  if name is None:
+    name = getattr(fn, "__name__", type(fn).__name__)
+  return Aggregator(name=str(name), f=f, fn=fn)
+
+
+
+# --------------------------------------------------------------------------
+# Tables: names, options, validation
+# --------------------------------------------------------------------------
+
+
+class RuleInfo(NamedTuple):
+  """A named rule: its builder, body, default options and row requirements."""
+  build: Callable[..., Aggregator]     # the public rule function
+  body: Callable[..., Any]             # ([inner,] x, key, *, f, **options) -> (aggregate, diag)
+  options: Mapping[str, Any]           # option name -> default (the builder's defaults)
+  min_rows: Callable[[int, Mapping[str, Any]], int]    # f, options -> least W computable
+  robust_rows: Callable[[int, Mapping[str, Any]], int]  # least W it is meant for
+  requirement: str                     # the robust condition, in words
+  # Base rules only, optional: (x, key, *, f, **options) -> (aggregate, diag,
+  # [W] squared distance of every row to the aggregate), for rules that know
+  # those distances without another pass over the rows (ctma uses them).
+  with_distances: Optional[Callable[..., Any]] = None
+  stochastic: bool = False             # a call needs a PRNG key
+  # Rows the inner rule of a meta-aggregator sees: (W, f, options) -> rows.
+  rows_after: Optional[Callable[[int, int, Mapping[str, Any]], int]] = None
+  check: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError
+  meta: bool = False                   # wraps an inner rule
+
+
+def _info(build, body, min_rows, robust_rows, requirement, with_distances=None,
+          **more) -> RuleInfo:
+  # The builder's keyword defaults are the one source of each option's default.
+  defaults = {name: p.default for name, p in inspect.signature(build).parameters.items()
+              if name not in ("inner", "f")}
+  return RuleInfo(build, body, types.MappingProxyType(defaults), min_rows, robust_rows,
+                  requirement, with_distances, **more)
+
+
+def _half(f, o):
+  return 2 * f + 1
+
+
+def _any(f, o):
+  return 1
+
+
+def _above(f, o):
+  return f + 1
+
+
+
+AGGREGATORS: dict[str, RuleInfo] = {}
+"""Base rules: name -> :class:`RuleInfo` (filled by :mod:`.base` and by :func:`register`)."""
+
+META_AGGREGATORS: dict[str, RuleInfo] = {}
+"""Meta- and pre-aggregators (wrapping an inner rule): name -> :class:`RuleInfo`."""
+
+_TABLE = collections.ChainMap(AGGREGATORS, META_AGGREGATORS)  # every rule, a live view
+
+
+
+def options_of(name: str) -> Mapping[str, Any]:
+  """A rule's options and their defaults, built-in or registered."""
+  return _TABLE[_canonical(name)].options
+
+
+# --------------------------------------------------------------------------
+# Your own rules: one function and one registration
+# --------------------------------------------------------------------------
+
+
+def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | Callable = 1,
+             robust_rows: Optional[int | Callable] = None, requirement: str = "any W",
+             stochastic: bool = False, check: Optional[Callable[..., None]] = None,
+             aliases: tuple[str, ...] = (),
+             with_distances: Optional[Callable[..., Any]] = None) -> Callable:
+  """Registers a rule under a name, so specs, configs and sweeps can name it.
+
+  The rule is one function, ``body(updates, key, *, f, **options) ->
+  (aggregate, diagnostics)`` (a meta-aggregator takes the inner rule first,
+  ``body(inner, updates, key, *, f, **options)``, and calls ``inner(updates,
+  key)``); its options and their defaults are its keyword-only parameters::
+
+    @aggregators.register(requirement="W > 2f", robust_rows=lambda f, o: 2 * f + 1)
+    def trimmed_norm(updates, key, *, f, keep=0.5):
+      ...
+      return aggregate, {}
+
+    make_aggregator("ctma(trimmed_norm)", f=4)      # or in a config:
+    # config.aggregator.name = "trimmed_norm"; config.aggregator.options.trimmed_norm = {...}
+
+  Args:
+    name: the rule's name (default: the function's name).
+    meta: whether it wraps an inner rule.
+    min_rows: the fewest rows it can compute on, an int or ``(f, options) -> int``.
+    robust_rows: the fewest rows it is robust on (default ``min_rows``).
+    requirement: that condition in words, for error messages and ``ftjax list``.
+    stochastic: whether a call needs the PRNG key.
+    check: ``check(**options)`` raising ValueError for bad option values;
+      without it each option must have the type of its default.
+    aliases: other names for it.
+    with_distances: optional, for a base rule: the body that also returns
+      every row's squared distance [W] to the aggregate, when the rule has
+      them anyway (:func:`ctma` then skips its own distance pass).
+
+  Returns:
+    A decorator returning a builder: ``builder(f=..., **options)`` (for a
+    meta-aggregator ``builder(inner, f=None, **options)``) makes the
+    :class:`Aggregator`.
+  """
+  def as_rows(value):
+    return value if callable(value) else (lambda f, o: value)
+
+  def decorator(body: Callable) -> Callable:
+    rule_name = _canonical(name or body.__name__)
+    if rule_name in _TABLE or rule_name in ALIASES:
+      raise ValueError(f"A rule named {rule_name!r} exists already; register yours under "
+                       f"another name.")
+    shape = "(inner, updates, key, *, f, ...)" if meta else "(updates, key, *, f, ...)"
+    options = registry.options_from_signature(body, 3 if meta else 2, shape, keyword="f")
+
+    def builder(*args, f: Optional[int] = None if meta else 0, **given):
+      return (_meta if meta else lambda n, f, **o: _base(n, f, **o))(
+          rule_name, *args, f=f, **{**options, **given})
+
+    builder.__name__, builder.__doc__, builder.__module__ = (rule_name, body.__doc__,
+                                                             body.__module__)
+    info = RuleInfo(builder, body, types.MappingProxyType(options), as_rows(min_rows),
+                    as_rows(robust_rows if robust_rows is not None else min_rows), requirement,
+                    with_distances=with_distances, stochastic=stochastic, check=check,
+                    meta=meta)
+    (META_AGGREGATORS if meta else AGGREGATORS)[rule_name] = info
+    for alias in aliases:
+      ALIASES[_canonical(alias)] = rule_name
+    return builder
+
+  return decorator
+
+ALIASES: dict[str, str] = {"rfa": "gm"}
+"""Other spellings accepted in specs and options."""
+
+_INITS = ("zero", "mean", "cwmed")
+
+
+def register_table(rules: Mapping[str, Mapping[str, Any]],
+                   aliases: Mapping[str, str] = types.MappingProxyType({})) -> None:
+  """Registers a module's table of rules, one line each: name -> :func:`register`'s arguments
+  plus ``body`` (and ``options``, which must equal the body's keyword defaults)."""
+  for name, entry in rules.items():
+    entry = dict(entry)
+    body, options = entry.pop("body"), entry.pop("options", None)
+    own = tuple(a for a, target in aliases.items() if target == name)
+    register(name, aliases=own, **entry)(body)
+    if options is not None and dict(options) != dict(_TABLE[name].options):
+      raise ValueError(f"The table's options for {name!r} differ from its body's defaults.")
+
+
+def canonical(name: str) -> str:
+  """A rule's canonical name: lower case, aliases resolved (``rfa`` -> ``gm``)."""
+  name = name.strip().lower()
+  return ALIASES.get(name, name)
+
+
+_canonical = canonical
+
+
+def _parse(spec: str) -> list[str]:
+  """'arc(ctma(cwtm))' -> ['arc', 'ctma', 'cwtm'] (outermost first)."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"Aggregator spec must be a non-empty string such as 'ctma(cwtm)', "
+                     f"got {spec!r}.")
+  names, rest = [], spec.replace(" ", "").lower()
+  while "(" in rest:
+    head, _, rest = rest.partition("(")
+    if not rest.endswith(")"):
+      raise ValueError(f"Unbalanced parentheses in aggregator spec {spec!r}; write e.g. "
+                       f"'ctma(cwtm)'.")
+    rest = rest[:-1]
+    names.append(_canonical(head))
+  names.append(_canonical(rest))
+  if ")" in rest:
+    raise ValueError(f"Unbalanced parentheses in aggregator spec {spec!r}.")
+  for n in names[:-1]:
+    if n not in META_AGGREGATORS:
+      hint = " (it is a base rule; only the innermost name may be one)" if n in AGGREGATORS else ""
+      raise ValueError(f"Unknown meta-aggregator {n!r} in spec {spec!r}{hint}; valid "
+                       f"meta-aggregators: {sorted(META_AGGREGATORS)}.")
+  if names[-1] not in AGGREGATORS:
+    raise ValueError(f"Unknown aggregator {names[-1]!r} in spec {spec!r}; valid base rules: "
+                     f"{sorted(AGGREGATORS)} (aliases {ALIASES}); meta-aggregators "
+                     f"{sorted(META_AGGREGATORS)} wrap one, e.g. 'ctma(cwtm)'.")
+  return names
+
+
+def spec_layers(spec: str) -> list[str]:
+  """The canonical names of a spec's layers, outermost first: 'arc(ctma(cwtm))' -> [arc, ctma, cwtm].
+
+  Raises:
+    ValueError: an unparsable spec or an unknown name.
+  """
+  return _parse(spec)
+
+
+def _check_option(rule_name: str, name: str, value: Any) -> None:
+  info = _TABLE.get(rule_name)
+  if info is not None and info.build.__module__ != __name__:  # a registered rule
+    if info.check is not None:
+      info.check(**{**info.options, name: value})
+    else:
+      registry.check_like_default(f"{rule_name}.{name}", value, info.options.get(name))
+    return
+
+  def bad(what):
+    raise ValueError(f"Option {rule_name}.{name}={value!r} is invalid: {what}.")
+
+  is_int = isinstance(value, int) and not isinstance(value, bool)
+  is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if name in ("lower", "keep_ties") and not isinstance(value, bool):
+    bad("use True or False")
+  if name in ("iters", "max_iters") and not (is_int and value >= 1):
+    bad("use an integer >= 1")
+  if name == "tau" and rule_name == "centered_clipping" and value is None:
+    return  # the adaptive radius
+  if name in ("nu", "tau") and not (is_num and value > 0):
+    bad("use a positive number")
+  if name == "tol" and value is not None and not (is_num and value > 0):
+    bad("use a positive number, or None for a fixed number of iterations")
+  if name in ("bucket_size", "num_selected") and value is not None and not (is_int and value >= 1):
+    bad("use an integer >= 1, or None for the default")
+  if name == "init" and value not in _INITS:
+    bad(f"valid starting points are {list(_INITS)}")
+
+
+def _resolve_options(options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict]:
+  resolved = {name: dict(info.options) for name, info in _TABLE.items()}
+  for raw_name, given in (options or {}).items():
+    name = _canonical(raw_name)
+    if name not in _TABLE:
+      raise ValueError(f"Options given for unknown rule {raw_name!r}; valid names: "
+                       f"{sorted(_TABLE)}.")
+    if given is None:
+      continue
+    if not isinstance(given, Mapping):
+      raise ValueError(f"Options for {raw_name!r} must be a mapping of option names to "
+                       f"values, e.g. {{'{name}': {dict(_TABLE[name].options)}}}.")
+    for key, value in given.items():
+      if key not in _TABLE[name].options:
+        raise ValueError(f"Unknown option {key!r} for {name!r}; valid options: "
+                         f"{sorted(_TABLE[name].options) or 'none'}.")
+      _check_option(name, key, value)
+      resolved[name][key] = value
+  return resolved
+
+
+def make_aggregator(spec: str, f: int, *, num_workers: int | None = None,
+                    options: Mapping[str, Mapping[str, Any]] | None = None,
+                    kernels: str = "auto") -> Aggregator:
+  """Builds an aggregator from its string spelling.
+
+  ``make_aggregator("ctma(cwtm)", 4)`` equals ``ctma(cwtm(f=4))``: every layer
+  gets ``f`` and its options.
+
+  Args:
+    spec: e.g. ``"cwtm"``, ``"ctma(cwtm)"``, ``"bucketing(cwmed)"``,
+      ``"nnm+ctma(cwtm)"``, ``"arc(ctma(cwtm))"``; see :data:`AGGREGATORS`,
+      :data:`META_AGGREGATORS` and :data:`ALIASES`.
+    f: number of Byzantine workers to tolerate (integer >= 0).
+    num_workers: if given, :meth:`Aggregator.check` runs for it.
+    options: rule name -> keyword options, e.g.
+      ``{"gm": {"iters": 3, "nu": 0.1, "init": "zero"}, "ctma": {"keep_ties": True}}``.
+      Options of rules absent from ``spec`` are validated and ignored; missing
+      ones take :data:`DEFAULT_OPTIONS`.
+    kernels: kernel set of the primitives: ``"auto"``, ``"plain"`` or ``"cpu"``.
+
+  Returns:
+    The :class:`Aggregator`.
+
+  Raises:
+    ValueError: unknown names or options, bad option values, a bad f or kernel
+      set, or (with ``num_workers``) a worker count the rule cannot handle.
+  """
+  _check_f(f)
+  kernels_lib.check(kernels)
+  names = _parse(spec)
+  opts = _resolve_options(options)
+  agg = AGGREGATORS[names[-1]].build(f=f, **opts[names[-1]])
+  for name in reversed(names[:-1]):
+    agg = META_AGGREGATORS[name].build(agg, f=f, **opts[name])
+  agg = agg.with_kernels(kernels)
+  if num_workers is not None:
+    agg.check(num_workers)
+  return agg
+
+

@@ -1,0 +1,167 @@
+"""Pytree maths shared by the rules: global over the leaves, nothing flattened.
+
+Every function takes rows stacked on a leading worker axis W; a row with a
+non-finite coordinate is infinitely far from every other row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.kernels import rows
+
+PyTree = Any
+Diagnostics = dict[str, jax.Array]
+
+# --------------------------------------------------------------------------
+# Pytree maths (global over leaves, no flattening)
+# --------------------------------------------------------------------------
+
+
+def num_rows(x: PyTree) -> int:
+  return jax.tree.leaves(x)[0].shape[0]
+
+
+def row_sqdist(x: PyTree, center: PyTree | None = None) -> jax.Array:
+  """Squared distance of every row to ``center`` (or squared norm), [W].
+
+  Summed over the leaves; a non-finite row (or inf - inf) is +inf away.
+  """
+  return rows.sqdist(x, center)
+
+
+def row_finite(x: PyTree) -> jax.Array:
+  """bool [W]: True for rows whose squared norm is finite.
+
+  A finite row whose squared norm overflows counts as non-finite too; it is
+  then treated as infinitely far away, which is what such a row deserves.
+  """
+  return jnp.isfinite(row_sqdist(x))
+
+
+def weighted_sum(x: PyTree, weights: jax.Array, mask: jax.Array | None = None) -> PyTree:
+  return jax.tree.map(lambda leaf: rows.weighted_sum(leaf, weights, mask), x)
+
+
+def masked_mean(x: PyTree, mask: jax.Array) -> PyTree:
+  """Mean of the rows where ``mask`` (the others may hold NaN)."""
+  weights = jnp.where(mask, 1.0, 0.0) / jnp.maximum(jnp.sum(mask), 1)
+  return weighted_sum(x, weights, mask)
+
+
+def mean_of(x: PyTree, idx: jax.Array) -> PyTree:
+  return jax.tree.map(lambda leaf: rows.mean_of(leaf, idx), x)
+
+
+def smallest_indices(values: jax.Array, k: int) -> jax.Array:
+  """Ascending indices of exactly ``k`` smallest entries, ties to the lowest index."""
+  return jnp.sort(jnp.argsort(values, stable=True)[:k])
+
+
+def median(leaf: jax.Array, lower: bool = False) -> jax.Array:
+  """Coordinate-wise median; for even W the midpoint of the middle two (or the lower)."""
+  w = leaf.shape[0]
+  if lower or w % 2:
+    return rows.order_statistics(leaf, [(w - 1) // 2])[0]
+  a, b = rows.order_statistics(leaf, [w // 2 - 1, w // 2])
+  return (a + b) * jnp.asarray(0.5, leaf.dtype)
+
+
+def clip_rows(x: PyTree, tau: jax.Array) -> tuple[PyTree, jax.Array]:
+  """Scales every row to norm at most ``tau``; a non-finite row becomes zero.
+
+  A row of infinite norm has no direction to keep, so zero is the only clipped
+  value that stays finite.
+
+  Returns:
+    (clipped rows, bool [W] rows that were scaled or zeroed).
+  """
+  norms = jnp.sqrt(row_sqdist(x))
+  finite = jnp.isfinite(norms)
+  clipped = finite & (norms > tau)
+  scale = jnp.where(clipped, tau / jnp.where(clipped, norms, 1.0), 1.0)
+
+  def clip_leaf(leaf):
+    shape = (leaf.shape[0],) + (1,) * (leaf.ndim - 1)
+    keep = finite.reshape(shape)
+    return jnp.where(keep, leaf * scale.reshape(shape).astype(leaf.dtype),
+                     jnp.zeros((), leaf.dtype))
+
+  return jax.tree.map(clip_leaf, x), clipped | ~finite
+
+
+def centered_gram(x: PyTree) -> tuple[jax.Array, PyTree, PyTree, jax.Array]:
+  """Pairwise squared distances |x_i - x_j|^2 through one Gram matrix.
+
+  Rows are centred at the coordinate-wise median c (robust to f far rows,
+  unlike the mean) before the W x W Gram matrix G of y_i = x_i - c is summed
+  over the leaves, so ``|y_i|^2 + |y_j|^2 - 2 y_i.y_j`` does not cancel
+  catastrophically in float32 for rows that share a large common component.
+
+  Returns:
+    (dist [W, W] with +inf for pairs involving a non-finite row and 0 on the
+    diagonal, centred rows y with non-finite rows zeroed (pytree of [W, n_leaf]
+    arrays), the centre c, bool [W] finite rows).
+  """
+  w = num_rows(x)
+  finite = row_finite(x)
+  # The median feeds the [W, d] centring: its own computation.
+  center = rows.isolate(lambda v: jax.tree.map(median, v), x)
+  centred = [jnp.where(finite[:, None], (leaf - c[None]).reshape(w, -1), jnp.zeros((), leaf.dtype))
+             for leaf, c in zip(jax.tree.leaves(x), jax.tree.leaves(center))]
+  g = rows.gram(centred)  # sum over the leaves of y y^T
+  sq = jnp.diagonal(g)
+  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
+  dist = jnp.where(finite[:, None] & finite[None, :], dist, jnp.inf)
+  dist = jnp.where(jnp.eye(w, dtype=bool), 0.0, dist)
+  return dist, jax.tree.unflatten(jax.tree.structure(x), centred), center, finite
+
+
+def init_point(x: PyTree, init: str) -> PyTree:
+  """Starting point of gm and centred clipping: zero, the finite rows' mean, or cwmed."""
+  if init == "zero":
+    return jax.tree.map(lambda l: jnp.zeros(l.shape[1:], l.dtype), x)
+  if init == "mean":  # of the finite rows: one NaN row must not poison it
+    return masked_mean(x, row_finite(x))
+  return jax.tree.map(median, x)
+
+
+
+def krum_scores(dist: jax.Array, f: int) -> jax.Array:
+  """Krum score per row: sum of squared distances to its W-f-1 nearest others."""
+  w = dist.shape[0]
+  others = jnp.where(jnp.eye(w, dtype=bool), jnp.inf, dist)
+  nearest = jnp.sort(others, axis=1)[:, :w - f - 1]
+  return rows.nan_to_posinf(jnp.sum(nearest, axis=1))
+
+
+def sqdist_to_combination(dist: jax.Array, weights: jax.Array, finite: jax.Array) -> jax.Array:
+  """|x_i - sum_j w_j x_j|^2 for every row i, from the pairwise squared distances D.
+
+  For weights summing to one, ``sum_j w_j D_ij - (1/2) sum_jl w_j w_l D_jl``
+  (the variance decomposition around the weighted mean), so no pass over the
+  rows is needed. For a single selected row k it is exactly column k of D.
+  Rows of weight zero do not enter the sums (their +inf distances cannot turn
+  into NaN). As with a distance pass, a non-finite row is +inf away, and
+  every row is when a weighted row is non-finite.
+  """
+  used = weights > 0
+  to_points = jnp.sum(jnp.where(used[None, :], weights[None, :] * dist, 0.0), axis=1)
+  spread = 0.5 * jnp.sum(jnp.where(used, weights * to_points, 0.0))
+  r = jnp.maximum(to_points - spread, 0.0)
+  return jnp.where(finite & jnp.all(finite | ~used), r, jnp.inf)
+
+
+
+def merge(inner: Diagnostics, outer: Diagnostics) -> Diagnostics:
+  out = dict(inner)
+  for k, v in outer.items():
+    while k in out:  # nested copies of one meta-aggregator keep every entry
+      k = "outer_" + k
+    out[k] = v
+  return out
+
+
