@@ -102,8 +102,6 @@ def _reason(error: Exception) -> str:
     return "permission denied"
   return f"{type(error).__name__}: {text[:200]}"
 
-
-_quiet_orbax_threads()
 logging.getLogger("asyncio").addFilter(_FILTER)
 
 
@@ -117,6 +115,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
+    if enabled:  # the hooks go in when checkpoints are written, not on import
+      _quiet_orbax_threads()
     self.workdir = workdir
     self._managers = {}
     if not enabled:
