@@ -5,7 +5,9 @@ with BatchNorm keep running statistics in the ``"batch_stats"`` collection;
 ``train=True`` normalises with the minibatch's statistics (each worker's own
 under the step's vmap) and ``train=False`` with the running ones.
 
-The layers are plain Flax modules whose arithmetic comes from
+A model builds its layers from one :class:`Layers` given at its root (the
+Flax ``ModuleDef`` pattern), which binds their dtype and kernel set once. The
+layers are plain Flax modules whose arithmetic comes from
 :mod:`ftjax.kernels.layers`. Each has a ``kernels`` field, the kernel set of
 :mod:`ftjax.kernels` (``"auto"``, ``"plain"`` or ``"cpu"``), which picks how
 the layer's convolution, pooling and BatchNorm are written for the backend;
@@ -15,6 +17,8 @@ the primitives, so a model computes the same way whatever kernel set is in
 scope where it is called.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from typing import Any, Callable, Sequence
 
@@ -93,12 +97,9 @@ class Dense(nn.Module):
   Attributes:
     features: output units.
     dtype: parameter and computation dtype.
-    kernels: kernel set, for a uniform layer signature; a matmul has one form
-      on every backend.
   """
   features: int
   dtype: Any = jnp.float32
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -240,6 +241,41 @@ def batch_stats_of_pass(old: Any, updated: Any, momentum: float = TORCH_MOMENTUM
 
 
 # --------------------------------------------------------------------------
+# The layer implementations a model is built from, chosen once at its root.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """The layers of a model, with their dtype and kernel set bound once.
+
+  A model takes one ``Layers`` (its ``layers`` field) and builds every layer
+  from it, so the kernel set and dtype are chosen at the root and never passed
+  layer by layer. Another implementation of the same layers (a subclass
+  overriding a method) changes every model at once.
+
+  Attributes:
+    dtype: parameter and computation dtype.
+    kernels: kernel set of the convolutions, pooling and BatchNorm ("auto",
+      "plain" or "cpu"; a matmul has one form on every backend).
+  """
+  dtype: Any = jnp.float32
+  kernels: str = "auto"
+
+  def conv(self, features: int, kernel_size: int, **kwargs) -> nn.Module:
+    return Conv(features, kernel_size, dtype=self.dtype, kernels=self.kernels, **kwargs)
+
+  def dense(self, features: int, **kwargs) -> nn.Module:
+    return Dense(features, dtype=self.dtype, **kwargs)
+
+  def batch_norm(self, **kwargs) -> nn.Module:
+    return BatchNorm(dtype=self.dtype, kernels=self.kernels, **kwargs)
+
+  def batch_norm_relu_max_pool(self, **kwargs) -> nn.Module:
+    """BatchNorm -> ReLU -> MaxPool2 as one block, which the cpu kernels fuse."""
+    return BatchNormReLUMaxPool(dtype=self.dtype, kernels=self.kernels, **kwargs)
+
+
+# --------------------------------------------------------------------------
 # Models.
 
 
@@ -252,24 +288,20 @@ class SimpleCNN(nn.Module):
   Attributes:
     num_classes: output logits.
     channels: channels of the two convolutions.
-    dtype: parameter and computation dtype.
-    kernels: kernel set of the layers.
+    layers: the layer implementations.
   """
   num_classes: int = 10
   channels: Sequence[int] = (16, 32)
-  dtype: Any = jnp.float32
-  kernels: str = "auto"
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     for i, ch in enumerate(self.channels):
-      x = Conv(ch, 5, padding=2, dtype=self.dtype, kernels=self.kernels)(x)
-      # BatchNorm -> ReLU -> MaxPool2 as one block, so the cpu kernels can fuse it;
-      # named BatchNorm_i, as the reference's variable tree has it.
-      x = BatchNormReLUMaxPool(dtype=self.dtype, kernels=self.kernels,
-                               name=f"BatchNorm_{i}")(x, train)
+      x = self.layers.conv(ch, 5, padding=2)(x)
+      # Named BatchNorm_i, as the reference's variable tree has it.
+      x = self.layers.batch_norm_relu_max_pool(name=f"BatchNorm_{i}")(x, train)
     x = x.reshape(x.shape[0], -1)
-    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
+    return self.layers.dense(self.num_classes)(x)
 
 
 class TinyCNN(nn.Module):
@@ -277,21 +309,17 @@ class TinyCNN(nn.Module):
 
   Attributes:
     num_classes: output logits.
-    dtype: parameter and computation dtype.
-    kernels: kernel set of the layers.
+    layers: the layer implementations.
   """
   num_classes: int = 10
-  dtype: Any = jnp.float32
-  kernels: str = "auto"
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = Conv(4, 3, padding=1, dtype=self.dtype, kernels=self.kernels)(x)
-    # BatchNorm -> ReLU -> MaxPool2 as one block, so the cpu kernels can fuse it.
-    x = BatchNormReLUMaxPool(dtype=self.dtype, kernels=self.kernels, name="BatchNorm_0")(
-        x, train)
+    x = self.layers.conv(4, 3, padding=1)(x)
+    x = self.layers.batch_norm_relu_max_pool(name="BatchNorm_0")(x, train)
     x = x.reshape(x.shape[0], -1)
-    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
+    return self.layers.dense(self.num_classes)(x)
 
 
 class MLP(nn.Module):
@@ -300,21 +328,18 @@ class MLP(nn.Module):
   Attributes:
     num_classes: output logits.
     hidden: hidden width.
-    dtype: parameter and computation dtype.
-    kernels: kernel set of the layers.
+    layers: the layer implementations.
   """
   num_classes: int = 10
   hidden: int = 32
-  dtype: Any = jnp.float32
-  kernels: str = "auto"
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     del train  # No layer behaves differently in training.
     x = x.reshape(x.shape[0], -1)
-    x = Dense(self.hidden, dtype=self.dtype, kernels=self.kernels)(x)
-    x = nn.relu(x)
-    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
+    x = nn.relu(self.layers.dense(self.hidden)(x))
+    return self.layers.dense(self.num_classes)(x)
 
 
 class BasicBlock(nn.Module):
@@ -323,29 +348,21 @@ class BasicBlock(nn.Module):
   Attributes:
     features: output channels.
     stride: stride of the first conv and of the shortcut.
-    dtype: parameter and computation dtype.
-    kernels: kernel set of the layers.
+    layers: the layer implementations.
   """
   features: int
   stride: int = 1
-  dtype: Any = jnp.float32
-  kernels: str = "auto"
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = lambda size, stride, padding: Conv(
-        self.features, size, stride=stride, padding=padding, use_bias=False,
-        dtype=self.dtype, kernels=self.kernels)
-    bn = lambda: BatchNorm(dtype=self.dtype, kernels=self.kernels)
-    out = conv(3, self.stride, 1)(x)
-    out = bn()(out, train)
-    out = nn.relu(out)
-    out = conv(3, 1, 1)(out)
-    out = bn()(out, train)
+    conv = lambda size, stride, padding: self.layers.conv(
+        self.features, size, stride=stride, padding=padding, use_bias=False)
+    out = nn.relu(self.layers.batch_norm()(conv(3, self.stride, 1)(x), train))
+    out = self.layers.batch_norm()(conv(3, 1, 1)(out), train)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = conv(1, self.stride, 0)(x)
-      shortcut = bn()(shortcut, train)
+      shortcut = self.layers.batch_norm()(conv(1, self.stride, 0)(x), train)
     return nn.relu(out + shortcut)
 
 
@@ -358,24 +375,21 @@ class ResNet18(nn.Module):
 
   Attributes:
     num_classes: output logits.
-    dtype: parameter and computation dtype.
-    kernels: kernel set of the layers.
+    layers: the layer implementations.
   """
   num_classes: int = 10
-  dtype: Any = jnp.float32
-  kernels: str = "auto"
+  layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = Conv(64, 3, padding=1, use_bias=False, dtype=self.dtype, kernels=self.kernels)(x)
-    x = BatchNorm(dtype=self.dtype, kernels=self.kernels)(x, train)
-    x = nn.relu(x)
+    x = self.layers.conv(64, 3, padding=1, use_bias=False)(x)
+    x = nn.relu(self.layers.batch_norm()(x, train))
     for i, features in enumerate((64, 128, 256, 512)):
       for j in range(2):
         stride = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(features, stride, dtype=self.dtype, kernels=self.kernels)(x, train)
+        x = BasicBlock(features, stride, layers=self.layers)(x, train)
     x = x.mean(axis=(1, 2))
-    return Dense(self.num_classes, dtype=self.dtype, kernels=self.kernels)(x)
+    return self.layers.dense(self.num_classes)(x)
 
 
 def _simple_mnist(**kw) -> nn.Module:
@@ -430,4 +444,4 @@ def make_model(name: str, *, num_classes: int = 10, dtype: Any = jnp.float32,
   if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
     raise ValueError("dtype float64 needs 64-bit JAX: call "
                      "jax.config.update('jax_enable_x64', True) first, or use float32.")
-  return MODELS[name](num_classes=num_classes, dtype=dt.type, kernels=kernels)
+  return MODELS[name](num_classes=num_classes, layers=Layers(dtype=dt.type, kernels=kernels))

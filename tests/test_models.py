@@ -254,7 +254,7 @@ def test_auto_is_the_backends_kernel_set():
     f = jax.vmap(jax.grad(lambda *a: _loss_fn(model)(*a)[0]), in_axes=(None, None, 0, 0))
     return str(jax.make_jaxpr(f)(variables["params"], variables["batch_stats"], x, y))
 
-  assert models.make_model("tiny_cnn").kernels == "auto"
+  assert models.make_model("tiny_cnn").layers.kernels == "auto"
   backend_set = "cpu" if jax.default_backend() == "cpu" else "plain"
   cpu, plain = trace("cpu"), trace("plain")
   assert cpu != plain
