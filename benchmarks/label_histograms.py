@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from configs import default  # pylint: disable=g-import-not-at-top
+from ftjax import sampling
 from ftjax import data as data_lib
 from ftjax import train
 
@@ -42,7 +43,7 @@ def histograms(scheme, c):
   labels, classes = setup.dataset.train_labels, setup.dataset.num_classes
   if setup.partition is None:  # iid: one epoch of the shared per-round sampler
     n, w, b = labels.size, setup.num_workers, setup.batch_size
-    idx = np.asarray(data_lib.chunk_indices(jax.random.key(c.seed), 0, n // (w * b), n, w, b))
+    idx = np.asarray(sampling.chunk_indices(jax.random.key(c.seed), 0, n // (w * b), n, w, b))
     shards = [idx[:, i].reshape(-1) for i in range(w)]
   else:
     p = setup.partition
@@ -62,7 +63,7 @@ def main(argv):
   del argv
   c = default.get_config()
   c.workers.num = FLAGS.workers
-  schemes = list(data_lib.PARTITIONS)
+  schemes = list(sampling.PARTITIONS)
   cols = 2
   rows = -(-len(schemes) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(12, 3.2 * rows), squeeze=False)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from configs import default
+from ftjax import sampling
 from ftjax import data as data_lib
 from ftjax import models as models_lib
 from ftjax import sharding
@@ -161,7 +162,7 @@ def plain_sgd_chunks(dataset, dtype, total_batch, model="simple_mnist"):
 
   def step(carry, i):
     params, batch_stats = carry
-    idx = data_lib.round_indices(jax.random.key(1), i, n, 1, total_batch)[0]
+    idx = sampling.round_indices(jax.random.key(1), i, n, 1, total_batch)[0]
     x = data_lib.preprocess(images[idx], dataset.mean, dataset.std, dt)
     (_, mutated), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch_stats, x, labels[idx])

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from ftjax import sampling
 from ftjax import aggregators as aggregators_lib
 from ftjax import attacks as attacks_lib
 from ftjax import data as data_lib
@@ -51,12 +52,12 @@ class Setup:
   num_byzantine: int   # workers that attack (workers.byzantine); aggregator.f is the declared f
   batch_size: int      # b, per worker
   dtype: Any
-  partition: Optional[data_lib.Partition]  # per-worker shards; None for the i.i.d. split
+  partition: Optional[sampling.Partition]  # per-worker shards; None for the i.i.d. split
   seed: int
   clip: Optional[float]      # per-worker gradient clipping norm, None: off
   needs_prev: bool           # the estimator differentiates at x_{t-1} too (mu2sgd)
   batch_stats_mode: str      # models.BATCH_STATS_MODES
-  shuffle: str               # data.SHUFFLES
+  shuffle: str               # sampling.SHUFFLES
   num_steps: int
   eval_every: int
   eval_batch_size: int
@@ -181,9 +182,9 @@ def _check_scalars(c):
                            or clip < 0):
     raise ConfigError(f"optim.clip must be a positive number, or 0 / None for no clipping, "
                       f"got {clip!r}.")
-  if c.data.shuffle not in data_lib.SHUFFLES:
+  if c.data.shuffle not in sampling.SHUFFLES:
     raise ConfigError(f"Unknown data.shuffle {c.data.shuffle!r}; valid: "
-                      f"{', '.join(data_lib.SHUFFLES)}.")
+                      f"{', '.join(sampling.SHUFFLES)}.")
   return (jnp.float64 if c.dtype == "float64" else jnp.float32), (clip or None)
 
 
@@ -252,13 +253,13 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     if dataset is None:
       dataset = data_lib.load_dataset(
           c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
-    data_lib.check_batch(dataset, w, b)
-    partition = data_lib.partition_indices(
+    sampling.check_batch(dataset, w, b)
+    partition = sampling.partition_indices(
         jax.random.fold_in(jax.random.key(c.seed), KEY_DATA), dataset.train_labels, w,
         scheme=c.data.partition, alpha=c.data.alpha,
         shards_per_worker=c.data.shards_per_worker, gamma=c.data.get("gamma", 0.5))
     if partition is not None:
-      data_lib.check_partition(partition, b)
+      sampling.check_partition(partition, b)
     builtin = model is None
     if builtin:
       model = models_lib.make_model(c.model.name, num_classes=dataset.num_classes, dtype=dtype,

@@ -46,8 +46,8 @@ def attacks() -> Mapping[str, Any]:
 
 def partitions() -> Mapping[str, Callable]:
   """Data partitions over the workers: name -> function."""
-  from ftjax import data  # pylint: disable=import-outside-toplevel
-  return data.PARTITIONS
+  from ftjax import sampling  # pylint: disable=import-outside-toplevel
+  return sampling.PARTITIONS
 
 
 def models() -> Mapping[str, Callable]:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ftjax import sampling
 from ftjax import attacks as attacks_lib
 from ftjax import data as data_lib
 from ftjax import estimators
@@ -103,9 +104,9 @@ def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int)
   key = purpose_key(state, KEY_DATA)
   if data.table is not None:
     steps = state.step + jnp.arange(length, dtype=jnp.int32)
-    return jax.vmap(lambda s: data_lib.worker_round_indices(
+    return jax.vmap(lambda s: sampling.worker_round_indices(
         key, s, data.table, data.sizes, setup.batch_size, shuffle=setup.shuffle))(steps)
-  return data_lib.chunk_indices(key, state.step, length, setup.dataset.train_images.shape[0],
+  return sampling.chunk_indices(key, state.step, length, setup.dataset.train_images.shape[0],
                                 setup.num_workers, setup.batch_size, shuffle=setup.shuffle)
 
 

@@ -8,6 +8,7 @@ import tomllib
 
 import pytest
 
+from ftjax import sampling
 from ftjax import aggregators, attacks, commands, configfiles, data, estimators, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,7 @@ def test_list_attacks_splits_models_estimators_datasets(capsys):
   text = _listing(capsys, "splits")
   assert "data.alpha=0.5" in _row(text, "dirichlet")
   assert "data.shards_per_worker=2" in _row(text, "shards")
-  assert set(data.PARTITIONS) == {l.split()[0] for l in text.splitlines()[3:] if l.split()}
+  assert set(sampling.PARTITIONS) == {l.split()[0] for l in text.splitlines()[3:] if l.split()}
   assert _listing(capsys, "models").split("\n\n", 1)[1].split() == list(models.MODELS)
   assert _listing(capsys, "estimators").split("\n\n", 1)[1].split() == list(estimators.ESTIMATORS)
   text = _listing(capsys, "datasets")

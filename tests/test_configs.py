@@ -5,6 +5,7 @@ import inspect
 import pytest
 
 from configs import cifar10, default, mnist, reference
+from ftjax import sampling
 from ftjax import aggregators, attacks, data, estimators
 
 
@@ -59,9 +60,9 @@ def test_unknown_cifar10_variant_is_refused():
 
 def test_default_config_echoes_partition_defaults_and_leaves_f_to_the_workers():
   c = default.get_config()
-  params = inspect.signature(data.partition_indices).parameters
+  params = inspect.signature(sampling.partition_indices).parameters
   for name in ("alpha", "shards_per_worker", "gamma"):
     assert c.data[name] == params[name].default, name
-  assert c.data.partition in data.PARTITIONS
+  assert c.data.partition in sampling.PARTITIONS
   # None: the aggregator is built for workers.byzantine, the number that attack.
   assert c.aggregator.f is None

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ftjax import sampling
 from ftjax import data
 
 
@@ -239,11 +240,11 @@ def test_dataset_validation():
 
 def test_check_batch():
   ds = _tiny_dataset(n=10)
-  data.check_batch(ds, 2, 5)
+  sampling.check_batch(ds, 2, 5)
   with pytest.raises(ValueError, match=r"3 \* 4 = 12 .* only 10 .* at most 3"):
-    data.check_batch(ds, 3, 4)
+    sampling.check_batch(ds, 3, 4)
   with pytest.raises(ValueError, match="positive"):
-    data.check_batch(ds, 0, 4)
+    sampling.check_batch(ds, 0, 4)
 
 
 def test_channel_stats_matches_numpy():
@@ -263,18 +264,18 @@ KEY = jax.random.key(7)
 
 
 def _rounds(key, steps, shuffle="permutation"):
-  return np.stack([np.asarray(data.round_indices(key, s, N, W, B, shuffle=shuffle))
+  return np.stack([np.asarray(sampling.round_indices(key, s, N, W, B, shuffle=shuffle))
                    for s in steps])
 
 
-@pytest.mark.parametrize("shuffle", sorted(data.SHUFFLES))
+@pytest.mark.parametrize("shuffle", sorted(sampling.SHUFFLES))
 def test_round_indices_epoch_structure(shuffle):
   rounds = _rounds(KEY, range(8), shuffle)
   assert rounds.shape == (8, W, B) and rounds.dtype == np.int32
   for epoch in range(2):
     drawn = rounds[4 * epoch: 4 * epoch + 4].reshape(-1)
     assert np.unique(drawn).size == drawn.size == 48  # no repeats within an epoch
-    perm = np.asarray(data.epoch_permutation(KEY, epoch, N, shuffle))
+    perm = np.asarray(sampling.epoch_permutation(KEY, epoch, N, shuffle))
     np.testing.assert_array_equal(np.sort(perm), np.arange(N))
     if shuffle == "permutation":  # the contract's exact definition
       np.testing.assert_array_equal(
@@ -295,13 +296,13 @@ def test_round_indices_deterministic_and_key_dependent():
   assert not np.array_equal(_rounds(KEY, [0]), _rounds(jax.random.key(8), [0]))
 
 
-@pytest.mark.parametrize("shuffle", sorted(data.SHUFFLES))
+@pytest.mark.parametrize("shuffle", sorted(sampling.SHUFFLES))
 def test_round_indices_jit_traced_step_no_recompile(shuffle):
   traces = []
 
   def f(step):
     traces.append(1)
-    return data.round_indices(KEY, step, N, W, B, shuffle=shuffle)
+    return sampling.round_indices(KEY, step, N, W, B, shuffle=shuffle)
 
   jitted = jax.jit(f)
   for s in range(6):
@@ -314,14 +315,14 @@ def test_round_indices_jit_traced_step_no_recompile(shuffle):
 
 def test_round_indices_refuses_bad_arguments():
   with pytest.raises(ValueError, match="at most 16"):
-    data.round_indices(KEY, 0, N, 3, 17)
+    sampling.round_indices(KEY, 0, N, 3, 17)
   with pytest.raises(ValueError, match="valid names: feistel, permutation"):
-    data.round_indices(KEY, 0, N, W, B, shuffle="sorted")
+    sampling.round_indices(KEY, 0, N, W, B, shuffle="sorted")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000])
 def test_feistel_shuffle_is_a_permutation(n):
-  perms = [np.asarray(data.epoch_permutation(KEY, e, n, "feistel")) for e in range(3)]
+  perms = [np.asarray(sampling.epoch_permutation(KEY, e, n, "feistel")) for e in range(3)]
   for perm in perms:
     assert perm.dtype == np.int32
     np.testing.assert_array_equal(np.sort(perm), np.arange(n))
@@ -334,7 +335,7 @@ def test_feistel_shuffle_looks_uniform():
   # N = 10: each of the 10 outcomes should get ~100; a bias of the Feistel
   # rounds or of cycle-walking would show as a skewed count.
   perms = np.asarray(jax.jit(jax.vmap(
-      lambda e: data.epoch_permutation(KEY, e, 10, "feistel")))(jnp.arange(1000)))
+      lambda e: sampling.epoch_permutation(KEY, e, 10, "feistel")))(jnp.arange(1000)))
   first = np.bincount(perms[:, 0], minlength=10)
   position_of_0 = np.bincount(np.argmax(perms == 0, axis=1), minlength=10)
   for counts in (first, position_of_0):
@@ -358,18 +359,18 @@ def _shards(part):
                                     "extreme"])
 def test_partition_covers_every_index_once(scheme):
   labels = _labels()
-  part = data.partition_indices(3, labels, 4, scheme=scheme, alpha=0.5)
+  part = sampling.partition_indices(3, labels, 4, scheme=scheme, alpha=0.5)
   assert part.table.dtype == np.int32 and part.sizes.dtype == np.int32
   assert part.sizes.sum() == labels.size
   np.testing.assert_array_equal(np.sort(np.concatenate(_shards(part))), np.arange(labels.size))
   for i, size in enumerate(part.sizes):
     assert (part.table[i, size:] == -1).all()
-  again = data.partition_indices(3, labels, 4, scheme=scheme, alpha=0.5)
+  again = sampling.partition_indices(3, labels, 4, scheme=scheme, alpha=0.5)
   np.testing.assert_array_equal(part.table, again.table)
 
 
 def test_partition_iid_means_shared_sampling():
-  assert data.partition_indices(0, _labels(), 4, scheme="iid") is None
+  assert sampling.partition_indices(0, _labels(), 4, scheme="iid") is None
 
 
 def test_dirichlet_alpha_controls_heterogeneity():
@@ -377,7 +378,7 @@ def test_dirichlet_alpha_controls_heterogeneity():
   overall = np.bincount(labels, minlength=5) / labels.size
 
   def class_fractions(alpha):
-    part = data.partition_indices(jax.random.key(0), labels, 4, scheme="dirichlet", alpha=alpha)
+    part = sampling.partition_indices(jax.random.key(0), labels, 4, scheme="dirichlet", alpha=alpha)
     return np.stack([np.bincount(labels[s], minlength=5) / s.size for s in _shards(part)]), part
 
   near_iid, part = class_fractions(1e5)
@@ -389,7 +390,7 @@ def test_dirichlet_alpha_controls_heterogeneity():
 
 def test_shards_scheme_gives_few_classes_per_worker():
   labels = _labels(classes=10)
-  part = data.partition_indices(1, labels, 5, scheme="shards", shards_per_worker=2)
+  part = sampling.partition_indices(1, labels, 5, scheme="shards", shards_per_worker=2)
   for shard in _shards(part):
     # Two label-sorted shards can each straddle one class boundary.
     assert np.unique(labels[shard]).size <= 4
@@ -404,10 +405,10 @@ _FORTY = np.tile(np.arange(4), 10)
 
 
 def test_extreme_gives_each_worker_one_block_of_the_label_sorted_split():
-  part = data.partition_indices(0, _FORTY, 4, scheme="extreme")
+  part = sampling.partition_indices(0, _FORTY, 4, scheme="extreme")
   np.testing.assert_array_equal(_histograms(part, _FORTY, 4), 10 * np.eye(4, dtype=int))
   # W = 3: blocks of 14, 13 and 13 of the sorted labels 0*10, 1*10, 2*10, 3*10.
-  part = data.partition_indices(0, _FORTY, 3, scheme="extreme")
+  part = sampling.partition_indices(0, _FORTY, 3, scheme="extreme")
   np.testing.assert_array_equal(_histograms(part, _FORTY, 4),
                                 [[10, 4, 0, 0], [0, 6, 7, 0], [0, 0, 3, 10]])
 
@@ -417,31 +418,31 @@ def test_gamma_similarity_spreads_a_gamma_share_of_every_class(gamma, spread):
   # Per class, round(10 * gamma) = spread examples go to the i.i.d. pool (4 * spread in
   # all, spread per worker); the other 10 - spread of each class, label-sorted, form 4
   # blocks of 10 - spread, so block i is all class i.
-  part = data.partition_indices(7, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+  part = sampling.partition_indices(7, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
   pooled = _histograms(part, _FORTY, 4) - (10 - spread) * np.eye(4, dtype=int)
   assert (pooled >= 0).all()
   np.testing.assert_array_equal(pooled.sum(1), [spread] * 4)  # spread per worker
   np.testing.assert_array_equal(pooled.sum(0), [spread] * 4)  # spread of every class
-  again = data.partition_indices(7, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+  again = sampling.partition_indices(7, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
   np.testing.assert_array_equal(part.table, again.table)
-  other = data.partition_indices(8, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+  other = sampling.partition_indices(8, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
   assert not np.array_equal(part.table, other.table)
 
 
 def test_gamma_similarity_edge_cases():
   # gamma = 0: nothing is pooled; the same draw as "extreme".
-  zero = data.partition_indices(5, _FORTY, 4, scheme="gamma_similarity", gamma=0.0)
+  zero = sampling.partition_indices(5, _FORTY, 4, scheme="gamma_similarity", gamma=0.0)
   np.testing.assert_array_equal(_histograms(zero, _FORTY, 4), 10 * np.eye(4, dtype=int))
   np.testing.assert_array_equal(
-      zero.table, data.partition_indices(5, _FORTY, 4, scheme="extreme").table)
+      zero.table, sampling.partition_indices(5, _FORTY, 4, scheme="extreme").table)
   # gamma = 1: everything is pooled; 10 random examples per worker, close to the overall
   # class mix on a larger split.
-  one = data.partition_indices(5, _FORTY, 4, scheme="gamma_similarity", gamma=1.0)
+  one = sampling.partition_indices(5, _FORTY, 4, scheme="gamma_similarity", gamma=1.0)
   np.testing.assert_array_equal(one.sizes, [10] * 4)
   assert (_histograms(one, _FORTY, 4) < 10).all()  # one class only: P < 1e-8 per worker
   labels = _labels()
   overall = np.bincount(labels, minlength=5) / labels.size
-  one = data.partition_indices(5, labels, 4, scheme="gamma_similarity", gamma=1.0)
+  one = sampling.partition_indices(5, labels, 4, scheme="gamma_similarity", gamma=1.0)
   fractions = _histograms(one, labels, 5) / one.sizes[:, None]
   np.testing.assert_allclose(fractions, np.broadcast_to(overall, fractions.shape), atol=0.05)
 
@@ -449,31 +450,31 @@ def test_gamma_similarity_edge_cases():
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan"), "half"])
 def test_gamma_outside_the_unit_interval_is_refused(gamma):
   with pytest.raises(ValueError, match=r"gamma .* must be a number in \[0, 1\]"):
-    data.partition_indices(0, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
+    sampling.partition_indices(0, _FORTY, 4, scheme="gamma_similarity", gamma=gamma)
 
 
 def test_partition_errors():
   with pytest.raises(ValueError, match="valid names: dirichlet, extreme, gamma_similarity, "
                                        "iid, iid_split, shards"):
-    data.partition_indices(0, _labels(), 4, scheme="pathological")
+    sampling.partition_indices(0, _labels(), 4, scheme="pathological")
   with pytest.raises(ValueError, match="raise alpha"):
-    data.partition_indices(0, _labels(n=40), 8, scheme="dirichlet", alpha=0.01, min_size=5)
+    sampling.partition_indices(0, _labels(n=40), 8, scheme="dirichlet", alpha=0.01, min_size=5)
   with pytest.raises(ValueError, match="alpha must be positive"):
-    data.partition_indices(0, _labels(), 4, scheme="dirichlet", alpha=0.0)
+    sampling.partition_indices(0, _labels(), 4, scheme="dirichlet", alpha=0.0)
 
 
-@pytest.mark.parametrize("shuffle", sorted(data.SHUFFLES))
+@pytest.mark.parametrize("shuffle", sorted(sampling.SHUFFLES))
 def test_worker_round_indices_draws_from_own_shard(shuffle):
   # Unequal shards: 10, 7 and 16 examples -> 3, 2 and 5 rounds per epoch at b = 3.
   shards = [np.arange(0, 10), np.arange(10, 17), np.arange(17, 33)]
-  part = data._pack(shards)  # pylint: disable=protected-access
+  part = sampling._pack(shards)  # pylint: disable=protected-access
   b = 3
-  data.check_partition(part, b)
+  sampling.check_partition(part, b)
   traces = []
 
   def f(step):
     traces.append(1)
-    return data.worker_round_indices(KEY, step, part.table, part.sizes, b, shuffle=shuffle)
+    return sampling.worker_round_indices(KEY, step, part.table, part.sizes, b, shuffle=shuffle)
 
   jitted = jax.jit(f)
   out = np.stack([np.asarray(jitted(jnp.int32(s))) for s in range(30)])
@@ -488,13 +489,13 @@ def test_worker_round_indices_draws_from_own_shard(shuffle):
   # Every example of the 16-example shard is reached over its epochs.
   assert set(out[:, 2].reshape(-1).tolist()) == set(shards[2].tolist())
   np.testing.assert_array_equal(
-      out[4], data.worker_round_indices(KEY, 4, part.table, part.sizes, b, shuffle=shuffle))
+      out[4], sampling.worker_round_indices(KEY, 4, part.table, part.sizes, b, shuffle=shuffle))
 
 
 def test_check_partition_refuses_small_shards():
-  part = data._pack([np.arange(5), np.arange(5, 7)])  # pylint: disable=protected-access
+  part = sampling._pack([np.arange(5), np.arange(5, 7)])  # pylint: disable=protected-access
   with pytest.raises(ValueError, match=r"Workers \[1\] .* \[2\] .* min_size=3"):
-    data.check_partition(part, 3)
+    sampling.check_partition(part, 3)
 
 
 # ----------------------------------------------------------------------------
@@ -577,23 +578,23 @@ def test_chunk_indices_are_the_rounds_of_the_epoch_shuffles(shuffle, first, leng
   # N=100, W*b=12: 8 rounds per epoch, the last 4 examples of an epoch unused.
   n, w, b = 100, 3, 4
   key = jax.random.key(7)
-  got = np.asarray(jax.jit(lambda s: data.chunk_indices(key, s, length, n, w, b,
+  got = np.asarray(jax.jit(lambda s: sampling.chunk_indices(key, s, length, n, w, b,
                                                         shuffle=shuffle))(first))
   assert got.shape == (length, w, b)
   for i in range(length):
     step = first + i
     epoch, r = divmod(step, 8)
-    perm = np.asarray(data.epoch_permutation(key, epoch, n, shuffle=shuffle))
+    perm = np.asarray(sampling.epoch_permutation(key, epoch, n, shuffle=shuffle))
     np.testing.assert_array_equal(got[i].reshape(-1), perm[12 * r:12 * (r + 1)])
     np.testing.assert_array_equal(
-        got[i], np.asarray(data.round_indices(key, step, n, w, b, shuffle=shuffle)))
+        got[i], np.asarray(sampling.round_indices(key, step, n, w, b, shuffle=shuffle)))
 
 
 def test_chunk_longer_than_the_permutation_cache_draws_the_same_rounds(monkeypatch):
   key = jax.random.key(1)
-  cached = np.asarray(data.chunk_indices(key, 5, 30, 100, 3, 4))
+  cached = np.asarray(sampling.chunk_indices(key, 5, 30, 100, 3, 4))
   monkeypatch.setattr(data, "_MAX_CACHED_PERMUTATION_ENTRIES", 0)
-  np.testing.assert_array_equal(np.asarray(data.chunk_indices(key, 5, 30, 100, 3, 4)), cached)
+  np.testing.assert_array_equal(np.asarray(sampling.chunk_indices(key, 5, 30, 100, 3, 4)), cached)
 
 
 def test_empty_test_split_is_refused():

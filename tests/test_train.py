@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from configs import default
+from ftjax import sampling
 from ftjax import attacks
 from ftjax import data as data_lib
 from ftjax import build as build_lib
@@ -52,7 +53,7 @@ def test_f0_avg_sgd_step_equals_plain_minibatch_sgd():
   data = train.DeviceData(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
   new_state, _ = jax.jit(train.make_round(setup))(state, data)
 
-  idx = data_lib.round_indices(round_lib.purpose_key(state, build_lib.KEY_DATA), state.step,
+  idx = sampling.round_indices(round_lib.purpose_key(state, build_lib.KEY_DATA), state.step,
                                ds.train_images.shape[0], 5, 4).reshape(-1)
   x = data_lib.preprocess(ds.train_images[np.asarray(idx)], ds.mean, ds.std, jnp.float32)
   y = jnp.asarray(ds.train_labels[np.asarray(idx)])
