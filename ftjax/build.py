@@ -227,22 +227,8 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   w, f, b = _check_counts(c)
   dtype, clip = _check_scalars(c)
   try:  # The libraries' own ValueErrors carry the sentence to show the user.
-    kernels.check(c.kernels)
-    if c.loop not in policy.LOOPS:
-      raise ConfigError(f"Unknown loop {c.loop!r}; valid: {', '.join(policy.LOOPS)}.")
-    mesh = sharding.worker_mesh(c.get("devices", 0))
-    aggregation = (c.get("mesh") or {}).get("aggregation", "replicated")
-    if aggregation not in sharding.AGGREGATION_LAYOUTS:
-      raise ConfigError(f"Unknown mesh.aggregation {aggregation!r}; valid: "
-                        f"{', '.join(sharding.AGGREGATION_LAYOUTS)}.")
-    # The rule is built for the declared f (aggregator.f); the attack, and the split of
-    # the logged diagnostics into honest and Byzantine rows, use the actual count f.
-    spec = aggregator_spec(c.aggregator.name, c.aggregator.meta)
-    aggregator = aggregators_lib.make_aggregator(
-        spec, _declared_f(c, f), num_workers=w, options=_to_dict(c.aggregator.options),
-        kernels=c.kernels)
-    attack = _make_attack(c, c.attack.name)
-    family = _attack_family(c, attack, attacks)
+    mesh, aggregation = _layout(c)
+    aggregator, attack, family = _rule_and_attacks(c, w, f, attacks)
     worker_tx = estimators.make_estimator(c.optim)
     server_tx = optim.make_server_optimizer(c.optim)
     if model is None and c.model.name not in models_lib.MODELS:  # before loading any data
@@ -250,16 +236,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
                        f"{', '.join(models_lib.MODELS)}.")
     batch_stats_mode = c.model.get("batch_stats", "honest_mean")
     _check_batch_stats_mode(batch_stats_mode, builtin=model is None)
-    if dataset is None:
-      dataset = data_lib.load_dataset(
-          c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
-    sampling.check_batch(dataset, w, b)
-    partition = sampling.partition_indices(
-        jax.random.fold_in(jax.random.key(c.seed), KEY_DATA), dataset.train_labels, w,
-        scheme=c.data.partition, alpha=c.data.alpha,
-        shards_per_worker=c.data.shards_per_worker, gamma=c.data.get("gamma", 0.5))
-    if partition is not None:
-      sampling.check_partition(partition, b)
+    dataset, partition = _data(c, dataset, w, b)
     builtin = model is None
     if builtin:
       model = models_lib.make_model(c.model.name, num_classes=dataset.num_classes, dtype=dtype,
@@ -272,10 +249,8 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     raise ConfigError(str(e)) from None
 
   num_computed = w if f and attack.uses_own_updates else w - f
-  devices = 1 if mesh is None else mesh.devices.size
-  per_device = -(-num_computed // devices)
+  per_device = -(-num_computed // (1 if mesh is None else mesh.devices.size))
   chunk = policy.worker_chunk(c.kernels, per_device, c.workers.get("chunk", None))
-  loop = policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin)
   record = json.loads(c.to_json())
   record["aggregator"].update(spec=aggregator.spec, f=aggregator.f)
   return Setup(
@@ -285,8 +260,51 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       needs_prev=estimators.needs_previous_gradient(c.optim.estimator),
       batch_stats_mode=batch_stats_mode, shuffle=c.data.shuffle, num_steps=c.num_steps,
       eval_every=c.eval_every, eval_batch_size=c.data.eval_batch_size, kernels=c.kernels,
-      loop=loop, worker_chunk=chunk, record=record, mesh=mesh, builtin_model=builtin,
+      loop=policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin),
+      worker_chunk=chunk, record=record, mesh=mesh, builtin_model=builtin,
       aggregation=aggregation, attacks=family)
+
+
+def _layout(c) -> tuple[Optional[Mesh], str]:
+  """The kernel set and loop checked; the workers' mesh and the aggregation layout."""
+  kernels.check(c.kernels)
+  if c.loop not in policy.LOOPS:
+    raise ConfigError(f"Unknown loop {c.loop!r}; valid: {', '.join(policy.LOOPS)}.")
+  mesh = sharding.worker_mesh(c.get("devices", 0))
+  aggregation = (c.get("mesh") or {}).get("aggregation", "replicated")
+  if aggregation not in sharding.AGGREGATION_LAYOUTS:
+    raise ConfigError(f"Unknown mesh.aggregation {aggregation!r}; valid: "
+                      f"{', '.join(sharding.AGGREGATION_LAYOUTS)}.")
+  return mesh, aggregation
+
+
+def _rule_and_attacks(c, w: int, f: int, attacks: Sequence[str]):
+  """The aggregator (built for the declared f), the attack and the round's attack family.
+
+  The attack, and the split of the logged diagnostics into honest and
+  Byzantine rows, use the actual count f (workers.byzantine).
+  """
+  spec = aggregator_spec(c.aggregator.name, c.aggregator.meta)
+  aggregator = aggregators_lib.make_aggregator(
+      spec, _declared_f(c, f), num_workers=w, options=_to_dict(c.aggregator.options),
+      kernels=c.kernels)
+  attack = _make_attack(c, c.attack.name)
+  return aggregator, attack, _attack_family(c, attack, attacks)
+
+
+def _data(c, dataset: Optional[data_lib.Dataset], w: int, b: int):
+  """The dataset (loaded unless given) and the workers' partition (None for i.i.d.)."""
+  if dataset is None:
+    dataset = data_lib.load_dataset(
+        c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
+  sampling.check_batch(dataset, w, b)
+  partition = sampling.partition_indices(
+      jax.random.fold_in(jax.random.key(c.seed), KEY_DATA), dataset.train_labels, w,
+      scheme=c.data.partition, alpha=c.data.alpha,
+      shards_per_worker=c.data.shards_per_worker, gamma=c.data.get("gamma", 0.5))
+  if partition is not None:
+    sampling.check_partition(partition, b)
+  return dataset, partition
 
 
 def _make_attack(c, name: str) -> attacks_lib.Attack:

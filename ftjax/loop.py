@@ -25,6 +25,7 @@ from ftjax import data as data_lib
 from ftjax import optim
 from ftjax import policy
 from ftjax import round as round_lib
+from ftjax import sharding
 from ftjax.build import Setup
 
 PyTree = Any
@@ -201,72 +202,73 @@ def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = Fals
     return _one_run(make_chunk_fn(setup, programs=programs, runs=True, runs_layout=runs_layout))
   programs = programs if programs is not None else ProgramCache()
   identity = round_identity(setup)
-  mesh = setup.mesh
-  finite = jax.vmap(_all_finite)
-
-  def sample(state, data, length):
-    indices = jax.vmap(lambda s, d: round_lib.sample_chunk(setup, s, d, length),
-                       in_axes=(0, _run_data_axes(data)))(state, data)
-    return jnp.swapaxes(indices, 0, 1)  # [length, R, W, b]: rounds lead
-
-  def compile_scan(step, state, data, length):
-    def scan_chunk(state, data):
-      state, metrics = jax.lax.scan(lambda s, idx: step(s, data, idx), state,
-                                    sample(state, data, length))
-      metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-      metrics["finite"] = finite(state.params)
-      return state, metrics
-
-    compiled = jax.jit(scan_chunk, donate_argnums=0).lower(state, data).compile()
-    # XLA's cost analysis counts a while loop's body once, i.e. one round.
-    return CompiledChunk(lambda s, d: compiled(round_lib.place(setup, s),
-                                               round_lib.place(setup, d)),
-                         *_cost(compiled), "scan", (compiled,))
-
-  def compile_host(step, state, data, length):
-    sampler = jax.jit(functools.partial(sample, length=length)).lower(state, data).compile()
-    indices = jax.eval_shape(functools.partial(sample, length=length), state, data)
-    if mesh is not None:
-      indices = jax.ShapeDtypeStruct(indices.shape, indices.dtype,
-                                     sharding=jax.sharding.NamedSharding(
-                                         mesh, jax.sharding.PartitionSpec()))
-
-    def one_round(state, data, indices, i):
-      return step(state, data, indices[i])
-
-    rnd = jax.jit(one_round, donate_argnums=0).lower(state, data, indices, jnp.int32(0)).compile()
-    _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
-
-    def summarize(state, metrics):
-      metrics = jax.tree.map(lambda *m: jnp.stack(m).mean(0), *metrics)
-      metrics["finite"] = finite(state.params)
-      return metrics
-
-    summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
-
-    def run(state, data):
-      state, data = round_lib.place(setup, state), round_lib.place(setup, data)
-      idx = sampler(state, data)
-      metrics = []
-      for i in range(length):
-        state, m = rnd(state, data, idx, jnp.int32(i))
-        if mesh is not None and len(metrics) >= policy.MAX_ROUNDS_IN_FLIGHT - 1:
-          jax.block_until_ready(metrics[-1])
-        metrics.append(m)
-      return state, summary(state, metrics)
-
-    return CompiledChunk(run, *_cost(rnd), "host", (sampler, rnd, summary))
 
   def compile_chunk(state, data, length):
     # The compiled chunk takes its inputs in place()'s layout; run() places them.
     state, data = round_lib.place(setup, state), round_lib.place(setup, data)
     layout = runs_layout or policy.runs_layout(state.step.shape[0])
     key = ("chunk", identity, layout, length, _signature(state, data))
-    build_chunk = compile_scan if setup.loop == "scan" else compile_host
-    return programs.get(key, lambda: build_chunk(make_runs_round(setup, layout), state, data,
-                                                 length))
+    build_chunk = _compile_scan if setup.loop == "scan" else _compile_host
+    return programs.get(key, lambda: build_chunk(setup, make_runs_round(setup, layout), state,
+                                                 data, length))
 
   return compile_chunk
+
+
+def _sample(setup: Setup, state, data, length: int) -> jax.Array:
+  """Every run's example indices of the chunk, [length, R, W, b] (rounds lead)."""
+  indices = jax.vmap(lambda s, d: round_lib.sample_chunk(setup, s, d, length),
+                     in_axes=(0, _run_data_axes(data)))(state, data)
+  return jnp.swapaxes(indices, 0, 1)
+
+
+def _compile_scan(setup: Setup, step: Callable, state, data, length: int) -> CompiledChunk:
+  """The chunk as one jitted ``lax.scan`` over its rounds, the state donated."""
+  def scan_chunk(state, data):
+    state, metrics = jax.lax.scan(lambda s, idx: step(s, data, idx), state,
+                                  _sample(setup, state, data, length))
+    metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+    metrics["finite"] = jax.vmap(_all_finite)(state.params)
+    return state, metrics
+
+  compiled = jax.jit(scan_chunk, donate_argnums=0).lower(state, data).compile()
+  # XLA's cost analysis counts a while loop's body once, i.e. one round.
+  return CompiledChunk(lambda s, d: compiled(round_lib.place(setup, s),
+                                             round_lib.place(setup, d)),
+                       *_cost(compiled), "scan", (compiled,))
+
+
+def _compile_host(setup: Setup, step: Callable, state, data, length: int) -> CompiledChunk:
+  """The chunk as a host loop dispatching the jitted, donated round without waiting."""
+  sample = functools.partial(_sample, setup, length=length)
+  sampler = jax.jit(sample).lower(state, data).compile()
+  indices = sharding.replicated_struct(setup.mesh, jax.eval_shape(sample, state, data))
+
+  def one_round(state, data, indices, i):
+    return step(state, data, indices[i])
+
+  rnd = jax.jit(one_round, donate_argnums=0).lower(state, data, indices, jnp.int32(0)).compile()
+  _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
+
+  def summarize(state, metrics):
+    metrics = jax.tree.map(lambda *m: jnp.stack(m).mean(0), *metrics)
+    metrics["finite"] = jax.vmap(_all_finite)(state.params)
+    return metrics
+
+  summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
+
+  def run(state, data):
+    state, data = round_lib.place(setup, state), round_lib.place(setup, data)
+    idx = sampler(state, data)
+    metrics = []
+    for i in range(length):
+      state, m = rnd(state, data, idx, jnp.int32(i))
+      if setup.mesh is not None and len(metrics) >= policy.MAX_ROUNDS_IN_FLIGHT - 1:
+        jax.block_until_ready(metrics[-1])
+      metrics.append(m)
+    return state, summary(state, metrics)
+
+  return CompiledChunk(run, *_cost(rnd), "host", (sampler, rnd, summary))
 
 
 def with_loop(setup: Setup, loop: str) -> Setup:

@@ -145,5 +145,5 @@ class RunFiles:
     return (f"Finished {self.workdir} at step {row.get('step', self.step)}: test accuracy "
             f"{row.get('test_acc', float('nan')):.4f} (best {self.meta['best_test_acc']:.4f} "
             f"at step {self.meta['best_step']}), {self.meta['wall_time']:.0f} s. Metrics in "
-            f"{self.reporter.csv_path}; plot with `python -m ftjax.plot --workdir="
+            f"{self.reporter.csv_path}; plot with `ftjax plot --workdir="
             f"{self.workdir}`.")
