@@ -449,3 +449,27 @@ def test_gamma_similarity_config_reaches_the_partition():
   shards = [setup.partition.table[i, :setup.partition.sizes[i]] for i in range(5)]
   for lower, upper in zip(shards, shards[1:]):
     assert labels[lower].max() <= labels[upper].min()
+
+
+@pytest.mark.parametrize("name, meta, message", [
+    ("ctma(cwtm)", "ctma", r"already names a meta-aggregator and aggregator.meta='ctma' would "
+                           r"wrap it again; set aggregator.meta='none' to train 'ctma\(cwtm\)'"),
+    ("arc(ctma(cwtm))", "ctma", r"already names a meta-aggregator"),
+    ("ctma(cwtm)", "arc", r"aggregator.name='cwtm' to train arc\(cwtm\)"),
+    ("ctma(ctma(cwtm))", "none", r"applies 'ctma' twice"),
+    ("arc(nnm(arc(cwtm)))", "none", r"applies 'arc' twice"),
+    ("cwtm", "ctma+", r"aggregator.meta='ctma\+' is not a meta-aggregator; valid: none, arc"),
+])
+def test_every_double_wrapping_spec_is_refused_in_one_line(name, meta, message):
+  with pytest.raises(train.ConfigError, match=message) as e:
+    train.build(tiny_config(**{"aggregator.name": name, "aggregator.meta": meta}))
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, meta, spec", [
+    ("cwtm", "ctma", "ctma(cwtm)"), ("ctma(cwtm)", "none", "ctma(cwtm)"),
+    ("arc(ctma(cwtm))", "none", "arc(ctma(cwtm))"), ("cwtm", "none", "cwtm"),
+    ("nnm(cwtm)", "None", "nnm(cwtm)")])
+def test_the_resolved_spec_is_what_the_two_fields_say(name, meta, spec):
+  setup = train.build(tiny_config(**{"aggregator.name": name, "aggregator.meta": meta}))
+  assert setup.aggregator.spec == spec and setup.record["aggregator"]["spec"] == spec
