@@ -332,7 +332,7 @@ def validate(sweep: Sweep, dataset=None, model=None) -> tuple[dict, dict]:
 
 
 def check_workdir(sweep: Sweep, workdir: str) -> None:
-  """Refuses a workdir that holds a different sweep (adding new cells is allowed)."""
+  """Refuses a workdir that holds a different sweep (adding cells or seeds is allowed)."""
   path = os.path.join(workdir, "sweep.json")
   if not os.path.exists(path):
     return
@@ -341,13 +341,16 @@ def check_workdir(sweep: Sweep, workdir: str) -> None:
   except (OSError, ValueError) as e:
     raise train.ConfigError(f"{path} cannot be read ({e}); restore it or use another "
                             f"--workdir.") from None
-  again = "; only new cells may be added to a sweep: use another --workdir"
+  again = "; cells and seeds may be added to a sweep, nothing else changed: use another --workdir"
   if saved["axes"] != list(sweep.axes):
     raise train.ConfigError(f"The workdir {workdir!r} holds a sweep over the axes "
                             f"{saved['axes']}, this one is over {list(sweep.axes)}{again}.")
-  if saved["seeds"] != list(sweep.seeds):
+  dropped = [seed for seed in saved["seeds"] if seed not in sweep.seeds]
+  if dropped:
     raise train.ConfigError(f"The workdir {workdir!r} holds a sweep with the seeds "
-                            f"{saved['seeds']}, this one has {list(sweep.seeds)}{again}.")
+                            f"{saved['seeds']}, this one drops {dropped}; seeds and cells may be "
+                            f"added to a sweep, not removed: list them all, or use another "
+                            f"--workdir.")
   now = {c.name: c for c in sweep.cells}
   for cell in saved["cells"]:
     if cell["cell"] not in now:
@@ -417,6 +420,27 @@ class _Table:
                                            else "ok"))
 
 
+def _shrink(bar: tqdm.tqdm, rounds: int) -> None:
+  """Takes rounds that will not be trained in this call out of the bar's total."""
+  bar.total -= rounds
+  bar.refresh()
+
+
+class _Rounds:
+  """``train_runs``' on_rounds for the bar: its first call reports the rounds restored
+  from checkpoints, which were not trained now; later calls the rounds trained."""
+
+  def __init__(self, bar: tqdm.tqdm):
+    self.bar, self.first = bar, True
+
+  def __call__(self, rounds: int) -> None:
+    if self.first:
+      self.first = False
+      _shrink(self.bar, rounds)
+    else:
+      self.bar.update(rounds)
+
+
 def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool = False,
               dataset=None, model=None, progress: bool = True, write=None,
               programs: Optional[loop_lib.ProgramCache] = None) -> dict:
@@ -450,10 +474,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     json.dump(sweep.to_json(), fh, indent=2)
   status = results_lib.read_status(workdir)
 
-  total = sum(r.config.num_steps for c in sweep.cells for r in c.runs)
-  bar = tqdm.tqdm(total=total, unit="round", dynamic_ncols=True, disable=not progress,
-                  file=sys.stderr, desc=sweep.name)
-  write = write or (lambda line: bar.write(line, file=sys.stdout))
+  write = write or (lambda line: tqdm.tqdm.write(line, file=sys.stdout))
   table = _Table(sweep, write)
 
   def record(run, reason=""):
@@ -469,17 +490,17 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
       if key in failures:
         if not previous or previous["status"] != "failed" or previous["reason"] != failures[key]:
           record(run, failures[key])
-        bar.update(run.config.num_steps)
-      elif previous and previous["status"] == "ok" and _finished(run, workdir):
-        bar.update(run.config.num_steps)
-      elif previous and previous["status"] == "failed" and not retry_failed:
-        bar.update(run.config.num_steps)
-      else:
+      elif not ((previous and previous["status"] == "ok" and _finished(run, workdir))
+                or (previous and previous["status"] == "failed" and not retry_failed)):
         todo[key] = run
   for cell in sweep.cells:  # cells finished before this call
     if not any((cell.name, r.seed) in todo for r in cell.runs):
       table.line(cell, workdir, status)
 
+  # The bar counts the rounds this call trains: rounds restored from checkpoints
+  # and those of runs that stop early leave its total, so its rate is a training rate.
+  bar = tqdm.tqdm(total=sum(r.config.num_steps for r in todo.values()), unit="round",
+                  dynamic_ncols=True, disable=not progress, file=sys.stderr, desc=sweep.name)
   families = attack_families(sweep, failures)
   programs = loop_lib.ProgramCache() if programs is None else programs
   known = programs.compiled
@@ -507,7 +528,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
         results = train.train_runs(
             [r and r.config for r in slots], [r and os.path.join(workdir, r.workdir)
                                               for r in slots],
-            loaded, model, programs=programs, on_rounds=bar.update, note=write,
+            loaded, model, programs=programs, on_rounds=_Rounds(bar), note=write,
             devices=sweep.devices, attacks=families[cell.name])
         for run, result in zip(slots, results):
           if run is None:
@@ -515,7 +536,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
           if result.error is not None:
             reason = " ".join(str(result.error).split())
             record(run, reason)
-            bar.update(run.config.num_steps - result.metrics.get("step", 0))
+            _shrink(bar, run.config.num_steps - result.metrics.get("step", 0))
           else:
             record(run)
       table.line(cell, workdir, status)

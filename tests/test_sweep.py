@@ -319,9 +319,17 @@ def test_interrupted_sweep_resumes_to_the_same_metrics(tmp_path, monkeypatch):
   with pytest.raises(train.ConfigError, match="optim.lr"):
     sweep_lib.run_sweep(spec(grid=[("attack.name", ["alie", "sf"])], **{"optim.lr": 0.2}),
                         parts, progress=False, programs=PROGRAMS, write=lambda line: None)
-  with pytest.raises(train.ConfigError, match="seeds"):
-    sweep_lib.run_sweep(spec(grid=[("attack.name", ["alie", "sf"])], seeds=(1, 2, 3)),
+  with pytest.raises(train.ConfigError, match=r"this one drops \[2\]"):
+    sweep_lib.run_sweep(spec(grid=[("attack.name", ["alie", "sf"])], seeds=(1,)),
                         parts, progress=False, programs=PROGRAMS, write=lambda line: None)
+  # A seed added to the finished sweep trains alone; the others stay as they were.
+  before = {key: _rows(path) for key, path in _run_dirs(parts).items()}
+  out = sweep_lib.run_sweep(spec(grid=[("attack.name", ["alie", "sf"])], seeds=(1, 2, 3)),
+                            parts, progress=False, programs=PROGRAMS, write=lambda line: None)
+  assert sorted(seed for _, seed in out["status"]) == [1, 1, 2, 2, 3, 3]
+  for key, rows in before.items():
+    assert _rows(_run_dirs(parts)[key]) == rows
+  assert all(e["status"] == "ok" for e in results.read_status(parts).values())
 
 
 def test_cells_that_differ_only_in_the_attack_share_one_program(tmp_path, monkeypatch):
