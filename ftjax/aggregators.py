@@ -137,31 +137,27 @@ def _clip_rows(x: PyTree, tau: jax.Array) -> tuple[PyTree, jax.Array]:
   return jax.tree.map(clip_leaf, x), clipped | ~finite
 
 
-def _centered_gram(x: PyTree) -> tuple[jax.Array, PyTree, PyTree, jax.Array]:
-  """Pairwise squared distances |x_i - x_j|^2 through one Gram matrix.
+def _pairwise_sqdist(x: PyTree, f: int) -> tuple[jax.Array, jax.Array]:
+  """Pairwise squared distances |x_i - x_j|^2 [W, W] and the finite rows, bool [W].
 
-  Rows are centred at the coordinate-wise median c (robust to f far rows,
-  unlike the mean) before the W x W Gram matrix G of y_i = x_i - c is summed
-  over the leaves, so ``|y_i|^2 + |y_j|^2 - 2 y_i.y_j`` does not cancel
-  catastrophically in float32 for rows that share a large common component.
-
-  Returns:
-    (dist [W, W] with +inf for pairs involving a non-finite row and 0 on the
-    diagonal, centred rows y with non-finite rows zeroed (pytree of [W, n_leaf]
-    arrays), the centre c, bool [W] finite rows).
+  Through one Gram matrix of the rows centred at the coordinate-wise median c
+  of the first min(W, 2f + 1) rows (:func:`ftjax.kernels.rows.pairwise_sqdist`).
+  With at most f faulty rows those hold a majority of honest ones, so every
+  coordinate of c lies within the honest rows' values and the float32
+  rounding stays relative to their spread, whatever the faulty rows hold;
+  it reads 2f + 1 rows instead of W. A pair involving a non-finite row is
+  +inf apart; the diagonal is 0.
   """
-  w = _num_rows(x)
-  finite = _row_finite(x)
-  # The median feeds the [W, d] centring: its own computation.
-  center = rows.isolate(lambda v: jax.tree.map(_median, v), x)
-  centred = [jnp.where(finite[:, None], (leaf - c[None]).reshape(w, -1), jnp.zeros((), leaf.dtype))
-             for leaf, c in zip(jax.tree.leaves(x), jax.tree.leaves(center))]
-  g = rows.gram(centred)  # sum over the leaves of y y^T
-  sq = jnp.diagonal(g)
-  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
-  dist = jnp.where(finite[:, None] & finite[None, :], dist, jnp.inf)
-  dist = jnp.where(jnp.eye(w, dtype=bool), 0.0, dist)
-  return dist, jax.tree.unflatten(jax.tree.structure(x), centred), center, finite
+  k = min(_num_rows(x), 2 * f + 1)
+
+  def center(v):
+    med = jax.tree.map(lambda leaf: _median(leaf[:k]), v)
+    # More than f faulty rows can make the median infinite; any finite centre
+    # gives the same distances.
+    return jax.tree.map(lambda m: jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype)), med)
+
+  # The median feeds every block's centring: its own computation.
+  return rows.pairwise_sqdist(x, rows.isolate(center, x))
 
 
 def _init_point(x: PyTree, init: str) -> PyTree:
@@ -291,7 +287,7 @@ def _multikrum_with_distances(x, key, *, f, num_selected):
   del key
   w = _num_rows(x)
   m = w - f if num_selected is None else num_selected
-  dist, _, _, finite = _centered_gram(x)
+  dist, finite = _pairwise_sqdist(x, f)
   idx = _smallest_indices(_krum_scores(dist, f), m)
   chosen = jnp.zeros(w, bool).at[idx].set(True)
   r = _sqdist_to_combination(dist, jnp.where(chosen, 1.0 / m, 0.0).astype(dist.dtype), finite)
@@ -420,22 +416,20 @@ def nearest_neighbour_mix(updates: PyTree, f: int) -> PyTree:
     The mixed rows, same structure, shapes and dtypes as ``updates``.
   """
   w = _num_rows(updates)
-  dist, centred, center, finite = _centered_gram(updates)
+  dist, finite = _pairwise_sqdist(updates, f)
   # -1 on the diagonal: x_i is always among its own neighbours, even when
   # other rows coincide with it.
   dist = jnp.where(jnp.eye(w, dtype=bool), -1.0, dist)
   order = jnp.argsort(dist, axis=1, stable=True)[:, :w - f]
-  mix = jnp.zeros((w, w), dist.dtype).at[jnp.arange(w)[:, None], order].set(1.0 / (w - f))
+  # The selection matrix: row i holds 1/(W - f) at the columns of its
+  # neighbours; the mixed rows are one product of it with the rows.
+  weights = jnp.zeros((w, w), dist.dtype).at[jnp.arange(w)[:, None], order].set(1.0 / (w - f))
 
-  def mix_leaf(leaf, y, c):
-    # Rows of ``mix`` sum to one, so mixing centred rows and adding the centre
-    # back gives the mixed original rows without the cancellation.
-    mixed = (jnp.dot(mix.astype(y.dtype), y, precision=jax.lax.Precision.HIGHEST)
-             .reshape(leaf.shape) + c[None])
+  def mix_leaf(leaf):
     shape = (w,) + (1,) * (leaf.ndim - 1)
-    return jnp.where(finite.reshape(shape), mixed, leaf)
+    return jnp.where(finite.reshape(shape), rows.mix(leaf, weights, finite), leaf)
 
-  return jax.tree.map(mix_leaf, updates, centred, center)
+  return jax.tree.map(mix_leaf, updates)
 
 
 def _nnm(inner: RuleFn, x, key, *, f):

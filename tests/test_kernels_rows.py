@@ -8,7 +8,7 @@ import pytest
 
 from ftjax import aggregators as agg_lib
 from ftjax import kernels
-from ftjax.kernels import rows
+from ftjax.kernels import distances, rows
 
 KERNEL_SETS = ("plain", "cpu")
 
@@ -289,7 +289,7 @@ def test_sqdist_default_slices_and_float64():
   # The real slice sizes: grouped slices plus a tail, in float32 and float64.
   for dtype in (jnp.float32, jnp.float64):
     with jax.enable_x64(dtype == jnp.float64):
-      x = jax.random.normal(jax.random.key(5), (3, 4 * rows.SQDIST_SLICE + 7), dtype)
+      x = jax.random.normal(jax.random.key(5), (3, 4 * distances.SQDIST_SLICE + 7), dtype)
       c = x[0] * 0.5
       expected = np.sum((np.asarray(x, np.float64) - np.asarray(c, np.float64)) ** 2, axis=1)
       for got in both(rows.sqdist, x, c):
@@ -320,7 +320,9 @@ def test_gram_sliced_matches_float64(small_slices, n):
 
 def test_gram_default_slices_float64_and_leaf_shape():
   with jax.enable_x64(True):
-    y = np.random.default_rng(6).standard_normal((3, 2 * rows.GRAM_MIN_SLICE + 5))
+    # The real block sizes: a loop over groups of blocks, blocks written out, a tail.
+    n = (distances.GRAM_UNROLL + 2) * distances._block_width(3, np.float64) + 5
+    y = np.random.default_rng(6).standard_normal((3, n))
     for got in both(rows.gram, jnp.asarray(y)):
       np.testing.assert_allclose(got, y @ y.T, rtol=1e-12)
   y = np.random.default_rng(7).standard_normal((4, 2, 3)).astype(np.float32)
