@@ -175,7 +175,9 @@ def pairwise_sqdist(x: PyTree, center: PyTree | None = None) -> tuple[jax.Array,
   Args:
     x: array [W, ...], or a pytree of them sharing the W axis.
     center: point like one row of ``x`` (same pytree structure, no W axis), or
-      None for the mean of each coordinate's finite values.
+      None for the mean of each coordinate's finite values. That mean is
+      cheap but moved by far rows (one finite row at 1e38 makes every
+      ``|y_i|^2`` overflow); callers facing faulty rows pass a robust centre.
 
   Returns:
     (dist [W, W] in ``x.dtype``, bool [W] finite rows).
