@@ -12,11 +12,15 @@ What each primitive computes (its plain version, in ``jax.numpy``):
 * :func:`sort`: ``jnp.sort(x, 0)``, every rank.
 * :func:`sqdist`: ``sum((x[i] - center)**2)`` for every row i.
 * :func:`gram`: ``y @ y.T`` for ``y`` [W, n].
+* :func:`pairwise_sqdist`: ``|x_i - x_j|^2`` for every pair of rows.
+* :func:`mix`: ``m @ x``, combinations of the rows.
 * :func:`coordinate_sum`: the identity on a sum over coordinates; its
   ``psum`` over the devices when the coordinates are sharded.
 
-The reductions over coordinates (:func:`sqdist`, :func:`gram`,
-:func:`coordinate_sum`) take pytrees as well as arrays and are the only ones
+The order statistics live in :mod:`ftjax.kernels.select` and the reductions
+over coordinates in :mod:`ftjax.kernels.distances`; their public names are
+reachable from here. The reductions over coordinates (:func:`sqdist`,
+:func:`gram`, :func:`pairwise_sqdist`, :func:`coordinate_sum`) take pytrees as well as arrays and are the only ones
 that see every coordinate: under :func:`ftjax.kernels.shard_coordinates` they
 add the devices' partial results with one ``psum``, and every other primitive
 works coordinate by coordinate, so rules written over them run unchanged on
@@ -66,8 +70,13 @@ it:
   hands a row reduction ``sum((x - c)**2, axis=1)`` to a single-threaded
   library kernel that takes several reads of ``x``; see :func:`sqdist`.
 * A Gram matrix of a short, very wide matrix is a sum of one product per
-  column slice, which XLA:CPU runs faster than one long product and which is
-  also slightly more accurate in float32.
+  cache-sized block of columns, which XLA:CPU runs near its matmul rate
+  (one long product runs well below it). Pairwise distances are one such
+  Gram matrix of the rows centred block by block just before each product,
+  ``|y_i|^2 + |y_j|^2 - 2 y_i.y_j`` with a stated error bound
+  (:func:`pairwise_sqdist`), and the mixing step of nearest-neighbour mixing
+  is the product of a selection matrix with the rows, masked block by block
+  (:func:`mix`).
 * Fusion barriers. When a sorting network's output has further consumers (a
   distance pass to it), XLA:CPU splits the network into many fusions that each
   write a full row, or fuses it into a consumer and recomputes it there once
