@@ -13,7 +13,7 @@ plain version):
   ``psum`` over the devices when the coordinates are sharded.
 
 They take pytrees as well as arrays (distances are global over all leaves,
-each leaf contributing its own partial sum; nothing is concatenated) and are
+each leaf contributing its own partial sum; no leaves are concatenated) and are
 the only primitives that see every coordinate: under
 :func:`ftjax.kernels.shard_coordinates` they add the devices' partial results
 with one ``psum``.
@@ -211,7 +211,8 @@ def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
   Rows with ``mask[i] == False`` are read as zeros, so they contribute nothing
   even when they hold NaN or inf. The CPU version masks and multiplies one
-  cache-sized block of columns at a time.
+  cache-sized block of columns at a time (groups of ``GRAM_UNROLL`` blocks per
+  loop step on long rows).
 
   Args:
     x: array [W, ...].
@@ -234,9 +235,23 @@ def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   n = flat.shape[1]
   s = _block_width(w, x.dtype)
   if not _cpu() or n < 2 * s:
-    out = product(flat)
-  else:
-    out = jnp.concatenate([product(flat[:, lo:lo + s]) for lo in range(0, n, s)], axis=1)
+    return product(flat).reshape((m.shape[0],) + x.shape[1:])
+  # Groups of GRAM_UNROLL blocks per loop step (compile time), then the rest.
+  group = GRAM_UNROLL * s
+  groups = n // group if n > group else 0
+  out = jnp.zeros((m.shape[0], n), x.dtype)
+  if groups:
+    def body(i, acc):
+      block = jax.lax.dynamic_slice_in_dim(flat, i * group, group, axis=1)
+      mixed = jnp.concatenate([product(block[:, j * s:(j + 1) * s])
+                               for j in range(GRAM_UNROLL)], axis=1)
+      return jax.lax.dynamic_update_slice_in_dim(acc, mixed, i * group, axis=1)
+    out = jax.lax.fori_loop(0, groups, body, out)
+  start = groups * group
+  if start < n:
+    rest = jnp.concatenate([product(flat[:, lo:min(lo + s, n)]) for lo in range(start, n, s)],
+                           axis=1)
+    out = jax.lax.dynamic_update_slice_in_dim(out, rest, start, axis=1)
   return out.reshape((m.shape[0],) + x.shape[1:])
 
 
