@@ -25,7 +25,7 @@ matrix-vector product with a ones vector and NumPy's ``x.sum(0)``).
 Writes ``--out`` (Markdown), with the rates and the load averages seen.
 
   python benchmarks/peers.py                          # everything (long on 2 cores)
-  python benchmarks/peers.py --only=headline --rounds=3
+  python benchmarks/peers.py --only=headline --rules=cwtm --out=/tmp/cwtm.md
   python benchmarks/peers.py --peers_python=/path/to/venv/bin/python --deadline_s=1800
 """
 import argparse
@@ -230,6 +230,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--peers_python", default="/work/peers-venv/bin/python")
   p.add_argument("--only", choices=["all", "headline", "grid"], default="all")
+  p.add_argument("--rules", default=",".join(RULES), help="Only these rules.")
   p.add_argument("--workers", default="17,65,257")
   p.add_argument("--dims", default="10000,1000000")
   p.add_argument("--rounds", type=int, default=3)
@@ -251,6 +252,7 @@ def main():
   if args.only in ("all", "grid"):
     cells += grid([int(v) for v in args.workers.split(",")],
                   [int(v) for v in args.dims.split(",")])
+  cells = [c for c in cells if c[0] in args.rules.split(",")]
   started = time.time()
   xla, npy, reads = machine_rates(sorted({(c[1], c[2]) for c in cells}))
   rows, not_run = [], []
