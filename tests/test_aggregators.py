@@ -491,10 +491,10 @@ def test_ctma_distance_passes(monkeypatch, spec, passes):
   assert len(barriers) - 2 * inner_barriers == passes
 
 
-def test_centered_gram_sliced_matches_float64(small_slices):
+def test_pairwise_sqdist_sliced_matches_float64(small_slices):
   x = _offset_rows(75, seed=9)
   x[W - 1, 3] = np.nan
-  dist, _, _, finite = agg_maths.centered_gram(jnp.asarray(x))
+  dist, finite = agg_maths.pairwise_sqdist(jnp.asarray(x), F)
   x64 = x.astype(np.float64)
   expected = np.sum((x64[:, None] - x64[None]) ** 2, axis=2)
   ok = np.asarray(finite)
@@ -506,6 +506,65 @@ def test_centered_gram_sliced_matches_float64(small_slices):
   honest = expected[:W - 1, :W - 1]
   scores = np.sort(honest + np.diag(np.full(W - 1, np.inf)), axis=1)[:, :W - F - 1].sum(1)
   np.testing.assert_array_equal(krum, x[np.argmin(scores)])
+
+
+def _dup_faulty_rows(w, n, seed, dtype):
+  """[w, n] rows near 100 with copies of row 4 at rows 1, w // 2 and w - 2, a NaN row
+  and an inf row."""
+  rng = np.random.default_rng(seed)
+  x = (100.0 + rng.standard_normal((w, n)) * (1 + 0.1 * rng.permutation(w)[:, None]))
+  x[[1, w // 2, w - 2]] = x[4]
+  x[3, n - 1] = np.nan
+  x[w - 1, 0] = -np.inf
+  return x.astype(dtype)
+
+
+def _np_nnm_faulty(x, f):
+  """NumPy nnm with non-finite rows infinitely far and returned unchanged."""
+  w = len(x)
+  finite = np.all(np.isfinite(x), axis=1)
+  safe = np.where(finite[:, None], x, 0.0).astype(np.float64)
+  dist = np.sum((safe[:, None] - safe[None]) ** 2, axis=2)
+  dist[~(finite[:, None] & finite[None, :])] = np.inf
+  np.fill_diagonal(dist, -1.0)
+  order = np.argsort(dist, axis=1, kind="stable")[:, :w - f]
+  mixed = np.stack([safe[o].mean(0) for o in order])
+  return np.where(finite[:, None], mixed, x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("spec,m", [("krum", 1), ("multikrum", None), ("multikrum", 4)])
+def test_krum_duplicates_faulty_rows_and_leaves_match_numpy(small_slices, dtype, spec, m):
+  # Copies of one row tie exactly: the selection is NumPy's stable one (lowest
+  # index first) on the rows split over two leaves, long enough for blocks.
+  w, f, n = 13, 3, 52
+  x = _dup_faulty_rows(w, n, seed=7, dtype=dtype)
+  m_used = w - f if m is None else m
+  expected, idx = np_multikrum(x.astype(np.float64), f, m_used)
+  options = {"multikrum": {"num_selected": m}} if m else {}
+  with jax.enable_x64(dtype == np.float64):
+    tree = {"a": jnp.asarray(x[:, :12].reshape(w, 3, 4)), "b": jnp.asarray(x[:, 12:])}
+    out, diag = jax.jit(make(spec, f, options=options).__call__)(tree)
+  np.testing.assert_array_equal(np.flatnonzero(diag["krum_selected"]), idx)
+  np.testing.assert_allclose(flat_agg(out), expected,
+                             rtol=1e-6 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nnm_duplicates_faulty_rows_and_leaves_match_numpy(small_slices, dtype):
+  w, f, n = 13, 3, 52
+  x = _dup_faulty_rows(w, n, seed=8, dtype=dtype)
+  expected = _np_nnm_faulty(x, f)
+  with jax.enable_x64(dtype == np.float64):
+    tree = {"a": jnp.asarray(x[:, :12].reshape(w, 3, 4)), "b": jnp.asarray(x[:, 12:])}
+    for k in ("plain", "cpu"):
+      with kernels.use(k):
+        mixed = jax.jit(lambda t: agg_lib.nearest_neighbour_mix(t, f))(tree)
+      got = flat(mixed)
+      finite = np.all(np.isfinite(x), axis=1)
+      np.testing.assert_array_equal(got[~finite], x[~finite])
+      np.testing.assert_allclose(got[finite], expected[finite],
+                                 rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
 def test_bucketing_matches_definition_and_uses_key():

@@ -8,7 +8,7 @@ import pytest
 
 from ftjax import aggregators as agg_lib
 from ftjax import kernels
-from ftjax.kernels import rows
+from ftjax.kernels import distances, rows
 
 KERNEL_SETS = ("plain", "cpu")
 
@@ -289,7 +289,7 @@ def test_sqdist_default_slices_and_float64():
   # The real slice sizes: grouped slices plus a tail, in float32 and float64.
   for dtype in (jnp.float32, jnp.float64):
     with jax.enable_x64(dtype == jnp.float64):
-      x = jax.random.normal(jax.random.key(5), (3, 4 * rows.SQDIST_SLICE + 7), dtype)
+      x = jax.random.normal(jax.random.key(5), (3, 4 * distances.SQDIST_SLICE + 7), dtype)
       c = x[0] * 0.5
       expected = np.sum((np.asarray(x, np.float64) - np.asarray(c, np.float64)) ** 2, axis=1)
       for got in both(rows.sqdist, x, c):
@@ -320,13 +320,137 @@ def test_gram_sliced_matches_float64(small_slices, n):
 
 def test_gram_default_slices_float64_and_leaf_shape():
   with jax.enable_x64(True):
-    y = np.random.default_rng(6).standard_normal((3, 2 * rows.GRAM_MIN_SLICE + 5))
+    # The real block sizes: a loop over groups of blocks, blocks written out, a tail.
+    n = (distances.GRAM_UNROLL + 2) * distances._block_width(3, np.float64) + 5
+    y = np.random.default_rng(6).standard_normal((3, n))
     for got in both(rows.gram, jnp.asarray(y)):
       np.testing.assert_allclose(got, y @ y.T, rtol=1e-12)
   y = np.random.default_rng(7).standard_normal((4, 2, 3)).astype(np.float32)
   flat = y.reshape(4, -1).astype(np.float64)
   for got in both(rows.gram, jnp.asarray(y)):
     np.testing.assert_allclose(got, flat @ flat.T, rtol=1e-5, atol=1e-6)
+
+
+def _np_pairwise(x):
+  """|x_i - x_j|^2 in float64 from the differences (the definition), +inf for non-finite rows."""
+  x64 = x.reshape(len(x), -1).astype(np.float64)
+  finite = np.all(np.isfinite(x64), axis=1)
+  safe = np.where(finite[:, None], x64, 0.0)
+  d = np.sum((safe[:, None] - safe[None]) ** 2, axis=2)
+  d[~(finite[:, None] & finite[None, :])] = np.inf
+  np.fill_diagonal(d, 0.0)
+  return d, finite
+
+
+def _np_finite_mean(x):
+  return np.where(np.isfinite(x), x, 0.0).astype(np.float64).sum(0) / len(x)
+
+
+def _tree_of(x):
+  """Two leaves of different shapes holding the columns of x [W, n] (n >= 12)."""
+  w = len(x)
+  return {"a": jnp.asarray(x[:, :12].reshape(w, 3, 4)), "b": jnp.asarray(x[:, 12:])}
+
+
+def _check_bound(got, x, center, dtype):
+  # |D - |x_i - x_j|^2| <= (n + 5) u (|y_i| + |y_j|)^2 with y = x - c.
+  expected, finite = _np_pairwise(x)
+  y = np.linalg.norm(x.astype(np.float64) - center, axis=1)
+  u = np.finfo(dtype).eps / 2
+  n = x.shape[1]
+  bound = (n + 5) * u * (y[:, None] + y[None, :]) ** 2
+  ok = finite[:, None] & finite[None, :]
+  err = np.abs(got - expected)
+  assert np.all(err[ok] <= bound[ok])
+  return err[ok].max(), bound[ok].max()
+
+
+@pytest.mark.parametrize("n", [40, 203])  # 203 loops over groups of blocks
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pairwise_sqdist_within_bound_of_definition(small_slices, n, dtype):
+  # Rows with a common component 1000 times their spread: uncentred, the
+  # float32 rounding alone (about u |x|^2) would exceed the bound.
+  w = 9
+  x = _offset_rows(w, n, seed=n).astype(dtype)
+  c = (1000.0 + np.random.default_rng(1).standard_normal(n)).astype(dtype)
+  with jax.enable_x64(dtype == np.float64):
+    for center, c64 in ((None, _np_finite_mean(x)), (c, c.astype(np.float64))):
+      def fn(a, ctr):
+        tree_ctr = None if ctr is None else jax.tree.map(lambda l: l[0], _tree_of(ctr[None]))
+        return rows.pairwise_sqdist(_tree_of(a), tree_ctr)
+
+      for d, finite in both(fn, x, center):
+        assert d.dtype == dtype and np.all(finite)
+        np.testing.assert_array_equal(d, d.T)
+        err, bound = _check_bound(d, x, c64, dtype)
+        assert err > 0 or dtype == np.float64  # float32 rounding is there, and bounded
+  # Without centring the same rows break the bound (the test can fail).
+  if dtype == np.float32:
+    d0, _ = rows.pairwise_sqdist(jnp.asarray(x), jnp.zeros(n, dtype))
+    with pytest.raises(AssertionError):
+      _check_bound(np.asarray(d0), x, _np_finite_mean(x), dtype)
+
+
+def test_pairwise_sqdist_nonfinite_rows_are_infinitely_far(small_slices):
+  w, n = 9, 40
+  x = _offset_rows(w, n, seed=2, offset=3.0)
+  x[1, n - 1] = np.nan
+  x[2, 5] = np.inf
+  x[3] = -np.inf
+  x[4, 0] = 3e38   # finite, but its squared distance from the centre overflows
+  bad = [1, 2, 3, 4]
+  good = [i for i in range(w) if i not in bad]
+  expected, _ = _np_pairwise(np.delete(x, bad, axis=0))
+  # A centre within the good rows (the default, the finite mean, is moved by 3e38).
+  c = np.median(x[good], axis=0)
+  fn = lambda a, ctr: rows.pairwise_sqdist(_tree_of(a), jax.tree.map(lambda l: l[0],
+                                                                     _tree_of(ctr[None])))
+  for d, finite in both(fn, x, c):
+    assert list(np.flatnonzero(~finite)) == bad
+    np.testing.assert_array_equal(np.diag(d), 0.0)
+    off = ~np.eye(w, dtype=bool)
+    assert np.all(np.isposinf(d[bad][:, :][off[bad]]))
+    assert np.all(np.isposinf(d[:, bad][off[:, bad]]))
+    np.testing.assert_allclose(d[np.ix_(good, good)], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w", [13, 65, 257])
+def test_pairwise_sqdist_identical_rows_get_identical_distances(w):
+  # Copies of row 5 at the first, a middle and the last row, on the real block
+  # sizes (several blocks, a tail), in float32 and float64: their distances to
+  # every row are bitwise equal, and 0 between them.
+  n = 3 * 1024 + 17
+  for dtype in (np.float32, np.float64):
+    with jax.enable_x64(dtype == np.float64):
+      x = (5.0 + np.random.default_rng(w).standard_normal((w, n))).astype(dtype)
+      copies = [0, 5, w // 2, w - 1]
+      x[copies] = x[5]
+      for d, _ in both(lambda a: rows.pairwise_sqdist(a), x):
+        for a in copies:
+          np.testing.assert_array_equal(d[a], d[5])
+          np.testing.assert_array_equal(d[:, a], d[:, 5])
+        assert np.all(d[np.ix_(copies, copies)] == 0.0)
+        others = [i for i in range(w) if i not in copies]
+        assert np.all(d[np.ix_(others, others)][~np.eye(len(others), dtype=bool)] > 0)
+
+
+@pytest.mark.parametrize("n", [7, 40, 203])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mix_is_weights_times_masked_rows(small_slices, n, dtype):
+  rng = np.random.default_rng(n)
+  w = 9
+  x = rng.standard_normal((w, n)).astype(dtype)
+  m = rng.random((w, w)).astype(dtype)
+  mask = np.ones(w, bool)
+  mask[[2, 6]] = False
+  x[2] = np.nan
+  x[6, 1] = np.inf
+  expected = m.astype(np.float64) @ np.where(mask[:, None], x, 0.0).astype(np.float64)
+  with jax.enable_x64(dtype == np.float64):
+    for got in both(rows.mix, x.reshape(w, n, 1), m, mask):
+      assert got.dtype == dtype and got.shape == (w, n, 1)
+      np.testing.assert_allclose(got[..., 0], expected,
+                                 rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
 
 
 # --------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def _multikrum_with_distances(x, key, *, f, num_selected):
   del key
   w = maths.num_rows(x)
   m = w - f if num_selected is None else num_selected
-  dist, _, _, finite = maths.centered_gram(x)
+  dist, finite = maths.pairwise_sqdist(x, f)
   idx = maths.smallest_indices(maths.krum_scores(dist, f), m)
   chosen = jnp.zeros(w, bool).at[idx].set(True)
   r = maths.sqdist_to_combination(dist, jnp.where(chosen, 1.0 / m, 0.0).astype(dist.dtype), finite)

@@ -93,31 +93,27 @@ def clip_rows(x: PyTree, tau: jax.Array) -> tuple[PyTree, jax.Array]:
   return jax.tree.map(clip_leaf, x), clipped | ~finite
 
 
-def centered_gram(x: PyTree) -> tuple[jax.Array, PyTree, PyTree, jax.Array]:
-  """Pairwise squared distances |x_i - x_j|^2 through one Gram matrix.
+def pairwise_sqdist(x: PyTree, f: int) -> tuple[jax.Array, jax.Array]:
+  """Pairwise squared distances |x_i - x_j|^2 [W, W] and the finite rows, bool [W].
 
-  Rows are centred at the coordinate-wise median c (robust to f far rows,
-  unlike the mean) before the W x W Gram matrix G of y_i = x_i - c is summed
-  over the leaves, so ``|y_i|^2 + |y_j|^2 - 2 y_i.y_j`` does not cancel
-  catastrophically in float32 for rows that share a large common component.
-
-  Returns:
-    (dist [W, W] with +inf for pairs involving a non-finite row and 0 on the
-    diagonal, centred rows y with non-finite rows zeroed (pytree of [W, n_leaf]
-    arrays), the centre c, bool [W] finite rows).
+  Through one Gram matrix of the rows centred at the coordinate-wise median c
+  of the first min(W, 2f + 1) rows (:func:`ftjax.kernels.rows.pairwise_sqdist`).
+  With at most f faulty rows those hold a majority of honest ones, so every
+  coordinate of c lies within the honest rows' values and the float32
+  rounding stays relative to their spread, whatever the faulty rows hold;
+  it reads 2f + 1 rows instead of W. A pair involving a non-finite row is
+  +inf apart; the diagonal is 0.
   """
-  w = num_rows(x)
-  finite = row_finite(x)
-  # The median feeds the [W, d] centring: its own computation.
-  center = rows.isolate(lambda v: jax.tree.map(median, v), x)
-  centred = [jnp.where(finite[:, None], (leaf - c[None]).reshape(w, -1), jnp.zeros((), leaf.dtype))
-             for leaf, c in zip(jax.tree.leaves(x), jax.tree.leaves(center))]
-  g = rows.gram(centred)  # sum over the leaves of y y^T
-  sq = jnp.diagonal(g)
-  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
-  dist = jnp.where(finite[:, None] & finite[None, :], dist, jnp.inf)
-  dist = jnp.where(jnp.eye(w, dtype=bool), 0.0, dist)
-  return dist, jax.tree.unflatten(jax.tree.structure(x), centred), center, finite
+  k = min(num_rows(x), 2 * f + 1)
+
+  def center(v):
+    med = jax.tree.map(lambda leaf: median(leaf[:k]), v)
+    # More than f faulty rows can make the median infinite; any finite centre
+    # gives the same distances.
+    return jax.tree.map(lambda m: jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype)), med)
+
+  # The median feeds every block's centring: its own computation.
+  return rows.pairwise_sqdist(x, rows.isolate(center, x))
 
 
 def init_point(x: PyTree, init: str) -> PyTree:

@@ -72,22 +72,20 @@ def nearest_neighbour_mix(updates: PyTree, f: int) -> PyTree:
     The mixed rows, same structure, shapes and dtypes as ``updates``.
   """
   w = maths.num_rows(updates)
-  dist, centred, center, finite = maths.centered_gram(updates)
+  dist, finite = maths.pairwise_sqdist(updates, f)
   # -1 on the diagonal: x_i is always among its own neighbours, even when
   # other rows coincide with it.
   dist = jnp.where(jnp.eye(w, dtype=bool), -1.0, dist)
   order = jnp.argsort(dist, axis=1, stable=True)[:, :w - f]
-  mix = jnp.zeros((w, w), dist.dtype).at[jnp.arange(w)[:, None], order].set(1.0 / (w - f))
+  # The selection matrix: row i holds 1/(W - f) at the columns of its
+  # neighbours; the mixed rows are one product of it with the rows.
+  weights = jnp.zeros((w, w), dist.dtype).at[jnp.arange(w)[:, None], order].set(1.0 / (w - f))
 
-  def mix_leaf(leaf, y, c):
-    # Rows of ``mix`` sum to one, so mixing centred rows and adding the centre
-    # back gives the mixed original rows without the cancellation.
-    mixed = (jnp.dot(mix.astype(y.dtype), y, precision=jax.lax.Precision.HIGHEST)
-             .reshape(leaf.shape) + c[None])
+  def mix_leaf(leaf):
     shape = (w,) + (1,) * (leaf.ndim - 1)
-    return jnp.where(finite.reshape(shape), mixed, leaf)
+    return jnp.where(finite.reshape(shape), rows.mix(leaf, weights, finite), leaf)
 
-  return jax.tree.map(mix_leaf, updates, centred, center)
+  return jax.tree.map(mix_leaf, updates)
 
 
 def _nnm(inner: RuleFn, x, key, *, f):

@@ -83,7 +83,7 @@ def _bulyan(x, key, *, f, num_neighbours=None):
   if beta < 1:
     raise ValueError(f"bulyan needs W > 4f (W - 4f values averaged per coordinate), "
                      f"got W = {w}, f = {f}.")
-  dist, _, _, _ = maths.centered_gram(x)
+  dist, _ = maths.pairwise_sqdist(x, f)
   off_diagonal = ~jnp.eye(w, dtype=bool)
   pool = jnp.ones(w, bool)
   chosen = []
@@ -146,7 +146,7 @@ def _mda_with_distances(x, key, *, f):
   del key
   w = maths.num_rows(x)
   subsets = _subsets(w, f, "mda")
-  dist, _, _, finite = maths.centered_gram(x)
+  dist, finite = maths.pairwise_sqdist(x, f)
   s = jnp.asarray(subsets)
   diameter = jnp.max(dist[s[:, :, None], s[:, None, :]], axis=(1, 2))
   idx, chosen = _best_subset(diameter, subsets, w)
@@ -191,7 +191,7 @@ def _smea_with_distances(x, key, *, f):
   del key
   w = maths.num_rows(x)
   subsets = _subsets(w, f, "smea")
-  dist, _, _, finite = maths.centered_gram(x)
+  dist, finite = maths.pairwise_sqdist(x, f)
   idx, chosen = _best_subset(_top_covariance_eigenvalues(dist, subsets), subsets, w)
   return (maths.mean_of(x, idx), {"smea_selected": chosen},
           _distances_to_mean(dist, chosen, finite))
@@ -262,7 +262,7 @@ def _caf_with_distances(x, key, *, f):
   """
   del key
   w = maths.num_rows(x)
-  pairwise, _, _, finite = maths.centered_gram(x)
+  pairwise, finite = maths.pairwise_sqdist(x, f)
   dist = jnp.where(finite[:, None] & finite[None, :], pairwise, 0.0)
   c0 = finite.astype(dist.dtype)
 

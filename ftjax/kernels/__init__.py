@@ -5,8 +5,10 @@ written as the formulas they implement and call a small set of primitives
 from the modules of this package:
 
 * :mod:`ftjax.kernels.rows`: reductions over the leading worker axis (row
-  means and weighted sums, order statistics and trimmed sums, row distances,
-  Gram matrices, fusion barriers);
+  means and weighted sums, fusion barriers), with the order statistics and
+  trimmed sums of :mod:`ftjax.kernels.select` and the row distances, Gram
+  matrices, pairwise distances and row mixing of
+  :mod:`ftjax.kernels.distances` reachable from it;
 * :mod:`ftjax.kernels.layers`: the convolution and the BatchNorm -> ReLU ->
   2x2 max pool block of the models.
 
@@ -15,7 +17,7 @@ and may have fast versions for a backend. Which one runs is a *kernel set*:
 
 * ``"plain"``: the plain versions everywhere;
 * ``"cpu"``: the XLA:CPU versions (selection networks, radix select, sliced
-  distances, per-worker convolutions, a fused BatchNorm block with a
+  distances, blocked Gram products, per-worker convolutions, a fused BatchNorm block with a
   hand-written backward pass), each of which still falls back to the plain
   version for shapes where it does not help;
 * ``"auto"``: ``"cpu"`` on the CPU backend, ``"plain"`` on GPU and TPU.

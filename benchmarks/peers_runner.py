@@ -1,0 +1,130 @@
+"""One library's timed calls of one rule, in its own process (driven by benchmarks/peers.py).
+
+Runs under the repository's Python for ``--lib=ftjax`` and under the peers'
+Python (torch, ByzFL, byzpy) for ``--lib=byzfl`` and ``--lib=byzpy``; it
+imports only what its library needs, and nothing of ftjax for the peers.
+Reads the rows [W, d] (float32) from ``--input``, times ``--reps`` calls after
+one warm-up call (fewer when a call is slow), saves the last output to ``--output`` (a .npz with ``out``
+and, for ftjax's krum/multikrum, ``selected``) and prints one JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _ftjax(rule, f, m):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  from ftjax import aggregators as agg_lib
+
+  if rule == "nnm":
+    fn = jax.jit(lambda x: (agg_lib.nearest_neighbour_mix(x, f), None))
+  else:
+    agg = {"krum": lambda: agg_lib.krum(f), "multikrum": lambda: agg_lib.multikrum(f, m),
+           "cwtm": lambda: agg_lib.cwtm(f), "cwmed": lambda: agg_lib.cwmed(f=f)}[rule]()
+    fn = jax.jit(lambda x: (lambda out, diag: (out, diag.get("krum_selected")))(*agg(x)))
+
+  def prepare(x):
+    return jnp.asarray(x)
+
+  def call(x):
+    return jax.block_until_ready(fn(x))
+
+  def result(res):
+    out, selected = res
+    extra = {} if selected is None else {"selected": np.flatnonzero(np.asarray(selected))}
+    return np.asarray(out), extra
+
+  return prepare, call, result
+
+
+def _peer(lib, rule, f, m):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(2)
+  if lib == "byzfl":
+    # byzfl/__init__ imports its benchmark package (torchvision); the rules
+    # themselves do not need it, so the package is entered without running it.
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    import types
+    spec = importlib.util.find_spec("byzfl")
+    pkg = types.ModuleType("byzfl")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["byzfl"] = pkg
+    from byzfl import aggregators as fa  # pylint: disable=g-import-not-at-top
+    rule_fn = {"krum": lambda: fa.Krum(f=f), "multikrum": lambda: fa.MultiKrum(f=f),
+               "nnm": lambda: fa.NNM(f=f), "cwtm": lambda: fa.TrMean(f=f),
+               "cwmed": lambda: fa.Median()}[rule]()
+
+    def prepare(x):
+      return torch.from_numpy(x)
+
+    def call(x):
+      with torch.no_grad():
+        return rule_fn(x)
+  else:
+    from byzpy.aggregators import coordinate_wise as cw  # pylint: disable=g-import-not-at-top
+    from byzpy.aggregators import geometric_wise as gw
+    from byzpy import pre_aggregators as pre
+    if rule == "nnm":
+      nnm = pre.NearestNeighborMixing(f=f)
+      method = lambda xs: torch.stack(nnm.pre_aggregate(xs))
+    else:
+      agg = {"krum": lambda: gw.Krum(f=f), "multikrum": lambda: gw.MultiKrum(f=f, q=m),
+             "cwtm": lambda: cw.CoordinateWiseTrimmedMean(f=f),
+             "cwmed": lambda: cw.CoordinateWiseMedian()}[rule]()
+      method = agg.aggregate
+
+    def prepare(x):  # byzpy takes a sequence of per-worker tensors
+      return list(torch.unbind(torch.from_numpy(x), 0))
+
+    def call(xs):
+      with torch.no_grad():
+        return method(xs)
+
+  def result(res):
+    return res.numpy(), {}
+
+  return prepare, call, result
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--lib", required=True, choices=["ftjax", "byzfl", "byzpy"])
+  p.add_argument("--rule", required=True, choices=["krum", "multikrum", "nnm", "cwtm", "cwmed"])
+  p.add_argument("--f", type=int, required=True)
+  p.add_argument("--m", type=int, default=None)
+  p.add_argument("--input", required=True)
+  p.add_argument("--output", required=True)
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--budget_s", type=float, default=3.0,
+                 help="Fewer timed calls when one call is slow.")
+  a = p.parse_args()
+  load = os.getloadavg()[0]
+  if a.lib == "ftjax":
+    prepare, call, result = _ftjax(a.rule, a.f, a.m)
+  else:
+    prepare, call, result = _peer(a.lib, a.rule, a.f, a.m)
+  x = prepare(np.load(a.input))
+  t0 = time.perf_counter()
+  res = call(x)  # warm-up (compiles ftjax's function)
+  first = time.perf_counter() - t0
+  times = []
+  while True:
+    t0 = time.perf_counter()
+    res = call(x)
+    times.append(time.perf_counter() - t0)
+    # The first timed call sets how many follow within the budget.
+    if len(times) >= max(1, min(a.reps, int(a.budget_s / times[0]))):
+      break
+  out, extra = result(res)
+  np.savez(a.output, out=out, **extra)
+  print(json.dumps({"times": times, "first": first, "load": load}))
+
+
+if __name__ == "__main__":
+  main()
