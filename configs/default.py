@@ -96,7 +96,10 @@ def get_config(arg=None):
               init="cwmed",    # start: "cwmed", "mean", or "zero" (the original program)
               tol=placeholder(float),  # set to iterate until the step is below tol ...
               max_iters=100)   # ... for at most this many iterations
-  o.multikrum = dict(num_selected=placeholder(int))  # rows averaged (None = W - f)
+  o.krum = dict(num_neighbours=placeholder(int))  # rows in a score (None = W - f - 1, the
+                               # original's; Blanchard et al. sum W - f - 2)
+  o.multikrum = dict(num_selected=placeholder(int),  # rows averaged (None = W - f)
+                     num_neighbours=placeholder(int))  # rows in a score, as krum's
   o.centered_clipping = dict(tau=placeholder(float),  # clipping radius (None = the rows' median
                                                     # distance to the centre, scale-free)
                              iters=1,   # clipping iterations

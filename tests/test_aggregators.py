@@ -964,3 +964,23 @@ def test_centered_clipping_defaults_protect_at_any_scale(value, scale):
   # honest distance to the start.
   start = np.linalg.norm(np.median(x, 0) - mean)
   assert np.linalg.norm(out - mean) <= 2 * start + spread
+
+
+@pytest.mark.parametrize("k", [None, 3, 5])
+def test_krum_neighbour_count_follows_the_option(k):
+  # NumPy Krum: score = sum of the k nearest other rows' squared distances (k = W - f - 1
+  # by default, the original program's; Blanchard et al. use W - f - 2).
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(9, 4))
+  x[7:] += 3.0
+  f = 2
+  d = ((x[:, None] - x[None]) ** 2).sum(-1) + np.diag(np.full(9, np.inf))
+  kk = 9 - f - 1 if k is None else k
+  scores = np.sort(d, axis=1)[:, :kk].sum(1)
+  out, diag = agg_lib.krum(f, num_neighbours=k)({"w": jnp.asarray(x)})
+  np.testing.assert_allclose(out["w"], x[np.argmin(scores)], rtol=1e-6)
+  chosen = np.argsort(scores, kind="stable")[:9 - f]
+  out, _ = agg_lib.multikrum(f, num_neighbours=k)({"w": jnp.asarray(x)})
+  np.testing.assert_allclose(out["w"], x[chosen].mean(0), rtol=1e-5)
+  with pytest.raises(ValueError, match="num_neighbours=0 is invalid"):
+    agg_lib.krum(f, num_neighbours=0)

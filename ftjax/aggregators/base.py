@@ -110,30 +110,31 @@ def _gm(x, key, *, f, iters, nu, init, tol, max_iters):
 
 
 
-def _multikrum_with_distances(x, key, *, f, num_selected):
+def _multikrum_with_distances(x, key, *, f, num_selected, num_neighbours):
   """multikrum, and every row's squared distance to its output (for ctma), from its Gram matrix."""
   del key
   w = maths.num_rows(x)
   m = w - f if num_selected is None else num_selected
   dist, finite = maths.pairwise_sqdist(x, f)
-  idx = maths.smallest_indices(maths.krum_scores(dist, f), m)
+  idx = maths.smallest_indices(maths.krum_scores(dist, f, num_neighbours), m)
   chosen = jnp.zeros(w, bool).at[idx].set(True)
   r = maths.sqdist_to_combination(dist, jnp.where(chosen, 1.0 / m, 0.0).astype(dist.dtype), finite)
   return maths.mean_of(x, idx), {"krum_selected": chosen}, r
 
 
-def _multikrum(x, key, *, f, num_selected):
+def _multikrum(x, key, *, f, num_selected, num_neighbours):
   """Mean of the num_selected rows (default W - f) with the smallest Krum scores."""
-  out, diag, _ = _multikrum_with_distances(x, key, f=f, num_selected=num_selected)
+  out, diag, _ = _multikrum_with_distances(x, key, f=f, num_selected=num_selected,
+                                           num_neighbours=num_neighbours)
   return out, diag
 
 
-def _krum_with_distances(x, key, *, f):
-  return _multikrum_with_distances(x, key, f=f, num_selected=1)
+def _krum_with_distances(x, key, *, f, num_neighbours):
+  return _multikrum_with_distances(x, key, f=f, num_selected=1, num_neighbours=num_neighbours)
 
 
-def _krum(x, key, *, f):
-  return _multikrum(x, key, f=f, num_selected=1)
+def _krum(x, key, *, f, num_neighbours):
+  return _multikrum(x, key, f=f, num_selected=1, num_neighbours=num_neighbours)
 
 
 def centered_clip(updates: PyTree, center: PyTree, tau: float | None, iters: int = 1) -> PyTree:
@@ -263,32 +264,36 @@ def gm(iters: int = 3, nu: float = 0.1, init: str = "cwmed", tol: float | None =
   return _base("gm", f, iters=iters, nu=nu, init=init, tol=tol, max_iters=max_iters)
 
 
-def krum(f: int) -> Aggregator:
+def krum(f: int, num_neighbours: int | None = None) -> Aggregator:
   """Krum: the row with the smallest Krum score.
 
-  A row's score is its summed squared distance to its W - f - 1 nearest other
-  rows.
+  A row's score is its summed squared distance to its ``num_neighbours``
+  nearest other rows: W - f - 1 by default (the original program's count);
+  Blanchard et al. (2017) sum W - f - 2.
 
   Args:
     f: number of Byzantine workers (needs W > 2f + 2).
+    num_neighbours: rows in a score (None: W - f - 1).
 
   Returns:
     The :class:`Aggregator`.
   """
-  return _base("krum", f)
+  return _base("krum", f, num_neighbours=num_neighbours)
 
 
-def multikrum(f: int, num_selected: int | None = None) -> Aggregator:
+def multikrum(f: int, num_selected: int | None = None,
+              num_neighbours: int | None = None) -> Aggregator:
   """Multi-Krum: the mean of the ``num_selected`` rows with the smallest Krum scores.
 
   Args:
     f: number of Byzantine workers (needs W > 2f + 2).
     num_selected: rows averaged (None: W - f).
+    num_neighbours: rows in a score, as in :func:`krum` (None: W - f - 1).
 
   Returns:
     The :class:`Aggregator`.
   """
-  return _base("multikrum", f, num_selected=num_selected)
+  return _base("multikrum", f, num_selected=num_selected, num_neighbours=num_neighbours)
 
 
 def centered_clipping(tau: float | None = None, iters: int = 1, init: str = "cwmed", *,

@@ -368,6 +368,7 @@ class RuleInfo(NamedTuple):
   rows_after: Optional[Callable[[int, int, Mapping[str, Any]], int]] = None
   check: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError
   meta: bool = False                   # wraps an inner rule
+  registered: bool = False             # by register(): options checked against their defaults
 
 
 def _info(build, body, min_rows, robust_rows, requirement, with_distances=None,
@@ -471,7 +472,7 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
     info = RuleInfo(builder, body, types.MappingProxyType(options), as_rows(min_rows),
                     as_rows(robust_rows if robust_rows is not None else min_rows), requirement,
                     with_distances=with_distances, stochastic=stochastic, check=check,
-                    meta=meta)
+                    meta=meta, registered=True)
     (META_AGGREGATORS if meta else AGGREGATORS)[rule_name] = info
     for alias in aliases:
       ALIASES[_canonical(alias)] = rule_name
@@ -546,7 +547,7 @@ def spec_layers(spec: str) -> list[str]:
 
 def _check_option(rule_name: str, name: str, value: Any) -> None:
   info = _TABLE.get(rule_name)
-  if info is not None and info.build.__module__ != __name__:  # a registered rule
+  if info is not None and info.registered:
     if info.check is not None:
       info.check(**{**info.options, name: value})
     else:
@@ -568,7 +569,8 @@ def _check_option(rule_name: str, name: str, value: Any) -> None:
     bad("use a positive number")
   if name == "tol" and value is not None and not (is_num and value > 0):
     bad("use a positive number, or None for a fixed number of iterations")
-  if name in ("bucket_size", "num_selected") and value is not None and not (is_int and value >= 1):
+  if name in ("bucket_size", "num_selected", "num_neighbours") and value is not None and not (
+      is_int and value >= 1):
     bad("use an integer >= 1, or None for the default")
   if name == "init" and value not in _INITS:
     bad(f"valid starting points are {list(_INITS)}")

@@ -126,11 +126,18 @@ def init_point(x: PyTree, init: str) -> PyTree:
 
 
 
-def krum_scores(dist: jax.Array, f: int) -> jax.Array:
-  """Krum score per row: sum of squared distances to its W-f-1 nearest others."""
+def krum_neighbours(w: int, f: int, num_neighbours: int | None = None) -> int:
+  """The nearest other rows a Krum score sums: ``num_neighbours``, or W - f - 1 (the
+  original program's count; Blanchard et al. 2017 sum W - f - 2), at most W - 1."""
+  k = w - f - 1 if num_neighbours is None else num_neighbours
+  return max(0, min(k, w - 1))
+
+
+def krum_scores(dist: jax.Array, f: int, num_neighbours: int | None = None) -> jax.Array:
+  """Krum score per row: sum of squared distances to its nearest others (krum_neighbours)."""
   w = dist.shape[0]
   others = jnp.where(jnp.eye(w, dtype=bool), jnp.inf, dist)
-  nearest = jnp.sort(others, axis=1)[:, :w - f - 1]
+  nearest = jnp.sort(others, axis=1)[:, :krum_neighbours(w, f, num_neighbours)]
   return rows.nan_to_posinf(jnp.sum(nearest, axis=1))
 
 
