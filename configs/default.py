@@ -108,6 +108,17 @@ def get_config(arg=None):
   o["nnm+ctma"] = dict(keep_ties=False)  # same switch for nnm+ctma
   o.bucketing = dict(bucket_size=placeholder(int))  # s (None = floor(W / (2f)))
   o.clip = dict(tau=1.0)       # static clipping of every row to this norm
+  o.bulyan = dict(num_neighbours=placeholder(int))  # Krum's count per step (None = W - f - 2)
+  o.monna = dict(idx=0)        # the trusted worker whose nearest rows are averaged
+  o.dnc = dict(num_iters=5,    # random coordinate subsamples
+               subsample=10_000,  # coordinates per subsample
+               c=1.0)          # rows removed per subsample: c * f
+  o.signguard = dict(lower=0.1, upper=3.0,  # kept norms: [lower, upper] x the median norm
+                     linkage="average")  # clustering of the sign statistics
+  o.clustering = dict(linkage="complete")  # agglomerative linkage on cosine distances
+  o.clipped_clustering = dict(linkage="average",  # as clustering, after clipping every row
+                              max_tau=1e5)  # to the median norm (at most max_tau)
+  o.flame = dict(noise=0.001)  # Gaussian noise, times the median norm (0: none)
 
   c.attack = ml_collections.ConfigDict()
   c.attack.name = "sf"         # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan,

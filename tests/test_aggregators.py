@@ -471,7 +471,7 @@ def test_ctma_distance_passes(monkeypatch, spec, passes):
   # its centre unless the inner rule knows them (krum's pairwise distances),
   # and only then puts the centre behind a fusion barrier.
   calls, barriers = [], []
-  real, real_isolate = agg_maths.row_sqdist, agg_lib.rows.isolate
+  real, real_isolate = agg_maths.row_sqdist, rows.isolate
 
   def counting(x, center=None):
     calls.append(center is not None)
@@ -481,8 +481,8 @@ def test_ctma_distance_passes(monkeypatch, spec, passes):
     barriers.append(fn)
     return real_isolate(fn, *args)
 
-  monkeypatch.setattr(agg_lib, "_row_sqdist", counting)
-  monkeypatch.setattr(agg_lib.rows, "isolate", counting_isolate)
+  monkeypatch.setattr(agg_maths, "row_sqdist", counting)
+  monkeypatch.setattr(rows, "isolate", counting_isolate)
   x = jax.random.normal(jax.random.key(5), (W, 6))
   jax.make_jaxpr(make(spec[len("ctma("):-1]).__call__)(x)  # the inner rule's own barriers
   inner_barriers = len(barriers)
