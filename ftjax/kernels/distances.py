@@ -285,15 +285,20 @@ def _blocked_products(product, n: int, s: int, zero: jax.Array) -> jax.Array:
 
   Up to GRAM_UNROLL blocks are written out and added as a balanced tree;
   beyond that a loop adds groups of GRAM_UNROLL blocks, and the columns after
-  the last full group are written out.
+  the last full group are written out. The loop's running sum is compensated
+  (Kahan), so that hundreds of groups add no more rounding than a few.
   """
   group = GRAM_UNROLL * s
   groups = n // group if n > group else 0
   total = zero
   if groups:
-    def body(i, acc):
-      return acc + sum_rows([product(i * group + j * s, s) for j in range(GRAM_UNROLL)])
-    total = jax.lax.fori_loop(0, groups, body, zero)
+    def body(i, carry):
+      acc, comp = carry
+      term = sum_rows([product(i * group + j * s, s) for j in range(GRAM_UNROLL)]) - comp
+      new = acc + term
+      return new, (new - acc) - term
+
+    total, _ = jax.lax.fori_loop(0, groups, body, (zero, zero))
   start = groups * group
   bounds = list(range(start, n, s)) + [n]
   parts = [product(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
