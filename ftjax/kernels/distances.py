@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import kernels as kernels_lib
-from ftjax.kernels._base import _cpu, nan_to_posinf, sum_rows
+from ftjax.kernels._base import UNROLL_MAX_ROWS, _cpu, nan_to_posinf, sum_rows
 
 PyTree = Any
 
@@ -201,7 +201,7 @@ def _finite_mean(x: jax.Array) -> jax.Array:
   w = x.shape[0]
   scale = jnp.asarray(1.0 / w, x.dtype)
   terms = jnp.where(jnp.isfinite(x), x * scale, jnp.zeros((), x.dtype))
-  if _cpu() and w <= 320:  # an unrolled sum: XLA:CPU reduces a leading axis slowly
+  if _cpu() and w <= UNROLL_MAX_ROWS:  # XLA:CPU reduces a leading axis slowly
     return sum_rows([terms[i] for i in range(w)])
   return jnp.sum(terms, axis=0)
 
