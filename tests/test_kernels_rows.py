@@ -331,6 +331,18 @@ def test_gram_default_slices_float64_and_leaf_shape():
     np.testing.assert_allclose(got, flat @ flat.T, rtol=1e-5, atol=1e-6)
 
 
+def test_gram_many_groups_keeps_float32_rounding_small(small_slices):
+  # 4000 loop steps (groups of three 16-column blocks) adding positive
+  # entries: a plain running sum over them drifts by about 1e-6 relative; the
+  # compensated one stays near one group's rounding (a few 1e-8).
+  y = np.random.default_rng(9).random((3, 48 * 4000)).astype(np.float32)
+  y64 = y.astype(np.float64)
+  expected = y64 @ y64.T
+  with kernels.use("cpu"):
+    got = np.asarray(jax.jit(rows.gram)(jnp.asarray(y)), np.float64)
+  assert np.max(np.abs(got - expected) / expected) < 2e-7
+
+
 def _np_pairwise(x):
   """|x_i - x_j|^2 in float64 from the differences (the definition), +inf for non-finite rows."""
   x64 = x.reshape(len(x), -1).astype(np.float64)

@@ -9,6 +9,10 @@ import jax.numpy as jnp
 
 from ftjax import kernels as kernels_lib
 
+# Up to this many rows sums are unrolled; beyond, a matrix-vector product keeps
+# compile time bounded.
+UNROLL_MAX_ROWS = 320
+
 
 def _cpu() -> bool:
   return kernels_lib.current() == "cpu"

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import kernels as kernels_lib
-from ftjax.kernels._base import _cpu, nan_to_posinf, sum_rows
+from ftjax.kernels._base import UNROLL_MAX_ROWS, _cpu, nan_to_posinf, sum_rows
 
 PyTree = Any
 
@@ -201,7 +201,7 @@ def _finite_mean(x: jax.Array) -> jax.Array:
   w = x.shape[0]
   scale = jnp.asarray(1.0 / w, x.dtype)
   terms = jnp.where(jnp.isfinite(x), x * scale, jnp.zeros((), x.dtype))
-  if _cpu() and w <= 320:  # an unrolled sum: XLA:CPU reduces a leading axis slowly
+  if _cpu() and w <= UNROLL_MAX_ROWS:  # XLA:CPU reduces a leading axis slowly
     return sum_rows([terms[i] for i in range(w)])
   return jnp.sum(terms, axis=0)
 
@@ -285,15 +285,20 @@ def _blocked_products(product, n: int, s: int, zero: jax.Array) -> jax.Array:
 
   Up to GRAM_UNROLL blocks are written out and added as a balanced tree;
   beyond that a loop adds groups of GRAM_UNROLL blocks, and the columns after
-  the last full group are written out.
+  the last full group are written out. The loop's running sum is compensated
+  (Kahan), so that hundreds of groups add no more rounding than a few.
   """
   group = GRAM_UNROLL * s
   groups = n // group if n > group else 0
   total = zero
   if groups:
-    def body(i, acc):
-      return acc + sum_rows([product(i * group + j * s, s) for j in range(GRAM_UNROLL)])
-    total = jax.lax.fori_loop(0, groups, body, zero)
+    def body(i, carry):
+      acc, comp = carry
+      term = sum_rows([product(i * group + j * s, s) for j in range(GRAM_UNROLL)]) - comp
+      new = acc + term
+      return new, (new - acc) - term
+
+    total, _ = jax.lax.fori_loop(0, groups, body, (zero, zero))
   start = groups * group
   bounds = list(range(start, n, s)) + [n]
   parts = [product(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]

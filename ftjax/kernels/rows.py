@@ -104,7 +104,8 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import kernels as kernels_lib
-from ftjax.kernels._base import _cpu, _row_shape, nan_to_posinf, sum_rows  # noqa: F401
+from ftjax.kernels._base import (  # noqa: F401
+    UNROLL_MAX_ROWS, _cpu, _row_shape, nan_to_posinf, sum_rows)
 # The order statistics and the reductions over coordinates live in their own
 # modules; their public names are reachable from here.
 from ftjax.kernels.select import (  # noqa: F401
@@ -115,9 +116,6 @@ from ftjax.kernels.distances import (  # noqa: F401
 
 PyTree = Any
 
-# Up to this many rows sums are unrolled; beyond, a matrix-vector product keeps
-# compile time bounded.
-UNROLL_MAX_ROWS = 320
 # A plain mean is a matrix-vector product above this many rows: XLA:CPU's
 # multithreaded product then reads the rows faster than one fused sum of them.
 MEAN_UNROLL_MAX_ROWS = 128
