@@ -54,11 +54,20 @@ def test_hostile_rows_have_the_promised_contents():
 
 ROBUST = [s for s in stress.default_specs() if s != "avg"]
 
+# Peers' rules that leave the honest spread by their definition (docs/aggregators.md):
+# CGE averages the W - f smallest rows, so rows of denormal size are always kept and pull
+# the mean towards zero; Clustering compares directions only, so rows in the honest
+# direction scaled to 1e30 join the honest cluster.
+KNOWN_OUTSIDE_BELOW_A_THIRD = {("cge", "denormal")}
+KNOWN_OUTSIDE_AT_THE_EDGE = {("cge", "denormal"), ("ctma(cge)", "denormal"),
+                             ("clustering", "1e30"), ("clustering", "1e38"),
+                             ("clustering", "mix")}
+
 
 def test_every_rule_stays_within_the_honest_spread_below_a_third():
   cells = stress.table(ROBUST, settings=[(17, 4)], dtypes=[np.float32])
-  outside = [(c.spec, c.dtype, c.kind, c.spread) for c in cells if not c.passed]
-  assert not outside
+  outside = {(c.spec, c.kind) for c in cells if not c.passed}
+  assert outside == KNOWN_OUTSIDE_BELOW_A_THIRD
 
 
 def test_at_the_breakdown_edge_every_rule_stays_finite_and_bounded():
@@ -72,6 +81,9 @@ def test_at_the_breakdown_edge_every_rule_stays_finite_and_bounded():
     if c.refused:
       continue
     assert c.spread.finite, (c.spec, c.kind)
+    if (c.spec, c.kind) in KNOWN_OUTSIDE_AT_THE_EDGE:
+      assert c.spread.ball_ratio >= 2, (c.spec, c.kind, c.spread)  # the list stays true
+      continue
     assert c.spread.ball_ratio < 2, (c.spec, c.kind, c.spread)
     if c.spec.startswith(("ctma(", "nnm", "cwtm", "cwmed")):
       assert c.passed, (c.spec, c.kind, c.spread)
