@@ -37,21 +37,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import attack_maths as maths
+from ftjax import attack_search as search
 from ftjax import registry
-from ftjax.kernels import rows as rows_lib
+from ftjax.attack_maths import alie_z  # noqa: F401  (public here)
 
 PyTree = Any
 Aggregator = Callable[[PyTree, jax.Array], tuple]
 
 # The inverse golden ratio, the shrink factor of golden-section search.
-_INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
+maths.INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +149,11 @@ class Attack:
         if f:
           raise ValueError(f"Attack {self.name!r} sends the Byzantine workers' own updates: "
                            f"pass them as `own` with leading axis f={f}.")
-        own = _empty_rows(honest)
+        own = maths.empty_rows(honest)
       else:
         _check_own(own, honest, f, self.name)
     if f == 0:
-      return _empty_rows(honest)
+      return maths.empty_rows(honest)
     if self.draw_fn is None:
       rows = self.fn(honest, own, key, ctx, num_honest, f)
     else:
@@ -183,38 +184,6 @@ def flip_labels(labels: jax.Array, num_classes: int) -> jax.Array:
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
   return (num_classes - 1 - labels).astype(labels.dtype)
-
-
-def alie_z(num_workers: int, num_byzantine: int) -> float:
-  """The ALIE scale of "A little is enough" (Baruch et al., 2019): ``z = Phi^{-1}((m - f - s) / (m - f))``.
-
-  With ``s = floor(m / 2 + 1) - f`` and Phi the standard normal CDF; 1.2206 for
-  m = 17, f = 8.
-
-  Args:
-    num_workers: m, all workers (honest and Byzantine).
-    num_byzantine: f.
-
-  Returns:
-    z as a Python float.
-
-  Raises:
-    ValueError: when the counts are invalid or the quantile falls outside
-      (0, 1), where the formula has no finite value.
-  """
-  for what, v in (("num_workers", num_workers), ("num_byzantine", num_byzantine)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-      raise ValueError(f"{what} must be an integer, got {v!r}.")
-  m, f = int(num_workers), int(num_byzantine)
-  if not 0 <= f < m:
-    raise ValueError(f"Need 0 <= num_byzantine < num_workers, got m={m}, f={f}.")
-  s = math.floor(m / 2 + 1) - f
-  q = (m - f - s) / (m - f)
-  if not 0.0 < q < 1.0:
-    raise ValueError(
-        f"The ALIE formula gives the quantile (m - f - s)/(m - f) = {q:.4g} for m={m}, f={f}, "
-        "outside (0, 1); pass an explicit z, e.g. make_attack('alie', z=1.0).")
-  return statistics.NormalDist().inv_cdf(q)
 
 
 def canonical_name(name: str) -> str:
@@ -321,45 +290,6 @@ def _check_own(own: PyTree, honest: PyTree, f: int, name: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# Tree arithmetic (norms are global over leaves)
-
-
-def _acc_dtype(tree: PyTree):
-  """Accumulate norms in float64 when the tree is float64, else float32."""
-  if any(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(tree)):
-    return jnp.float64
-  return jnp.float32
-
-
-def _empty_rows(honest: PyTree) -> PyTree:
-  return jax.tree.map(lambda h: jnp.zeros((0,) + h.shape[1:], h.dtype), honest)
-
-
-def _mean(rows: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: jnp.mean(x, axis=0), rows)
-
-
-def _std(rows: PyTree) -> PyTree:
-  # ddof=1: ALIE estimates the spread of the honest distribution from H samples.
-  return jax.tree.map(lambda x: jnp.std(x, axis=0, ddof=1), rows)
-
-
-def _sq_norm(tree: PyTree, acc) -> jax.Array:
-  return rows_lib.coordinate_sum(
-      sum(jnp.sum(jnp.square(x.astype(acc))) for x in jax.tree.leaves(tree)))
-
-
-def _repeat(row: PyTree, f: int) -> PyTree:
-  return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (f,) + x.shape), row)
-
-
-def _along(base: PyTree, direction: PyTree, scale: jax.Array) -> PyTree:
-  """``base + scale * direction`` leaf by leaf, in the leaves' dtypes."""
-  return jax.tree.map(lambda b, d: (b + scale.astype(d.dtype) * d).astype(d.dtype),
-                      base, direction)
-
-
-# --------------------------------------------------------------------------
 # Attack bodies. Each builder takes the resolved options and returns
 # fn(honest, own, key, ctx, num_honest, f) -> rows with leading axis f; an
 # attack with a draw builder (_Spec.draw) gets its random values as a last
@@ -377,15 +307,15 @@ def _build_sf(**_):
 
 def _build_ipm(eps):
   def fn(honest, own, key, ctx, h, f):
-    return _repeat(jax.tree.map(lambda m: -eps * m, _mean(honest)), f)
+    return maths.repeat(jax.tree.map(lambda m: -eps * m, maths.mean(honest)), f)
   return fn
 
 
 def _build_alie(z):
   def fn(honest, own, key, ctx, h, f):
-    scale = alie_z(h + f, f) if z is None else z
-    row = jax.tree.map(lambda m, s: m - scale * s, _mean(honest), _std(honest))
-    return _repeat(row, f)
+    scale = maths.alie_z(h + f, f) if z is None else z
+    row = jax.tree.map(lambda m, s: m - scale * s, maths.mean(honest), maths.std(honest))
+    return maths.repeat(row, f)
   return fn
 
 
@@ -394,7 +324,7 @@ def _build_mimic(index):
     if index >= h:
       raise ValueError(f"mimic.index={index} but there are only {h} honest rows; "
                        f"use an index in [0, {h - 1}].")
-    return _repeat(jax.tree.map(lambda x: x[index], honest), f)
+    return maths.repeat(jax.tree.map(lambda x: x[index], honest), f)
   return fn
 
 
@@ -424,179 +354,6 @@ def _build_constant(value):
   def fn(honest, own, key, ctx, h, f):
     return jax.tree.map(lambda x: jnp.full((f,) + x.shape[1:], value, x.dtype), honest)
   return fn
-
-
-def _line_search(honest, base, direction, f, aggregator, key, grid, refine_steps,
-                 batch_size):
-  """The scale s maximising ||agg(honest + f x (base + s direction)) - mean(honest)||.
-
-  A fixed grid (vmapped, or lax.map in chunks of ``batch_size``) followed by
-  ``refine_steps`` golden-section steps inside the grid cell pair around the
-  best grid point. The refinement only replaces the grid winner when it does
-  strictly better, so the result is never worse than any grid candidate.
-  """
-  acc = _acc_dtype(honest)
-  mu = _mean(honest)
-
-  def damage(s):
-    row = _along(base, direction, s)
-    rows = jax.tree.map(lambda x, r: jnp.concatenate([x, jnp.broadcast_to(r[None], (f,) + r.shape)]),
-                        honest, row)
-    out, _ = aggregator(rows, key)
-    dist = jnp.sqrt(_sq_norm(jax.tree.map(lambda o, m: o.astype(acc) - m.astype(acc), out, mu),
-                             acc))
-    # A NaN aggregate says nothing about distance; never let it win the argmax.
-    return jnp.where(jnp.isnan(dist), -jnp.inf, dist)
-
-  grid_a = jnp.asarray(grid, acc)
-  if batch_size is None or batch_size >= len(grid):
-    values = jax.vmap(damage)(grid_a)
-  else:
-    values = jax.lax.map(damage, grid_a, batch_size=batch_size)
-  i = jnp.argmax(values)
-  best_s, best_v = grid_a[i], values[i]
-  if not refine_steps:
-    return best_s
-
-  n = len(grid)
-  lo = grid_a[jnp.maximum(i - 1, 0)]
-  hi = grid_a[jnp.minimum(i + 1, n - 1)]
-  x1 = hi - _INV_PHI * (hi - lo)
-  x2 = lo + _INV_PHI * (hi - lo)
-  unknown = jnp.full([], -jnp.inf, values.dtype)
-
-  # Steps 0 and 1 evaluate the two interior points, later steps are golden-section
-  # steps; one aggregator call per step keeps a single copy of it in the loop body.
-  def step(k, carry):
-    lo, hi, x1, x2, v1, v2 = carry
-    keep_left = v1 >= v2  # the maximum lies in [lo, x2]
-    g_lo = jnp.where(keep_left, lo, x1)
-    g_hi = jnp.where(keep_left, x2, hi)
-    x_gold = jnp.where(keep_left, g_hi - _INV_PHI * (g_hi - g_lo),
-                       g_lo + _INV_PHI * (g_hi - g_lo))
-    v = damage(jnp.where(k == 0, x1, jnp.where(k == 1, x2, x_gold)))
-    golden = (g_lo, g_hi,
-              jnp.where(keep_left, x_gold, x2), jnp.where(keep_left, x1, x_gold),
-              jnp.where(keep_left, v, v2), jnp.where(keep_left, v1, v))
-    start = (lo, hi, x1, x2, jnp.where(k == 0, v, v1), jnp.where(k == 1, v, v2))
-    return jax.tree.map(lambda a, b: jnp.where(k >= 2, a, b), golden, start)
-
-  _, _, x1, x2, v1, v2 = jax.lax.fori_loop(0, refine_steps + 2, step,
-                                           (lo, hi, x1, x2, unknown, unknown))
-  x_ref, v_ref = jnp.where(v1 >= v2, x1, x2), jnp.maximum(v1, v2)
-  return jnp.where(v_ref > best_v, x_ref, best_s)
-
-
-def _search_grid(low, high, num_candidates, reference):
-  """The static candidate scales: an even grid plus the reference scale."""
-  grid = np.linspace(low, high, num_candidates)
-  if reference is not None and np.isfinite(reference):
-    # Always trying the fixed attack's scale guarantees the search is at least as damaging.
-    grid = np.unique(np.append(grid, reference))
-  return grid
-
-
-def _build_optimal(kind, low, high, num_candidates, refine_steps, batch_size):
-  def fn(honest, own, key, ctx, h, f):
-    mu = _mean(honest)
-    if kind == "ipm":
-      base = jax.tree.map(jnp.zeros_like, mu)
-      direction = jax.tree.map(jnp.negative, mu)
-      reference = _IPM_REFERENCE_EPS
-    else:
-      base = mu
-      direction = jax.tree.map(jnp.negative, _std(honest))
-      try:
-        reference = alie_z(h + f, f)
-      except ValueError:
-        reference = None
-    grid = _search_grid(low, high, num_candidates, reference)
-    scale = _line_search(honest, base, direction, f, ctx.aggregator, key, grid,
-                         refine_steps, batch_size)
-    return _repeat(_along(base, direction, scale), f)
-  return fn
-
-
-def _centered_gram(honest, acc):
-  """Gram matrix of the centred honest rows, summed over leaves: [H, H]."""
-  mu = _mean(honest)
-  gram = 0.0
-  for x, m in zip(jax.tree.leaves(honest), jax.tree.leaves(mu)):
-    c = (x.astype(acc) - m.astype(acc)).reshape(x.shape[0], -1)
-    gram = gram + jnp.matmul(c, c.T, precision=jax.lax.Precision.HIGHEST)
-  return rows_lib.coordinate_sum(gram)
-
-
-def _build_min_distance(kind, perturbation, solver, gamma_init, steps):
-  """min_max / min_sum of Shejwalkar and Houmansadr (NDSS 2021).
-
-  With c_i = h_i - mu and p the perturbation, ||mu + g p - h_i||^2 is the
-  quadratic a_i + 2 g b_i + g^2 |p|^2 in g (a_i = |c_i|^2, b_i = -<c_i, p>),
-  so after one pass over the rows every feasibility test is O(H) scalars.
-  """
-  def fn(honest, own, key, ctx, h, f):
-    acc = _acc_dtype(honest)
-    mu = _mean(honest)
-    if perturbation == "unit":
-      norm = jnp.sqrt(_sq_norm(mu, acc))
-      inv = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
-      p = jax.tree.map(lambda m: -(m.astype(acc) * inv), mu)
-    elif perturbation == "std":
-      p = jax.tree.map(lambda s: -s.astype(acc), _std(honest))
-    else:
-      p = jax.tree.map(lambda m: -jnp.sign(m).astype(acc), mu)
-
-    gram = _centered_gram(honest, acc)
-    a = jnp.diagonal(gram)
-    sq_dists = jnp.maximum(a[:, None] + a[None, :] - 2.0 * gram, 0.0)
-    b = -rows_lib.coordinate_sum(sum(
-        jnp.matmul((x.astype(acc) - m.astype(acc)).reshape(h, -1), q.reshape(-1),
-                   precision=jax.lax.Precision.HIGHEST)
-        for x, m, q in zip(jax.tree.leaves(honest), jax.tree.leaves(mu), jax.tree.leaves(p))))
-    c = _sq_norm(p, acc)
-    if kind == "min_max":
-      threshold = jnp.max(sq_dists)
-      def excess(g):  # max_i |mal - h_i|^2 - max_{i,j} |h_i - h_j|^2
-        return jnp.max(a + 2.0 * g * b + g * g * c) - threshold
-    else:
-      threshold = jnp.max(jnp.sum(sq_dists, axis=1))
-      a_sum, b_sum = jnp.sum(a), jnp.sum(b)
-      def excess(g):  # sum_i |mal - h_i|^2 - max_k sum_j |h_k - h_j|^2
-        return a_sum + 2.0 * g * b_sum + h * g * g * c - threshold
-
-    if solver == "exact":
-      safe_c = jnp.where(c > 0, c, 1.0)
-      if kind == "min_max":
-        roots = (-b + jnp.sqrt(jnp.maximum(b * b - c * (a - threshold), 0.0))) / safe_c
-        gamma = jnp.min(roots)
-      else:
-        gamma = (-b_sum + jnp.sqrt(jnp.maximum(b_sum * b_sum - h * c * (a_sum - threshold),
-                                               0.0))) / (h * safe_c)
-      gamma = jnp.where(c > 0, jnp.maximum(gamma, 0.0), 0.0)
-    else:
-      # Grow the bracket by doubling (fixed count), then bisect (fixed count);
-      # `lo` stays feasible throughout, and it is what we send.
-      def grow(_, carry):
-        lo, hi = carry
-        ok = excess(hi) <= 0
-        return jnp.where(ok, hi, lo), jnp.where(ok, 2.0 * hi, hi)
-      lo, hi = jax.lax.fori_loop(0, _GROW_STEPS, grow,
-                                 (jnp.zeros([], acc), jnp.asarray(gamma_init, acc)))
-      def bisect(_, carry):
-        lo, hi = carry
-        mid = 0.5 * (lo + hi)
-        ok = excess(mid) <= 0
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-      gamma, _ = jax.lax.fori_loop(0, steps, bisect, (lo, hi))
-    row = jax.tree.map(lambda m, q: m.astype(acc) + gamma * q, mu, p)
-    return _repeat(row, f)
-  return fn
-
-
-# The original program's IPM eps: ipm's default, and a scale optimal_ipm always tries.
-_IPM_REFERENCE_EPS = 0.5
-# Doublings of gamma_init allowed when bracketing min-max/min-sum's gamma.
-_GROW_STEPS = 40
 
 
 # --------------------------------------------------------------------------
@@ -667,7 +424,7 @@ class _Spec(NamedTuple):
 
 def _search_spec(name, kind):
   return _Spec(
-      name, lambda **o: _build_optimal(kind, **o),
+      name, lambda **o: search.build_optimal(kind, **o),
       defaults=dict(low=0.0, high=10.0, num_candidates=21, refine_steps=8, batch_size=None),
       checks=dict(low=_finite, high=_finite, num_candidates=_int_at_least(2),
                   refine_steps=_int_at_least(0), batch_size=_optional(_int_at_least(1))),
@@ -676,7 +433,7 @@ def _search_spec(name, kind):
 
 def _distance_spec(name):
   return _Spec(
-      name, lambda **o: _build_min_distance(name, **o),
+      name, lambda **o: search.build_min_distance(name, **o),
       defaults=dict(perturbation="unit", solver="bisection", gamma_init=10.0, steps=40),
       checks=dict(perturbation=_choice("unit", "std", "sign"),
                   solver=_choice("bisection", "exact"), gamma_init=_positive,
@@ -684,7 +441,7 @@ def _distance_spec(name):
       min_honest=2)
 
 
-_IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=_IPM_REFERENCE_EPS), checks=dict(eps=_finite))
+_IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=maths.IPM_REFERENCE_EPS), checks=dict(eps=_finite))
 _ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optional(_nonnegative)),
               min_honest=2)
 _OPTIMAL_IPM = _search_spec("optimal_ipm", "ipm")

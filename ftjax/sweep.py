@@ -482,6 +482,53 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     _append_status(workdir, entry)
     status[(run.cell, run.seed)] = entry
 
+  todo = _todo(sweep, workdir, status, failures, retry_failed, record)
+  for cell in sweep.cells:  # cells finished before this call
+    if not any((cell.name, r.seed) in todo for r in cell.runs):
+      table.line(cell, workdir, status)
+
+  # The bar counts the rounds this call trains: rounds restored from checkpoints
+  # and those of runs that stop early leave its total, so its rate is a training rate.
+  bar = tqdm.tqdm(total=sum(r.config.num_steps for r in todo.values()), unit="round",
+                  dynamic_ncols=True, disable=not progress, file=sys.stderr, desc=sweep.name)
+  families = attack_families(sweep, failures)
+  programs = loop_lib.ProgramCache() if programs is None else programs
+  known, batches = programs.compiled, 0
+  try:
+    for cell in sweep.cells:
+      for slots in _batches(cell, todo, failures, widths, sweep, mesh):
+        batches += 1
+        loaded = next((datasets[(cell.name, r.seed)] for r in slots
+                       if r is not None and (cell.name, r.seed) in datasets), None)
+        results = train.train_runs(
+            [r and r.config for r in slots], [r and os.path.join(workdir, r.workdir)
+                                              for r in slots],
+            loaded, model, programs=programs, on_rounds=_Rounds(bar), note=write,
+            devices=sweep.devices, attacks=families[cell.name])
+        for run, result in zip(slots, results):
+          if run is not None:
+            record(run, "" if result.error is None else " ".join(str(result.error).split()))
+          if run is not None and result.error is not None:
+            _shrink(bar, run.config.num_steps - result.metrics.get("step", 0))
+      if any((cell.name, r.seed) in todo for r in cell.runs):
+        table.line(cell, workdir, status)
+  except KeyboardInterrupt:
+    bar.close()
+    results_lib.write_results(workdir)
+    raise
+  bar.close()
+  csv_path, md_path = results_lib.write_results(workdir)
+  write(f"Compiled {programs.compiled - known} programs (initialisation, chunks, evaluation) "
+        f"for {batches} batches of runs; results in {csv_path} and {md_path}.")
+  return {"compilations": programs.compiled - known, "status": status}
+
+
+def _todo(sweep: Sweep, workdir: str, status: dict, failures: dict, retry_failed: bool,
+          record) -> dict:
+  """The runs to train now, by (cell, seed): not finished, and not failed unless retried.
+
+  A run that failed validation is recorded as failed (again, if its reason changed).
+  """
   todo = {}
   for cell in sweep.cells:
     for run in cell.runs:
@@ -493,62 +540,24 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
       elif not ((previous and previous["status"] == "ok" and _finished(run, workdir))
                 or (previous and previous["status"] == "failed" and not retry_failed)):
         todo[key] = run
-  for cell in sweep.cells:  # cells finished before this call
-    if not any((cell.name, r.seed) in todo for r in cell.runs):
-      table.line(cell, workdir, status)
+  return todo
 
-  # The bar counts the rounds this call trains: rounds restored from checkpoints
-  # and those of runs that stop early leave its total, so its rate is a training rate.
-  bar = tqdm.tqdm(total=sum(r.config.num_steps for r in todo.values()), unit="round",
-                  dynamic_ncols=True, disable=not progress, file=sys.stderr, desc=sweep.name)
-  families = attack_families(sweep, failures)
-  programs = loop_lib.ProgramCache() if programs is None else programs
-  known = programs.compiled
-  batches = 0
-  try:
-    for cell in sweep.cells:
-      runs = [r for r in cell.runs if (cell.name, r.seed) in todo]
-      if not runs:
-        continue
-      shapes = {widths.get((cell.name, r.seed)) for r in cell.runs
-                if (cell.name, r.seed) not in failures}
-      # Seeds of a cell share one program, unless their per-worker partitions differ in shape.
-      size = min(sweep.max_batch, len(cell.runs)) if len(shapes) <= 1 else 1
-      if mesh is not None:  # a batch fills every device (empty slots pad it)
-        size = -(-size // mesh.devices.size) * mesh.devices.size
-      for start in range(0, len(cell.runs), size):
-        batch = cell.runs[start:start + size]
-        slots = [r if (cell.name, r.seed) in todo else None for r in batch]
-        slots += [None] * (size - len(slots))  # the last batch keeps the program's shape
-        if not any(slots):
-          continue
-        batches += 1
-        loaded = next((datasets[(cell.name, r.seed)] for r in slots
-                       if r is not None and (cell.name, r.seed) in datasets), None)
-        results = train.train_runs(
-            [r and r.config for r in slots], [r and os.path.join(workdir, r.workdir)
-                                              for r in slots],
-            loaded, model, programs=programs, on_rounds=_Rounds(bar), note=write,
-            devices=sweep.devices, attacks=families[cell.name])
-        for run, result in zip(slots, results):
-          if run is None:
-            continue
-          if result.error is not None:
-            reason = " ".join(str(result.error).split())
-            record(run, reason)
-            _shrink(bar, run.config.num_steps - result.metrics.get("step", 0))
-          else:
-            record(run)
-      table.line(cell, workdir, status)
-  except KeyboardInterrupt:
-    bar.close()
-    results_lib.write_results(workdir)
-    raise
-  bar.close()
-  csv_path, md_path = results_lib.write_results(workdir)
-  write(f"Compiled {programs.compiled - known} programs (initialisation, chunks, evaluation) "
-        f"for {batches} batches of runs; results in {csv_path} and {md_path}.")
-  return {"compilations": programs.compiled - known, "status": status}
+
+def _batches(cell: Cell, todo: dict, failures: dict, widths: dict, sweep: Sweep, mesh):
+  """The cell's runs to train, in batches of slots (None: an empty slot)."""
+  if not any((cell.name, r.seed) in todo for r in cell.runs):
+    return
+  shapes = {widths.get((cell.name, r.seed)) for r in cell.runs
+            if (cell.name, r.seed) not in failures}
+  # Seeds of a cell share one program, unless their per-worker partitions differ in shape.
+  size = min(sweep.max_batch, len(cell.runs)) if len(shapes) <= 1 else 1
+  if mesh is not None:  # a batch fills every device (empty slots pad it)
+    size = -(-size // mesh.devices.size) * mesh.devices.size
+  for start in range(0, len(cell.runs), size):
+    slots = [r if (cell.name, r.seed) in todo else None for r in cell.runs[start:start + size]]
+    slots += [None] * (size - len(slots))  # the last batch keeps the program's shape
+    if any(slots):
+      yield slots
 
 
 def main(argv, command: str = "python -m ftjax.sweep"):
