@@ -420,6 +420,7 @@ class _Spec(NamedTuple):
   min_honest: int = 1
   cross_check: Optional[Callable] = None
   draw: Optional[Callable] = None      # (**options) -> draw(honest, key, f): random values
+  module: str = __name__               # where it is defined (a user's module, if registered)
 
 
 def _search_spec(name, kind):
@@ -471,6 +472,11 @@ ATTACKS: dict[str, _Spec] = {
 }
 
 
+def shipped() -> dict[str, "_Spec"]:
+  """The attack names (aliases included) that ftjax itself defines."""
+  return {name: spec for name, spec in ATTACKS.items() if spec.module.startswith("ftjax.")}
+
+
 # --------------------------------------------------------------------------
 # Your own attacks: one function and one registration
 
@@ -517,7 +523,7 @@ def register(name: Optional[str] = None, *, uses_own_updates: bool = False,
     checks = {opt: (lambda what, v, d=d: registry.check_like_default(what, v, d))
               for opt, d in defaults.items()}
     spec = _Spec(key, build, defaults, checks, uses_own_updates=uses_own_updates,
-                 needs_aggregator=needs_aggregator, min_honest=min_honest)
+                 needs_aggregator=needs_aggregator, min_honest=min_honest, module=fn.__module__)
     for alias in (key,) + tuple(aliases):
       ATTACKS[alias.strip().lower().replace("-", "_")] = spec
     return fn

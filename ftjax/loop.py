@@ -286,12 +286,17 @@ def _one_run(compile_runs: Callable) -> Callable:
   def drop(tree):
     return jax.tree.map(lambda a: a[0], tree)
 
+  def add_to_data(data):  # the partition table is per run, so it gets the runs axis too
+    return data if data.table is None else data._replace(table=data.table[None],
+                                                         sizes=data.sizes[None])
+
   wrapped = {}  # one wrapper per compiled chunk, so a cached chunk comes back as itself
 
   def compile_chunk(state, data, length):
-    chunk = compile_runs(add(state), data, length)
+    chunk = compile_runs(add(state), add_to_data(data), length)
     if chunk not in wrapped:
-      wrapped[chunk] = chunk._replace(run=lambda s, d: tuple(map(drop, chunk.run(add(s), d))))
+      wrapped[chunk] = chunk._replace(
+          run=lambda s, d: tuple(map(drop, chunk.run(add(s), add_to_data(d)))))
     return wrapped[chunk]
 
   return compile_chunk

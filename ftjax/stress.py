@@ -197,8 +197,8 @@ def check(aggregator: agg_lib.Aggregator, num_workers: int, *, dim: int = 50,
 
 def default_specs() -> list[str]:
   """Every base rule; every meta-aggregator over cwtm; CTMA over every robust base rule."""
-  bases = list(agg_lib.AGGREGATORS)
-  metas = [f"{m}(cwtm)" for m in agg_lib.META_AGGREGATORS]
+  bases = list(agg_lib.shipped(agg_lib.AGGREGATORS))
+  metas = [f"{m}(cwtm)" for m in agg_lib.shipped(agg_lib.META_AGGREGATORS)]
   over = [f"ctma({b})" for b in bases if b not in ("avg", "cwtm")]
   return bases + metas + over
 

@@ -736,7 +736,7 @@ def test_one_table_of_defaults():
   assert dict(agg_lib.DEFAULT_OPTIONS["centered_clipping"]) == {
       "tau": None, "iters": 1, "init": "cwmed"}
   assert agg_lib.AGGREGATORS["gm"].options is agg_lib.DEFAULT_OPTIONS["gm"]
-  for name, info in {**agg_lib.AGGREGATORS, **agg_lib.META_AGGREGATORS}.items():
+  for name, info in agg_lib.shipped({**agg_lib.AGGREGATORS, **agg_lib.META_AGGREGATORS}).items():
     assert set(agg_lib.DEFAULT_OPTIONS[name]) == set(info.options), name
   # The builders' defaults are the table's.
   assert dict(agg_lib.gm().options) == dict(agg_lib.DEFAULT_OPTIONS["gm"])

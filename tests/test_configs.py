@@ -22,7 +22,7 @@ def test_default_config_echoes_every_aggregator_default():
 
 def test_default_config_echoes_every_attack_default():
   options = default.get_config().attack.options.to_dict()
-  with_options = {name for name, spec in attacks.ATTACKS.items()
+  with_options = {name for name, spec in attacks.shipped().items()
                   if spec.defaults and spec.name == name}  # aliases share their spec
   assert with_options <= set(options)
   for name, given in options.items():

@@ -593,7 +593,7 @@ def test_chunk_indices_are_the_rounds_of_the_epoch_shuffles(shuffle, first, leng
 def test_chunk_longer_than_the_permutation_cache_draws_the_same_rounds(monkeypatch):
   key = jax.random.key(1)
   cached = np.asarray(sampling.chunk_indices(key, 5, 30, 100, 3, 4))
-  monkeypatch.setattr(data, "_MAX_CACHED_PERMUTATION_ENTRIES", 0)
+  monkeypatch.setattr(sampling, "_MAX_CACHED_PERMUTATION_ENTRIES", 0)
   np.testing.assert_array_equal(np.asarray(sampling.chunk_indices(key, 5, 30, 100, 3, 4)), cached)
 
 

@@ -157,7 +157,7 @@ _EQUALITY = textwrap.dedent("""
     own = jax.tree.map(lambda l: l[w - f:], x)
     ctx = attacks.AttackContext(num_byzantine=f, num_classes=10,
                                 aggregator=aggregators.make_aggregator("ctma(cwtm)", f))
-    cases = [(n, {}) for n in sorted({a.name for a in attacks.ATTACKS.values()})]
+    cases = [(n, {}) for n in sorted({a.name for a in attacks.shipped().values()})]
     cases += [("min_max", {"perturbation": "std", "solver": "exact"}),
               ("min_sum", {"perturbation": "sign"}), ("gaussian", {"center": "zero"})]
     built = [attacks.make_attack(n, **o) for n, o in cases]
@@ -243,7 +243,7 @@ def test_a_bad_coordinate_on_one_device_marks_the_whole_row(equality):
 def test_every_attack_on_coordinate_slices_gives_the_whole_rows_result(equality):
   from ftjax import attacks
   ran = {name.split("|")[1] for name in equality if name.startswith("attack|")}
-  assert {a.name for a in attacks.ATTACKS.values()} <= ran
+  assert {a.name for a in attacks.shipped().values()} <= ran
   for name, r in equality.items():
     if name.startswith("attack|"):
       assert r["rel_diff"] <= 1e-12, (name, r)

@@ -473,3 +473,19 @@ def test_every_double_wrapping_spec_is_refused_in_one_line(name, meta, message):
 def test_the_resolved_spec_is_what_the_two_fields_say(name, meta, spec):
   setup = train.build(tiny_config(**{"aggregator.name": name, "aggregator.meta": meta}))
   assert setup.aggregator.spec == spec and setup.record["aggregator"]["spec"] == spec
+
+
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_one_state_with_a_partition_table_runs_as_its_run_does(tmp_path, loop):
+  # Found by the property search: a single state's chunk gave the per-worker table to
+  # the runs axis. The library chunk must equal the run's own training.
+  c = tiny_config(**{"data.partition": "iid_split", "loop": loop, "num_steps": 3,
+                     "eval_every": 3})
+  setup = train.build(c)
+  state = train.init_state(setup, c.seed)
+  data = train.make_device_data(setup)
+  state, metrics = train.make_chunk_fn(setup)(state, data, 3).run(state, data)
+  alone = train.train_and_evaluate(c, str(tmp_path))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(alone.state.params)):
+    np.testing.assert_array_equal(a, b)
+  assert float(metrics["train_loss"]) == pytest.approx(alone.metrics["train_loss"], rel=1e-6)

@@ -56,7 +56,8 @@ from ftjax.aggregators.base import avg, centered_clip, centered_clipping, cwmed,
 from ftjax.aggregators.base import krum, meamed, multikrum
 from ftjax.aggregators.core import AGGREGATORS, ALIASES, META_AGGREGATORS, Aggregator
 from ftjax.aggregators.core import AggregatorState, RuleInfo, canonical, make_aggregator
-from ftjax.aggregators.core import options_of, register, register_table, rule, spec_layers
+from ftjax.aggregators.core import options_of, register, register_table, rule, shipped
+from ftjax.aggregators.core import spec_layers
 from ftjax.aggregators.meta import arc, bucketing, clip, ctma, nearest_neighbour_mix, nnm
 from ftjax.aggregators.meta import nnm_ctma
 
@@ -70,5 +71,5 @@ __all__ = [
     "AggregatorState", "RuleInfo", "arc", "avg", "bucketing", "canonical", "centered_clip",
     "centered_clipping", "clip", "ctma", "cwmed", "cwtm", "gm", "krum", "make_aggregator",
     "meamed", "multikrum", "nearest_neighbour_mix", "nnm", "nnm_ctma", "options_of",
-    "register", "register_table", "rule", "spec_layers",
+    "register", "register_table", "rule", "shipped", "spec_layers",
 ]

@@ -403,6 +403,12 @@ _TABLE = collections.ChainMap(AGGREGATORS, META_AGGREGATORS)  # every rule, a li
 
 
 
+def shipped(table: Mapping[str, RuleInfo]) -> dict[str, RuleInfo]:
+  """The rules of ``table`` that ftjax itself defines (not a user's registered ones)."""
+  return {name: info for name, info in table.items()
+          if info.build.__module__.startswith("ftjax.")}
+
+
 def options_of(name: str) -> Mapping[str, Any]:
   """A rule's options and their defaults, built-in or registered."""
   return _TABLE[_canonical(name)].options
