@@ -20,6 +20,8 @@ from ftjax import models
 from ftjax import optim
 from ftjax import train
 
+pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
+
 
 def _optim_config(**overrides):
   c = default.get_config().optim

@@ -14,6 +14,8 @@ from ftjax import stress
 from ftjax import train
 from test_train import tiny_config
 
+pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
+
 # --------------------------------------------------------------------------
 # The criterion
 # --------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from ftjax import train
 from test_kernels_layers import _conv_eqns, _plain_forward
 from test_train import tiny_config
 
+pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
+
 
 def _config(workers, byzantine, chunk, **overrides):
   # Every worker's gradient is computed under sign flipping.

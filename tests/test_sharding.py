@@ -17,6 +17,8 @@ import pytest
 from ftjax import train
 from tests.test_train import tiny_config
 
+pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = textwrap.dedent("""

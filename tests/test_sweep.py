@@ -20,6 +20,8 @@ from ftjax import train
 from ftjax import policy
 from ftjax import round as round_lib
 
+pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
+
 # Compiled programs shared by the tests, as by the runs of one sweep process: the
 # tiny float32 config compiles once for the whole module.
 PROGRAMS = train.ProgramCache()

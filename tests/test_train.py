@@ -43,6 +43,7 @@ def tiny_config(**overrides):
   return c
 
 
+@pytest.mark.slow
 def test_f0_avg_sgd_step_equals_plain_minibatch_sgd():
   c = tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg", "aggregator.meta": "none",
                      "attack.name": "none", "optim.estimator": "sgd", "optim.clip": None,
@@ -68,6 +69,7 @@ def test_f0_avg_sgd_step_equals_plain_minibatch_sgd():
   assert int(new_state.step) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(attacks.ATTACKS))
 def test_every_attack_runs_through_the_step(name):
   c = tiny_config(**{"attack.name": name, "num_steps": 2, "eval_every": 2})
@@ -95,6 +97,7 @@ def _rows(workdir):
     return [json.loads(line) for line in fh]
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_metrics(tmp_path):
   c = tiny_config()
   full = str(tmp_path / "full")
@@ -112,6 +115,7 @@ def test_resume_gives_identical_metrics(tmp_path):
   assert os.path.isdir(os.path.join(parts, "checkpoints", "best"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(tmp_path):
   c = tiny_config(num_steps=3)
   train.train_and_evaluate(c, str(tmp_path))
@@ -183,6 +187,7 @@ def test_divergence_in_the_first_chunk_says_nothing_was_saved(tmp_path):
     train.train_and_evaluate(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_main_end_to_end(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config",
@@ -240,6 +245,7 @@ def test_second_chunk_does_not_recompile(loop):
   assert int(state.step) == 6 and first.flops_per_step > 0
 
 
+@pytest.mark.slow
 def test_auto_loop_scans_unless_a_convolution_would_be_slow_in_a_loop():
   # On CPU, "auto" scans when every convolution of the round is a plain one
   # (the cpu kernels) and takes the host loop for autodiff's transposed
@@ -261,6 +267,7 @@ def test_unknown_kernel_set_is_refused(tmp_path):
     train.train_and_evaluate(tiny_config(kernels="gpu"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_plain_and_cpu_kernels_train_alike_in_float64():
   # The seam's promise on the whole round: the same maths through both kernel sets.
   results = {}
@@ -321,6 +328,7 @@ def test_float64_run_leaves_64_bit_mode_off(tmp_path):
     train.build(tiny_config(dtype="float64"))
 
 
+@pytest.mark.slow
 def test_scan_and_host_loops_agree():
   results = []
   for loop in ("scan", "host"):
@@ -335,6 +343,7 @@ def test_scan_and_host_loops_agree():
   assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_recorded(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_SILENT", "true")
   c = tiny_config(**{"wandb.enabled": True, "wandb.mode": "offline", "num_steps": 2,
@@ -358,6 +367,7 @@ def test_images_too_small_for_the_model_are_refused_before_compiling(tmp_path):
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 def test_damaged_workdirs_are_refused_in_one_sentence(tmp_path):
   c = tiny_config(num_steps=3, **{"model.name": "mlp"})
   corrupt = tmp_path / "corrupt"
