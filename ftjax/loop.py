@@ -147,14 +147,14 @@ def _run_data(data: round_lib.DeviceData, r: int) -> round_lib.DeviceData:
   return data if data.table is None else data._replace(table=data.table[r], sizes=data.sizes[r])
 
 
-def make_runs_round(setup: Setup, layout: str) -> Callable:
+def make_runs_round(train_step: Callable, layout: str) -> Callable:
   """The round over a leading runs axis R: ``(states, data, indices [R, W, b])``.
 
   ``layout`` (:func:`ftjax.policy.runs_layout`): "vmap", "map" (the runs one
   after another inside the program) or "unroll" (one copy of the round per
-  run). The data is shared, except a per-run partition table.
+  run) of ``train_step`` (:func:`ftjax.round.make_round`). The data is shared,
+  except a per-run partition table.
   """
-  train_step = round_lib.make_round(setup)
 
   def step(state, data, idx):
     if layout == "vmap":
@@ -209,8 +209,8 @@ def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = Fals
     layout = runs_layout or policy.runs_layout(state.step.shape[0])
     key = ("chunk", identity, layout, length, _signature(state, data))
     build_chunk = _compile_scan if setup.loop == "scan" else _compile_host
-    return programs.get(key, lambda: build_chunk(setup, make_runs_round(setup, layout), state,
-                                                 data, length))
+    return programs.get(key, lambda: build_chunk(setup, round_lib.make_round(setup), layout,
+                                                 state, data, length))
 
   return compile_chunk
 
@@ -222,8 +222,11 @@ def _sample(setup: Setup, state, data, length: int) -> jax.Array:
   return jnp.swapaxes(indices, 0, 1)
 
 
-def _compile_scan(setup: Setup, step: Callable, state, data, length: int) -> CompiledChunk:
+def _compile_scan(setup: Setup, train_step: Callable, layout: str, state, data,
+                  length: int) -> CompiledChunk:
   """The chunk as one jitted ``lax.scan`` over its rounds, the state donated."""
+  step = make_runs_round(train_step, layout)
+
   def scan_chunk(state, data):
     state, metrics = jax.lax.scan(lambda s, idx: step(s, data, idx), state,
                                   _sample(setup, state, data, length))
@@ -238,8 +241,10 @@ def _compile_scan(setup: Setup, step: Callable, state, data, length: int) -> Com
                        *_cost(compiled), "scan", (compiled,))
 
 
-def _compile_host(setup: Setup, step: Callable, state, data, length: int) -> CompiledChunk:
+def _compile_host(setup: Setup, train_step: Callable, layout: str, state, data,
+                  length: int) -> CompiledChunk:
   """The chunk as a host loop dispatching the jitted, donated round without waiting."""
+  step = make_runs_round(train_step, layout)
   sample = functools.partial(_sample, setup, length=length)
   sampler = jax.jit(sample).lower(state, data).compile()
   indices = sharding.replicated_struct(setup.mesh, jax.eval_shape(sample, state, data))
