@@ -134,7 +134,7 @@ def _specs(quick, only):
                       {"workers": w, "chunk": None, "once": True}]
       continue
     tables["w"].append({"workers": w, "chunk": 0})
-    if w > 64:  # None: workers.chunk unset, which is 16 here (layers.worker_chunk)
+    if w > 64:  # None: workers.chunk unset, which is 16 here (policy.worker_chunk)
       tables["w"] += [{"workers": w, "chunk": 64}, {"workers": w, "chunk": None}]
   for w in (65,) if quick else (65, 257):
     # The chunked round in the host loop: what loop=auto chose for it before the rule

@@ -39,12 +39,12 @@ import jax  # pylint: disable=g-import-not-at-top
 
 from configs import default  # pylint: disable=g-import-not-at-top
 from configs.sweeps import default_24  # pylint: disable=g-import-not-at-top
+from ftjax import policy  # pylint: disable=g-import-not-at-top
 from ftjax import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
 from ftjax import train  # pylint: disable=g-import-not-at-top
-from ftjax.kernels import layers  # pylint: disable=g-import-not-at-top
 from synthetic import synthetic_dataset  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-LAYOUTS = layers.RUNS_LAYOUTS  # make_chunk_fn(runs=True, runs_layout=...)
+LAYOUTS = policy.RUNS_LAYOUTS  # make_chunk_fn(runs=True, runs_layout=...)
 
 flags.DEFINE_integer("num_steps", 100, "Rounds per run in (a), both sides (the default "
                      "config has 600).")
@@ -218,7 +218,7 @@ def main(argv):
       rows.append(f"| {name} | {num_runs} | {length} | {r['in_turn_s']:.2f} | "
                   + " | ".join(f"{r[m + '_s']:.2f}" for m in LAYOUTS) + " | "
                   + " | ".join(f"{r['speedup_' + m]:.2f}" for m in LAYOUTS) + " |")
-  chosen = ", ".join(f"`{layers.runs_layout(r)}` for R={r}" for r in (2, 4))
+  chosen = ", ".join(f"`{policy.runs_layout(r)}` for R={r}" for r in (2, 4))
   lines += ["## (b) R seeds in one program against the same seeds in turn", "",
             "One process; the unbatched chunk program and the program of R runs "
             "(`train.make_chunk_fn(setup, runs=True)`, the state stacked on a leading runs "
@@ -229,7 +229,7 @@ def main(argv):
             "seeds in turn through the unbatched program, then one chunk of all R seeds "
             f"through each program of R runs; medians over {FLAGS.batch_reps} interleaved "
             "repetitions. speed-up = time in turn / time in the program of R runs (above 1: "
-            f"faster). On this backend `ftjax.kernels.layers.runs_layout` picks "
+            f"faster). On this backend `ftjax.policy.runs_layout` picks "
             f"{chosen}.",
             "",
             "| config | R | rounds per chunk | in turn s | "
