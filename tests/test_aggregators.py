@@ -166,6 +166,7 @@ def test_cwtm_and_meamed_match_numpy():
   np.testing.assert_allclose(call("meamed", jnp.asarray(x))[0], expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_meamed_and_bucketing_above_the_network_limit_match_numpy():
   # W > NETWORK_MAX_ROWS: the CPU sort of integer keys and the bucket gather.
   w, f = 97, 20

@@ -147,6 +147,7 @@ def test_packaging_lists_every_package_and_ships_the_configs():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_by_config_name_from_another_directory(tmp_path):
   out = _ftjax(["train", "--config=default", f"--workdir={tmp_path / 'run'}", *TINY],
                cwd=str(tmp_path))
@@ -158,6 +159,7 @@ def test_train_by_config_name_from_another_directory(tmp_path):
   assert sorted(os.listdir(tmp_path / "run" / "plots")) == ["run.pdf", "run.png"]
 
 
+@pytest.mark.slow
 def test_sweep_and_plot_from_another_directory(tmp_path):
   (tmp_path / "s.py").write_text(SWEEP)
   out = _ftjax(["sweep", "--sweep=s.py", f"--workdir={tmp_path / 'sweep'}"], cwd=str(tmp_path))
@@ -171,6 +173,7 @@ def test_sweep_and_plot_from_another_directory(tmp_path):
   assert out.returncode == 2 and "the shipped sweeps are" in out.stderr
 
 
+@pytest.mark.slow
 def test_train_reports_bad_names_in_one_line(tmp_path):
   out = _ftjax(["train", "--config=defualt", f"--workdir={tmp_path}"], cwd=str(tmp_path))
   assert out.returncode == 2
@@ -184,6 +187,7 @@ def test_train_reports_bad_names_in_one_line(tmp_path):
   assert len(lines) == 1 and "nowhere.npz" in lines[0], lines
 
 
+@pytest.mark.slow
 def test_help_of_every_command_names_its_fields_and_their_docs(tmp_path):
   out = _ftjax(["--help"], cwd=str(tmp_path))
   assert out.returncode == 0 and all(c in out.stdout for c in ("train", "sweep", "plot", "list"))

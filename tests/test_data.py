@@ -268,6 +268,7 @@ def _rounds(key, steps, shuffle="permutation"):
                    for s in steps])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shuffle", sorted(sampling.SHUFFLES))
 def test_round_indices_epoch_structure(shuffle):
   rounds = _rounds(KEY, range(8), shuffle)
@@ -296,6 +297,7 @@ def test_round_indices_deterministic_and_key_dependent():
   assert not np.array_equal(_rounds(KEY, [0]), _rounds(jax.random.key(8), [0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shuffle", sorted(sampling.SHUFFLES))
 def test_round_indices_jit_traced_step_no_recompile(shuffle):
   traces = []
@@ -463,6 +465,7 @@ def test_partition_errors():
     sampling.partition_indices(0, _labels(), 4, scheme="dirichlet", alpha=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shuffle", sorted(sampling.SHUFFLES))
 def test_worker_round_indices_draws_from_own_shard(shuffle):
   # Unequal shards: 10, 7 and 16 examples -> 3, 2 and 5 rounds per epoch at b = 3.
@@ -572,6 +575,7 @@ def test_eval_batches_cover_split_once():
     data.eval_batches(10, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shuffle", ["permutation", "feistel"])
 @pytest.mark.parametrize("first, length", [(0, 1), (3, 7), (10, 25)])
 def test_chunk_indices_are_the_rounds_of_the_epoch_shuffles(shuffle, first, length):

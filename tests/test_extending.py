@@ -62,6 +62,7 @@ def test_a_registered_attack_sends_what_its_function_computes():
     attacks.make_attack("scaled_mean", scale="x")
 
 
+@pytest.mark.slow
 def test_the_example_config_trains_through_train_and_evaluate(tmp_path):
   c = custom_config.get_config()
   base = tiny_config()
@@ -75,6 +76,7 @@ def test_the_example_config_trains_through_train_and_evaluate(tmp_path):
   assert resolved["aggregator"] == "ctma(median_of_means)" and resolved["attack"] == "scaled_mean"
 
 
+@pytest.mark.slow
 def test_the_example_config_trains_from_the_command_line(tmp_path):
   out = subprocess.run(
       [sys.executable, "main.py", "--config", "docs/examples/custom_config.py",

@@ -426,6 +426,7 @@ def test_pairwise_sqdist_nonfinite_rows_are_infinitely_far(small_slices):
     np.testing.assert_allclose(d[np.ix_(good, good)], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("w", [13, 65, 257])
 def test_pairwise_sqdist_identical_rows_get_identical_distances(w):
   # Copies of row 5 at the first, a middle and the last row, on the real block

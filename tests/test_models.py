@@ -181,6 +181,7 @@ def _model_case(name, dtype, kset, shape, workers=3, batch=4):
 @pytest.mark.parametrize("name,shape,workers", [
     ("simple_mnist", (10, 10, 1), 3), ("simple_cifar10", (8, 8, 3), 3),
     ("tiny_cnn", (8, 8, 1), 3), ("tiny_cnn", (8, 8, 1), 70)])  # 70: past 64, the fallback
+@pytest.mark.slow
 def test_per_worker_gradients_cpu_match_plain_float32(name, shape, workers):
   variables, x, y, ref = _reference_grads(name, jnp.float32, shape, workers)
   (loss_ref, (logits_ref, stats_ref)), g_ref = ref
@@ -196,6 +197,7 @@ def test_per_worker_gradients_cpu_match_plain_float32(name, shape, workers):
   assert leaf.shape[0] == workers and not np.allclose(leaf[0], leaf[1])
 
 
+@pytest.mark.slow
 def test_per_worker_gradients_cpu_match_plain_float64():
   with jax.enable_x64(True):
     variables, x, y, ((loss_ref, _), g_ref) = _reference_grads(
@@ -208,6 +210,7 @@ def test_per_worker_gradients_cpu_match_plain_float64():
                  g, g_ref)
 
 
+@pytest.mark.slow
 def test_resnet18_kernel_sets_agree():
   # Tiny inputs keep the compile short; every layer kind (stride-2 3x3, 1x1
   # shortcut, BatchNorm then ReLU) is on the path. In float64: through twenty
@@ -226,6 +229,7 @@ def test_resnet18_kernel_sets_agree():
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11 * float(np.abs(b).max()))
 
 
+@pytest.mark.slow
 def test_vmapped_gradient_equals_each_workers_own_gradient():
   model, variables, x, y = _model_case("simple_mnist", jnp.float32, "auto", (8, 8, 1))
   _, g = _per_worker_grads(model, variables, x, y)
@@ -236,6 +240,7 @@ def test_vmapped_gradient_equals_each_workers_own_gradient():
                  g, gw)
 
 
+@pytest.mark.slow
 def test_cpu_gradients_in_a_scan_match_outside():
   # The same per-worker gradients whether the step runs on its own or in a scan body.
   model, variables, x, y = _model_case("simple_mnist", jnp.float32, "cpu", (12, 12, 1))
@@ -248,6 +253,7 @@ def test_cpu_gradients_in_a_scan_match_outside():
     np.testing.assert_allclose(b[1], a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_auto_is_the_backends_kernel_set():
   def trace(kset):
     model, variables, x, y = _model_case("tiny_cnn", jnp.float32, kset, (8, 8, 1))

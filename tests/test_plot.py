@@ -77,6 +77,7 @@ def _check_png(path):
   assert pixels[..., :3].std() > 0.05, path  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_plot_command_writes_every_figure(tmp_path, capsys):
   w = str(tmp_path / "sweep")
   os.makedirs(w)

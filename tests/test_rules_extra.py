@@ -358,6 +358,7 @@ def _jitted(name):
   return jax.jit(body(name, f=2))
 
 
+@pytest.mark.slow
 def test_plain_and_cpu_kernels_agree():
   from ftjax import kernels
   rows = tree_rows(jax.random.key(7))

@@ -161,6 +161,7 @@ def test_unwritable_workdir(tmp_path):
     train.train_and_evaluate(tiny_config(), str(blocker / "run"))
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
   # No defence, no clipping and a huge learning rate: the model blows up.
   c = tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg", "aggregator.meta": "none",
@@ -178,6 +179,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert "No checkpoint was written" in str(err.value)
 
 
+@pytest.mark.slow
 def test_divergence_in_the_first_chunk_says_nothing_was_saved(tmp_path):
   c = tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg", "aggregator.meta": "none",
                      "attack.name": "none", "optim.clip": None, "optim.lr": 1e30,
@@ -220,6 +222,7 @@ def test_main_reports_bad_input_in_one_line(tmp_path):
   assert "ftjax: error:" in out.stderr and "fewer than half" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["scan", "host"])
 def test_second_chunk_does_not_recompile(loop):
   setup = train.build(tiny_config(loop=loop))
@@ -306,6 +309,7 @@ def _user_dataset():
       test_labels=labels[240:], num_classes=3, mean=(0.4,), std=(0.3,))
 
 
+@pytest.mark.slow
 def test_own_model_and_arrays_train_and_return_state(tmp_path):
   c = tiny_config(num_steps=40, eval_every=20, **{"attack.name": "sf"})
   result = train.train_and_evaluate(c, str(tmp_path), dataset=_user_dataset(), model=_UserMLP())
@@ -316,6 +320,7 @@ def test_own_model_and_arrays_train_and_return_state(tmp_path):
   assert result.metrics["test_acc"] > 0.9
 
 
+@pytest.mark.slow
 def test_float64_run_leaves_64_bit_mode_off(tmp_path):
   assert not jax.config.read("jax_enable_x64")
   result = train.train_and_evaluate(
@@ -405,6 +410,7 @@ def test_main_reports_a_missing_config_file_in_one_line(tmp_path):
   assert len(lines) == 1 and "cannot load the --config file" in lines[0] and "nope.py" in lines[0]
 
 
+@pytest.mark.slow
 def test_unreachable_wandb_leaves_a_warning_and_local_logs(tmp_path, monkeypatch, capsys):
   import wandb
 
@@ -430,6 +436,7 @@ def test_declared_f_and_the_attacking_workers_are_separate():
   assert setup.aggregator.f == 2
 
 
+@pytest.mark.slow
 def test_declared_f_with_no_attackers_trains_and_logs_every_row_as_honest(tmp_path):
   c = tiny_config(**{"aggregator.f": 2, "workers.byzantine": 0})
   result = train.train_and_evaluate(c, str(tmp_path))
@@ -485,6 +492,7 @@ def test_the_resolved_spec_is_what_the_two_fields_say(name, meta, spec):
   assert setup.aggregator.spec == spec and setup.record["aggregator"]["spec"] == spec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["scan", "host"])
 def test_one_state_with_a_partition_table_runs_as_its_run_does(tmp_path, loop):
   # Found by the property search: a single state's chunk gave the per-worker table to
