@@ -55,9 +55,9 @@ from ftjax.aggregators import subsets as _subsets  # noqa: F401
 from ftjax.aggregators.base import avg, centered_clip, centered_clipping, cwmed, cwtm, gm
 from ftjax.aggregators.base import krum, meamed, multikrum
 from ftjax.aggregators.core import AGGREGATORS, ALIASES, META_AGGREGATORS, Aggregator
-from ftjax.aggregators.core import AggregatorState, RuleInfo, canonical, make_aggregator
+from ftjax.aggregators.core import AggregatorState, RuleInfo, canonical
 from ftjax.aggregators.core import options_of, register, register_table, rule, shipped
-from ftjax.aggregators.core import spec_layers
+from ftjax.aggregators.specs import make_aggregator, spec_layers
 from ftjax.aggregators.meta import arc, bucketing, clip, ctma, nearest_neighbour_mix, nnm
 from ftjax.aggregators.meta import nnm_ctma
 
