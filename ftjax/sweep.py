@@ -17,256 +17,23 @@ are written (ftjax.results).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import importlib.util
-import itertools
 import json
 import os
-import re
 import statistics
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import ml_collections
 import tqdm
 
-from ftjax import configfiles
 from ftjax import results as results_lib
-from ftjax import build as build_lib
 from ftjax import loop as loop_lib
 from ftjax import run as run_lib
 from ftjax import workdir as workdir_lib
+from ftjax.sweep_spec import Cell, Run, Sweep, expand, slug
 from ftjax import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SWEEP_FIELDS = ("name", "base", "overrides", "grid", "cells", "seeds", "max_batch", "devices",
-                "share_programs")
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One run of a sweep: a cell's config with one seed."""
-  cell: str
-  seed: int
-  workdir: str                        # relative to the sweep's workdir
-  config: ml_collections.ConfigDict
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-  """One setting of the axes and its runs, one per seed."""
-  name: str
-  values: dict      # axis -> value
-  aggregator: str   # the resolved rule spec, e.g. "ctma(cwtm)"
-  runs: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class Sweep:
-  """An expanded sweep config."""
-  name: str
-  axes: tuple
-  seeds: tuple
-  cells: tuple
-  max_batch: int
-  devices: int = 1  # local devices a batch's runs are spread over (0 = all)
-  share_programs: bool = True  # cells that differ only in their attack share a program
-
-  def to_json(self) -> dict:
-    """The ``sweep.json`` record (docs/sweeps.md)."""
-    return {"name": self.name, "axes": list(self.axes), "seeds": list(self.seeds),
-            "cells": [{"cell": c.name, "values": c.values, "aggregator": c.aggregator,
-                       "runs": [{"seed": r.seed, "workdir": r.workdir} for r in c.runs]}
-                      for c in self.cells]}
-
-
-# --------------------------------------------------------------------------
-# Expansion: sweep config -> cells -> runs
-# --------------------------------------------------------------------------
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads ``path.py`` or ``path.py:arg``.
-
-  The path is relative to the current directory or the checkout; a bare name or a
-  ``configs/...`` path that is not there is a shipped config (:mod:`ftjax.configfiles`).
-  """
-  path, _, arg = spec.partition(":")
-  found = next((p for p in (path, os.path.join(ROOT, path)) if os.path.isfile(p)), None)
-  if found is None:
-    try:
-      found = configfiles.resolve(path, "config")
-    except configfiles.ConfigNotFound as e:
-      raise train.ConfigError(f"The sweep's base config: {e}") from None
-    found = found if os.path.isfile(found) else None
-  if found is None:
-    raise train.ConfigError(f"The sweep's base config {path!r} does not exist; set base to a "
-                            f"config file such as 'configs/default.py'.")
-  module_spec = importlib.util.spec_from_file_location("ftjax_sweep_base", found)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-  except Exception as e:  # pylint: disable=broad-except
-    raise train.ConfigError(f"The sweep's base config {spec!r} cannot be loaded "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})."
-                            ) from None
-
-
-def _plain(value: Any) -> Any:
-  """ConfigDicts, tuples and lists of the sweep config as plain Python values."""
-  if isinstance(value, ml_collections.ConfigDict):
-    return {k: _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  return value
-
-
-def get_field(config: ml_collections.ConfigDict, field: str) -> Any:
-  """The value of a dotted field (``attack.name``)."""
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  return _plain(value)
-
-
-def set_field(config: ml_collections.ConfigDict, field: str, value: Any, where: str) -> None:
-  """Sets a dotted field, refusing unknown fields and ill-typed values in one sentence."""
-  section = config
-  parts = field.split(".")
-  for depth, part in enumerate(parts):
-    if not isinstance(section, ml_collections.ConfigDict) or part not in section:
-      keys = list(section.keys()) if isinstance(section, ml_collections.ConfigDict) else []
-      close = difflib.get_close_matches(part, keys, n=1)
-      prefix = ".".join(parts[:depth])
-      hint = f" (did you mean {'.'.join([prefix, close[0]]).lstrip('.')!r}?)" if close else ""
-      raise train.ConfigError(f"{where}: the config has no field {field!r}{hint}; "
-                              f"configs/default.py lists every field.")
-    if depth < len(parts) - 1:
-      section = section[part]
-  try:
-    section[parts[-1]] = value
-  except (TypeError, ValueError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise train.ConfigError(f"{where}: {field}={value!r} is not a valid value ({first}).") from None
-
-
-def _pairs(value, where: str) -> list[tuple[str, Any]]:
-  """A mapping or a sequence of (dotted field, value) pairs, as ordered pairs.
-
-  A ConfigDict iterates in sorted order; a sequence of pairs keeps its order.
-  """
-  if value is None:
-    return []
-  if isinstance(value, (ml_collections.ConfigDict, dict)):
-    pairs = list(value.items())
-  else:
-    pairs = list(value)
-  for pair in pairs:
-    if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)):
-      raise train.ConfigError(f"{where} holds (dotted field, value) pairs or a dict, got "
-                              f"{pair!r}.")
-  return [(field, _plain(v)) for field, v in pairs]
-
-
-def _grid(spec) -> list[tuple[str, list]]:
-  """The grid as ordered (field, values) pairs."""
-  out = []
-  for field, values in _pairs(spec.get("grid", None), "sweep.grid"):
-    if not isinstance(values, list) or not values:
-      raise train.ConfigError(f"sweep.grid[{field!r}] must be a non-empty list of values, got "
-                              f"{values!r}.")
-    out.append((field, values))
-  return out
-
-
-def _slug(value: Any) -> str:
-  text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-  return re.sub(r"[^A-Za-z0-9_.+()-]", "_", text)
-
-
-def _aggregator_spec(config) -> str:
-  return build_lib.aggregator_spec(config.aggregator.name, config.aggregator.meta)
-
-
-def expand(spec: ml_collections.ConfigDict) -> Sweep:
-  """Expands a sweep config into its cells and runs (grid x cells x seeds).
-
-  Raises:
-    train.ConfigError: one sentence naming the field, for an unknown sweep or
-      config field, an ill-typed value, no seeds or two equal cells.
-  """
-  for key in spec.keys():
-    if key not in SWEEP_FIELDS:
-      close = difflib.get_close_matches(key, SWEEP_FIELDS, n=1)
-      raise train.ConfigError(f"The sweep config has no field {key!r}"
-                              f"{f' (did you mean {close[0]!r}?)' if close else ''}; its "
-                              f"fields are {', '.join(SWEEP_FIELDS)}.")
-  base = load_config_file(spec.get("base", None) or "configs/default.py")
-  seeds = list(_plain(spec.get("seeds", None) or []))
-  if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-    raise train.ConfigError(f"sweep.seeds must be a non-empty list of integers, got {seeds!r}.")
-  if len(set(seeds)) != len(seeds):
-    raise train.ConfigError(f"sweep.seeds lists a seed twice: {seeds}.")
-  max_batch = spec.get("max_batch", None) or len(seeds)
-  if not isinstance(max_batch, int) or max_batch < 1:
-    raise train.ConfigError(f"sweep.max_batch must be a positive integer, got {max_batch!r}.")
-  devices = spec.get("devices", None)
-  devices = 1 if devices is None else devices
-  if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
-    raise train.ConfigError(f"sweep.devices must be an integer >= 0 (0 = all local devices, "
-                            f"1 = one device), got {devices!r}.")
-  share = spec.get("share_programs", None)
-  share = True if share is None else share
-  if not isinstance(share, bool):
-    raise train.ConfigError(f"sweep.share_programs must be True or False, got {share!r}.")
-  for field, value in _pairs(spec.get("overrides", None), "sweep.overrides"):
-    set_field(base, field, value, "sweep.overrides")
-  grid = _grid(spec)
-  explicit = _plain(spec.get("cells", None) or [])
-  if not isinstance(explicit, list) or not all(isinstance(c, dict) for c in explicit):
-    raise train.ConfigError("sweep.cells must be a list of dicts of overrides "
-                            "({'aggregator.name': 'krum', ...}).")
-  axes = [field for field, _ in grid]
-  for cell in explicit:
-    for field in cell:
-      if field in [f for f, _ in grid]:
-        raise train.ConfigError(f"sweep.cells sets {field!r}, which is also a grid axis; set "
-                                f"it in one of them.")
-      if field not in axes:
-        axes.append(field)
-  for field in axes:
-    if field == "seed":
-      raise train.ConfigError("The seed is not an axis: list the seeds in sweep.seeds.")
-  cells, names = [], {}
-  points = itertools.product(*[values for _, values in grid]) if grid else [()]
-  for point, extra in itertools.product(list(points), explicit or [{}]):
-    overrides = {**dict(zip([f for f, _ in grid], point)), **extra}
-    config = ml_collections.ConfigDict(base.to_dict())
-    where = "sweep cell " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
-    for field, value in overrides.items():
-      set_field(config, field, value, where)
-    values = {axis: get_field(config, axis) for axis in axes}
-    name = ",".join(f"{axis}={_slug(values[axis])}" for axis in axes) or "base"
-    if name in names:
-      raise train.ConfigError(f"{where} is the same setting as the cell {name!r}; every cell "
-                              f"must differ.")
-    names[name] = True
-    runs = []
-    for seed in seeds:
-      run_config = ml_collections.ConfigDict(config.to_dict())
-      run_config.seed = seed
-      run_config.progress = False
-      if devices != 1:  # the runs are spread over the devices: each run on one of them
-        run_config.devices = 1
-      runs.append(Run(name, seed, os.path.join("runs", name, f"seed={seed}"), run_config))
-    cells.append(Cell(name, values, _aggregator_spec(config), tuple(runs)))
-  return Sweep(spec.get("name", None) or "sweep", tuple(axes), tuple(seeds), tuple(cells),
-               max_batch, devices, share)
 
 
 def attack_families(sweep: Sweep, failures: dict) -> dict[str, tuple]:
@@ -365,6 +132,15 @@ def check_workdir(sweep: Sweep, workdir: str) -> None:
                                 f"{e}") from None
 
 
+def _open_workdir(sweep: Sweep, workdir: str) -> dict:
+  """Checks the workdir holds this sweep (or nothing), writes sweep.json, reads the status."""
+  check_workdir(sweep, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "sweep.json"), "w") as fh:
+    json.dump(sweep.to_json(), fh, indent=2)
+  return results_lib.read_status(workdir)
+
+
 def _append_status(workdir: str, entry: dict) -> None:
   with open(os.path.join(workdir, "status.jsonl"), "a") as fh:
     fh.write(json.dumps(entry) + "\n")
@@ -394,7 +170,7 @@ class _Table:
 
   def __init__(self, sweep: Sweep, write):
     self.axes = sweep.axes
-    self.widths = [max([len(a)] + [len(_slug(c.values[a])) for c in sweep.cells])
+    self.widths = [max([len(a)] + [len(slug(c.values[a])) for c in sweep.cells])
                    for a in sweep.axes]
     self.write = write
     self.header_done = False
@@ -406,7 +182,7 @@ class _Table:
       self.header_done = True
     entries = [status.get((cell.name, r.seed)) for r in cell.runs]
     ok = [e for e in entries if e and e["status"] == "ok"]
-    values = "  ".join(f"{_slug(cell.values[a]):<{w}}" for a, w in zip(self.axes, self.widths))
+    values = "  ".join(f"{slug(cell.values[a]):<{w}}" for a, w in zip(self.axes, self.widths))
     if ok:
       final = [100 * e["final_test_acc"] for e in ok]
       best = statistics.fmean(100 * e["best_test_acc"] for e in ok)
@@ -468,11 +244,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
   sweep = expand(spec)
   mesh = train.runs_mesh(sweep.devices)
   failures, widths, datasets = validate(sweep, dataset, model)
-  check_workdir(sweep, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "sweep.json"), "w") as fh:
-    json.dump(sweep.to_json(), fh, indent=2)
-  status = results_lib.read_status(workdir)
+  status = _open_workdir(sweep, workdir)
 
   write = write or (lambda line: tqdm.tqdm.write(line, file=sys.stdout))
   table = _Table(sweep, write)
@@ -505,11 +277,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
                                               for r in slots],
             loaded, model, programs=programs, on_rounds=_Rounds(bar), note=write,
             devices=sweep.devices, attacks=families[cell.name])
-        for run, result in zip(slots, results):
-          if run is not None:
-            record(run, "" if result.error is None else " ".join(str(result.error).split()))
-          if run is not None and result.error is not None:
-            _shrink(bar, run.config.num_steps - result.metrics.get("step", 0))
+        _record_batch(slots, results, record, bar)
       if any((cell.name, r.seed) in todo for r in cell.runs):
         table.line(cell, workdir, status)
   except KeyboardInterrupt:
@@ -521,6 +289,16 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
   write(f"Compiled {programs.compiled - known} programs (initialisation, chunks, evaluation) "
         f"for {batches} batches of runs; results in {csv_path} and {md_path}.")
   return {"compilations": programs.compiled - known, "status": status}
+
+
+def _record_batch(slots, results, record, bar: tqdm.tqdm) -> None:
+  """Appends each run of a batch to status.jsonl; a failed run's untrained rounds leave the bar."""
+  for run, result in zip(slots, results):
+    if run is None:
+      continue
+    record(run, "" if result.error is None else " ".join(str(result.error).split()))
+    if result.error is not None:
+      _shrink(bar, run.config.num_steps - result.metrics.get("step", 0))
 
 
 def _todo(sweep: Sweep, workdir: str, status: dict, failures: dict, retry_failed: bool,
