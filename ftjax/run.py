@@ -10,6 +10,7 @@ stop a diverged run and close in the same place, here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -83,17 +84,10 @@ def runs_mesh(devices: int = 1) -> Optional[jax.sharding.Mesh]:
   Raises:
     ConfigError: a count that is not an integer >= 0, or more devices than exist.
   """
-  if not isinstance(devices, int) or isinstance(devices, bool) or devices < 0:
-    raise ConfigError(f"The runs' devices must be an integer >= 0 (0 = all local devices), "
-                      f"got {devices!r}.")
-  available = jax.local_devices()
-  if devices > len(available):
-    raise ConfigError(f"The runs are to be spread over {devices} devices, but only "
-                      f"{len(available)} local {jax.default_backend().upper()} device(s) "
-                      f"exist (on CPU: main.py --cpu_devices=N, or XLA_FLAGS="
-                      f"--xla_force_host_platform_device_count=N).")
-  chosen = available[:devices or len(available)]
-  return None if len(chosen) == 1 else jax.sharding.Mesh(np.array(chosen), (RUNS_AXIS,))
+  try:
+    return sharding.device_mesh(devices, RUNS_AXIS)
+  except ValueError as e:
+    raise ConfigError(f"The runs' devices: {e}") from None
 
 
 def _diverged(setup: Setup, workdir: str, step: int, length: int, metrics: dict,
@@ -329,7 +323,8 @@ class _Group:
 
   def __init__(self, setup: Setup, data, states, programs, mesh, console, note):
     self.setup, self.console, self.note = setup, console, note
-    self.spread = _placement(setup, mesh)
+    self.spread = sharding.runs_placement(mesh, RUNS_AXIS,
+                                          functools.partial(round_lib.place, setup))
     self.states, self.data = self.spread(states), self.spread(data, data=True)
     self.eval_data = sharding.replicate(
         mesh if mesh is not None else setup.mesh,
@@ -393,27 +388,3 @@ class _Group:
                         "steps_per_sec": length / elapsed}, _take_runs(self.states, i))
       on_rounds(length * len(advanced))
     return failed
-
-
-def _placement(setup: Setup, mesh) -> Callable:
-  """Puts stacked states (and data) where the runs live.
-
-  One device or the workers' mesh: :func:`ftjax.round.place`. A runs mesh:
-  the runs axis (the leading axis of the states, and of a per-run partition)
-  is split over the devices and the data replicated; XLA partitions the
-  vmapped round along it, every device training its own runs.
-  """
-  if mesh is None:
-    return lambda tree, data=False: round_lib.place(setup, tree)
-  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(RUNS_AXIS))
-
-  def spread(tree, data=False):
-    if not data:
-      return jax.device_put(tree, split)
-    tree = sharding.replicate(mesh, tree)
-    if tree.table is None:
-      return tree
-    return tree._replace(table=jax.device_put(tree.table, split),
-                         sizes=jax.device_put(tree.sizes, split))
-
-  return spread

@@ -71,11 +71,11 @@ def expose_cpu_devices(count: int = 0) -> None:
   os.environ["XLA_FLAGS"] = f"{current} --xla_force_host_platform_device_count={count}".strip()
 
 
-def worker_mesh(devices: int = 0) -> Optional[Mesh]:
-  """The one-axis mesh of the first ``devices`` local devices (0 = all).
+def device_mesh(devices: int = 0, axis: str = WORKER_AXIS) -> Optional[Mesh]:
+  """The one-axis mesh named ``axis`` of the first ``devices`` devices (0 = all).
 
-  After :func:`initialize_distributed` with several processes, the devices of
-  every process (``jax.devices()``) instead.
+  The local devices; after :func:`initialize_distributed` with several
+  processes, the devices of every process (``jax.devices()``).
 
   Returns:
     The mesh, or None when that is a single device (no split).
@@ -97,7 +97,36 @@ def worker_mesh(devices: int = 0) -> Optional[Mesh]:
   chosen = available[:devices or len(available)]
   if len(chosen) == 1:
     return None
-  return Mesh(np.array(chosen), (WORKER_AXIS,))
+  return Mesh(np.array(chosen), (axis,))
+
+
+def worker_mesh(devices: int = 0) -> Optional[Mesh]:
+  """The workers' mesh (axis :data:`WORKER_AXIS`): :func:`device_mesh`."""
+  return device_mesh(devices, WORKER_AXIS)
+
+
+def runs_placement(mesh: Optional[Mesh], axis: str, place: Callable) -> Callable:
+  """Puts stacked runs' states (and their data) where the runs live.
+
+  No runs mesh: ``place`` (the round's own placement). A runs mesh: the runs
+  axis (the leading axis of the states, and of a per-run partition table) is
+  split over the devices and the rest of the data replicated; XLA partitions
+  the vmapped round along it, every device training its own runs.
+  """
+  if mesh is None:
+    return lambda tree, data=False: place(tree)
+  split = NamedSharding(mesh, PartitionSpec(axis))
+
+  def spread(tree, data=False):
+    if not data:
+      return jax.device_put(tree, split)
+    tree = replicate(mesh, tree)
+    if tree.table is None:
+      return tree
+    return tree._replace(table=jax.device_put(tree.table, split),
+                         sizes=jax.device_put(tree.sizes, split))
+
+  return spread
 
 
 def replicate(mesh: Optional[Mesh], tree: PyTree) -> PyTree:
@@ -198,13 +227,8 @@ def worker_split(mesh: Mesh, leading: int = 0) -> NamedSharding:
 
 
 def coordinate_mesh(devices: int = 0, axis: str = COORDINATE_AXIS) -> Optional[Mesh]:
-  """The one-axis mesh named ``axis`` of the first ``devices`` local devices (0 = all).
-
-  Returns:
-    The mesh, or None when that is a single device.
-  """
-  mesh = worker_mesh(devices)
-  return None if mesh is None else Mesh(mesh.devices, (axis,))
+  """The coordinate-sharded aggregation's mesh: :func:`device_mesh` named ``axis``."""
+  return device_mesh(devices, axis)
 
 
 def _padded_columns(n: int, num_devices: int) -> int:
