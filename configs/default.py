@@ -64,6 +64,8 @@ def get_config(arg=None):
   c.data.gamma = 0.5           # share of each class spread i.i.d. for partition="gamma_similarity"
                                # (the rest label-sorted; 1 = i.i.d., 0 = "extreme")
   c.data.shuffle = "permutation"  # per-epoch shuffle: "permutation" (exact) or "feistel" (cheap)
+  c.data.honest_only = False   # split the data over the honest workers only (the Byzantine
+                               # hold none: attacks on their own data are refused)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp
@@ -82,6 +84,14 @@ def get_config(arg=None):
   c.optim.reference_rounding = False  # reproduce the original's max(round(., 3), 0.01) schedules
   c.optim.beta_min = 0.0       # mu2sgd: beta_t = max(beta_t, beta_min); 0.01 = the original's floor
   c.optim.gamma_min = 0.0      # mu2sgd: gamma_t = max(gamma_t, gamma_min); 0.01 = the original's floor
+
+  c.federated = ml_collections.ConfigDict()  # docs/federated.md; the defaults are the paper's round
+  c.federated.local_steps = 1  # K: local SGD steps per worker per round, on K minibatches
+  c.federated.local_lr = 0.1   # the workers' local learning rate (K > 1)
+  c.federated.send = "pseudo_gradient"  # after K steps send "pseudo_gradient" (the mean of the
+                               # K clipped gradients) or "model_change" (x_t - x_t,K; FedAvg)
+  c.federated.participants = 0  # m workers drawn per round without replacement (0 = all W);
+                               # the rule is built for m rows and aggregator.f (None = ceil(f m / W))
 
   c.aggregator = ml_collections.ConfigDict()
   c.aggregator.name = "cwtm"   # base rule (or a full spec such as "arc(ctma(cwtm))" with meta="none")

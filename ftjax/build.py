@@ -25,6 +25,7 @@ from ftjax import aggregators as aggregators_lib
 from ftjax import attacks as attacks_lib
 from ftjax import data as data_lib
 from ftjax import estimators
+from ftjax import federated as federated_lib
 from ftjax import kernels
 from ftjax import models as models_lib
 from ftjax import optim
@@ -32,7 +33,7 @@ from ftjax import policy
 from ftjax import sharding
 
 # Sub-streams of the run's root key, one per purpose.
-KEY_INIT, KEY_DATA, KEY_AUGMENT, KEY_ATTACK, KEY_AGGREGATOR = range(5)
+KEY_INIT, KEY_DATA, KEY_AUGMENT, KEY_ATTACK, KEY_AGGREGATOR, KEY_PARTICIPANTS = range(6)
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,8 @@ class Setup:
   # The attacks one compiled round serves (a sweep's cells that differ only in
   # their attack), chosen by DeviceData.attack; empty: the round runs ``attack``.
   attacks: tuple = ()
+  # Local steps, client sampling, data over the honest workers (docs/federated.md).
+  federated: federated_lib.Federated = federated_lib.Federated()
 
   @property
   def num_honest(self) -> int:
@@ -88,6 +91,16 @@ class Setup:
     return self.num_honest
 
   @property
+  def num_with_data(self) -> int:
+    """Workers the data is split over: W, or the honest ones (``data.honest_only``)."""
+    return self.num_honest if self.federated.honest_only else self.num_workers
+
+  @property
+  def num_rows(self) -> int:
+    """Rows the aggregator reduces each round: W, or the m drawn workers."""
+    return self.federated.participants or self.num_workers
+
+  @property
   def sharded(self) -> bool:
     """Whether the round runs in the parameter-sharded layout (docs/scaling.md)."""
     return self.mesh is not None and self.aggregation == "sharded"
@@ -103,6 +116,12 @@ class Setup:
             f"({self.attack.name}), aggregator {self.aggregator.spec} with f={self.aggregator.f}, "
             f"estimator {self.record['optim']['estimator']}, b={self.batch_size}, "
             f"{self.num_steps} rounds, {jnp.dtype(self.dtype).name}.")
+    fed = self.federated
+    if fed != federated_lib.Federated():
+      what += (f"\nFederated: {fed.local_steps} local step(s) of rate {fed.local_lr} sending the "
+               f"{fed.send.replace('_', ' ')}, {fed.participants or self.num_workers} of "
+               f"{self.num_workers} workers per round, data over "
+               f"{'the honest workers' if fed.honest_only else 'every worker'}.")
     return what + "\n" + policy.describe(
         kernels=self.kernels, loop=self.loop, chunk=self.worker_chunk,
         devices=self.num_devices, aggregation=self.aggregation)
@@ -228,15 +247,19 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   dtype, clip = _check_scalars(c)
   try:  # The libraries' own ValueErrors carry the sentence to show the user.
     mesh, aggregation = _layout(c)
-    aggregator, attack, family = _rule_and_attacks(c, w, f, attacks)
+    attack = _make_attack(c, c.attack.name)
+    batch_stats_mode = c.model.get("batch_stats", "honest_mean")
+    _check_batch_stats_mode(batch_stats_mode, builtin=model is None)
+    needs_prev = estimators.needs_previous_gradient(c.optim.estimator)
+    fed = federated_lib.settings(c, w, f, attack, needs_prev, batch_stats_mode)
+    aggregator, family = _rule_and_attacks(c, w, f, attack, attacks, fed)
     worker_tx = estimators.make_estimator(c.optim)
     server_tx = optim.make_server_optimizer(c.optim)
     if model is None and c.model.name not in models_lib.MODELS:  # before loading any data
       raise ValueError(f"Unknown model {c.model.name!r}; choose one of: "
                        f"{', '.join(models_lib.MODELS)}.")
-    batch_stats_mode = c.model.get("batch_stats", "honest_mean")
-    _check_batch_stats_mode(batch_stats_mode, builtin=model is None)
-    dataset, partition = _data(c, dataset, w, b)
+    dataset, partition = _data(c, dataset, w - f if fed.honest_only else w,
+                               b * fed.local_steps)
     builtin = model is None
     if builtin:
       model = models_lib.make_model(c.model.name, num_classes=dataset.num_classes, dtype=dtype,
@@ -257,12 +280,12 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       dataset=dataset, model=model, worker_tx=worker_tx, server_tx=server_tx,
       aggregator=aggregator, attack=attack, num_workers=w, num_byzantine=f, batch_size=b,
       dtype=dtype, partition=partition, seed=c.seed, clip=clip,
-      needs_prev=estimators.needs_previous_gradient(c.optim.estimator),
+      needs_prev=needs_prev,
       batch_stats_mode=batch_stats_mode, shuffle=c.data.shuffle, num_steps=c.num_steps,
       eval_every=c.eval_every, eval_batch_size=c.data.eval_batch_size, kernels=c.kernels,
       loop=policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin),
       worker_chunk=chunk, record=record, mesh=mesh, builtin_model=builtin,
-      aggregation=aggregation, attacks=family)
+      aggregation=aggregation, attacks=family, federated=fed)
 
 
 def _layout(c) -> tuple[Optional[Mesh], str]:
@@ -278,22 +301,31 @@ def _layout(c) -> tuple[Optional[Mesh], str]:
   return mesh, aggregation
 
 
-def _rule_and_attacks(c, w: int, f: int, attacks: Sequence[str]):
-  """The aggregator (built for the declared f), the attack and the round's attack family.
+def _rule_and_attacks(c, w: int, f: int, attack: attacks_lib.Attack, attacks: Sequence[str],
+                      fed: federated_lib.Federated):
+  """The aggregator (built for the declared f) and the round's attack family.
 
   The attack, and the split of the logged diagnostics into honest and
-  Byzantine rows, use the actual count f (workers.byzantine).
+  Byzantine rows, use the actual count f (workers.byzantine). With client
+  sampling the rule reduces the m drawn rows, built for
+  :func:`ftjax.federated.sampled_f`.
   """
   spec = aggregator_spec(c.aggregator.name, c.aggregator.meta)
+  rows, declared = w, _declared_f(c, f)
+  if fed.participants:
+    rows = fed.participants
+    declared = federated_lib.sampled_f(c.aggregator.get("f", None), f, w, rows)
   aggregator = aggregators_lib.make_aggregator(
-      spec, _declared_f(c, f), num_workers=w, options=_to_dict(c.aggregator.options),
+      spec, declared, num_workers=rows, options=_to_dict(c.aggregator.options),
       kernels=c.kernels)
-  attack = _make_attack(c, c.attack.name)
-  return aggregator, attack, _attack_family(c, attack, attacks)
+  return aggregator, _attack_family(c, attack, attacks)
 
 
 def _data(c, dataset: Optional[data_lib.Dataset], w: int, b: int):
-  """The dataset (loaded unless given) and the workers' partition (None for i.i.d.)."""
+  """The dataset (loaded unless given) and the partition over ``w`` workers (None: i.i.d.).
+
+  ``w`` counts the workers that hold data and ``b`` the examples each takes
+  per round (K local minibatches of ``workers.batch_size``)."""
   if dataset is None:
     dataset = data_lib.load_dataset(
         c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)

@@ -30,9 +30,11 @@ from ftjax import sampling
 from ftjax import attacks as attacks_lib
 from ftjax import data as data_lib
 from ftjax import estimators
+from ftjax import federated
 from ftjax import models as models_lib
 from ftjax import sharding
-from ftjax.build import KEY_AGGREGATOR, KEY_ATTACK, KEY_AUGMENT, KEY_DATA, KEY_INIT, Setup
+from ftjax.build import (KEY_AGGREGATOR, KEY_ATTACK, KEY_AUGMENT, KEY_DATA, KEY_INIT,
+                         KEY_PARTICIPANTS, Setup)
 
 PyTree = Any
 
@@ -100,14 +102,19 @@ def make_device_data(setup: Setup) -> DeviceData:
 
 
 def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int) -> jax.Array:
-  """The workers' example indices for the ``length`` rounds from ``state.step``: [length, W, b]."""
+  """The workers' example indices for the ``length`` rounds from ``state.step``.
+
+  int32 [length, W', K b]: the W' workers that hold data (W, or the honest
+  ones with ``data.honest_only``), K local minibatches of b each.
+  """
   key = purpose_key(state, KEY_DATA)
+  per_round = setup.batch_size * setup.federated.local_steps
   if data.table is not None:
     steps = state.step + jnp.arange(length, dtype=jnp.int32)
     return jax.vmap(lambda s: sampling.worker_round_indices(
-        key, s, data.table, data.sizes, setup.batch_size, shuffle=setup.shuffle))(steps)
+        key, s, data.table, data.sizes, per_round, shuffle=setup.shuffle))(steps)
   return sampling.chunk_indices(key, state.step, length, setup.dataset.train_images.shape[0],
-                                setup.num_workers, setup.batch_size, shuffle=setup.shuffle)
+                                setup.num_with_data, per_round, shuffle=setup.shuffle)
 
 
 def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Array):
@@ -127,6 +134,10 @@ def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Arr
     flips = (jnp.asarray([a.flips_labels for a in members])[data.attack] if setup.attacks
              else True)
     y = y.at[h:].set(jnp.where(flips, attacks_lib.flip_labels(y[h:], ds.num_classes), y[h:]))
+  k = setup.federated.local_steps
+  if k > 1:  # [n, K b, ...] -> [n, K, b, ...]: K local minibatches
+    x = x.reshape((x.shape[0], k, -1) + x.shape[2:])
+    y = y.reshape((y.shape[0], k, -1))
   return x, y
 
 
@@ -183,17 +194,50 @@ def make_worker_gradients(setup: Setup) -> Callable:
   return gradients
 
 
-def make_local_updates(setup: Setup) -> Callable:
+def make_local_sgd(setup: Setup) -> Callable:
+  """The workers' K local steps (:func:`ftjax.federated.local_sgd`) over the worker axis.
+
+  ``(params, batch_stats, prev_params, x, y) -> (out, None, None)`` like
+  :func:`make_worker_gradients`, with ``x`` [n, K, b, ...] and ``y`` [n, K, b]:
+  ``out = ((loss, (logits, stats)), sent)``, the first step's loss and logits,
+  the statistics after the K steps and what each worker sends (already
+  clipped step by step). Chunked over the workers as the gradients are.
+  """
+  value_and_grad = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)
+  trajectory = jax.vmap(federated.local_sgd(value_and_grad, setup.federated, setup.clip),
+                        in_axes=(None, None, 0, 0))
+
+  def local(params, batch_stats, prev_params, x, y):
+    del prev_params  # mu2sgd is refused with local steps (federated.settings)
+    chunk = setup.worker_chunk
+    if 0 < chunk < x.shape[0]:
+      (loss, logits, stats), sent = jax.lax.map(
+          lambda xy: trajectory(params, batch_stats, *xy), (x, y), batch_size=chunk)
+    else:
+      (loss, logits, stats), sent = trajectory(params, batch_stats, x, y)
+    return ((loss, (logits, stats)), sent), None, None
+
+  return local
+
+
+def make_local_updates(setup: Setup, local_steps: Optional[bool] = None) -> Callable:
   """Step 1: ``(shared, per_worker) -> (updates, gathered, worker_state)``.
 
   ``shared = (params, batch_stats, prev_params)`` (``prev_params`` None
   without mu2sgd); ``per_worker = (x, y, worker_state)`` with a leading
   worker axis. Each worker's gradients are clipped to ``setup.clip`` and fed
   to its estimator; ``gathered = (loss, logits, stats, prev_stats)`` are what
-  the server step logs and folds into the BatchNorm statistics.
+  the server step logs and folds into the BatchNorm statistics. With local
+  steps (``local_steps``, default ``setup.federated.local``; ``x`` [n, K, b,
+  ...]) the estimator is fed what each worker sends after its K steps
+  (:func:`make_local_sgd`), each step's gradient clipped.
   """
-  gradients = make_worker_gradients(setup)
-  clip_rows = jax.vmap(functools.partial(estimators.clip_by_global_norm, max_norm=setup.clip))
+  local_steps = setup.federated.local if local_steps is None else local_steps
+  if local_steps:
+    gradients, clip_rows = make_local_sgd(setup), lambda tree: tree
+  else:
+    gradients = make_worker_gradients(setup)
+    clip_rows = jax.vmap(functools.partial(estimators.clip_by_global_norm, max_norm=setup.clip))
 
   def worker_update(grads, worker_state, prev_grads):
     if setup.needs_prev:
@@ -248,10 +292,11 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
   ``rows`` are the computed workers' updates (honest first); the attack
   (``setup.attack``, or the member of ``setup.attacks`` at ``attack_index``)
   writes the Byzantine rows from the honest ones (and their own, for the
-  attacks that send them), then ``setup.aggregator`` reduces the rows.
-  ``extras`` are the attacks' draws (:func:`attack_draws`), ``keys`` the
-  round's (attack, aggregator) keys and ``valid`` the layout's column mask
-  (:func:`ftjax.sharding.lay_out_round`).
+  attacks that send them), then ``setup.aggregator`` reduces the rows (with
+  client sampling, the drawn workers' rows). ``extras`` are the attacks'
+  draws (:func:`attack_draws`), ``keys`` the round's (attack, aggregator)
+  keys, then the drawn workers with client sampling, and ``valid`` the
+  layout's column mask (:func:`ftjax.sharding.lay_out_round`).
   """
   f, h = setup.num_byzantine, setup.num_honest
   ctx = _attack_context(setup)
@@ -273,7 +318,7 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
     return member(honest, own, key, ctx, draws=draws)
 
   def server_rows(rows, extras, keys, valid):
-    attack_key, aggregator_key = keys
+    attack_key, aggregator_key = keys[:2]
     honest = jax.tree.map(lambda u: u[:h], rows)
     if f:
       own = jax.tree.map(lambda u: u[h:], rows) if members[0].uses_own_updates else None
@@ -288,6 +333,8 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
                           byzantine)
     else:
       rows = honest
+    if setup.federated.participants:  # keys[2]: the drawn workers (federated.draw_participants)
+      rows = jax.tree.map(lambda r: r[keys[2]], rows)
     return setup.aggregator(rows, aggregator_key)
 
   return server_rows
@@ -298,12 +345,14 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
 # --------------------------------------------------------------------------
 
 
-def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
+def summarize_diagnostics(diagnostics: dict, num_honest: int,
+                          byzantine: Optional[jax.Array] = None) -> dict:
   """Turns an aggregator's diagnostics into scalars for logging.
 
-  Scalars pass through; a per-worker vector ``v`` [W] becomes
-  ``v_honest`` and ``v_byzantine``, its sums over the honest and the Byzantine
-  rows (e.g. how many Byzantine rows CTMA kept).
+  Scalars pass through; a per-row vector ``v`` becomes ``v_honest`` and
+  ``v_byzantine``, its sums over the honest and the Byzantine rows (e.g. how
+  many Byzantine rows CTMA kept): the first ``num_honest`` rows are honest,
+  or, given, ``byzantine`` bool [rows] marks the Byzantine ones.
   """
   out = {}
   for name, value in diagnostics.items():
@@ -312,8 +361,10 @@ def summarize_diagnostics(diagnostics: dict, num_honest: int) -> dict:
       out[name] = value.astype(jnp.float32)
     elif value.ndim == 1:
       value = value.astype(jnp.float32)
-      out[f"{name}_honest"] = value[:num_honest].sum()
-      out[f"{name}_byzantine"] = value[num_honest:].sum()
+      if byzantine is None:
+        byzantine = jnp.arange(value.shape[0]) >= num_honest
+      out[f"{name}_honest"] = jnp.where(byzantine, 0.0, value).sum()
+      out[f"{name}_byzantine"] = jnp.where(byzantine, value, 0.0).sum()
   return out
 
 
@@ -397,6 +448,16 @@ def _constrain_layout(setup: Setup, state: TrainState) -> TrainState:
           state.worker_state, sharding.worker_split(setup.mesh)))
 
 
+def _keep_undrawn(drawn: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Per computed worker (row), ``new`` if the worker was drawn this round, else ``old``."""
+  if not jax.tree.leaves(new):
+    return new
+  rows = jax.tree.leaves(new)[0].shape[0]
+  took_part = jnp.zeros((rows,), bool).at[drawn].set(True, mode="drop")
+  return jax.tree.map(
+      lambda a, b: jnp.where(took_part.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
 def make_round(setup: Setup) -> Callable:
   """The pure synchronous round ``(state, data, indices) -> (state, metrics)``.
 
@@ -415,6 +476,12 @@ def make_round(setup: Setup) -> Callable:
     x, y = _minibatches(setup, state, data, idx)
     attack_key = jax.random.fold_in(purpose_key(state, KEY_ATTACK), step)
     aggregator_key = jax.random.fold_in(purpose_key(state, KEY_AGGREGATOR), step)
+    keys, drawn = (attack_key, aggregator_key), None
+    if setup.federated.participants:
+      drawn = federated.draw_participants(
+          jax.random.fold_in(purpose_key(state, KEY_PARTICIPANTS), step), setup.num_workers,
+          setup.federated.participants)
+      keys += (drawn,)
     middle = sharding.lay_out_round(
         local_updates, make_server_rows(setup, state.params, data.attack), setup.mesh,
         setup.aggregation, num_rows=n)
@@ -422,9 +489,13 @@ def make_round(setup: Setup) -> Callable:
     worker_state = state.worker_state
     if setup.sharded:
       worker_state = _pad_workers(worker_state, worker_state_rows(setup))
-    aggregate, diagnostics, (loss, logits, new_stats, prev_stats), worker_state = middle(
+    aggregate, diagnostics, (loss, logits, new_stats, prev_stats), new_worker_state = middle(
         (state.params, state.batch_stats, state.prev_params if setup.needs_prev else None),
-        (x, y, worker_state), extras, (attack_key, aggregator_key))
+        (x, y, worker_state), extras, keys)
+    if drawn is not None:  # the workers not drawn keep their estimator state
+      worker_state = _keep_undrawn(drawn, new_worker_state, worker_state)
+    else:
+      worker_state = new_worker_state
 
     # Step 3: the server step.
     server_updates, server_state = setup.server_tx.update(
@@ -432,12 +503,17 @@ def make_round(setup: Setup) -> Callable:
     params = optax.apply_updates(state.params, server_updates)
     batch_stats = update_batch_stats(setup.batch_stats_mode, state.batch_stats, new_stats,
                                      prev_stats, h)
+    first = y[:h, 0] if setup.federated.local else y[:h]  # labels of the first local step
+    byzantine = None if drawn is None else drawn >= h
     metrics = {
         "train_loss": loss[:h].mean().astype(jnp.float32),
-        "train_acc": (jnp.argmax(logits[:h], -1) == y[:h]).mean(dtype=jnp.float32),
+        "train_acc": (jnp.argmax(logits[:h], -1) == first).mean(dtype=jnp.float32),
         "aggregate_norm": optax.tree.norm(aggregate).astype(jnp.float32),
-        **summarize_diagnostics(diagnostics, h),
+        **summarize_diagnostics(diagnostics, h, byzantine),
     }
+    if drawn is not None:
+      metrics["sampled_byzantine"] = byzantine.sum().astype(jnp.float32)
+      metrics["sampled_over_f"] = (byzantine.sum() > setup.aggregator.f).astype(jnp.float32)
     new_state = TrainState(
         step=step + 1, params=params, prev_params=state.params if setup.needs_prev else (),
         batch_stats=batch_stats, server_state=server_state,

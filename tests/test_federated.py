@@ -1,0 +1,195 @@
+"""Federated settings: local steps, client sampling, data over the honest workers only."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import build as build_lib
+from ftjax import federated
+from ftjax import round as round_lib
+from ftjax import train
+from test_train import tiny_config
+
+
+class Linear(nn.Module):
+  """Softmax regression: logits = flatten(x) W + b."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(self.num_classes, param_dtype=x.dtype, dtype=x.dtype)(
+        x.reshape((x.shape[0], -1)))
+
+
+def _linear_grads(w, b, x, y):
+  """NumPy gradient of the mean softmax cross-entropy of x @ w + b."""
+  z = x @ w + b
+  z = z - z.max(1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+  p[np.arange(len(y)), y] -= 1.0
+  p /= len(y)
+  return x.T @ p, p.sum(0)
+
+
+def _clip(gw, gb, max_norm):
+  norm = np.sqrt((gw ** 2).sum() + (gb ** 2).sum())
+  scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+  return gw * scale, gb * scale
+
+
+def _fedavg_numpy(params, x, y, k, local_lr, clip, server_lr, send):
+  """One FedAvg round over every worker, written out in NumPy."""
+  w0, b0 = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+  sent_w, sent_b = [], []
+  for worker in range(x.shape[0]):
+    w, b, tw, tb = w0.copy(), b0.copy(), 0.0, 0.0
+    for step in range(k):
+      xs = np.asarray(x[worker, step]).reshape(x.shape[2], -1)
+      gw, gb = _clip(*_linear_grads(w, b, xs, np.asarray(y[worker, step])), clip)
+      w, b, tw, tb = w - local_lr * gw, b - local_lr * gb, tw + gw, tb + gb
+    if send == "model_change":
+      sent_w.append(w0 - w), sent_b.append(b0 - b)
+    else:
+      sent_w.append(tw / k), sent_b.append(tb / k)
+  return w0 - server_lr * np.mean(sent_w, 0), b0 - server_lr * np.mean(sent_b, 0)
+
+
+def _fedavg_config(**overrides):
+  return tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg",
+                        "aggregator.meta": "none", "attack.name": "none",
+                        "optim.estimator": "sgd", "optim.clip": 0.5, "dtype": "float64",
+                        "federated.local_steps": 3, "federated.local_lr": 0.05, **overrides})
+
+
+@pytest.mark.parametrize("send", ["pseudo_gradient", "model_change"])
+def test_local_steps_equal_a_numpy_fedavg_of_a_linear_model(send):
+  with jax.enable_x64(True):
+    c = _fedavg_config(**{"federated.send": send})
+    setup = train.build(c, model=Linear())
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    idx = round_lib.sample_chunk(setup, state, data, 1)[0]
+    assert idx.shape == (5, 3 * 4)  # W workers, K minibatches of b
+    x, y = round_lib._minibatches(setup, state, data, idx)
+    new_state, _ = jax.jit(train.make_round(setup))(state, data, idx)
+    want_w, want_b = _fedavg_numpy(state.params, x, y, 3, 0.05, 0.5, c.optim.lr, send)
+  np.testing.assert_allclose(new_state.params["Dense_0"]["kernel"], want_w, rtol=0, atol=1e-13)
+  np.testing.assert_allclose(new_state.params["Dense_0"]["bias"], want_b, rtol=0, atol=1e-13)
+
+
+def test_one_local_step_is_the_papers_round():
+  """K = 1 through the local-steps path equals the synchronous round (float64)."""
+  with jax.enable_x64(True):
+    c = tiny_config(**{"dtype": "float64", "optim.estimator": "momentum", "attack.name": "sf"})
+    setup = train.build(c)
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    x, y = round_lib._minibatches(setup, state, data,
+                                  round_lib.sample_chunk(setup, state, data, 1)[0])
+    shared = (state.params, state.batch_stats, None)
+    plain = round_lib.make_local_updates(setup, local_steps=False)(
+        shared, (x, y, state.worker_state))
+    local = round_lib.make_local_updates(setup, local_steps=True)(
+        shared, (x[:, None], y[:, None], state.worker_state))
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(local)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_every_worker_drawn_is_the_full_round():
+  with jax.enable_x64(True):
+    c = tiny_config(**{"dtype": "float64", "optim.estimator": "momentum"})
+    setup = train.build(c)
+    drawn_all = dataclasses.replace(
+        setup, federated=federated.Federated(participants=setup.num_workers))
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    want, _ = jax.jit(train.make_round(setup))(state, data)
+    got, metrics = jax.jit(train.make_round(drawn_all))(state, data)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(metrics["sampled_byzantine"]) == setup.num_byzantine
+
+
+@pytest.mark.slow
+def test_client_sampling_averages_the_drawn_rows_and_keeps_the_others_state():
+  with jax.enable_x64(True):
+    c = tiny_config(**{"dtype": "float64", "workers.num": 6, "workers.byzantine": 0,
+                       "aggregator.name": "avg", "aggregator.meta": "none",
+                       "attack.name": "none", "optim.estimator": "momentum",
+                       "federated.participants": 3})
+    setup = train.build(c)
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    # A state whose momentum is nonzero, so that "kept" differs from "updated".
+    state = state._replace(worker_state=jax.tree.map(
+        lambda a: a + 0.01 * jnp.arange(6.0).reshape((6,) + (1,) * (a.ndim - 1))
+        if a.dtype == jnp.float64 else a, state.worker_state))
+    idx = round_lib.sample_chunk(setup, state, data, 1)[0]
+    x, y = round_lib._minibatches(setup, state, data, idx)
+    rows, _, updated = round_lib.make_local_updates(setup)(
+        (state.params, state.batch_stats, None), (x, y, state.worker_state))
+    new_state, metrics = jax.jit(train.make_round(setup))(state, data, idx)
+    drawn = np.asarray(federated.draw_participants(jax.random.fold_in(
+        round_lib.purpose_key(state, build_lib.KEY_PARTICIPANTS), 0), 6, 3))
+  assert len(set(drawn.tolist())) == 3
+  for p, r, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(rows),
+                     jax.tree.leaves(new_state.params)):
+    np.testing.assert_allclose(q, np.asarray(p) - c.optim.lr * np.asarray(r)[drawn].mean(0),
+                               atol=1e-13)
+  others = np.setdiff1d(np.arange(6), drawn)
+  for old, new, upd in zip(jax.tree.leaves(state.worker_state),
+                           jax.tree.leaves(new_state.worker_state), jax.tree.leaves(updated)):
+    np.testing.assert_array_equal(np.asarray(new)[others], np.asarray(old)[others])
+    np.testing.assert_allclose(np.asarray(new)[drawn], np.asarray(upd)[drawn], atol=1e-15)
+  assert float(metrics["sampled_byzantine"]) == 0.0
+
+
+def test_draws_are_distinct_sorted_and_cover_the_workers():
+  seen = set()
+  for i in range(200):
+    drawn = np.asarray(federated.draw_participants(jax.random.key(i), 10, 4))
+    assert len(set(drawn.tolist())) == 4 and np.all(np.diff(drawn) > 0)
+    assert drawn.min() >= 0 and drawn.max() < 10
+    seen.update(drawn.tolist())
+  assert seen == set(range(10))
+
+
+@pytest.mark.parametrize("declared,f,w,m,want", [
+    (None, 8, 17, 9, 5),   # 8 * 9 / 17 = 4.24 -> 5
+    (None, 4, 17, 9, 3),   # 2.12 -> 3
+    (None, 3, 12, 4, 1),   # exactly 1
+    (2, 8, 17, 9, 2),      # aggregator.f wins
+])
+def test_sampled_f(declared, f, w, m, want):
+  assert federated.sampled_f(declared, f, w, m) == want
+
+
+def test_honest_only_splits_the_data_over_the_honest_workers():
+  c = tiny_config(**{"data.honest_only": True, "data.partition": "iid_split",
+                     "attack.name": "alie"})
+  setup = train.build(c)
+  assert setup.partition.table.shape[0] == setup.num_honest == 4
+  assert int(setup.partition.sizes.sum()) == setup.dataset.train_images.shape[0]
+  assert setup.num_computed == setup.num_honest
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"data.honest_only": True, "attack.name": "sf"}, "honest_only"),
+    ({"federated.local_steps": 2}, "mu2sgd"),
+    ({"federated.local_steps": 0}, "local_steps"),
+    ({"federated.local_lr": -1.0}, "local_lr"),
+    ({"federated.send": "weights"}, "federated.send"),
+    ({"federated.participants": 9}, "participants"),
+    ({"federated.participants": 3, "attack.name": "optimal_ipm"}, "participants"),
+    ({"federated.participants": 2, "workers.num": 9, "workers.byzantine": 4}, "rows"),
+])
+def test_bad_federated_settings_are_refused_in_one_line(overrides, words):
+  with pytest.raises(train.ConfigError, match=words) as e:
+    train.build(tiny_config(**overrides))
+  assert "\n" not in str(e.value)
