@@ -113,7 +113,8 @@ def get_config(arg=None):
   o.centered_clipping = dict(tau=placeholder(float),  # clipping radius (None = the rows' median
                                                     # distance to the centre, scale-free)
                              iters=1,   # clipping iterations
-                             init="cwmed")  # first centre: "cwmed", "mean" or "zero"
+                             init="cwmed")  # first centre: "cwmed", "mean", "zero", or
+                                            # "previous" (the last aggregate, kept as state)
   o.ctma = dict(keep_ties=False)  # True: the reference's tie quirk (keeps every tied row)
   o["nnm+ctma"] = dict(keep_ties=False)  # same switch for nnm+ctma
   o.bucketing = dict(bucket_size=placeholder(int))  # s (None = floor(W / (2f)))

@@ -271,6 +271,10 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       raise
     raise ConfigError(str(e)) from None
 
+  if aggregator.stateful and mesh is not None and aggregation == "sharded":
+    raise ConfigError(f"{aggregator.spec!r} keeps state across rounds, which the sharded "
+                      f"aggregation (mesh.aggregation='sharded') does not hold; use "
+                      f"mesh.aggregation='replicated'.")
   num_computed = w if f and attack.uses_own_updates else w - f
   per_device = -(-num_computed // (1 if mesh is None else mesh.devices.size))
   chunk = policy.worker_chunk(c.kernels, per_device, c.workers.get("chunk", None))

@@ -48,6 +48,7 @@ class TrainState(NamedTuple):
   server_state: PyTree     # server optax state (holds the anchor w_t for mu2sgd)
   worker_state: PyTree     # estimator states stacked on a leading axis [num_computed]
   rng: jax.Array           # uint32 key data of the run's root key
+  aggregator_state: PyTree = ()  # a stateful rule's state across rounds; () for the others
 
 
 def purpose_key(state: TrainState, purpose: int) -> jax.Array:
@@ -67,7 +68,8 @@ def init_state(setup: Setup, seed: int) -> TrainState:
       step=jnp.zeros([], jnp.int32), params=params,
       prev_params=jax.tree.map(jnp.array, params) if setup.needs_prev else (),
       batch_stats=variables.get("batch_stats", {}), server_state=setup.server_tx.init(params),
-      worker_state=worker_state, rng=jax.random.key_data(root))
+      worker_state=worker_state, rng=jax.random.key_data(root),
+      aggregator_state=setup.aggregator.init_state(params))
 
 
 def init_states(setup: Setup, seeds) -> TrainState:
@@ -287,16 +289,17 @@ def _attack_context(setup: Setup) -> attacks_lib.AttackContext:
 
 def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[jax.Array]
                      ) -> Callable:
-  """Step 2: ``(rows, extras, keys, valid) -> (aggregate, diagnostics)``.
+  """Step 2: ``(rows, extras, given, valid) -> (aggregate, (diagnostics, aggregator_state))``.
 
   ``rows`` are the computed workers' updates (honest first); the attack
   (``setup.attack``, or the member of ``setup.attacks`` at ``attack_index``)
   writes the Byzantine rows from the honest ones (and their own, for the
   attacks that send them), then ``setup.aggregator`` reduces the rows (with
-  client sampling, the drawn workers' rows). ``extras`` are the attacks'
-  draws (:func:`attack_draws`), ``keys`` the round's (attack, aggregator)
-  keys, then the drawn workers with client sampling, and ``valid`` the
-  layout's column mask (:func:`ftjax.sharding.lay_out_round`).
+  client sampling, the drawn workers' rows), updating its state (() for a
+  stateless rule). ``extras`` are the attacks' draws (:func:`attack_draws`);
+  ``given`` holds the round's ``"attack"`` and ``"aggregator"`` keys, the
+  rule's ``"state"`` and, with client sampling, the ``"drawn"`` workers;
+  ``valid`` is the layout's column mask (:func:`ftjax.sharding.lay_out_round`).
   """
   f, h = setup.num_byzantine, setup.num_honest
   ctx = _attack_context(setup)
@@ -317,8 +320,8 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
     draws = None if count == 0 else jax.tree.unflatten(treedef, extras[first:first + count])
     return member(honest, own, key, ctx, draws=draws)
 
-  def server_rows(rows, extras, keys, valid):
-    attack_key, aggregator_key = keys[:2]
+  def server_rows(rows, extras, given, valid):
+    attack_key, aggregator_key = given["attack"], given["aggregator"]
     honest = jax.tree.map(lambda u: u[:h], rows)
     if f:
       own = jax.tree.map(lambda u: u[h:], rows) if members[0].uses_own_updates else None
@@ -333,9 +336,11 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
                           byzantine)
     else:
       rows = honest
-    if setup.federated.participants:  # keys[2]: the drawn workers (federated.draw_participants)
-      rows = jax.tree.map(lambda r: r[keys[2]], rows)
-    return setup.aggregator(rows, aggregator_key)
+    if "drawn" in given:  # client sampling: the drawn workers' rows
+      rows = jax.tree.map(lambda r: r[given["drawn"]], rows)
+    aggregate, diagnostics, state = setup.aggregator.update(rows, aggregator_key,
+                                                            given["state"])
+    return aggregate, (diagnostics, state)
 
   return server_rows
 
@@ -476,12 +481,13 @@ def make_round(setup: Setup) -> Callable:
     x, y = _minibatches(setup, state, data, idx)
     attack_key = jax.random.fold_in(purpose_key(state, KEY_ATTACK), step)
     aggregator_key = jax.random.fold_in(purpose_key(state, KEY_AGGREGATOR), step)
-    keys, drawn = (attack_key, aggregator_key), None
+    given = {"attack": attack_key, "aggregator": aggregator_key,
+             "state": state.aggregator_state}
+    drawn = None
     if setup.federated.participants:
-      drawn = federated.draw_participants(
+      drawn = given["drawn"] = federated.draw_participants(
           jax.random.fold_in(purpose_key(state, KEY_PARTICIPANTS), step), setup.num_workers,
           setup.federated.participants)
-      keys += (drawn,)
     middle = sharding.lay_out_round(
         local_updates, make_server_rows(setup, state.params, data.attack), setup.mesh,
         setup.aggregation, num_rows=n)
@@ -489,9 +495,10 @@ def make_round(setup: Setup) -> Callable:
     worker_state = state.worker_state
     if setup.sharded:
       worker_state = _pad_workers(worker_state, worker_state_rows(setup))
-    aggregate, diagnostics, (loss, logits, new_stats, prev_stats), new_worker_state = middle(
+    aggregate, (diagnostics, aggregator_state), gathered, new_worker_state = middle(
         (state.params, state.batch_stats, state.prev_params if setup.needs_prev else None),
-        (x, y, worker_state), extras, keys)
+        (x, y, worker_state), extras, given)
+    loss, logits, new_stats, prev_stats = gathered
     if drawn is not None:  # the workers not drawn keep their estimator state
       worker_state = _keep_undrawn(drawn, new_worker_state, worker_state)
     else:
@@ -517,7 +524,7 @@ def make_round(setup: Setup) -> Callable:
     new_state = TrainState(
         step=step + 1, params=params, prev_params=state.params if setup.needs_prev else (),
         batch_stats=batch_stats, server_state=server_state,
-        worker_state=worker_state, rng=state.rng)
+        worker_state=worker_state, rng=state.rng, aggregator_state=aggregator_state)
     return _constrain_layout(setup, new_state), metrics
 
   return train_step

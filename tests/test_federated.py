@@ -193,3 +193,95 @@ def test_bad_federated_settings_are_refused_in_one_line(overrides, words):
   with pytest.raises(train.ConfigError, match=words) as e:
     train.build(tiny_config(**overrides))
   assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# Rules that keep state across rounds
+
+
+def _centered_clipping_numpy(rounds, tau, iters):
+  """Karimireddy, He & Jaggi (2021): v <- v + mean_i clip_tau(x_i - v), from the last aggregate."""
+  v, out = np.zeros(rounds[0].shape[1]), []
+  for x in rounds:
+    for _ in range(iters):
+      d = x - v
+      norms = np.linalg.norm(d, axis=1)
+      v = v + np.mean(d * np.minimum(1.0, tau / norms)[:, None], axis=0)
+    out.append(v.copy())
+  return out
+
+
+@pytest.mark.parametrize("tau,iters", [(0.5, 1), (2.0, 3)])
+def test_centred_clipping_on_the_previous_aggregate_matches_numpy_over_five_rounds(tau, iters):
+  from ftjax import aggregators
+  rng = np.random.default_rng(0)
+  rounds = [rng.normal(1.0, 1.0, (7, 5)) for _ in range(5)]
+  agg = aggregators.centered_clipping(tau=tau, iters=iters, init="previous", f=2)
+  assert agg.stateful and not aggregators.centered_clipping(f=2).stateful
+  with jax.enable_x64(True):
+    state = agg.init_state(jnp.zeros(5))
+    step = jax.jit(agg.update)
+    got = []
+    for x in rounds:
+      out, _, state = step(jnp.asarray(x), None, state)
+      got.append(np.asarray(out))
+  for g, w in zip(got, _centered_clipping_numpy(rounds, tau, iters)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-13)
+
+
+def test_a_stateful_rule_is_the_outermost_one():
+  from ftjax import aggregators
+  with pytest.raises(ValueError, match="outermost"):
+    aggregators.make_aggregator("ctma(centered_clipping)", 2, num_workers=9,
+                                options={"centered_clipping": {"init": "previous"}})
+
+
+def test_a_users_stateful_rule_trains_and_carries_its_state():
+  from ftjax import aggregators
+
+  def running_mean_state(row_like):
+    return {"sum": jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype), row_like),
+            "count": jnp.zeros([], jnp.int32)}
+
+  @aggregators.register(name="test_running_mean", state=lambda row, **o: running_mean_state(row))
+  def test_running_mean(updates, key, *, f, state=None):
+    """The mean of every round's mean so far."""
+    del key, f
+    total = jax.tree.map(lambda s, u: s + u.mean(0), state["sum"], updates)
+    count = state["count"] + 1
+    return jax.tree.map(lambda t: t / count, total), {}, {"sum": total, "count": count}
+
+  try:
+    c = tiny_config(**{"aggregator.name": "test_running_mean", "aggregator.meta": "none",
+                       "num_steps": 2, "eval_every": 2})
+    setup = train.build(c)
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    state, metrics = train.make_chunk_fn(setup)(state, data, 2).run(state, data)
+    assert int(state.aggregator_state["count"]) == 2
+    assert bool(metrics["finite"])
+  finally:
+    aggregators.AGGREGATORS.pop("test_running_mean")
+
+
+@pytest.mark.slow
+def test_a_resumed_stateful_run_equals_the_uninterrupted_one(tmp_path):
+  import json
+  import os
+  over = {"aggregator.name": "centered_clipping", "aggregator.meta": "none",
+          "aggregator.options.centered_clipping": {"tau": 1.0, "iters": 2, "init": "previous"},
+          "attack.name": "alie", "optim.estimator": "momentum"}
+
+  def rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+      return [json.loads(line) for line in fh]
+
+  full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
+  train.train_and_evaluate(tiny_config(**over), full)
+  train.train_and_evaluate(tiny_config(**over, num_steps=3), parts)
+  train.train_and_evaluate(tiny_config(**over), parts)
+  a, b = rows(full), rows(parts)
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+  for ra, rb in zip(a, b):
+    for k in ("train_loss", "test_loss", "test_acc", "aggregate_norm"):
+      assert ra[k] == rb[k], k

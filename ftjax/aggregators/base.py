@@ -178,10 +178,21 @@ def centered_clip(updates: PyTree, center: PyTree, tau: float | None, iters: int
   return v
 
 
-def _centered_clipping(x, key, *, f, tau, iters, init):
+def _centered_clipping(x, key, *, f, tau, iters, init, state=None):
   del key, f
+  if init == "previous":  # the previous round's aggregate, kept in the state
+    out = centered_clip(x, state, tau, iters)
+    return out, {}, out
   center = rows.isolate(lambda v: maths.init_point(v, init), x)
   return centered_clip(x, center, tau, iters), {}
+
+
+def _centered_clipping_state(row_like, *, init, **unused):
+  """The previous aggregate, zero before the first round (``init="previous"``)."""
+  del unused
+  if init != "previous":
+    return None
+  return jax.tree.map(lambda l: jnp.zeros(l.shape, l.dtype), row_like)
 
 
 
@@ -308,7 +319,10 @@ def centered_clipping(tau: float | None = None, iters: int = 1, init: str = "cwm
   Args:
     tau: clipping radius, or None for the median distance to the centre.
     iters: clipping iterations.
-    init: first centre: ``"cwmed"``, ``"mean"`` (of the finite rows) or ``"zero"``.
+    init: first centre: ``"cwmed"``, ``"mean"`` (of the finite rows), ``"zero"``,
+      or ``"previous"``: the previous round's aggregate, as Karimireddy, He and
+      Jaggi (2021) define the rule (zero before the first round). The rule then
+      keeps that aggregate as its state across rounds (:meth:`Aggregator.update`).
     f: number of Byzantine workers (robust for W > 2f).
 
   Returns:
@@ -330,7 +344,8 @@ AGGREGATORS.update({
                        lambda f, o: max(2 * f + 3, o["num_selected"] or 0),
                        "W > 2f + 2 (and W >= num_selected)",
                        with_distances=_multikrum_with_distances),
-    "centered_clipping": _info(centered_clipping, _centered_clipping, _any, _half, "W > 2f"),
+    "centered_clipping": _info(centered_clipping, _centered_clipping, _any, _half, "W > 2f",
+                               state=_centered_clipping_state),
     "meamed": _info(meamed, _meamed, _above, _half, "W > 2f"),
 })
 

@@ -70,6 +70,9 @@ class Aggregator:
   def __post_init__(self):
     _check_f(self.f)
     kernels_lib.check(self.kernels)
+    if self.inner is not None and any(a.stateful for a in self.inner._layers()):
+      raise ValueError(f"{self.inner.spec!r} keeps state across rounds, so it must be the "
+                       f"outermost rule; {self.name!r} cannot wrap it.")
 
   def __repr__(self) -> str:
     opts = {a.name: dict(a.options) for a in self._layers() if a.options}
@@ -84,6 +87,41 @@ class Aggregator:
   def stochastic(self) -> bool:
     """Whether a call needs a PRNG key (bucketing anywhere in the rule)."""
     return any(a.fn is None and _TABLE[a.name].stochastic for a in self._layers())
+
+  @property
+  def stateful(self) -> bool:
+    """Whether the rule keeps state across rounds (:meth:`init_state`, :meth:`update`)."""
+    return self._initial_state(None) is not None
+
+  def _initial_state(self, row_like: Any) -> Any:
+    info = None if self.fn is not None else _TABLE[self.name]
+    if info is None or info.state is None:
+      return None
+    if row_like is None:  # only whether there is a state: shapes do not matter
+      row_like = jnp.zeros((1,))
+    return info.state(row_like, **dict(self.options))
+
+  def init_state(self, row_like: PyTree) -> PyTree:
+    """The state before the first round: ``()`` for a stateless rule.
+
+    Args:
+      row_like: one row's pytree (e.g. the parameters), or its shapes.
+    """
+    state = self._initial_state(row_like)
+    return () if state is None else state
+
+  def update(self, updates: PyTree, key: jax.Array | None, state: PyTree
+             ) -> tuple[PyTree, dict[str, jax.Array], PyTree]:
+    """One round of a rule that keeps state: ``(aggregate, diagnostics, new_state)``.
+
+    The optax-style contract of stateful rules (docs/aggregators.md): the
+    state starts as :meth:`init_state` and is handed back every round. A
+    stateless rule returns ``state`` unchanged, so the round treats every
+    rule alike.
+    """
+    if not self.stateful:
+      return (*self(updates, key), state)
+    return self(updates, key, state=state)
 
   def with_kernels(self, name: str) -> Aggregator:
     """The same rule with kernel set ``name``.
@@ -105,12 +143,15 @@ class Aggregator:
       a = a.inner
     return out
 
-  def _apply(self, x: PyTree, key: jax.Array | None) -> tuple[PyTree, Diagnostics]:
+  def _apply(self, x: PyTree, key: jax.Array | None, state: Any = None
+             ) -> tuple[PyTree, Diagnostics]:
     """The rule's body on validated rows, under this rule's kernel set."""
     with kernels_lib.use(self.kernels):
       if self.fn is not None:
         return _call_user_rule(self.fn, self.name, x, key)
       info = _TABLE[self.name]
+      if state is not None:  # a stateful rule: (aggregate, diag, new_state)
+        return info.body(x, key, f=self.f, state=state, **dict(self.options))
       if self.inner is None:
         return info.body(x, key, f=self.f, **dict(self.options))
       return info.body(_InnerRule(self.inner), x, key, f=self.f, **dict(self.options))
@@ -173,13 +214,17 @@ class Aggregator:
     """
     self._validate(num_workers, robust=True)
 
-  def __call__(self, updates: PyTree, key: jax.Array | None = None
+  def __call__(self, updates: PyTree, key: jax.Array | None = None, *, state: Any = None
                ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Aggregates W worker rows.
 
     Args:
       updates: pytree whose leaves all share a leading worker axis W.
       key: PRNG key, required only by stochastic rules (bucketing).
+      state: for a rule that keeps state (:attr:`stateful`), its state; the
+        call then returns ``(aggregate, diagnostics, new_state)`` (use
+        :meth:`update`). None runs a stateful rule from :meth:`init_state`,
+        as in its first round, and returns the pair.
 
     Returns:
       (aggregate with the W axis removed, same structure and dtypes;
@@ -212,7 +257,12 @@ class Aggregator:
     with kernels_lib.use(self.kernels):
       # The rows are computed once, not inside every pass over them.
       updates = rows.materialize(jax.tree.map(jnp.asarray, updates))
-      return self._apply(updates, key)
+      if not self.stateful:
+        return self._apply(updates, key)
+      if state is None:
+        return self._apply(updates, key, self.init_state(
+            jax.tree.map(lambda l: jax.ShapeDtypeStruct(l.shape[1:], l.dtype), updates)))[:2]
+      return self._apply(updates, key, state)
 
   def as_optax(self, key: jax.Array | None = None) -> optax_aggregating.Aggregator:
     """Wraps the rule as an ``optax.experimental.aggregating.Aggregator``.
@@ -369,6 +419,10 @@ class RuleInfo(NamedTuple):
   check: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError
   meta: bool = False                   # wraps an inner rule
   registered: bool = False             # by register(): options checked against their defaults
+  # Rules that keep state across rounds: (row_like, **options) -> the initial
+  # state, or None when these options make the rule stateless. A stateful
+  # body takes ``state=`` and returns (aggregate, diag, new_state).
+  state: Optional[Callable[..., Any]] = None
 
 
 def _info(build, body, min_rows, robust_rows, requirement, with_distances=None,
@@ -423,7 +477,8 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
              robust_rows: Optional[int | Callable] = None, requirement: str = "any W",
              stochastic: bool = False, check: Optional[Callable[..., None]] = None,
              aliases: tuple[str, ...] = (),
-             with_distances: Optional[Callable[..., Any]] = None) -> Callable:
+             with_distances: Optional[Callable[..., Any]] = None,
+             state: Optional[Callable[..., Any]] = None) -> Callable:
   """Registers a rule under a name, so specs, configs and sweeps can name it.
 
   The rule is one function, ``body(updates, key, *, f, **options) ->
@@ -452,6 +507,12 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
     with_distances: optional, for a base rule: the body that also returns
       every row's squared distance [W] to the aggregate, when the rule has
       them anyway (:func:`ctma` then skips its own distance pass).
+    state: for a rule that keeps state across rounds, ``state(row_like,
+      **options)`` returning the state before the first round (or None when
+      those options make the rule stateless); the body then also takes
+      ``state=`` and returns ``(aggregate, diagnostics, new_state)``. The
+      round carries the state in ``TrainState.aggregator_state`` and the
+      checkpoints (:meth:`Aggregator.update`).
 
   Returns:
     A decorator returning a builder: ``builder(f=..., **options)`` (for a
@@ -468,6 +529,8 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
                        f"another name.")
     shape = "(inner, updates, key, *, f, ...)" if meta else "(updates, key, *, f, ...)"
     options = registry.options_from_signature(body, 3 if meta else 2, shape, keyword="f")
+    if state is not None:
+      options.pop("state", None)  # the round's state, not an option
 
     def builder(*args, f: Optional[int] = None if meta else 0, **given):
       return (_meta if meta else lambda n, f, **o: _base(n, f, **o))(
@@ -478,7 +541,7 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
     info = RuleInfo(builder, body, types.MappingProxyType(options), as_rows(min_rows),
                     as_rows(robust_rows if robust_rows is not None else min_rows), requirement,
                     with_distances=with_distances, stochastic=stochastic, check=check,
-                    meta=meta, registered=True)
+                    meta=meta, registered=True, state=state)
     (META_AGGREGATORS if meta else AGGREGATORS)[rule_name] = info
     for alias in aliases:
       ALIASES[_canonical(alias)] = rule_name
@@ -490,6 +553,7 @@ ALIASES: dict[str, str] = {"rfa": "gm"}
 """Other spellings accepted in specs and options."""
 
 _INITS = ("zero", "mean", "cwmed")
+_CENTRES = _INITS + ("previous",)  # centred clipping: also the previous round's aggregate
 
 
 def register_table(rules: Mapping[str, Mapping[str, Any]],
@@ -541,5 +605,7 @@ def _check_option(rule_name: str, name: str, value: Any) -> None:
   if name in ("bucket_size", "num_selected", "num_neighbours") and value is not None and not (
       is_int and value >= 1):
     bad("use an integer >= 1, or None for the default")
-  if name == "init" and value not in _INITS:
+  if name == "init" and rule_name == "centered_clipping" and value not in _CENTRES:
+    bad(f"valid first centres are {list(_CENTRES)}")
+  if name == "init" and rule_name != "centered_clipping" and value not in _INITS:
     bad(f"valid starting points are {list(_INITS)}")
