@@ -45,6 +45,7 @@ import numpy as np
 
 from ftjax import attack_maths as maths
 from ftjax import attack_search as search
+from ftjax import attacks_peers as peers
 from ftjax import registry
 from ftjax.attack_maths import alie_z  # noqa: F401  (public here)
 
@@ -141,9 +142,8 @@ class Attack:
     num_honest = _check_rows(honest, "honest")
     if num_honest < self.min_honest:
       raise ValueError(
-          f"Attack {self.name!r} needs at least {self.min_honest} honest rows (it uses "
-          f"their unbiased standard deviation), got {num_honest}; use fewer Byzantine "
-          "workers or another attack.")
+          f"Attack {self.name!r} needs at least {self.min_honest} honest rows (docs/attacks.md "
+          f"says why), got {num_honest}; use fewer Byzantine workers or another attack.")
     if self.uses_own_updates:
       if own is None:
         if f:
@@ -319,15 +319,6 @@ def _build_alie(z):
   return fn
 
 
-def _build_mimic(index):
-  def fn(honest, own, key, ctx, h, f):
-    if index >= h:
-      raise ValueError(f"mimic.index={index} but there are only {h} honest rows; "
-                       f"use an index in [0, {h - 1}].")
-    return maths.repeat(jax.tree.map(lambda x: x[index], honest), f)
-  return fn
-
-
 def _draw_gaussian(sigma, center):
   del center
 
@@ -403,6 +394,13 @@ def _choice(*valid):
   return check
 
 
+def _at_least_one(what, v):
+  v = _finite(what, v)
+  if v < 1:
+    raise ValueError(f"{what} must be >= 1, got {v}.")
+  return v
+
+
 def _check_range(name, opts):
   if not opts["low"] < opts["high"]:
     raise ValueError(f"{name}: need low < high for the search range, got "
@@ -447,6 +445,24 @@ _ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optiona
               min_honest=2)
 _OPTIMAL_IPM = _search_spec("optimal_ipm", "ipm")
 _OPTIMAL_ALIE = _search_spec("optimal_alie", "alie")
+# The peers' attacks (ftjax/attacks_peers.py).
+_FANG_KRUM = _Spec(
+    "fang_krum", peers.build_fang_krum,
+    defaults=dict(threshold=1e-5, halvings=30, epsilon=0.0, batch_size=None),
+    checks=dict(threshold=_positive, halvings=_int_at_least(0), epsilon=_nonnegative,
+                batch_size=_optional(_int_at_least(1))),
+    needs_aggregator=True, min_honest=3, draw=peers.draw_fang_krum)
+_FANG_TRMEAN = _Spec("fang_trmean", peers.build_fang_trmean, defaults=dict(b=2.0),
+                     checks=dict(b=_at_least_one), draw=peers.draw_uniform)
+_SIGNGUARD_ADAPTIVE = _Spec(
+    "signguard_adaptive", peers.build_signguard_adaptive, defaults=dict(magnitude="uniform"),
+    checks=dict(magnitude=_choice("uniform", "median_norm")), draw=peers.draw_signguard)
+_CLIPPED_CLUSTERING_ADAPTIVE = _Spec(
+    "clipped_clustering_adaptive", peers.build_clipped_clustering_adaptive,
+    defaults=dict(linkage="single", margin=0.1, scale=10.0),
+    checks=dict(linkage=_choice("single", "complete", "average"), margin=_finite,
+                scale=_positive),
+    min_honest=2)
 
 # Every accepted attack name (lower case, "_" for "-") -> its spec. Aliases
 # share their target's spec, whose `name` is the canonical one.
@@ -458,8 +474,8 @@ ATTACKS: dict[str, _Spec] = {
     "empire": _IPM,
     "alie": _ALIE,
     "little": _ALIE,
-    "mimic": _Spec("mimic", _build_mimic, defaults=dict(index=0),
-                   checks=dict(index=_int_at_least(0))),
+    "mimic": _Spec("mimic", peers.build_mimic, defaults=dict(index=None),
+                   checks=dict(index=_optional(_int_at_least(0)))),
     "gaussian": _Spec("gaussian", _build_gaussian, defaults=dict(sigma=1.0, center="mean"),
                       checks=dict(sigma=_nonnegative, center=_choice("mean", "zero")),
                       draw=_draw_gaussian),
@@ -469,6 +485,12 @@ ATTACKS: dict[str, _Spec] = {
     "optimal_alie": _OPTIMAL_ALIE,
     "min_max": _distance_spec("min_max"),
     "min_sum": _distance_spec("min_sum"),
+    "fang_krum": _FANG_KRUM,
+    "fang_trmean": _FANG_TRMEAN,
+    "fang_median": _FANG_TRMEAN,        # the paper attacks the median with the same rows
+    "signguard_adaptive": _SIGNGUARD_ADAPTIVE,
+    "clipped_clustering_adaptive": _CLIPPED_CLUSTERING_ADAPTIVE,
+    "attackclippedclustering": _CLIPPED_CLUSTERING_ADAPTIVE,  # Blades' class name, lowercased
 }
 
 
