@@ -415,9 +415,11 @@ _LAYOUTS = textwrap.dedent("""
     peers = json.loads(sys.argv[1])
     out = {}
     for devices, layout in ((1, "replicated"), (0, "replicated"), (0, "sharded")):
+      # The plain average: every Byzantine coordinate reaches the parameters.
       c = tiny_config(**{"attack.name": peers[0], "dtype": "float64", "model.name": "mlp",
                          "devices": devices, "mesh.aggregation": layout, "num_steps": 3,
-                         "eval_every": 3, "loop": "scan"})
+                         "eval_every": 3, "loop": "scan", "aggregator.name": "avg",
+                         "aggregator.meta": "none"})
       setup = train.build(c, attacks=peers)
       data = train.make_device_data(setup)
       run = train.make_chunk_fn(setup)
