@@ -2,7 +2,8 @@
 line search for the scale that moves the aggregate most) and against the honest rows'
 distances (``min_max``, ``min_sum``: the largest step that stays as close as an honest
 row). Each builder takes the resolved options and returns ``fn(honest, own, key, ctx,
-num_honest, f) -> rows``.
+num_honest, f) -> rows``. :func:`evaluate` and :func:`server_output` (every candidate's
+aggregate, in one vmap or in chunks) also serve ``fang_krum`` (:mod:`ftjax.attacks_peers`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Two families:
 * Omniscient attacks (everything else): ``own`` is ``None`` and the rows are
   built from the honest ones. ``ipm``, ``alie``, ``min_max``, ``min_sum`` and
   the ``optimal_*`` line searches make all Byzantine workers send one vector.
+  The attacks other libraries offer (``fang_krum``, ``fang_trmean``, ``mimic``,
+  ``signguard_adaptive``, ``clipped_clustering_adaptive``) are built in
+  :mod:`ftjax.attacks_peers` and listed in the same table.
 
 All norms and distances are global over the leaves of the pytree. Options are
 Python values fixed at construction, so an attack can be closed over inside
@@ -28,7 +31,8 @@ through :func:`ftjax.kernels.rows.coordinate_sum`, and every other step works
 coordinate by coordinate, so an attack also runs on one device's slice of the
 coordinates under :func:`ftjax.kernels.shard_coordinates` (the round of
 ``mesh.aggregation = "sharded"``); the line searches then call the aggregator
-on the same slices. The random values of ``gaussian`` come from
+on the same slices. The random values of ``gaussian``, ``fang_trmean``,
+``signguard_adaptive`` and ``fang_krum`` (with ``epsilon > 0``) come from
 :meth:`Attack.draw`, which needs only the rows' shapes, so a caller holding
 slices can draw them for the whole rows and pass its slice as ``draws``.
 """
@@ -100,10 +104,14 @@ class Attack:
   def draw(self, honest: PyTree, key: jax.Array, ctx: AttackContext) -> Optional[PyTree]:
     """The random values this attack adds to its rows, or None for a deterministic attack.
 
-    ``gaussian``'s noise: leaves [f, ...] like the Byzantine rows. Only the
-    shapes and dtypes of ``honest`` are read (``jax.ShapeDtypeStruct`` leaves
-    will do), so the noise of the whole rows can be drawn where only slices of
-    them are held, and each slice passed to :meth:`__call__` as ``draws``.
+    The structure of the rows, each leaf with a leading axis and the leaf's
+    trailing shape: ``gaussian``'s noise, ``fang_trmean``'s uniform values and
+    ``fang_krum``'s directions are [f, ...] like the Byzantine rows;
+    ``signguard_adaptive``'s are int32 [2, ...] (a permutation's places and
+    random bits). Only the shapes and dtypes of ``honest`` are read
+    (``jax.ShapeDtypeStruct`` leaves will do), so the values for the whole rows
+    can be drawn where only slices of them are held, and each slice passed to
+    :meth:`__call__` as ``draws``.
 
     Args:
       honest: the honest rows (or their shapes), leaves ``[H, ...]``.

@@ -360,7 +360,22 @@ def test_clipped_clustering_adaptive_degenerate_rows_stay_finite():
 
 
 # --------------------------------------------------------------------------
-# All of them: jit, vmap, finite outputs on degenerate rows
+# All of them: options, jit, vmap, finite outputs on degenerate rows
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("fang_krum", {"threshold": 0.0}, "fang_krum.threshold must be > 0"),
+    ("fang_krum", {"halvings": -1}, "fang_krum.halvings must be an integer >= 0"),
+    ("fang_krum", {"epsilon": -0.1}, "fang_krum.epsilon must be >= 0"),
+    ("fang_median", {"b": float("inf")}, "fang_trmean.b must be a finite number"),
+    ("mimic", {"index": -1}, "mimic.index must be an integer >= 0"),
+    ("signguard_adaptive", {"magnitude": "norm"}, "'uniform', 'median_norm'"),
+    ("clipped_clustering_adaptive", {"linkage": "ward"}, "'single', 'complete', 'average'"),
+    ("clipped_clustering_adaptive", {"scale": 0.0}, "scale must be > 0"),
+])
+def test_bad_options_are_refused(name, options, message):
+  with pytest.raises(ValueError, match=message):
+    make_attack(name, **options)
 
 
 @pytest.mark.parametrize("name", PEERS)
