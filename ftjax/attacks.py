@@ -98,6 +98,7 @@ class Attack:
   options: tuple = ()
   needs_aggregator: bool = False
   min_honest: int = 1
+  count_check: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
   fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
   draw_fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -121,6 +122,24 @@ class Attack:
     if self.draw_fn is None:
       return None
     return self.draw_fn(honest, key, _check_context(ctx, self))
+
+  def check_counts(self, num_workers: int, num_byzantine: int) -> None:
+    """Refuses, in one line, worker counts this attack's formula is not defined for.
+
+    Every call runs it first; a caller that knows W and f before tracing (a
+    config check) can run it then.
+
+    Raises:
+      ValueError: fewer than ``min_honest`` honest rows, or (with f > 0) a
+        count the attack's own condition refuses (``fang_krum``: W >= 2f + 2).
+    """
+    num_honest = num_workers - num_byzantine
+    if num_honest < self.min_honest:
+      raise ValueError(
+          f"Attack {self.name!r} needs at least {self.min_honest} honest rows (docs/attacks.md "
+          f"says why), got {num_honest}; use fewer Byzantine workers or another attack.")
+    if num_byzantine and self.count_check is not None:
+      self.count_check(self.name, num_workers, num_byzantine)
 
   def __call__(self, honest: PyTree, own: Optional[PyTree], key: jax.Array,
                ctx: AttackContext, draws: Optional[PyTree] = None) -> PyTree:
@@ -148,10 +167,7 @@ class Attack:
       raise ValueError("Build attacks with make_attack(name, **options), not Attack(...).")
     f = _check_context(ctx, self)
     num_honest = _check_rows(honest, "honest")
-    if num_honest < self.min_honest:
-      raise ValueError(
-          f"Attack {self.name!r} needs at least {self.min_honest} honest rows (docs/attacks.md "
-          f"says why), got {num_honest}; use fewer Byzantine workers or another attack.")
+    self.check_counts(num_honest + f, f)
     if self.uses_own_updates:
       if own is None:
         if f:
@@ -246,7 +262,7 @@ def make_attack(name: str, **options) -> Attack:
   return Attack(name=spec.name, uses_own_updates=spec.uses_own_updates,
                 flips_labels=spec.flips_labels, options=tuple(sorted(resolved.items())),
                 needs_aggregator=spec.needs_aggregator, min_honest=spec.min_honest,
-                fn=spec.build(**resolved),
+                count_check=spec.count_check, fn=spec.build(**resolved),
                 draw_fn=None if spec.draw is None else spec.draw(**resolved))
 
 
@@ -426,6 +442,7 @@ class _Spec(NamedTuple):
   min_honest: int = 1
   cross_check: Optional[Callable] = None
   draw: Optional[Callable] = None      # (**options) -> draw(honest, key, f): random values
+  count_check: Optional[Callable] = None  # (name, W, f) -> None, raises for counts it refuses
   module: str = __name__               # where it is defined (a user's module, if registered)
 
 
@@ -459,7 +476,8 @@ _FANG_KRUM = _Spec(
     defaults=dict(threshold=1e-5, halvings=30, epsilon=0.0, batch_size=None),
     checks=dict(threshold=_positive, halvings=_int_at_least(0), epsilon=_nonnegative,
                 batch_size=_optional(_int_at_least(1))),
-    needs_aggregator=True, min_honest=3, draw=peers.draw_fang_krum)
+    needs_aggregator=True, min_honest=3, draw=peers.draw_fang_krum,
+    count_check=peers.check_fang_krum_counts)
 _FANG_TRMEAN = _Spec("fang_trmean", peers.build_fang_trmean, defaults=dict(b=2.0),
                      checks=dict(b=_at_least_one), draw=peers.draw_uniform)
 _SIGNGUARD_ADAPTIVE = _Spec(

@@ -106,12 +106,17 @@ def _offsets(directions, epsilon, f, acc):
                       directions)
 
 
+def check_fang_krum_counts(name, num_workers, num_byzantine):
+  """The bound divides by W - 2f - 1: refuses W < 2f + 2 in one line."""
+  if num_workers < 2 * num_byzantine + 2:
+    raise ValueError(f"Attack {name!r} needs W >= 2f + 2 workers (its bound divides by "
+                     f"W - 2f - 1), got W = {num_workers}, f = {num_byzantine}; use fewer "
+                     f"Byzantine workers or another attack.")
+
+
 def build_fang_krum(threshold, halvings, epsilon, batch_size):
   """fang_krum: rows -lambda s (+ offsets), lambda halved from the bound until a Byzantine row wins."""
   def fn(honest, own, key, ctx, h, f, draws=None):
-    if h - f - 1 < 1:
-      raise ValueError(f"fang_krum needs W >= 2f + 2 workers (its bound divides by W - 2f - 1), "
-                       f"got W = {h + f}, f = {f}; use fewer Byzantine workers or another attack.")
     acc = maths.acc_dtype(honest)
     s = jax.tree.map(jnp.sign, maths.mean(honest))
     offsets = None if draws is None else _offsets(draws, epsilon, f, acc)

@@ -163,6 +163,13 @@ def test_fang_krum_bound_counts_only_nonzero_signs():
 def test_fang_krum_refuses_too_many_byzantine_workers():
   with pytest.raises(ValueError, match=r"W >= 2f \+ 2.*W = 9, f = 4"):
     call("fang_krum", honest_tree(5, 0), 4, aggregator=first_row_agg)
+  attack = make_attack("fang_krum")  # the same check, for a caller that knows W and f first
+  with pytest.raises(ValueError, match=r"W >= 2f \+ 2.*W = 5, f = 2"):
+    attack.check_counts(5, 2)
+  attack.check_counts(6, 2)
+  attack.check_counts(3, 0)
+  with pytest.raises(ValueError, match="at least 3 honest rows"):
+    attack.check_counts(2, 0)
   with pytest.raises(ValueError, match="aggregator"):
     call("fang_krum", honest_tree(9, 0), 3)
 
