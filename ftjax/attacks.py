@@ -512,6 +512,7 @@ ATTACKS: dict[str, _Spec] = {
     "min_max": _distance_spec("min_max"),
     "min_sum": _distance_spec("min_sum"),
     "fang_krum": _FANG_KRUM,
+    "fangattack": _FANG_KRUM,           # FLPoison's class name, lowercased
     "fang_trmean": _FANG_TRMEAN,
     "fang_median": _FANG_TRMEAN,        # the paper attacks the median with the same rows
     "signguard_adaptive": _SIGNGUARD_ADAPTIVE,

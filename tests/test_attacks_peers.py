@@ -163,6 +163,7 @@ def test_fang_krum_bound_counts_only_nonzero_signs():
 def test_fang_krum_refuses_too_many_byzantine_workers():
   with pytest.raises(ValueError, match=r"W >= 2f \+ 2.*W = 9, f = 4"):
     call("fang_krum", honest_tree(5, 0), 4, aggregator=first_row_agg)
+  assert attacks.canonical_name("FangAttack") == "fang_krum"  # FLPoison's name
   attack = make_attack("fang_krum")  # the same check, for a caller that knows W and f first
   with pytest.raises(ValueError, match=r"W >= 2f \+ 2.*W = 5, f = 2"):
     attack.check_counts(5, 2)
