@@ -205,7 +205,7 @@ def build_signguard_adaptive(magnitude):
     pos, neg = _count(mu, lambda m: m > 0), _count(mu, lambda m: m < 0)
 
     def leaf(m, d):
-      rank, u = d[0], d[1].astype(m.dtype) * (0.5 ** _MAGNITUDE_BITS)
+      rank, u = d[0], (d[1].astype(jnp.float32) * (0.5 ** _MAGNITUDE_BITS)).astype(m.dtype)
       sign = jnp.where((rank >= 1) & (rank <= pos), 1.0,
                        jnp.where((rank > pos) & (rank <= pos + neg), -1.0, 0.0))
       return sign.astype(m.dtype) * u
