@@ -133,12 +133,15 @@ def get_config(arg=None):
 
   c.attack = ml_collections.ConfigDict()
   c.attack.name = "sf"         # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan,
-                               # optimal_ipm, optimal_alie, min_max, min_sum (docs/attacks.md)
+                               # optimal_ipm, optimal_alie, min_max, min_sum, fang_krum,
+                               # fang_trmean, signguard_adaptive, clipped_clustering_adaptive
+                               # (docs/attacks.md)
   c.attack.options = ml_collections.ConfigDict()  # per-attack options
   a = c.attack.options
   a.ipm = dict(eps=0.5)        # send -eps * mean(honest); 0.5 as the reference's command line
   a.alie = dict(z=placeholder(float))  # send mean - z * std (None = the z of docs/attacks.md)
-  a.mimic = dict(index=0)      # the honest row to copy
+  a.mimic = dict(index=placeholder(int))  # the honest row to copy (None = the row farthest
+                               # along the honest rows' top principal direction, each round)
   a.gaussian = dict(sigma=1.0,  # noise standard deviation
                     center="mean")  # "mean" (honest mean + noise) or "zero" (pure noise)
   for name in ("optimal_ipm", "optimal_alie"):
@@ -152,6 +155,16 @@ def get_config(arg=None):
                    solver="bisection",   # "bisection" or "exact"
                    gamma_init=10.0,      # first upper bound of the bisection
                    steps=40)             # bisection steps
+  a.fang_krum = dict(threshold=1e-5,  # the search stops once lambda is at most this
+                     halvings=30,      # at most this many halvings of the paper's bound
+                     epsilon=0.0,      # rows 2..f at this distance from row 1 (0 = copies)
+                     batch_size=placeholder(int))  # candidates per lax.map batch (None = all)
+  a.fang_trmean = dict(b=2.0)  # values between the honest extreme and b (or 1/b) times it
+  a.signguard_adaptive = dict(magnitude="uniform")  # "uniform" (U[0, 1), Blades) or
+                               # "median_norm" (rescaled to the honest rows' median norm)
+  a.clipped_clustering_adaptive = dict(linkage="single",  # clustering the chain is built for
+                                       margin=0.1,   # radians below the smallest honest angle
+                                       scale=10.0)   # norm of the chain's rows
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True  # Orbax checkpoints of the latest and best state; resume from latest

@@ -2,7 +2,8 @@
 line search for the scale that moves the aggregate most) and against the honest rows'
 distances (``min_max``, ``min_sum``: the largest step that stays as close as an honest
 row). Each builder takes the resolved options and returns ``fn(honest, own, key, ctx,
-num_honest, f) -> rows``.
+num_honest, f) -> rows``. :func:`evaluate` and :func:`server_output` (every candidate's
+aggregate, in one vmap or in chunks) also serve ``fang_krum`` (:mod:`ftjax.attacks_peers`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,24 @@ from ftjax.kernels import rows as rows_lib
 _GROW_STEPS = 40
 
 
+def server_output(honest, byzantine, aggregator, key):
+  """What ``aggregator`` returns for the honest rows followed by the Byzantine rows."""
+  rows = jax.tree.map(lambda x, b: jnp.concatenate([x, b.astype(x.dtype)]), honest, byzantine)
+  out, _ = aggregator(rows, key)
+  return out
+
+
+def evaluate(fn, candidates, batch_size):
+  """``fn(c)`` for every candidate ``c`` along the leading axis of ``candidates``.
+
+  One ``jax.vmap`` over all of them, or ``lax.map`` in chunks of ``batch_size``
+  (each candidate holds its own copy of the W rows, so chunks bound the memory).
+  """
+  if batch_size is None or batch_size >= candidates.shape[0]:
+    return jax.vmap(fn)(candidates)
+  return jax.lax.map(fn, candidates, batch_size=batch_size)
+
+
 def _line_search(honest, base, direction, f, aggregator, key, grid, refine_steps,
                  batch_size):
   """The scale s maximising ||agg(honest + f x (base + s direction)) - mean(honest)||.
@@ -31,20 +50,14 @@ def _line_search(honest, base, direction, f, aggregator, key, grid, refine_steps
   mu = maths.mean(honest)
 
   def damage(s):
-    row = maths.along(base, direction, s)
-    rows = jax.tree.map(lambda x, r: jnp.concatenate([x, jnp.broadcast_to(r[None], (f,) + r.shape)]),
-                        honest, row)
-    out, _ = aggregator(rows, key)
+    out = server_output(honest, maths.repeat(maths.along(base, direction, s), f), aggregator, key)
     dist = jnp.sqrt(maths.sq_norm(jax.tree.map(lambda o, m: o.astype(acc) - m.astype(acc), out, mu),
                              acc))
     # A NaN aggregate says nothing about distance; never let it win the argmax.
     return jnp.where(jnp.isnan(dist), -jnp.inf, dist)
 
   grid_a = jnp.asarray(grid, acc)
-  if batch_size is None or batch_size >= len(grid):
-    values = jax.vmap(damage)(grid_a)
-  else:
-    values = jax.lax.map(damage, grid_a, batch_size=batch_size)
+  values = evaluate(damage, grid_a, batch_size)
   i = jnp.argmax(values)
   best_s, best_v = grid_a[i], values[i]
   if not refine_steps:
@@ -109,7 +122,7 @@ def build_optimal(kind, low, high, num_candidates, refine_steps, batch_size):
   return fn
 
 
-def _centered_gram(honest, acc):
+def centered_gram(honest, acc):
   """Gram matrix of the centred honest rows, summed over leaves: [H, H]."""
   mu = maths.mean(honest)
   gram = 0.0
@@ -138,7 +151,7 @@ def build_min_distance(kind, perturbation, solver, gamma_init, steps):
     else:
       p = jax.tree.map(lambda m: -jnp.sign(m).astype(acc), mu)
 
-    gram = _centered_gram(honest, acc)
+    gram = centered_gram(honest, acc)
     a = jnp.diagonal(gram)
     sq_dists = jnp.maximum(a[:, None] + a[None, :] - 2.0 * gram, 0.0)
     b = -rows_lib.coordinate_sum(sum(

@@ -17,6 +17,9 @@ Two families:
 * Omniscient attacks (everything else): ``own`` is ``None`` and the rows are
   built from the honest ones. ``ipm``, ``alie``, ``min_max``, ``min_sum`` and
   the ``optimal_*`` line searches make all Byzantine workers send one vector.
+  The attacks other libraries offer (``fang_krum``, ``fang_trmean``, ``mimic``,
+  ``signguard_adaptive``, ``clipped_clustering_adaptive``) are built in
+  :mod:`ftjax.attacks_peers` and listed in the same table.
 
 All norms and distances are global over the leaves of the pytree. Options are
 Python values fixed at construction, so an attack can be closed over inside
@@ -28,7 +31,8 @@ through :func:`ftjax.kernels.rows.coordinate_sum`, and every other step works
 coordinate by coordinate, so an attack also runs on one device's slice of the
 coordinates under :func:`ftjax.kernels.shard_coordinates` (the round of
 ``mesh.aggregation = "sharded"``); the line searches then call the aggregator
-on the same slices. The random values of ``gaussian`` come from
+on the same slices. The random values of ``gaussian``, ``fang_trmean``,
+``signguard_adaptive`` and ``fang_krum`` (with ``epsilon > 0``) come from
 :meth:`Attack.draw`, which needs only the rows' shapes, so a caller holding
 slices can draw them for the whole rows and pass its slice as ``draws``.
 """
@@ -45,6 +49,7 @@ import numpy as np
 
 from ftjax import attack_maths as maths
 from ftjax import attack_search as search
+from ftjax import attacks_peers as peers
 from ftjax import registry
 from ftjax.attack_maths import alie_z  # noqa: F401  (public here)
 
@@ -93,16 +98,21 @@ class Attack:
   options: tuple = ()
   needs_aggregator: bool = False
   min_honest: int = 1
+  count_check: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
   fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
   draw_fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
 
   def draw(self, honest: PyTree, key: jax.Array, ctx: AttackContext) -> Optional[PyTree]:
     """The random values this attack adds to its rows, or None for a deterministic attack.
 
-    ``gaussian``'s noise: leaves [f, ...] like the Byzantine rows. Only the
-    shapes and dtypes of ``honest`` are read (``jax.ShapeDtypeStruct`` leaves
-    will do), so the noise of the whole rows can be drawn where only slices of
-    them are held, and each slice passed to :meth:`__call__` as ``draws``.
+    The structure of the rows, each leaf with a leading axis and the leaf's
+    trailing shape: ``gaussian``'s noise, ``fang_trmean``'s uniform values and
+    ``fang_krum``'s directions are [f, ...] like the Byzantine rows;
+    ``signguard_adaptive``'s are int32 [2, ...] (a permutation's places and
+    random bits). Only the shapes and dtypes of ``honest`` are read
+    (``jax.ShapeDtypeStruct`` leaves will do), so the values for the whole rows
+    can be drawn where only slices of them are held, and each slice passed to
+    :meth:`__call__` as ``draws``.
 
     Args:
       honest: the honest rows (or their shapes), leaves ``[H, ...]``.
@@ -112,6 +122,24 @@ class Attack:
     if self.draw_fn is None:
       return None
     return self.draw_fn(honest, key, _check_context(ctx, self))
+
+  def check_counts(self, num_workers: int, num_byzantine: int) -> None:
+    """Refuses, in one line, worker counts this attack's formula is not defined for.
+
+    Every call runs it first; a caller that knows W and f before tracing (a
+    config check) can run it then.
+
+    Raises:
+      ValueError: fewer than ``min_honest`` honest rows, or (with f > 0) a
+        count the attack's own condition refuses (``fang_krum``: W >= 2f + 2).
+    """
+    num_honest = num_workers - num_byzantine
+    if num_honest < self.min_honest:
+      raise ValueError(
+          f"Attack {self.name!r} needs at least {self.min_honest} honest rows (docs/attacks.md "
+          f"says why), got {num_honest}; use fewer Byzantine workers or another attack.")
+    if num_byzantine and self.count_check is not None:
+      self.count_check(self.name, num_workers, num_byzantine)
 
   def __call__(self, honest: PyTree, own: Optional[PyTree], key: jax.Array,
                ctx: AttackContext, draws: Optional[PyTree] = None) -> PyTree:
@@ -139,11 +167,7 @@ class Attack:
       raise ValueError("Build attacks with make_attack(name, **options), not Attack(...).")
     f = _check_context(ctx, self)
     num_honest = _check_rows(honest, "honest")
-    if num_honest < self.min_honest:
-      raise ValueError(
-          f"Attack {self.name!r} needs at least {self.min_honest} honest rows (it uses "
-          f"their unbiased standard deviation), got {num_honest}; use fewer Byzantine "
-          "workers or another attack.")
+    self.check_counts(num_honest + f, f)
     if self.uses_own_updates:
       if own is None:
         if f:
@@ -238,7 +262,7 @@ def make_attack(name: str, **options) -> Attack:
   return Attack(name=spec.name, uses_own_updates=spec.uses_own_updates,
                 flips_labels=spec.flips_labels, options=tuple(sorted(resolved.items())),
                 needs_aggregator=spec.needs_aggregator, min_honest=spec.min_honest,
-                fn=spec.build(**resolved),
+                count_check=spec.count_check, fn=spec.build(**resolved),
                 draw_fn=None if spec.draw is None else spec.draw(**resolved))
 
 
@@ -319,15 +343,6 @@ def _build_alie(z):
   return fn
 
 
-def _build_mimic(index):
-  def fn(honest, own, key, ctx, h, f):
-    if index >= h:
-      raise ValueError(f"mimic.index={index} but there are only {h} honest rows; "
-                       f"use an index in [0, {h - 1}].")
-    return maths.repeat(jax.tree.map(lambda x: x[index], honest), f)
-  return fn
-
-
 def _draw_gaussian(sigma, center):
   del center
 
@@ -403,6 +418,13 @@ def _choice(*valid):
   return check
 
 
+def _at_least_one(what, v):
+  v = _finite(what, v)
+  if v < 1:
+    raise ValueError(f"{what} must be >= 1, got {v}.")
+  return v
+
+
 def _check_range(name, opts):
   if not opts["low"] < opts["high"]:
     raise ValueError(f"{name}: need low < high for the search range, got "
@@ -420,6 +442,7 @@ class _Spec(NamedTuple):
   min_honest: int = 1
   cross_check: Optional[Callable] = None
   draw: Optional[Callable] = None      # (**options) -> draw(honest, key, f): random values
+  count_check: Optional[Callable] = None  # (name, W, f) -> None, raises for counts it refuses
   module: str = __name__               # where it is defined (a user's module, if registered)
 
 
@@ -447,6 +470,25 @@ _ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optiona
               min_honest=2)
 _OPTIMAL_IPM = _search_spec("optimal_ipm", "ipm")
 _OPTIMAL_ALIE = _search_spec("optimal_alie", "alie")
+# The peers' attacks (ftjax/attacks_peers.py).
+_FANG_KRUM = _Spec(
+    "fang_krum", peers.build_fang_krum,
+    defaults=dict(threshold=1e-5, halvings=30, epsilon=0.0, batch_size=None),
+    checks=dict(threshold=_positive, halvings=_int_at_least(0), epsilon=_nonnegative,
+                batch_size=_optional(_int_at_least(1))),
+    needs_aggregator=True, min_honest=3, draw=peers.draw_fang_krum,
+    count_check=peers.check_fang_krum_counts)
+_FANG_TRMEAN = _Spec("fang_trmean", peers.build_fang_trmean, defaults=dict(b=2.0),
+                     checks=dict(b=_at_least_one), draw=peers.draw_uniform)
+_SIGNGUARD_ADAPTIVE = _Spec(
+    "signguard_adaptive", peers.build_signguard_adaptive, defaults=dict(magnitude="uniform"),
+    checks=dict(magnitude=_choice("uniform", "median_norm")), draw=peers.draw_signguard)
+_CLIPPED_CLUSTERING_ADAPTIVE = _Spec(
+    "clipped_clustering_adaptive", peers.build_clipped_clustering_adaptive,
+    defaults=dict(linkage="single", margin=0.1, scale=10.0),
+    checks=dict(linkage=_choice("single", "complete", "average"), margin=_finite,
+                scale=_positive),
+    min_honest=2)
 
 # Every accepted attack name (lower case, "_" for "-") -> its spec. Aliases
 # share their target's spec, whose `name` is the canonical one.
@@ -458,8 +500,8 @@ ATTACKS: dict[str, _Spec] = {
     "empire": _IPM,
     "alie": _ALIE,
     "little": _ALIE,
-    "mimic": _Spec("mimic", _build_mimic, defaults=dict(index=0),
-                   checks=dict(index=_int_at_least(0))),
+    "mimic": _Spec("mimic", peers.build_mimic, defaults=dict(index=None),
+                   checks=dict(index=_optional(_int_at_least(0)))),
     "gaussian": _Spec("gaussian", _build_gaussian, defaults=dict(sigma=1.0, center="mean"),
                       checks=dict(sigma=_nonnegative, center=_choice("mean", "zero")),
                       draw=_draw_gaussian),
@@ -469,6 +511,13 @@ ATTACKS: dict[str, _Spec] = {
     "optimal_alie": _OPTIMAL_ALIE,
     "min_max": _distance_spec("min_max"),
     "min_sum": _distance_spec("min_sum"),
+    "fang_krum": _FANG_KRUM,
+    "fangattack": _FANG_KRUM,           # FLPoison's class name, lowercased
+    "fang_trmean": _FANG_TRMEAN,
+    "fang_median": _FANG_TRMEAN,        # the paper attacks the median with the same rows
+    "signguard_adaptive": _SIGNGUARD_ADAPTIVE,
+    "clipped_clustering_adaptive": _CLIPPED_CLUSTERING_ADAPTIVE,
+    "attackclippedclustering": _CLIPPED_CLUSTERING_ADAPTIVE,  # Blades' class name, lowercased
 }
 
 

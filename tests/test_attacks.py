@@ -119,7 +119,9 @@ def test_alie_formula_unbiased_std():
 
 def test_mimic_copies_a_row():
   honest = {"a": jnp.arange(12.0).reshape(4, 3)}
-  np.testing.assert_array_equal(call(make_attack("mimic"), honest, 2)["a"],
+  # index= copies a fixed row; the default, the principal direction's row, has its
+  # own tests in test_attacks_peers.py.
+  np.testing.assert_array_equal(call(make_attack("mimic", index=0), honest, 2)["a"],
                                 np.tile(np.arange(3.0), (2, 1)))
   np.testing.assert_array_equal(call(make_attack("mimic", index=2), honest, 1)["a"],
                                 [[6.0, 7.0, 8.0]])
@@ -360,7 +362,10 @@ def test_names_aliases_and_canonical():
   assert make_attack("EMPIRE", eps=0.5) == make_attack("ipm", eps=0.5)
   assert make_attack("little").name == "alie"
   assert set(CANONICAL) == {"none", "lf", "sf", "ipm", "alie", "mimic", "gaussian", "inf",
-                            "nan", "optimal_ipm", "optimal_alie", "min_max", "min_sum"}
+                            "nan", "optimal_ipm", "optimal_alie", "min_max", "min_sum",
+                            "fang_krum", "fang_trmean", "signguard_adaptive",
+                            "clipped_clustering_adaptive"}
+  assert attacks.canonical_name("fang_median") == "fang_trmean"
   with pytest.raises(ValueError, match="teleport.*valid names:.*alie.*empire"):
     make_attack("teleport")
 

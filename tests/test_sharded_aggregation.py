@@ -153,7 +153,7 @@ _EQUALITY = textwrap.dedent("""
     # random draws made for the whole rows, the result gathered back here.
     from jax.sharding import PartitionSpec as P
     from ftjax import attacks, kernels as kernels_lib
-    w, f = 17, 8
+    w, f = 17, 7  # fang_krum is defined for W >= 2f + 2
     x = make_rows(w, f, jnp.float64, False)
     honest = jax.tree.map(lambda l: l[:w - f], x)
     own = jax.tree.map(lambda l: l[w - f:], x)
@@ -161,7 +161,8 @@ _EQUALITY = textwrap.dedent("""
                                 aggregator=aggregators.make_aggregator("ctma(cwtm)", f))
     cases = [(n, {}) for n in sorted({a.name for a in attacks.shipped().values()})]
     cases += [("min_max", {"perturbation": "std", "solver": "exact"}),
-              ("min_sum", {"perturbation": "sign"}), ("gaussian", {"center": "zero"})]
+              ("min_sum", {"perturbation": "sign"}), ("gaussian", {"center": "zero"}),
+              ("fang_krum", {"epsilon": 0.05}), ("signguard_adaptive", {"magnitude": "median_norm"})]
     built = [attacks.make_attack(n, **o) for n, o in cases]
 
     def sharded(attack):
