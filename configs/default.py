@@ -64,8 +64,8 @@ def get_config(arg=None):
   c.data.gamma = 0.5           # share of each class spread i.i.d. for partition="gamma_similarity"
                                # (the rest label-sorted; 1 = i.i.d., 0 = "extreme")
   c.data.shuffle = "permutation"  # per-epoch shuffle: "permutation" (exact) or "feistel" (cheap)
-  c.data.honest_only = False   # split the data over the honest workers only (the Byzantine
-                               # hold none: attacks on their own data are refused)
+  c.data.honest_only = False   # split the data over the honest workers only (Byzantine workers
+                               # that compute, as in sf/lf, draw i.i.d. from the whole split)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp

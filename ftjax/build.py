@@ -248,10 +248,11 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   try:  # The libraries' own ValueErrors carry the sentence to show the user.
     mesh, aggregation = _layout(c)
     attack = _make_attack(c, c.attack.name)
+    attack.check_counts(w, f)
     batch_stats_mode = c.model.get("batch_stats", "honest_mean")
     _check_batch_stats_mode(batch_stats_mode, builtin=model is None)
     needs_prev = estimators.needs_previous_gradient(c.optim.estimator)
-    fed = federated_lib.settings(c, w, f, attack, needs_prev, batch_stats_mode)
+    fed = federated_lib.settings(c, w, attack, needs_prev, batch_stats_mode)
     aggregator, family = _rule_and_attacks(c, w, f, attack, attacks, fed)
     worker_tx = estimators.make_estimator(c.optim)
     server_tx = optim.make_server_optimizer(c.optim)
@@ -363,20 +364,26 @@ def _attack_family(c, attack: attacks_lib.Attack, names: Sequence[str]) -> tuple
   return family
 
 
-def attack_family(names: Sequence[str], num_honest: Optional[int] = None
-                  ) -> list[tuple[str, ...]]:
+def attack_family(names: Sequence[str], num_workers: Optional[int] = None,
+                  num_byzantine: int = 0) -> list[tuple[str, ...]]:
   """Groups attack names into the families that can share one compiled round.
 
   Attacks that send the Byzantine workers' own updates (``none``, ``lf``,
   ``sf``) and omniscient ones compute different workers, so they never share
-  a round; every other pair can (``build(attacks=...)``). An attack that
-  needs more than ``num_honest`` honest rows stays alone, so that its error
-  cannot stop the others' round. Order is kept.
+  a round; every other pair can (``build(attacks=...)``). An attack whose
+  formula is not defined for W = ``num_workers`` and f = ``num_byzantine``
+  (:meth:`ftjax.attacks.Attack.check_counts`) stays alone, so that its
+  refusal cannot stop the others' round. Order is kept.
   """
   groups = {}
   for name in names:
     attack = attacks_lib.make_attack(name)
-    alone = num_honest is not None and attack.min_honest > num_honest
+    alone = False
+    if num_workers is not None:
+      try:
+        attack.check_counts(num_workers, num_byzantine)
+      except ValueError:
+        alone = True
     groups.setdefault(name if alone else attack.uses_own_updates, []).append(name)
   return [tuple(g) for g in groups.values()]
 

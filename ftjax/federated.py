@@ -22,9 +22,11 @@ three things around that round (docs/federated.md has the formulas):
   rule's f (``sampled_over_f``). Every worker computes its update each round
   and the workers not drawn keep their estimator state: the drawn ones send.
 * **Data over the honest workers only** (``data.honest_only``): the
-  partition splits the training set over the W - f honest workers; the
-  Byzantine workers hold no data, so only attacks that need no data of their
-  own run (not ``none``, ``lf`` or ``sf``).
+  partition splits the training set over the W - f honest workers. The
+  Byzantine workers hold no shard; those whose attack runs the honest
+  algorithm on data (``sf``, ``lf``, ``none``) draw their minibatches i.i.d.
+  from the whole training split, as an attacker who knows the training
+  distribution.
 
 :func:`settings` checks the config's federated fields against the rest of
 the run in one sentence each; the round calls :func:`local_sgd` and
@@ -71,8 +73,7 @@ def _field(section, name: str, default):
   return default if section is None else section.get(name, default)
 
 
-def settings(c, num_workers: int, num_byzantine: int, attack, needs_prev: bool,
-             batch_stats_mode: str) -> Federated:
+def settings(c, num_workers: int, attack, needs_prev: bool, batch_stats_mode: str) -> Federated:
   """The run's :class:`Federated`, checked against the rest of the config.
 
   Raises:
@@ -94,12 +95,11 @@ def settings(c, num_workers: int, num_byzantine: int, attack, needs_prev: bool,
                          f"(0: every worker), got {m!r}.")
   honest_only = bool(c.data.get("honest_only", False))
   fed = Federated(k, float(lr), send, 0 if m == num_workers else m, honest_only)
-  _check_compatible(fed, attack, num_byzantine, needs_prev, batch_stats_mode)
+  _check_compatible(fed, attack, needs_prev, batch_stats_mode)
   return fed
 
 
-def _check_compatible(fed: Federated, attack, num_byzantine: int, needs_prev: bool,
-                      batch_stats_mode: str) -> None:
+def _check_compatible(fed: Federated, attack, needs_prev: bool, batch_stats_mode: str) -> None:
   if fed.local and needs_prev:
     raise FederatedError(
         f"federated.local_steps={fed.local_steps} with optim.estimator='mu2sgd': mu2sgd's "
@@ -108,11 +108,6 @@ def _check_compatible(fed: Federated, attack, num_byzantine: int, needs_prev: bo
   if fed.local and batch_stats_mode == "sequential":
     raise FederatedError("model.batch_stats='sequential' folds one pass per worker per round; "
                          "with local steps use model.batch_stats='honest_mean'.")
-  if fed.honest_only and num_byzantine and attack.uses_own_updates:
-    raise FederatedError(
-        f"data.honest_only=True gives the Byzantine workers no data, but attack "
-        f"{attack.name!r} sends updates computed on their own data; choose an attack that "
-        f"needs none (alie, ipm, mimic, gaussian, ...) or data.honest_only=False.")
   if fed.participants and attack.needs_aggregator:
     raise FederatedError(
         f"Attack {attack.name!r} searches against the server's rule on all W rows, but with "

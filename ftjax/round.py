@@ -106,17 +106,27 @@ def make_device_data(setup: Setup) -> DeviceData:
 def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int) -> jax.Array:
   """The workers' example indices for the ``length`` rounds from ``state.step``.
 
-  int32 [length, W', K b]: the W' workers that hold data (W, or the honest
-  ones with ``data.honest_only``), K local minibatches of b each.
+  int32 [length, W', K b]: K local minibatches of b for each of the W' workers
+  that compute on data. With ``data.honest_only`` the partition covers the
+  honest workers; Byzantine workers that run the honest algorithm (``sf``,
+  ``lf``, ``none``) hold no shard and draw theirs i.i.d. from the whole split.
   """
   key = purpose_key(state, KEY_DATA)
   per_round = setup.batch_size * setup.federated.local_steps
-  if data.table is not None:
-    steps = state.step + jnp.arange(length, dtype=jnp.int32)
-    return jax.vmap(lambda s: sampling.worker_round_indices(
-        key, s, data.table, data.sizes, per_round, shuffle=setup.shuffle))(steps)
-  return sampling.chunk_indices(key, state.step, length, setup.dataset.train_images.shape[0],
-                                setup.num_with_data, per_round, shuffle=setup.shuffle)
+  num_examples = setup.dataset.train_images.shape[0]
+  if data.table is None:  # i.i.d.: honest_only leaves out the workers that compute nothing
+    workers = setup.num_computed if setup.federated.honest_only else setup.num_workers
+    return sampling.chunk_indices(key, state.step, length, num_examples, workers, per_round,
+                                  shuffle=setup.shuffle)
+  steps = state.step + jnp.arange(length, dtype=jnp.int32)
+  idx = jax.vmap(lambda s: sampling.worker_round_indices(
+      key, s, data.table, data.sizes, per_round, shuffle=setup.shuffle))(steps)
+  without = setup.num_computed - data.table.shape[-2]  # computed workers without a shard
+  if without > 0:
+    idx = jnp.concatenate([idx, sampling.chunk_indices(
+        jax.random.fold_in(key, 1), state.step, length, num_examples, without, per_round,
+        shuffle=setup.shuffle)], axis=1)
+  return idx
 
 
 def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Array):

@@ -57,7 +57,7 @@ def attack_families(sweep: Sweep, failures: dict) -> dict[str, tuple]:
   for cells in groups.values():
     c = cells[0].runs[0].config
     names = list(dict.fromkeys(cell.runs[0].config.attack.name for cell in cells))
-    for family in train.attack_family(names, c.workers.num - c.workers.byzantine):
+    for family in train.attack_family(names, c.workers.num, c.workers.byzantine):
       for cell in cells:
         if len(family) > 1 and cell.runs[0].config.attack.name in family:
           families[cell.name] = family

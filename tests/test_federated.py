@@ -179,8 +179,26 @@ def test_honest_only_splits_the_data_over_the_honest_workers():
   assert setup.num_computed == setup.num_honest
 
 
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_honest_only_byzantine_workers_on_data_draw_from_the_whole_split(partition):
+  c = tiny_config(**{"data.honest_only": True, "data.partition": partition,
+                     "attack.name": "sf", "federated.local_steps": 2,
+                     "optim.estimator": "momentum"})
+  setup = train.build(c)
+  assert setup.num_computed == 5
+  state = train.init_state(setup, c.seed)
+  data = train.make_device_data(setup)
+  idx = np.asarray(round_lib.sample_chunk(setup, state, data, 3))
+  assert idx.shape == (3, 5, 2 * 4)
+  n = setup.dataset.train_images.shape[0]
+  assert idx.min() >= 0 and idx.max() < n
+  if partition == "dirichlet":  # the honest workers sample from their own shards
+    for w in range(4):
+      shard = set(setup.partition.table[w, :setup.partition.sizes[w]].tolist())
+      assert set(idx[:, w].ravel().tolist()) <= shard
+
+
 @pytest.mark.parametrize("overrides,words", [
-    ({"data.honest_only": True, "attack.name": "sf"}, "honest_only"),
     ({"federated.local_steps": 2}, "mu2sgd"),
     ({"federated.local_steps": 0}, "local_steps"),
     ({"federated.local_lr": -1.0}, "local_lr"),
