@@ -84,6 +84,11 @@ def get_config(arg=None):
   c.optim.reference_rounding = False  # reproduce the original's max(round(., 3), 0.01) schedules
   c.optim.beta_min = 0.0       # mu2sgd: beta_t = max(beta_t, beta_min); 0.01 = the original's floor
   c.optim.gamma_min = 0.0      # mu2sgd: gamma_t = max(gamma_t, gamma_min); 0.01 = the original's floor
+  c.optim.momentum_init = "gradient"  # "momentum": m_1 = g_1 ("gradient"), or m_0 = 0 ("zero",
+                               # ByzFL's); docs/estimators.md
+  c.optim.dampening = placeholder(float)  # "momentum": g_t's weight is 1 - dampening (None =
+                               # 1 - momentum, an average; 0 = PyTorch's SGD default)
+  c.optim.server_momentum = 0.0  # server: v_t = mu v_{t-1} + a_t before the lr step (0 = none)
 
   c.federated = ml_collections.ConfigDict()  # docs/federated.md; the defaults are the paper's round
   c.federated.local_steps = 1  # K: local SGD steps per worker per round, on K minibatches

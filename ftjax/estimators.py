@@ -7,7 +7,9 @@ every state below is per worker; stacked, its leaves gain a leading axis W.
 Three estimators (Dahan & Levy, ICML 2024; docs/estimators.md):
 
 * ``sgd``: the clipped gradient itself.
-* ``momentum(beta)``: m_1 = g_1, m_t = beta * m_{t-1} + (1 - beta) * g_t.
+* ``momentum(beta)``: m_1 = g_1, m_t = beta * m_{t-1} + (1 - beta) * g_t; the
+  first momentum (``init``) and the weight on g_t (``dampening``) are options, so
+  ByzFL's and PyTorch's conventions are reproducible too.
 * ``mu2sgd(beta)``: the corrected momentum of mu2sgd (STORM-style),
   d_1 = g(x_1; z_1), d_t = g(x_t; z_t) + (1 - beta_t) * (d_{t-1} - g(x_{t-1}; z_t)).
   It needs the gradient at the previous query point on the same minibatch,
@@ -28,6 +30,9 @@ import optax
 PyTree = Any
 
 ESTIMATOR_NAMES = ("sgd", "momentum", "mu2sgd")
+
+MOMENTUM_INITS = ("gradient", "zero")
+"""The first momentum: ``"gradient"`` (m_1 = g_1) or ``"zero"`` (m_0 = 0)."""
 
 
 class EstimatorState(NamedTuple):
@@ -73,15 +78,23 @@ def sgd() -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def momentum(beta: float = 0.9) -> optax.GradientTransformationExtraArgs:
-  """Exponential moving average of gradients, started at the first gradient.
+def momentum(beta: float = 0.9, init: str = "gradient",
+             dampening: Optional[float] = None) -> optax.GradientTransformationExtraArgs:
+  """Momentum of the gradients: ``m_t = beta * m_{t-1} + (1 - dampening) * g_t``.
 
   Args:
-    beta: the momentum coefficient; ``m_t = beta * m_{t-1} + (1 - beta) * g_t``.
+    beta: the momentum coefficient.
+    init: ``"gradient"``: m_1 = g_1, the recursion from t = 2 on (ftjax's
+      default, and PyTorch's buffer); ``"zero"``: m_0 = 0, the recursion from
+      t = 1 on, so m_1 = (1 - dampening) * g_1 (ByzFL's).
+    dampening: the weight on g_t is ``1 - dampening``; None takes ``beta``, an
+      exponential moving average (``m_t = beta m_{t-1} + (1 - beta) g_t``);
+      0 is PyTorch's SGD default.
 
   Returns:
     An optax transform whose state trace is ``m_{t-1}``.
   """
+  keep = 1 - (beta if dampening is None else dampening)
 
   def init_fn(params):
     return EstimatorState(count=jnp.zeros([], jnp.int32),
@@ -89,10 +102,14 @@ def momentum(beta: float = 0.9) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    first = state.count == 0
-    new = jax.tree.map(
-        lambda g, m: jnp.where(first, g, beta * m + (1 - beta) * g).astype(g.dtype),
-        updates, state.trace)
+    if init == "zero":  # the trace starts at m_0 = 0
+      new = jax.tree.map(lambda g, m: (beta * m + keep * g).astype(g.dtype),
+                         updates, state.trace)
+    else:
+      first = state.count == 0
+      new = jax.tree.map(
+          lambda g, m: jnp.where(first, g, beta * m + keep * g).astype(g.dtype),
+          updates, state.trace)
     return new, EstimatorState(count=state.count + 1, trace=new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -168,7 +185,8 @@ def mu2sgd(beta: Optional[float] = None, reference_rounding: bool = False,
 
 ESTIMATORS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
     "sgd": lambda c: sgd(),
-    "momentum": lambda c: momentum(c.momentum),
+    "momentum": lambda c: momentum(c.momentum, c.get("momentum_init", "gradient"),
+                                   c.get("dampening", None)),
     "mu2sgd": lambda c: mu2sgd(
         None if c.beta_schedule == "1/t" else c.momentum, c.reference_rounding,
         c.get("beta_min", 0.0)),
@@ -185,7 +203,7 @@ def make_estimator(optim_config) -> optax.GradientTransformationExtraArgs:
 
   Args:
     optim_config: the ``c.optim`` section (fields estimator, momentum,
-      beta_schedule, reference_rounding, beta_min).
+      beta_schedule, reference_rounding, beta_min, momentum_init, dampening).
 
   Returns:
     The optax transform (one worker's; the step vmaps it).
@@ -206,4 +224,22 @@ def make_estimator(optim_config) -> optax.GradientTransformationExtraArgs:
   if beta_min and name != "mu2sgd":
     raise ValueError(f"optim.beta_min floors mu2sgd's beta_t, but optim.estimator is "
                      f"{name!r}; set optim.beta_min=0 or use optim.estimator=mu2sgd.")
+  check_momentum_convention(name, optim_config.get("momentum_init", "gradient"),
+                            optim_config.get("dampening", None))
   return ESTIMATORS[name](optim_config)
+
+
+def check_momentum_convention(name: str, init: Any, dampening: Any) -> None:
+  """Refuses a bad ``optim.momentum_init`` or ``optim.dampening``, or either set away
+  from its default with an estimator other than ``momentum``."""
+  if init not in MOMENTUM_INITS:
+    raise ValueError(f"optim.momentum_init must be 'gradient' (m_1 = g_1) or 'zero' "
+                     f"(m_0 = 0, ByzFL's), got {init!r}.")
+  if dampening is not None and (isinstance(dampening, bool) or not isinstance(
+      dampening, (int, float)) or not 0 <= dampening <= 1):
+    raise ValueError(f"optim.dampening must be a number in [0, 1] (the gradient's weight is "
+                     f"1 - dampening), or None for 1 - optim.momentum; got {dampening!r}.")
+  if name != "momentum" and (init != "gradient" or dampening is not None):
+    raise ValueError(f"optim.momentum_init and optim.dampening shape the momentum estimator, "
+                     f"but optim.estimator is {name!r}; leave them at 'gradient' and None or "
+                     f"use optim.estimator=momentum.")

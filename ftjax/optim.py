@@ -9,7 +9,10 @@ of :func:`anytime_averaging`. One server step is
 
 which is the chain ``add_decayed_weights(lambda) -> sgd(lr) -> anytime_averaging``
 applied with ``params = x_t``: the first two turn the aggregate a_t into the
-w-increment, the last one moves w and returns the increment of x.
+w-increment, the last one moves w and returns the increment of x. Server
+momentum (``optim.server_momentum`` = mu > 0) puts ``optax.trace(mu)`` before
+the SGD step: v_t = mu v_{t-1} + (a_t + lambda x_t), v_0 = 0, and v_t replaces
+the aggregate in the step (PyTorch's SGD momentum without dampening).
 Without AnyTime averaging (momentum and sgd estimators) x = w and the chain is
 plain SGD.
 """
@@ -97,7 +100,8 @@ def make_server_optimizer(optim_config) -> optax.GradientTransformation:
 
   Args:
     optim_config: fields lr, weight_decay, estimator, gamma_schedule
-      ('anytime' | 'fixed'), gamma, reference_rounding, gamma_min.
+      ('anytime' | 'fixed'), gamma, reference_rounding, gamma_min,
+      server_momentum (0: none).
 
   Returns:
     An optax transform; call ``update(aggregate, state, params=x)``.
@@ -108,6 +112,13 @@ def make_server_optimizer(optim_config) -> optax.GradientTransformation:
   parts = []
   if c.weight_decay:
     parts.append(optax.add_decayed_weights(c.weight_decay))
+  server_momentum = c.get("server_momentum", 0.0)
+  if (isinstance(server_momentum, bool) or not isinstance(server_momentum, (int, float))
+      or not 0 <= server_momentum < 1):
+    raise ValueError(f"optim.server_momentum must be a number in [0, 1) (0: no server "
+                     f"momentum), got {server_momentum!r}.")
+  if server_momentum:  # 0 adds nothing: the chain and its state stay as they were
+    parts.append(optax.trace(decay=server_momentum))
   # The learning rate is a value in the optimizer state, not a constant of the
   # compiled round: runs that differ only in it share one program.
   parts.append(optax.inject_hyperparams(optax.sgd)(learning_rate=c.lr))

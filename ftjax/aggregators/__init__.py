@@ -16,6 +16,10 @@ Meta- and pre-aggregators wrap any rule: :func:`ctma`, :func:`nnm`,
 :func:`nnm_ctma`, :func:`bucketing`, :func:`clip`, :func:`arc` (:mod:`.meta`); they also wrap
 a user-written function (see :func:`rule`), e.g. ``ctma(my_fn, f=2)``.
 
+Weighted versions of avg, cwmed, cwtm, gm and ctma (:mod:`.weighted`) take a
+nonnegative weight per row through the same objects, ``rule(updates, key,
+weights=w)``; equal weights give the unweighted result exactly.
+
 The same rules have a string spelling for configs and the command line::
 
     rule = make_aggregator("ctma(cwtm)", f=4, num_workers=17)
@@ -52,6 +56,7 @@ from ftjax.aggregators import base as _base_rules  # noqa: F401
 from ftjax.aggregators import filters as _filters  # noqa: F401
 from ftjax.aggregators import meta as _meta_rules  # noqa: F401
 from ftjax.aggregators import subsets as _subsets  # noqa: F401
+from ftjax.aggregators import weighted
 from ftjax.aggregators.base import avg, centered_clip, centered_clipping, cwmed, cwtm, gm
 from ftjax.aggregators.base import krum, meamed, multikrum
 from ftjax.aggregators.core import AGGREGATORS, ALIASES, META_AGGREGATORS, Aggregator
@@ -71,5 +76,5 @@ __all__ = [
     "AggregatorState", "RuleInfo", "arc", "avg", "bucketing", "canonical", "centered_clip",
     "centered_clipping", "clip", "ctma", "cwmed", "cwtm", "gm", "krum", "make_aggregator",
     "meamed", "multikrum", "nearest_neighbour_mix", "nnm", "nnm_ctma", "options_of",
-    "register", "register_table", "rule", "shipped", "spec_layers",
+    "register", "register_table", "rule", "shipped", "spec_layers", "weighted",
 ]

@@ -79,34 +79,9 @@ def _meamed(x, key, *, f):
 def _gm(x, key, *, f, iters, nu, init, tol, max_iters):
   """Smoothed Weiszfeld: z <- sum_i b_i x_i / sum_i b_i, b_i = 1/max(|z - x_i|, nu)."""
   del key, f
-
-  def step(x, z):
-    dist = jnp.sqrt(maths.row_sqdist(x, z))
-    ok = jnp.isfinite(dist)
-    beta = jnp.where(ok, 1.0 / jnp.maximum(dist, nu), 0.0)
-    return maths.weighted_sum(x, beta / jnp.sum(beta), ok)
-
   # Each point feeds the next distance pass over the rows: its own computation.
   z = rows.isolate(lambda v: maths.init_point(v, init), x)
-  if tol is None:
-    for _ in range(iters):
-      z = rows.isolate(step, x, z)
-    return z, {}
-
-  def cond(carry):
-    i, _, moved = carry
-    return (i < max_iters) & (moved > tol)
-
-  def body(carry):
-    i, z, _ = carry
-    new = step(x, z)
-    moved = jnp.sqrt(rows.coordinate_sum(sum(jnp.sum(jnp.square(a - b)) for a, b in
-                                             zip(jax.tree.leaves(new), jax.tree.leaves(z)))))
-    return i + 1, new, moved
-
-  dtype = jax.tree.leaves(x)[0].dtype
-  i, z, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), z, jnp.asarray(jnp.inf, dtype)))
-  return z, {"gm_iters": i}
+  return maths.weiszfeld(x, z, iters=iters, nu=nu, tol=tol, max_iters=max_iters)
 
 
 

@@ -20,6 +20,7 @@ from optax.experimental import aggregating as optax_aggregating
 
 from ftjax import kernels as kernels_lib
 from ftjax import registry
+from ftjax.aggregators import weighted
 from ftjax.kernels import rows
 
 PyTree = Any
@@ -214,13 +215,17 @@ class Aggregator:
     """
     self._validate(num_workers, robust=True)
 
-  def __call__(self, updates: PyTree, key: jax.Array | None = None, *, state: Any = None
-               ) -> tuple[PyTree, dict[str, jax.Array]]:
+  def __call__(self, updates: PyTree, key: jax.Array | None = None, *,
+               weights: Any = None, state: Any = None) -> tuple[PyTree, dict[str, jax.Array]]:
     """Aggregates W worker rows.
 
     Args:
       updates: pytree whose leaves all share a leading worker axis W.
       key: PRNG key, required only by stochastic rules (bucketing).
+      weights: optional nonnegative weight per row, [W] (e.g. example counts):
+        the weighted version of the rule (:mod:`ftjax.aggregators.weighted`;
+        avg, cwmed, cwtm and gm, optionally inside ctma). Equal weights give
+        the unweighted result exactly.
       state: for a rule that keeps state (:attr:`stateful`), its state; the
         call then returns ``(aggregate, diagnostics, new_state)`` (use
         :meth:`update`). None runs a stateful rule from :meth:`init_state`,
@@ -250,6 +255,8 @@ class Aggregator:
       if not jnp.issubdtype(jnp.result_type(l), jnp.floating):
         raise ValueError(f"Aggregators need floating-point updates, got {jnp.result_type(l)}; "
                          f"cast the updates to float32 or float64.")
+    if weights is not None:
+      weighted.check(self)
     self._validate(shapes.pop(), robust=False)
     if self.stochastic and key is None:
       raise ValueError(f"{self.spec!r} is stochastic: pass a PRNG key, "
@@ -257,6 +264,11 @@ class Aggregator:
     with kernels_lib.use(self.kernels):
       # The rows are computed once, not inside every pass over them.
       updates = rows.materialize(jax.tree.map(jnp.asarray, updates))
+      if weights is not None:
+        if self.stateful:
+          raise ValueError(f"{self.spec!r} keeps state across rounds and has no weighted "
+                           f"version.")
+        return weighted.apply(self, updates, key, weights)
       if not self.stateful:
         return self._apply(updates, key)
       if state is None:

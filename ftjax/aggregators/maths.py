@@ -126,6 +126,48 @@ def init_point(x: PyTree, init: str) -> PyTree:
 
 
 
+def weiszfeld(x: PyTree, z: PyTree, *, iters: int, nu: float, tol: float | None,
+              max_iters: int, prior: jax.Array | None = None) -> tuple[PyTree, Diagnostics]:
+  """Smoothed Weiszfeld iterations from ``z``: z <- sum_i b_i x_i / sum_i b_i.
+
+  b_i = p_i / max(|z - x_i|, nu), with p_i = 1 (``prior`` None) or ``prior[i]``
+  (per-row weights >= 0, the weighted geometric median's); a row of non-finite
+  distance or of prior 0 gets b_i = 0 and is skipped. ``iters`` steps when
+  ``tol`` is None, else steps until one moves less than ``tol`` (at most
+  ``max_iters``), with ``gm_iters`` in the diagnostics.
+  """
+
+  def step(x, z):
+    dist = jnp.sqrt(row_sqdist(x, z))
+    ok = jnp.isfinite(dist)
+    if prior is None:
+      beta = jnp.where(ok, 1.0 / jnp.maximum(dist, nu), 0.0)
+    else:
+      ok = ok & (prior > 0)
+      beta = jnp.where(ok, prior / jnp.maximum(dist, nu), 0.0)
+    return weighted_sum(x, beta / jnp.sum(beta), ok)
+
+  if tol is None:
+    for _ in range(iters):
+      z = rows.isolate(step, x, z)
+    return z, {}
+
+  def cond(carry):
+    i, _, moved = carry
+    return (i < max_iters) & (moved > tol)
+
+  def body(carry):
+    i, z, _ = carry
+    new = step(x, z)
+    moved = jnp.sqrt(rows.coordinate_sum(sum(jnp.sum(jnp.square(a - b)) for a, b in
+                                             zip(jax.tree.leaves(new), jax.tree.leaves(z)))))
+    return i + 1, new, moved
+
+  dtype = jax.tree.leaves(x)[0].dtype
+  i, z, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), z, jnp.asarray(jnp.inf, dtype)))
+  return z, {"gm_iters": i}
+
+
 def krum_neighbours(w: int, f: int, num_neighbours: int | None = None) -> int:
   """The nearest other rows a Krum score sums: ``num_neighbours``, or W - f - 1 (the
   original program's count; Blanchard et al. 2017 sum W - f - 2), at most W - 1."""
