@@ -103,6 +103,8 @@ def get_config(arg=None):
   c.aggregator.meta = "ctma"   # "none", "ctma", "nnm", "nnm+ctma", "bucketing", "clip", "arc"
   c.aggregator.f = placeholder(int)  # the f the rule is built to tolerate (None = workers.byzantine,
                                # the number that actually attack); docs/aggregators.md
+  c.aggregator.weights = placeholder(object)  # per-worker weights: None (unweighted), "examples"
+                               # (shard sizes) or W numbers, for avg, cwmed, cwtm, gm, ctma
   c.aggregator.options = ml_collections.ConfigDict()  # per-rule options (docs/aggregators.md)
   o = c.aggregator.options
   o.cwmed = dict(lower=False)  # True: the reference's lower median for even W

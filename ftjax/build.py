@@ -272,6 +272,14 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       raise
     raise ConfigError(str(e)) from None
 
+  if fed.weights is not None:
+    try:
+      aggregators_lib.weighted.check(aggregator)
+    except ValueError as e:
+      raise ConfigError(f"aggregator.weights={fed.weights!r}: {e}") from None
+    if aggregator.stateful or (mesh is not None and aggregation == "sharded"):
+      raise ConfigError("aggregator.weights needs a stateless rule in the one-device or "
+                        "replicated layout (mesh.aggregation='replicated').")
   if aggregator.stateful and mesh is not None and aggregation == "sharded":
     raise ConfigError(f"{aggregator.spec!r} keeps state across rounds, which the sharded "
                       f"aggregation (mesh.aggregation='sharded') does not hold; use "

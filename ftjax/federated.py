@@ -58,6 +58,7 @@ class Federated:
   send: str = "pseudo_gradient"    # what a worker sends after its K steps (SEND_MODES)
   participants: int = 0            # m workers drawn per round; 0: all W
   honest_only: bool = False        # the data is split over the honest workers only
+  weights: Any = None              # per-worker weights: None, "examples" or a tuple of W
 
   @property
   def local(self) -> bool:
@@ -94,9 +95,47 @@ def settings(c, num_workers: int, attack, needs_prev: bool, batch_stats_mode: st
     raise FederatedError(f"federated.participants must be an integer in [0, {num_workers}] "
                          f"(0: every worker), got {m!r}.")
   honest_only = bool(c.data.get("honest_only", False))
-  fed = Federated(k, float(lr), send, 0 if m == num_workers else m, honest_only)
+  weights = _weights(c.aggregator.get("weights", None), num_workers)
+  fed = Federated(k, float(lr), send, 0 if m == num_workers else m, honest_only, weights)
   _check_compatible(fed, attack, needs_prev, batch_stats_mode)
   return fed
+
+
+def _weights(value, num_workers: int):
+  """``aggregator.weights`` checked: None, "examples" or W nonnegative numbers."""
+  if value is None or value == "none":
+    return None
+  if value == "examples":
+    return value
+  if isinstance(value, str):
+    raise FederatedError(f"aggregator.weights must be 'none', 'examples' or {num_workers} "
+                         f"numbers, got {value!r}.")
+  numbers = tuple(value)
+  if (len(numbers) != num_workers
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                 and v >= 0 for v in numbers) or not sum(numbers) > 0):
+    raise FederatedError(f"aggregator.weights must be {num_workers} finite nonnegative numbers "
+                         f"(one per worker, not all zero), got {value!r}.")
+  return tuple(float(v) for v in numbers)
+
+
+def worker_weights(fed: Federated, sizes: Optional[jax.Array], num_workers: int,
+                   dtype: Any) -> Optional[jax.Array]:
+  """The per-worker weights [W] the rule gets, or None (unweighted).
+
+  ``"examples"``: each worker's shard size (``sizes``, the partition's); a
+  worker without a shard (the Byzantine ones under ``data.honest_only``)
+  counts the median shard, and without a partition every worker counts 1.
+  """
+  if fed.weights is None:
+    return None
+  if fed.weights != "examples":
+    return jnp.asarray(fed.weights, dtype)
+  if sizes is None:
+    return jnp.ones((num_workers,), dtype)
+  sizes = sizes.astype(dtype)
+  missing = num_workers - sizes.shape[0]
+  return jnp.concatenate([sizes, jnp.full((missing,), jnp.median(sizes), dtype)])
 
 
 def _check_compatible(fed: Federated, attack, needs_prev: bool, batch_stats_mode: str) -> None:

@@ -308,7 +308,8 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
   client sampling, the drawn workers' rows), updating its state (() for a
   stateless rule). ``extras`` are the attacks' draws (:func:`attack_draws`);
   ``given`` holds the round's ``"attack"`` and ``"aggregator"`` keys, the
-  rule's ``"state"`` and, with client sampling, the ``"drawn"`` workers;
+  rule's ``"state"``, with client sampling the ``"drawn"`` workers and with
+  ``aggregator.weights`` the per-worker ``"weights"``;
   ``valid`` is the layout's column mask (:func:`ftjax.sharding.lay_out_round`).
   """
   f, h = setup.num_byzantine, setup.num_honest
@@ -346,8 +347,13 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
                           byzantine)
     else:
       rows = honest
+    weights = given.get("weights")
     if "drawn" in given:  # client sampling: the drawn workers' rows
       rows = jax.tree.map(lambda r: r[given["drawn"]], rows)
+      weights = None if weights is None else weights[given["drawn"]]
+    if weights is not None:  # stateless (build refuses weights with a stateful rule)
+      aggregate, diagnostics = setup.aggregator(rows, aggregator_key, weights=weights)
+      return aggregate, (diagnostics, given["state"])
     aggregate, diagnostics, state = setup.aggregator.update(rows, aggregator_key,
                                                             given["state"])
     return aggregate, (diagnostics, state)
@@ -493,6 +499,10 @@ def make_round(setup: Setup) -> Callable:
     aggregator_key = jax.random.fold_in(purpose_key(state, KEY_AGGREGATOR), step)
     given = {"attack": attack_key, "aggregator": aggregator_key,
              "state": state.aggregator_state}
+    weights = federated.worker_weights(setup.federated, data.sizes, setup.num_workers,
+                                       setup.dtype)
+    if weights is not None:
+      given["weights"] = weights
     drawn = None
     if setup.federated.participants:
       drawn = given["drawn"] = federated.draw_participants(

@@ -303,3 +303,51 @@ def test_a_resumed_stateful_run_equals_the_uninterrupted_one(tmp_path):
   for ra, rb in zip(a, b):
     for k in ("train_loss", "test_loss", "test_acc", "aggregate_norm"):
       assert ra[k] == rb[k], k
+
+
+# --------------------------------------------------------------------------
+# Weights
+
+
+def test_example_count_weights_reach_the_rule_and_equal_weights_change_nothing():
+  common = {"dtype": "float64", "data.partition": "dirichlet", "data.alpha": 1.0,
+            "aggregator.name": "cwtm", "aggregator.meta": "none", "optim.estimator": "sgd",
+            "attack.name": "alie"}
+  with jax.enable_x64(True):
+    c = tiny_config(**common)
+    setup = train.build(c)
+    weighted = train.build(tiny_config(**common, **{"aggregator.weights": "examples"}))
+    equal = train.build(tiny_config(**common, **{"aggregator.weights": [2.0] * 5}))
+    state = train.init_state(setup, c.seed)
+    data = train.make_device_data(setup)
+    idx = round_lib.sample_chunk(setup, state, data, 1)[0]
+    plain, _ = jax.jit(train.make_round(setup))(state, data, idx)
+    same, _ = jax.jit(train.make_round(equal))(state, data, idx)
+    by_size, _ = jax.jit(train.make_round(weighted))(state, data, idx)
+    x, y = round_lib._minibatches(setup, state, data, idx)
+    rows, _, _ = round_lib.make_local_updates(setup)(
+        (state.params, state.batch_stats, None), (x, y, state.worker_state))
+    byz = setup.attack(jax.tree.map(lambda r: r[:4], rows), None, jax.random.fold_in(
+        round_lib.purpose_key(state, build_lib.KEY_ATTACK), 0),
+        round_lib._attack_context(setup))
+    full = jax.tree.map(lambda r, z: jnp.concatenate([r[:4], z]), rows, byz)
+    sizes = np.asarray(setup.partition.sizes, np.float64)
+    want_agg, _ = setup.aggregator(full, None, weights=sizes)
+  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(same.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for p, g, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_agg),
+                     jax.tree.leaves(by_size.params)):
+    np.testing.assert_allclose(q, np.asarray(p) - c.optim.lr * np.asarray(g), atol=1e-13)
+  assert len(set(sizes.tolist())) > 1  # the weights differ, so the weighted rule ran
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"aggregator.weights": "sizes"}, "aggregator.weights"),
+    ({"aggregator.weights": [1.0, 2.0]}, "5 finite nonnegative"),
+    ({"aggregator.weights": "examples", "aggregator.name": "krum", "aggregator.meta": "none"},
+     "weighted"),
+])
+def test_bad_weights_are_refused_in_one_line(overrides, words):
+  with pytest.raises(train.ConfigError, match=words) as e:
+    train.build(tiny_config(**overrides))
+  assert "\n" not in str(e.value)

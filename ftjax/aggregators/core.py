@@ -22,6 +22,7 @@ from ftjax import kernels as kernels_lib
 from ftjax import registry
 from ftjax.aggregators import weighted
 from ftjax.kernels import rows
+from ftjax.aggregators import options as options_lib
 
 PyTree = Any
 Diagnostics = dict[str, jax.Array]
@@ -564,10 +565,6 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
 ALIASES: dict[str, str] = {"rfa": "gm"}
 """Other spellings accepted in specs and options."""
 
-_INITS = ("zero", "mean", "cwmed")
-_CENTRES = _INITS + ("previous",)  # centred clipping: also the previous round's aggregate
-
-
 def register_table(rules: Mapping[str, Mapping[str, Any]],
                    aliases: Mapping[str, str] = types.MappingProxyType({})) -> None:
   """Registers a module's table of rules, one line each: name -> :func:`register`'s arguments
@@ -591,33 +588,4 @@ _canonical = canonical
 
 
 def _check_option(rule_name: str, name: str, value: Any) -> None:
-  info = _TABLE.get(rule_name)
-  if info is not None and info.registered:
-    if info.check is not None:
-      info.check(**{**info.options, name: value})
-    else:
-      registry.check_like_default(f"{rule_name}.{name}", value, info.options.get(name))
-    return
-
-  def bad(what):
-    raise ValueError(f"Option {rule_name}.{name}={value!r} is invalid: {what}.")
-
-  is_int = isinstance(value, int) and not isinstance(value, bool)
-  is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if name in ("lower", "keep_ties") and not isinstance(value, bool):
-    bad("use True or False")
-  if name in ("iters", "max_iters") and not (is_int and value >= 1):
-    bad("use an integer >= 1")
-  if name == "tau" and rule_name == "centered_clipping" and value is None:
-    return  # the adaptive radius
-  if name in ("nu", "tau") and not (is_num and value > 0):
-    bad("use a positive number")
-  if name == "tol" and value is not None and not (is_num and value > 0):
-    bad("use a positive number, or None for a fixed number of iterations")
-  if name in ("bucket_size", "num_selected", "num_neighbours") and value is not None and not (
-      is_int and value >= 1):
-    bad("use an integer >= 1, or None for the default")
-  if name == "init" and rule_name == "centered_clipping" and value not in _CENTRES:
-    bad(f"valid first centres are {list(_CENTRES)}")
-  if name == "init" and rule_name != "centered_clipping" and value not in _INITS:
-    bad(f"valid starting points are {list(_INITS)}")
+  options_lib.check(_TABLE.get(rule_name), rule_name, name, value)
