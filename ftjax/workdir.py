@@ -7,6 +7,7 @@ makes an interruption harmless, and closes them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from typing import Sequence
 import ml_collections
 
 from ftjax import checkpoint as checkpoint_lib
+from ftjax import configfiles
 from ftjax import reporting
 from ftjax.build import ConfigError, Setup
 
@@ -51,6 +53,33 @@ def _comparable(fields: dict) -> dict:
   return {k: v for k, v in fields.items() if k not in RESUMABLE_FIELDS + ("resolved",)}
 
 
+def _fill_added_fields(saved: dict, defaults: dict) -> dict:
+  """``saved`` with the fields it lacks set to their defaults.
+
+  A run recorded before a config field existed trained with that field's
+  default behaviour (every new field defaults to the behaviour before it), so
+  it resumes under a config that leaves the field at its default.
+  """
+  out = dict(saved)
+  for k, v in defaults.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = _fill_added_fields(out[k], v)
+  return out
+
+
+def _default_fields() -> dict:
+  """The default config's fields: the checkout's configs/default.py, else the shipped one."""
+  path = os.path.join(configfiles.CHECKOUT, "configs", "default.py")
+  if not os.path.isfile(path):
+    path = os.path.join(configfiles.configs_dir(), "default.py")
+  spec = importlib.util.spec_from_file_location("ftjax_default_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return _comparable(json.loads(module.get_config().to_json()))
+
+
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
   out = []
   for k in sorted(set(a) | set(b)):
@@ -73,7 +102,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
     return
   try:
     with open(path) as fh:
-      saved = _comparable(json.load(fh))
+      saved = _fill_added_fields(_comparable(json.load(fh)), _default_fields())
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} cannot be read as JSON ({e}); the workdir is damaged: restore "
                       f"the file or use another --workdir.") from None

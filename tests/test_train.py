@@ -123,6 +123,22 @@ def test_resume_refuses_a_different_config(tmp_path):
     train.train_and_evaluate(tiny_config(**{"attack.name": "ipm"}), str(tmp_path))
 
 
+@pytest.mark.slow
+def test_a_record_without_a_newer_field_resumes_at_its_default(tmp_path):
+  c = tiny_config(num_steps=2, eval_every=2, **{"model.name": "mlp"})
+  train.train_and_evaluate(c, str(tmp_path))
+  path = tmp_path / "config.json"
+  record = json.loads(path.read_text())
+  del record["federated"], record["aggregator"]["weights"]  # written before these existed
+  path.write_text(json.dumps(record))
+  longer = tiny_config(num_steps=4, eval_every=2, **{"model.name": "mlp"})
+  assert train.train_and_evaluate(longer, str(tmp_path)).metrics["step"] == 4
+  with pytest.raises(train.ConfigError, match="federated.local_steps was 1, now 2"):
+    train.train_and_evaluate(tiny_config(num_steps=4, eval_every=2, **{
+        "model.name": "mlp", "federated.local_steps": 2, "optim.estimator": "momentum"}),
+        str(tmp_path))
+
+
 def test_config_fields_drop_only_the_named_fields():
   c = tiny_config(seed=3)
   c.attack.name = "alie"
