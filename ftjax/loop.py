@@ -107,8 +107,10 @@ def round_identity(setup: Setup) -> tuple:
 
 
 def init_identity(setup: Setup) -> tuple:
-  """What the initial state's program depends on: model, dtype, optimisers, computed workers."""
-  return _identity(setup, ("model", "dtype", "optim", "kernels")) + (setup.num_computed,)
+  """What the initial state's program depends on: model, dtype, optimisers, computed
+  workers, and the rule when it keeps a state (``TrainState.aggregator_state``)."""
+  return _identity(setup, ("model", "dtype", "optim", "kernels")) + (
+      setup.num_computed, setup.aggregator if setup.aggregator.stateful else None)
 
 
 def eval_identity(setup: Setup) -> tuple:

@@ -6,6 +6,19 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The suite compiles hundreds of small programs and runs each for a few rounds, so
+# compiling is most of its time: the tests (and the processes they start, which
+# inherit the environment) compile with XLA:CPU's LLVM optimisation off. The HLO
+# (fusion, layouts, collectives, buffers) the tests inspect is the same.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def device_flags(count: int, *more: str) -> str:
+  """XLA_FLAGS for a subprocess with ``count`` CPU devices, compiling as the suite does."""
+  return " ".join((f"--xla_force_host_platform_device_count={count}", FAST_COMPILE) + more)
+
 
 @pytest.fixture
 def small_slices(monkeypatch):

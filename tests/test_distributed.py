@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import device_flags
 
 pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
 
@@ -46,7 +47,7 @@ _SCRIPT = textwrap.dedent("""
 
 def _env(devices):
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=device_flags(devices))
 
 
 def _result(stdout):

@@ -103,7 +103,7 @@ def test_one_local_step_is_the_papers_round():
 @pytest.mark.slow
 def test_every_worker_drawn_is_the_full_round():
   with jax.enable_x64(True):
-    c = tiny_config(**{"dtype": "float64", "optim.estimator": "momentum"})
+    c = tiny_config(**{"dtype": "float64", "optim.estimator": "momentum", "model.name": "mlp"})
     setup = train.build(c)
     drawn_all = dataclasses.replace(
         setup, federated=federated.Federated(participants=setup.num_workers))
@@ -122,7 +122,7 @@ def test_client_sampling_averages_the_drawn_rows_and_keeps_the_others_state():
     c = tiny_config(**{"dtype": "float64", "workers.num": 6, "workers.byzantine": 0,
                        "aggregator.name": "avg", "aggregator.meta": "none",
                        "attack.name": "none", "optim.estimator": "momentum",
-                       "federated.participants": 3})
+                       "federated.participants": 3, "model.name": "mlp"})
     setup = train.build(c)
     state = train.init_state(setup, c.seed)
     data = train.make_device_data(setup)
@@ -309,10 +309,11 @@ def test_a_resumed_stateful_run_equals_the_uninterrupted_one(tmp_path):
 # Weights
 
 
+@pytest.mark.slow
 def test_example_count_weights_reach_the_rule_and_equal_weights_change_nothing():
   common = {"dtype": "float64", "data.partition": "dirichlet", "data.alpha": 1.0,
             "aggregator.name": "cwtm", "aggregator.meta": "none", "optim.estimator": "sgd",
-            "attack.name": "alie"}
+            "attack.name": "alie", "model.name": "mlp"}
   with jax.enable_x64(True):
     c = tiny_config(**common)
     setup = train.build(c)
@@ -351,3 +352,19 @@ def test_bad_weights_are_refused_in_one_line(overrides, words):
   with pytest.raises(train.ConfigError, match=words) as e:
     train.build(tiny_config(**overrides))
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_runs_sharing_programs_get_their_own_rules_state(tmp_path):
+  """A stateless and a stateful cell in one program cache (a sweep) each start their own state."""
+  from ftjax import loop
+  programs = loop.ProgramCache()
+  common = {"model.name": "mlp", "num_steps": 2, "eval_every": 2, "attack.name": "alie"}
+  plain = tiny_config(**common, **{"aggregator.name": "cwtm", "aggregator.meta": "none"})
+  stateful = tiny_config(**common, **{
+      "aggregator.name": "centered_clipping", "aggregator.meta": "none",
+      "aggregator.options.centered_clipping": {"tau": 1.0, "iters": 1, "init": "previous"}})
+  for i, c in enumerate((plain, stateful)):
+    [result] = train.train_runs([c], [str(tmp_path / str(i))], programs=programs)
+    assert result.error is None and result.metrics["step"] == 2
+  assert jax.tree.leaves(result.state.aggregator_state)  # the previous aggregate

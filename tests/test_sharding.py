@@ -88,7 +88,7 @@ _SCRIPT = textwrap.dedent("""
 def three_devices(tmp_path_factory):
   # Short collective timeouts: a deadlocked all-gather aborts in seconds.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      "--xla_force_host_platform_device_count=3 "
+      "--xla_force_host_platform_device_count=3 --xla_backend_optimization_level=0 "
       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=10 "
       "--xla_cpu_collective_call_terminate_timeout_seconds=40"))
   workdir = str(tmp_path_factory.mktemp("sharded_run"))
