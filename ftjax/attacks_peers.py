@@ -34,27 +34,25 @@ _MAGNITUDE_BITS = 24
 # Draws
 
 
-def draw_uniform(**_):
-  """Builds ``draw``: independent U[0, 1) values, leaves [f, ...] like the Byzantine rows."""
+def _per_leaf(sample):
+  """A ``draw`` of independent ``sample(key, shape, dtype)`` values, leaves [f, ...] like the
+  Byzantine rows."""
   def draw(honest, key, f):
     leaves, treedef = jax.tree.flatten(honest)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.uniform(k, (f,) + tuple(x.shape[1:]), x.dtype)
+    return jax.tree.unflatten(treedef, [sample(k, (f,) + tuple(x.shape[1:]), x.dtype)
                                         for k, x in zip(keys, leaves)])
   return draw
+
+
+def draw_uniform(**_):
+  """Builds ``draw``: independent U[0, 1) values."""
+  return _per_leaf(jax.random.uniform)
 
 
 def draw_fang_krum(epsilon, **_):
   """Builds ``draw`` for ``fang_krum``: Gaussian directions of the f rows' offsets (None for epsilon 0)."""
-  if not epsilon:
-    return None
-
-  def draw(honest, key, f):
-    leaves, treedef = jax.tree.flatten(honest)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [jax.random.normal(k, (f,) + tuple(x.shape[1:]), x.dtype)
-                                        for k, x in zip(keys, leaves)])
-  return draw
+  return _per_leaf(jax.random.normal) if epsilon else None
 
 
 def draw_signguard(**_):
