@@ -272,18 +272,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       raise
     raise ConfigError(str(e)) from None
 
-  if fed.weights is not None:
-    try:
-      aggregators_lib.weighted.check(aggregator)
-    except ValueError as e:
-      raise ConfigError(f"aggregator.weights={fed.weights!r}: {e}") from None
-    if aggregator.stateful or (mesh is not None and aggregation == "sharded"):
-      raise ConfigError("aggregator.weights needs a stateless rule in the one-device or "
-                        "replicated layout (mesh.aggregation='replicated').")
-  if aggregator.stateful and mesh is not None and aggregation == "sharded":
-    raise ConfigError(f"{aggregator.spec!r} keeps state across rounds, which the sharded "
-                      f"aggregation (mesh.aggregation='sharded') does not hold; use "
-                      f"mesh.aggregation='replicated'.")
+  _check_rule_layout(aggregator, fed, mesh is not None and aggregation == "sharded")
   num_computed = w if f and attack.uses_own_updates else w - f
   per_device = -(-num_computed // (1 if mesh is None else mesh.devices.size))
   chunk = policy.worker_chunk(c.kernels, per_device, c.workers.get("chunk", None))
@@ -299,6 +288,22 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       loop=policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin),
       worker_chunk=chunk, record=record, mesh=mesh, builtin_model=builtin,
       aggregation=aggregation, attacks=family, federated=fed)
+
+
+def _check_rule_layout(aggregator, fed: federated_lib.Federated, sharded: bool) -> None:
+  """Weights need a stateless rule with a weighted version; state needs unsharded rows."""
+  if fed.weights is not None:
+    try:
+      aggregators_lib.weighted.check(aggregator)
+    except ValueError as e:
+      raise ConfigError(f"aggregator.weights={fed.weights!r}: {e}") from None
+    if aggregator.stateful or sharded:
+      raise ConfigError("aggregator.weights needs a stateless rule in the one-device or "
+                        "replicated layout (mesh.aggregation='replicated').")
+  if aggregator.stateful and sharded:
+    raise ConfigError(f"{aggregator.spec!r} keeps state across rounds, which the sharded "
+                      f"aggregation (mesh.aggregation='sharded') does not hold; use "
+                      f"mesh.aggregation='replicated'.")
 
 
 def _layout(c) -> tuple[Optional[Mesh], str]:

@@ -479,6 +479,44 @@ def _keep_undrawn(drawn: jax.Array, new: PyTree, old: PyTree) -> PyTree:
       lambda a, b: jnp.where(took_part.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
+def _given(setup: Setup, state: TrainState, data: DeviceData) -> dict:
+  """What the server's rows get besides the rows (:func:`make_server_rows`): the round's
+  keys, the rule's state, and the per-worker weights and drawn workers when configured."""
+  step = state.step
+  given = {"attack": jax.random.fold_in(purpose_key(state, KEY_ATTACK), step),
+           "aggregator": jax.random.fold_in(purpose_key(state, KEY_AGGREGATOR), step),
+           "state": state.aggregator_state}
+  weights = federated.worker_weights(setup.federated, data.sizes, setup.num_workers,
+                                     setup.dtype)
+  if weights is not None:
+    given["weights"] = weights
+  if setup.federated.participants:
+    given["drawn"] = federated.draw_participants(
+        jax.random.fold_in(purpose_key(state, KEY_PARTICIPANTS), step), setup.num_workers,
+        setup.federated.participants)
+  return given
+
+
+def _metrics(setup: Setup, y, gathered, aggregate, diagnostics, drawn) -> dict:
+  """The round's logged scalars: the honest workers' loss and accuracy (of the first local
+  step), the aggregate's norm, the rule's diagnostics and, with client sampling, the
+  Byzantine workers drawn."""
+  h = setup.num_honest
+  loss, logits = gathered[:2]
+  first = y[:h, 0] if setup.federated.local else y[:h]
+  byzantine = None if drawn is None else drawn >= h
+  metrics = {
+      "train_loss": loss[:h].mean().astype(jnp.float32),
+      "train_acc": (jnp.argmax(logits[:h], -1) == first).mean(dtype=jnp.float32),
+      "aggregate_norm": optax.tree.norm(aggregate).astype(jnp.float32),
+      **summarize_diagnostics(diagnostics, h, byzantine),
+  }
+  if drawn is not None:
+    metrics["sampled_byzantine"] = byzantine.sum().astype(jnp.float32)
+    metrics["sampled_over_f"] = (byzantine.sum() > setup.aggregator.f).astype(jnp.float32)
+  return metrics
+
+
 def make_round(setup: Setup) -> Callable:
   """The pure synchronous round ``(state, data, indices) -> (state, metrics)``.
 
@@ -487,64 +525,38 @@ def make_round(setup: Setup) -> Callable:
   sharded layout the returned ``worker_state`` has :func:`worker_state_rows`
   rows, split over the workers.
   """
-  h, n = setup.num_honest, setup.num_computed
   local_updates = make_local_updates(setup)
 
   def train_step(state: TrainState, data: DeviceData, idx: Optional[jax.Array] = None):
-    step = state.step
     if idx is None:
       idx = sample_chunk(setup, state, data, 1)[0]
     x, y = _minibatches(setup, state, data, idx)
-    attack_key = jax.random.fold_in(purpose_key(state, KEY_ATTACK), step)
-    aggregator_key = jax.random.fold_in(purpose_key(state, KEY_AGGREGATOR), step)
-    given = {"attack": attack_key, "aggregator": aggregator_key,
-             "state": state.aggregator_state}
-    weights = federated.worker_weights(setup.federated, data.sizes, setup.num_workers,
-                                       setup.dtype)
-    if weights is not None:
-      given["weights"] = weights
-    drawn = None
-    if setup.federated.participants:
-      drawn = given["drawn"] = federated.draw_participants(
-          jax.random.fold_in(purpose_key(state, KEY_PARTICIPANTS), step), setup.num_workers,
-          setup.federated.participants)
+    given = _given(setup, state, data)
     middle = sharding.lay_out_round(
         local_updates, make_server_rows(setup, state.params, data.attack), setup.mesh,
-        setup.aggregation, num_rows=n)
-    extras = attack_draws(setup, state.params, attack_key) if setup.num_byzantine else []
+        setup.aggregation, num_rows=setup.num_computed)
+    extras = attack_draws(setup, state.params, given["attack"]) if setup.num_byzantine else []
     worker_state = state.worker_state
     if setup.sharded:
       worker_state = _pad_workers(worker_state, worker_state_rows(setup))
     aggregate, (diagnostics, aggregator_state), gathered, new_worker_state = middle(
         (state.params, state.batch_stats, state.prev_params if setup.needs_prev else None),
         (x, y, worker_state), extras, given)
-    loss, logits, new_stats, prev_stats = gathered
+    drawn = given.get("drawn")
     if drawn is not None:  # the workers not drawn keep their estimator state
-      worker_state = _keep_undrawn(drawn, new_worker_state, worker_state)
-    else:
-      worker_state = new_worker_state
+      new_worker_state = _keep_undrawn(drawn, new_worker_state, worker_state)
 
     # Step 3: the server step.
     server_updates, server_state = setup.server_tx.update(
         aggregate, state.server_state, state.params)
-    params = optax.apply_updates(state.params, server_updates)
-    batch_stats = update_batch_stats(setup.batch_stats_mode, state.batch_stats, new_stats,
-                                     prev_stats, h)
-    first = y[:h, 0] if setup.federated.local else y[:h]  # labels of the first local step
-    byzantine = None if drawn is None else drawn >= h
-    metrics = {
-        "train_loss": loss[:h].mean().astype(jnp.float32),
-        "train_acc": (jnp.argmax(logits[:h], -1) == first).mean(dtype=jnp.float32),
-        "aggregate_norm": optax.tree.norm(aggregate).astype(jnp.float32),
-        **summarize_diagnostics(diagnostics, h, byzantine),
-    }
-    if drawn is not None:
-      metrics["sampled_byzantine"] = byzantine.sum().astype(jnp.float32)
-      metrics["sampled_over_f"] = (byzantine.sum() > setup.aggregator.f).astype(jnp.float32)
     new_state = TrainState(
-        step=step + 1, params=params, prev_params=state.params if setup.needs_prev else (),
-        batch_stats=batch_stats, server_state=server_state,
-        worker_state=worker_state, rng=state.rng, aggregator_state=aggregator_state)
-    return _constrain_layout(setup, new_state), metrics
+        step=state.step + 1, params=optax.apply_updates(state.params, server_updates),
+        prev_params=state.params if setup.needs_prev else (),
+        batch_stats=update_batch_stats(setup.batch_stats_mode, state.batch_stats,
+                                       gathered[2], gathered[3], setup.num_honest),
+        server_state=server_state, worker_state=new_worker_state, rng=state.rng,
+        aggregator_state=aggregator_state)
+    return _constrain_layout(setup, new_state), _metrics(setup, y, gathered, aggregate,
+                                                         diagnostics, drawn)
 
   return train_step
