@@ -15,11 +15,6 @@ if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
-def device_flags(count: int, *more: str) -> str:
-  """XLA_FLAGS for a subprocess with ``count`` CPU devices, compiling as the suite does."""
-  return " ".join((f"--xla_force_host_platform_device_count={count}", FAST_COMPILE) + more)
-
-
 @pytest.fixture
 def small_slices(monkeypatch):
   """Slice sizes small enough that test-sized rows take every sliced path of the distances."""

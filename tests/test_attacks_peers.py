@@ -21,7 +21,7 @@ import scipy.cluster.hierarchy
 
 from ftjax import attacks
 from ftjax.attacks import AttackContext, make_attack
-from conftest import device_flags
+from tests.subprocess_env import with_devices
 
 PEERS = ("fang_krum", "fang_trmean", "mimic", "signguard_adaptive",
          "clipped_clustering_adaptive")
@@ -472,7 +472,7 @@ _LAYOUTS = textwrap.dedent("""
 @pytest.mark.slow
 def test_every_device_layout_trains_the_one_device_parameters():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=device_flags(3))
+             XLA_FLAGS=with_devices(3))
   proc = subprocess.run([sys.executable, "-c", _LAYOUTS, json.dumps(PEERS)], capture_output=True,
                         text=True, cwd=ROOT, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import device_flags
+from tests.subprocess_env import with_devices
 
 pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
 
@@ -47,7 +47,7 @@ _SCRIPT = textwrap.dedent("""
 
 def _env(devices):
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=device_flags(devices))
+              XLA_FLAGS=with_devices(devices))
 
 
 def _result(stdout):

@@ -19,7 +19,7 @@ from ftjax import sweep as sweep_lib
 from ftjax import train
 from ftjax import policy
 from ftjax import round as round_lib
-from conftest import device_flags
+from tests.subprocess_env import with_devices
 
 pytestmark = pytest.mark.slow  # minutes of compiling; CI runs it, -m "not slow" skips it
 
@@ -544,7 +544,7 @@ print("RESULT " + json.dumps(out))
 
 def test_runs_spread_over_devices_equal_the_runs_on_one_device(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=device_flags(3))
+             XLA_FLAGS=with_devices(3))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", _SPREAD_SCRIPT, str(tmp_path)],
                         capture_output=True, text=True, cwd=root, env=env, timeout=600)
