@@ -82,6 +82,7 @@ def test_local_steps_equal_a_numpy_fedavg_of_a_linear_model(send):
   np.testing.assert_allclose(new_state.params["Dense_0"]["bias"], want_b, rtol=0, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_one_local_step_is_the_papers_round():
   """K = 1 through the local-steps path equals the synchronous round (float64)."""
   with jax.enable_x64(True):
