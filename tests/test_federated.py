@@ -369,3 +369,46 @@ def test_runs_sharing_programs_get_their_own_rules_state(tmp_path):
     [result] = train.train_runs([c], [str(tmp_path / str(i))], programs=programs)
     assert result.error is None and result.metrics["step"] == 2
   assert jax.tree.leaves(result.state.aggregator_state)  # the previous aggregate
+
+
+_LAYOUTS = """
+import json, sys
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+from ftjax import train
+from tests.test_train import tiny_config
+
+out = {}
+for devices, layout in ((1, "replicated"), (0, "replicated"), (0, "sharded")):
+  c = tiny_config(**{"dtype": "float64", "model.name": "mlp", "devices": devices,
+                     "mesh.aggregation": layout, "num_steps": 3, "eval_every": 3,
+                     "optim.estimator": "momentum", "attack.name": "sf",
+                     "federated.local_steps": 2, "federated.participants": 4,
+                     "data.honest_only": True, "data.partition": "dirichlet"})
+  setup = train.build(c)
+  state = train.init_state(setup, c.seed)
+  data = train.make_device_data(setup)
+  state, metrics = train.make_chunk_fn(setup)(state, data, 3).run(state, data)
+  out[f"{devices}|{layout}"] = [np.asarray(p).ravel().tolist()
+                                for p in jax.tree.leaves(state.params)]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_federated_rounds_are_equal_in_every_device_layout():
+  import json
+  import os
+  import subprocess
+  import sys
+  from tests.subprocess_env import with_devices
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=with_devices(3))
+  proc = subprocess.run([sys.executable, "-c", _LAYOUTS], capture_output=True, text=True,
+                        cwd=root, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+  one = out.pop("1|replicated")
+  for name, params in out.items():
+    for a, b in zip(one, params):
+      np.testing.assert_allclose(b, a, rtol=0, atol=1e-10, err_msg=name)
