@@ -469,14 +469,18 @@ def _constrain_layout(setup: Setup, state: TrainState) -> TrainState:
           state.worker_state, sharding.worker_split(setup.mesh)))
 
 
+def select_rows(keep: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+  """Per row of the leading axis, ``new`` where ``keep`` [rows] is True, else ``old``."""
+  return jax.tree.map(
+      lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
 def _keep_undrawn(drawn: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   """Per computed worker (row), ``new`` if the worker was drawn this round, else ``old``."""
   if not jax.tree.leaves(new):
     return new
   rows = jax.tree.leaves(new)[0].shape[0]
-  took_part = jnp.zeros((rows,), bool).at[drawn].set(True, mode="drop")
-  return jax.tree.map(
-      lambda a, b: jnp.where(took_part.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+  return select_rows(jnp.zeros((rows,), bool).at[drawn].set(True, mode="drop"), new, old)
 
 
 def _given(setup: Setup, state: TrainState, data: DeviceData) -> dict:

@@ -71,11 +71,7 @@ def _take_runs(tree, index):
   return jax.tree.map(lambda a: a[index], tree)
 
 
-@jax.jit
-def _where_runs(keep, new, old):
-  """Per run, ``new`` where ``keep`` [R] is True, else ``old``."""
-  return jax.tree.map(
-      lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+_where_runs = jax.jit(round_lib.select_rows)  # per run: new where keep [R], else old
 
 
 def runs_mesh(devices: int = 1) -> Optional[jax.sharding.Mesh]:
