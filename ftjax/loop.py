@@ -7,11 +7,15 @@ Compiled programs are kept in a :class:`ProgramCache` under a key holding
 everything that changes the program: the round's identity (the resolved
 config but the seed, the rule, attack and model objects, the dataset's
 shapes and constants, the devices), the loop, the runs layout, the chunk
-length, and the shapes, dtypes and shardings of every argument.
+length, the shapes, dtypes and shardings of every argument, and the JAX
+settings that change a traced program. A call that passes no cache uses the
+process's :data:`SHARED` one, so that running a config again in the same
+process (a notebook cell, a test, a resumed run) compiles nothing.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -33,6 +37,9 @@ PyTree = Any
 
 # Config fields that do not change the compiled round (the chunk length is keyed apart).
 _NOT_IN_ROUND = ("num_steps", "eval_every", "wandb", "checkpoint", "progress")
+# JAX settings that change what a function traces to (float64 enters through the dtypes).
+_TRACE_FLAGS = ("jax_default_matmul_precision", "jax_default_prng_impl",
+                "jax_threefry_partitionable", "jax_numpy_rank_promotion")
 
 
 class CompiledChunk(NamedTuple):
@@ -48,18 +55,34 @@ class ProgramCache:
   """Compiled programs by a key of everything that changes them (module docstring).
 
   One cache serves every call of a process that wants to share programs (a
-  sweep's cells); :attr:`compiled` counts the compilations.
+  sweep's cells, the runs of a notebook); :attr:`compiled` counts the
+  compilations. With ``max_programs`` the least recently used program is
+  dropped when a new one would exceed it.
   """
 
-  def __init__(self):
-    self._programs = {}
+  def __init__(self, max_programs: Optional[int] = None):
+    self._programs = collections.OrderedDict()
+    self.max_programs = max_programs
     self.compiled = 0
 
   def get(self, key: tuple, compile_fn: Callable[[], Any]) -> Any:
-    if key not in self._programs:
-      self._programs[key] = compile_fn()
-      self.compiled += 1
-    return self._programs[key]
+    if key in self._programs:
+      self._programs.move_to_end(key)
+      return self._programs[key]
+    program = compile_fn()
+    self.compiled += 1
+    self._programs[key] = program
+    if self.max_programs is not None and len(self._programs) > self.max_programs:
+      self._programs.popitem(last=False)
+    return program
+
+  def clear(self) -> None:
+    """Drops every program (after changing code that a program was traced from)."""
+    self._programs.clear()
+
+
+SHARED = ProgramCache(max_programs=64)
+"""The process's programs, used by every call that is given no cache."""
 
 
 def _hashable(obj) -> Any:
@@ -83,7 +106,8 @@ def _identity(setup: Setup, sections: Optional[tuple] = None) -> tuple:
   if sections is not None:
     record = {k: v for k, v in record.items() if k in sections}
   ds = setup.dataset
-  return (json.dumps(record, sort_keys=True),
+  flags = tuple(getattr(jax.config, name) for name in _TRACE_FLAGS)
+  return (json.dumps(record, sort_keys=True), flags,
           (ds.name, ds.train_images.shape, ds.test_images.shape, ds.num_classes,
            tuple(map(float, ds.mean)), tuple(map(float, ds.std)), ds.augment),
           None if setup.builtin_model else _hashable(setup.model),
@@ -193,7 +217,7 @@ def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = Fals
     setup: the built run.
     loop: "auto", "scan" or "host" instead of ``setup.loop``, the config's.
     runs: whether the states have a leading runs axis.
-    programs: the cache that keeps the compiled programs (a fresh one if None).
+    programs: the cache that keeps the compiled programs (:data:`SHARED` if None).
     runs_layout: how the runs share the program (:func:`ftjax.policy.runs_layout`
       when None).
   """
@@ -202,7 +226,7 @@ def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = Fals
     setup = with_loop(setup, loop)
   if not runs:
     return _one_run(make_chunk_fn(setup, programs=programs, runs=True, runs_layout=runs_layout))
-  programs = programs if programs is not None else ProgramCache()
+  programs = programs if programs is not None else SHARED
   identity = round_identity(setup)
 
   def compile_chunk(state, data, length):

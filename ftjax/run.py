@@ -168,8 +168,9 @@ def train_runs(configs: list, workdirs: list, dataset=None, model=None, *,
     workdirs: the runs' workdirs (None for empty slots).
     dataset: optional in-memory dataset overriding ``config.data``.
     model: optional Flax module overriding ``config.model.name``.
-    programs: a cache the caller keeps across calls, so that identical
-      programs compile once (:class:`ftjax.loop.ProgramCache`).
+    programs: the cache of compiled programs (:class:`ftjax.loop.ProgramCache`);
+      default :data:`ftjax.loop.SHARED`, the process's, so identical programs
+      compile once.
     on_rounds: called with a number of rounds each time runs advance (summed
       over the runs), first with the rounds restored from checkpoints.
     note: receives one-line messages (resumes, divergences); default: the
@@ -186,7 +187,7 @@ def train_runs(configs: list, workdirs: list, dataset=None, model=None, *,
     A :class:`RunResult` per slot (None for empty slots).
   """
   with x64_scope(configs):
-    return _train_runs(configs, workdirs, dataset, model, programs or loop_lib.ProgramCache(),
+    return _train_runs(configs, workdirs, dataset, model, programs or loop_lib.SHARED,
                        on_rounds or (lambda n: None), note, runs_mesh(devices), tuple(attacks),
                        console)
 

@@ -231,7 +231,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
     progress: draw one progress bar over all rounds of all runs.
     write: prints one line (the live table, notes); default: above the bar.
     programs: compiled programs to reuse and extend (:class:`ftjax.loop.ProgramCache`),
-      e.g. across sweeps in one process; a new cache by default.
+      e.g. across sweeps in one process; default :data:`ftjax.loop.SHARED`, the process's.
 
   Returns:
     ``{"compilations": programs compiled by this call,
@@ -264,7 +264,7 @@ def run_sweep(spec: ml_collections.ConfigDict, workdir: str, *, retry_failed: bo
   bar = tqdm.tqdm(total=sum(r.config.num_steps for r in todo.values()), unit="round",
                   dynamic_ncols=True, disable=not progress, file=sys.stderr, desc=sweep.name)
   families = attack_families(sweep, failures)
-  programs = loop_lib.ProgramCache() if programs is None else programs
+  programs = loop_lib.SHARED if programs is None else programs
   known, batches = programs.compiled, 0
   try:
     for cell in sweep.cells:

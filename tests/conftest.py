@@ -27,3 +27,17 @@ def small_slices(monkeypatch):
   monkeypatch.setattr(distances, "GRAM_BLOCK_BYTES", 256)
   monkeypatch.setattr(distances, "GRAM_MIN_BLOCK", 4)
   monkeypatch.setattr(distances, "GRAM_UNROLL", 3)
+
+
+@pytest.fixture(autouse=True)
+def _programs_compiled_before_a_patch_are_not_reused(request):
+  """A test that monkeypatches may change what a program traces to, so it starts and
+  ends with an empty process-wide program cache (``ftjax.loop.SHARED``); the other
+  tests share compiled programs, as the runs of one notebook do."""
+  if "monkeypatch" not in request.fixturenames:
+    yield
+    return
+  from ftjax import loop  # after JAX_PLATFORMS is set above
+  loop.SHARED.clear()
+  yield
+  loop.SHARED.clear()

@@ -585,13 +585,15 @@ def test_chunk_indices_are_the_rounds_of_the_epoch_shuffles(shuffle, first, leng
   got = np.asarray(jax.jit(lambda s: sampling.chunk_indices(key, s, length, n, w, b,
                                                         shuffle=shuffle))(first))
   assert got.shape == (length, w, b)
+  # Each function traced once, with the epoch and the step as arguments.
+  permutation = jax.jit(lambda epoch: sampling.epoch_permutation(key, epoch, n, shuffle=shuffle))
+  one_round = jax.jit(lambda step: sampling.round_indices(key, step, n, w, b, shuffle=shuffle))
   for i in range(length):
     step = first + i
     epoch, r = divmod(step, 8)
-    perm = np.asarray(sampling.epoch_permutation(key, epoch, n, shuffle=shuffle))
+    perm = np.asarray(permutation(epoch))
     np.testing.assert_array_equal(got[i].reshape(-1), perm[12 * r:12 * (r + 1)])
-    np.testing.assert_array_equal(
-        got[i], np.asarray(sampling.round_indices(key, step, n, w, b, shuffle=shuffle)))
+    np.testing.assert_array_equal(got[i], np.asarray(one_round(step)))
 
 
 def test_chunk_longer_than_the_permutation_cache_draws_the_same_rounds(monkeypatch):

@@ -337,19 +337,18 @@ def test_no_device_holds_the_rows_of_every_worker(layout):
 
 # The whole round in the sharded layout against the one-device round: name ->
 # (W, f, attack, estimator, aggregator, loop). Both estimators with a state,
-# attacks of each kind (own updates: sf, lf, none; coordinate-wise: alie,
-# ipm; norms and the aggregator itself: optimal_ipm; random: gaussian; the
-# others at the attack level, _ATTACKS) and rules of each kind (coordinate-
-# wise, distances, Gram matrices, a while loop on psums), W = 9 (9, 6 or 5
-# computed workers: none divides over 8 devices) and W = 17.
+# attacks of each kind (own updates: sf, lf; coordinate-wise: alie; norms and
+# the aggregator itself: optimal_ipm; random: gaussian; the others at the
+# attack level, _ATTACKS) and rules of each kind (coordinate-wise, distances,
+# Gram matrices, a while loop on psums), W = 9 (9, 6 or 5 computed workers:
+# none divides over 8 devices) and W = 17. One case per path: "none" would
+# repeat sf's (every worker computed, mu2sgd) and "ipm" alie's.
 _ROUNDS = {
     "sf": (9, 4, "sf", "mu2sgd", "ctma(cwtm)", "host"),
     "alie": (9, 4, "alie", "momentum", "nnm+ctma(cwtm)", "scan"),
-    "ipm": (9, 3, "ipm", "mu2sgd", "krum", "scan"),
     "lf": (17, 8, "lf", "momentum", "arc(ctma(gm))", "scan"),
     "optimal_ipm": (9, 4, "optimal_ipm", "mu2sgd", "ctma(cwtm)", "scan"),
-    "gaussian": (9, 3, "gaussian", "momentum", "krum", "scan"),
-    "none": (9, 4, "none", "mu2sgd", "nnm+ctma(cwtm)", "scan"),
+    "gaussian": (9, 3, "gaussian", "mu2sgd", "krum", "scan"),
 }
 
 _ROUND = textwrap.dedent("""
@@ -459,8 +458,8 @@ def test_the_estimator_state_stays_split_over_the_workers(rounds):
     n = r["computed"]
     assert r["worker_rows"] == [n, -(-n // DEVICES) * DEVICES], (name, r)
     assert r["worker_spec"] in ("PartitionSpec('workers',)", "P('workers',)"), (name, r)
-  # 9 computed workers for sf, 6 for the omniscient ipm (f = 3): both padded.
-  assert rounds["sf"]["computed"] == 9 and rounds["ipm"]["computed"] == 6
+  # 9 computed workers for sf, 6 for gaussian (f = 3: its rows are noise): both padded.
+  assert rounds["sf"]["computed"] == 9 and rounds["gaussian"]["computed"] == 6
 
 
 def test_no_device_holds_every_workers_row_in_the_sharded_round(rounds):

@@ -17,6 +17,7 @@ from ftjax import sampling
 from ftjax import attacks
 from ftjax import data as data_lib
 from ftjax import build as build_lib
+from ftjax import loop as loop_lib
 from ftjax import round as round_lib
 from ftjax import train
 
@@ -236,6 +237,32 @@ def test_main_reports_bad_input_in_one_line(tmp_path):
   assert out.returncode == 2
   assert "Traceback" not in out.stderr
   assert "ftjax: error:" in out.stderr and "fewer than half" in out.stderr
+
+
+def test_the_program_cache_drops_the_least_recently_used_program():
+  cache = loop_lib.ProgramCache(max_programs=2)
+  made = []
+  get = lambda key: cache.get(key, lambda: made.append(key) or f"program {key}")
+  assert [get("a"), get("b"), get("a")] == ["program a", "program b", "program a"]
+  get("c")                      # over the bound: "b" is the least recently used
+  assert get("a") == "program a" and made == ["a", "b", "c"]
+  get("b")                      # compiled again
+  assert made == ["a", "b", "c", "b"] and cache.compiled == 4
+
+
+@pytest.mark.slow
+def test_a_config_run_again_in_the_process_compiles_nothing(tmp_path):
+  c = tiny_config(num_steps=3)
+  first = train.train_and_evaluate(c, str(tmp_path / "first"))
+  compiled = loop_lib.SHARED.compiled
+  again = train.train_and_evaluate(c, str(tmp_path / "again"))
+  assert loop_lib.SHARED.compiled == compiled
+  assert again.metrics["test_loss"] == first.metrics["test_loss"]
+  # A JAX setting that changes what the round traces to gets its own programs:
+  # initialisation, chunk and evaluation.
+  with jax.default_matmul_precision("highest"):
+    train.train_and_evaluate(c, str(tmp_path / "precise"))
+  assert loop_lib.SHARED.compiled == compiled + 3
 
 
 @pytest.mark.slow
