@@ -66,6 +66,8 @@ def get_config(arg=None):
   c.data.shuffle = "permutation"  # per-epoch shuffle: "permutation" (exact) or "feistel" (cheap)
   c.data.honest_only = False   # split the data over the honest workers only (Byzantine workers
                                # that compute, as in sf/lf, draw i.i.d. from the whole split)
+  c.data.server_examples = 0   # train examples set aside for the server, drawn from the seed and
+                               # never a worker's; fltrust's g0 is computed on them (0 = none)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp
