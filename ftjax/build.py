@@ -272,6 +272,9 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
                                     kernels=c.kernels)
     _check_model_fits(model, dataset, dtype, c.model.name if builtin else type(model).__name__,
                       builtin)
+    for member in family or (attack,):  # a trigger must fit the images (poisoning.Trigger)
+      if hasattr(member.poisoning, "check"):
+        member.poisoning.check(dataset.train_images.shape[1:], dataset.num_classes, b)
   except (ValueError, FileNotFoundError) as e:
     if isinstance(e, ConfigError):
       raise

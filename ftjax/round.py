@@ -134,23 +134,36 @@ def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int)
   return idx
 
 
+def _poison(setup: Setup, data: DeviceData, x: jax.Array, y: jax.Array):
+  """The Byzantine workers' raw minibatches poisoned by the run's attack, if it poisons
+  (``lf``, ``backdoor``: :mod:`ftjax.poisoning`); the honest ones unchanged."""
+  h, members = setup.num_honest, _members(setup)
+  xb, yb, stamped = x[h:], y[h:], False
+  for i, a in enumerate(members):
+    if a.poisoning is None:
+      continue
+    px, py = a.poisoning.poison(xb, yb, setup.dataset.num_classes, setup.batch_size)
+    # In a round for several attacks, whether this run's attack poisons is an index away.
+    mine = data.attack == i if setup.attacks else True
+    if px is not xb:
+      xb, stamped = jnp.where(mine, px, xb), True
+    yb = jnp.where(mine, py, yb)
+  return (x.at[h:].set(xb) if stamped else x), y.at[h:].set(yb)
+
+
 def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Array):
-  """The computed workers' inputs and labels; Byzantine label flippers flip theirs."""
-  ds, h = setup.dataset, setup.num_honest
+  """The computed workers' inputs and labels; the Byzantine workers' poisoned by a data
+  poisoning attack (:func:`_poison`)."""
+  ds = setup.dataset
   idx = idx[:setup.num_computed]
-  x = data.images[idx]  # uint8 [n, b, H, W, C]
+  x, y = data.images[idx], data.labels[idx]  # uint8 [n, b, H, W, C], int32 [n, b]
+  if setup.num_byzantine and any(a.poisoning is not None for a in _members(setup)):
+    x, y = _poison(setup, data, x, y)
   if ds.augment == "crop_flip":
     # On the raw pixels, so the padding is black as in torchvision.
     x = data_lib.augment_crop_flip(
         jax.random.fold_in(purpose_key(state, KEY_AUGMENT), state.step), x)
   x = data_lib.preprocess(x, ds.mean, ds.std, setup.dtype)
-  y = data.labels[idx]
-  members = setup.attacks or (setup.attack,)
-  if setup.num_byzantine and any(a.flips_labels for a in members):
-    # In a round for several attacks, whether this run's attack flips is an index away.
-    flips = (jnp.asarray([a.flips_labels for a in members])[data.attack] if setup.attacks
-             else True)
-    y = y.at[h:].set(jnp.where(flips, attacks_lib.flip_labels(y[h:], ds.num_classes), y[h:]))
   k = setup.federated.local_steps
   if k > 1:  # [n, K b, ...] -> [n, K, b, ...]: K local minibatches
     x = x.reshape((x.shape[0], k, -1) + x.shape[2:])
