@@ -143,10 +143,15 @@ def get_config(arg=None):
   c.attack = ml_collections.ConfigDict()
   c.attack.name = "sf"         # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan,
                                # optimal_ipm, optimal_alie, min_max, min_sum, fang_krum,
-                               # fang_trmean, signguard_adaptive, clipped_clustering_adaptive
-                               # (docs/attacks.md)
+                               # fang_trmean, signguard_adaptive, clipped_clustering_adaptive,
+                               # backdoor (docs/attacks.md)
   c.attack.options = ml_collections.ConfigDict()  # per-attack options
   a = c.attack.options
+  a.backdoor = dict(size=3,     # the trigger: a size x size square of max-intensity pixels
+                    position="bottom_right",  # in this corner ("top_left", ... )
+                    target=0,    # the label the poisoned examples get
+                    fraction=1.0,  # share of each Byzantine minibatch poisoned (the first ones)
+                    boost=1.0)   # the Byzantine workers send boost x their update
   a.ipm = dict(eps=0.5)        # send -eps * mean(honest); 0.5 as the reference's command line
   a.alie = dict(z=placeholder(float))  # send mean - z * std (None = the z of docs/attacks.md)
   a.mimic = dict(index=placeholder(int))  # the honest row to copy (None = the row farthest

@@ -10,10 +10,10 @@ omniscient: it sees every honest update of the current round (the paper's threat
 
 Two families:
 
-* Attacks that run the honest estimator themselves (``none``, ``lf``, ``sf``;
-  ``uses_own_updates=True``): the training step computes the Byzantine
-  workers' own updates (for ``lf`` on flipped labels, see :func:`flip_labels`)
-  and passes them as ``own``.
+* Attacks that run the honest estimator themselves (``none``, ``lf``, ``sf``,
+  ``backdoor``; ``uses_own_updates=True``): the training step computes the
+  Byzantine workers' own updates (for ``lf`` and ``backdoor`` on poisoned data,
+  :mod:`ftjax.poisoning`) and passes them as ``own``.
 * Omniscient attacks (everything else): ``own`` is ``None`` and the rows are
   built from the honest ones. ``ipm``, ``alie``, ``min_max``, ``min_sum`` and
   the ``optimal_*`` line searches make all Byzantine workers send one vector.
@@ -85,7 +85,7 @@ class Attack:
   Attributes:
     name: the canonical name (aliases are resolved).
     uses_own_updates: True when the Byzantine workers run the honest estimator
-      themselves (``none``, ``lf``, ``sf``): the step must compute their updates
+      themselves (``none``, ``lf``, ``sf``, ``backdoor``): the step must compute their updates
       and pass them as ``own``. False for omniscient attacks, whose Byzantine
       gradients the step may skip.
     flips_labels: True only for ``lf``: the step feeds the Byzantine workers the

@@ -247,9 +247,9 @@ def to_markdown(sweep: dict, table: list[dict]) -> str:
                    f"{_percent(row[f'{prefix}_max'])})")
       cells.append(_steps(row[steps], per_seed))
     if asr:
-      mean = row.get("final_test_asr_mean")
-      cells.append("" if mean is None else f"{_percent(mean)} ({_percent(row['final_test_asr_min'])}"
-                   f"-{_percent(row['final_test_asr_max'])})")
+      mean, low, high = (row.get(f"final_test_asr_{k}") for k in ("mean", "min", "max"))
+      cells.append("" if mean is None else
+                   f"{_percent(mean)} ({_percent(low)}-{_percent(high)})")
     cells += [_number(row["steps_per_sec"]), _number(row["wall_time"]),
               *(_number(row.get(d)) for d in diag)]
     lines.append("| " + " | ".join(cells) + " |")

@@ -349,14 +349,12 @@ class _InnerRule:
 
 def _check_server(spec: str, server: Any, leaves: list) -> None:
   """Refuses a missing server update, or one not shaped like a row of the updates."""
-  if server is None:
+  given, row = [jnp.shape(l) for l in jax.tree.leaves(server)], [jnp.shape(l)[1:] for l in leaves]
+  if server is None or given != row:
     raise ValueError(f"{spec!r} weighs the rows against the server's own update: pass it as "
-                     f"server=... (one row, no worker axis); in a run set "
+                     f"server=..., shaped like one row of the updates (leaves {row}), got "
+                     f"{'none' if server is None else given}; in a run set "
                      f"data.server_examples > 0.")
-  given = [jnp.shape(l) for l in jax.tree.leaves(server)]
-  if given != [jnp.shape(l)[1:] for l in leaves]:
-    raise ValueError(f"{spec!r}: the server update must be shaped like one row of the "
-                     f"updates (leaves {[jnp.shape(l)[1:] for l in leaves]}), got {given}.")
 
 
 def _takes_key(fn: Callable) -> bool:
