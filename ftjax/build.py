@@ -264,6 +264,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       raise ValueError(f"Unknown model {c.model.name!r}; choose one of: "
                        f"{', '.join(models_lib.MODELS)}.")
     server_examples = _check_int("data.server_examples", c.data.get("server_examples", 0), 0)
+    _check_server_rule(aggregator, fed, server_examples)  # before loading any data
     dataset, partition = _data(c, dataset, w - f if fed.honest_only else w,
                                b * fed.local_steps, server_examples)
     builtin = model is None
@@ -281,7 +282,6 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     raise ConfigError(str(e)) from None
 
   _check_rule_layout(aggregator, fed, mesh is not None and aggregation == "sharded")
-  _check_server_rule(aggregator, fed, server_examples)
   num_computed = w if f and attack.uses_own_updates else w - f
   per_device = -(-num_computed // (1 if mesh is None else mesh.devices.size))
   chunk = policy.worker_chunk(c.kernels, per_device, c.workers.get("chunk", None))

@@ -55,6 +55,7 @@ def _rows(seed=0, w=7):
   rows[2, 4] = np.nan           # non-finite: score 0
   rows[3] = 0.0                 # no direction: score 0
   rows[4] *= 100.0              # large: rescaled to |g0|
+  rows[5, 0] = -np.inf          # non-finite: score 0
   return rows, g0
 
 
@@ -67,9 +68,9 @@ def test_fltrust_equals_the_numpy_formula_float64():
     flat = np.concatenate([np.asarray(got[k]).reshape(-1) for k in SHAPES])
   np.testing.assert_allclose(flat, numpy_fltrust(rows, g0), rtol=1e-12, atol=1e-14)
   with np.errstate(invalid="ignore"):
-    positive = (np.nan_to_num(rows, nan=0.0) @ g0 > 0) & np.isfinite(rows).all(1)
+    positive = (np.nan_to_num(rows, nan=0.0, neginf=0.0) @ g0 > 0) & np.isfinite(rows).all(1)
   assert np.asarray(diag["fltrust_used"]).tolist() == positive.tolist()
-  assert positive.tolist()[:5] == [True, False, False, False, True]
+  assert positive.tolist()[:6] == [True, False, False, False, True, False]
 
 
 def test_fltrust_is_zero_when_no_row_scores_and_permutation_invariant():

@@ -170,3 +170,8 @@ def test_results_tables_carry_the_attack_success_rate(tmp_path):
   with open(md_path) as fh:
     text = fh.read()
   assert "final attack success % (min-max)" in text and "37.5 (25.0-50.0)" in text
+  pytest.importorskip("matplotlib")
+  from ftjax import plot  # pylint: disable=import-outside-toplevel
+  lines = {l.get_label(): l for a in plot.curves(str(tmp_path)).axes for l in a.lines}
+  asr = [l for name, l in lines.items() if name.endswith(": attack success")]
+  assert len(asr) == 1 and list(asr[0].get_ydata()) == [pytest.approx(37.5)]
