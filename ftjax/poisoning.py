@@ -3,7 +3,7 @@
 An attack that poisons data (``lf``, ``backdoor``) carries a poisoning object
 with one method, ``poison(images, labels, num_classes, batch_size)``, that the
 round applies to the Byzantine workers' minibatches before they compute their
-updates (:func:`ftjax.round._minibatches`), on the raw uint8 pixels. Its
+updates (``ftjax.round._poison``), on the raw uint8 pixels. Its
 workers then send what their honest estimator gives on the poisoned data.
 
 The backdoor (BadNets, Gu et al. 2017; in federated learning Bagdasaryan et
@@ -80,7 +80,7 @@ class Trigger:
 
   def poisoned_count(self, batch_size: int) -> int:
     """Examples of a minibatch of ``batch_size`` that carry the trigger."""
-    return int(self.fraction * batch_size)
+    return int(self.fraction * batch_size + 1e-9)  # floor, forgiving 0.29 * 100 = 28.99..
 
   def poison(self, images, labels, num_classes: int, batch_size: int):
     """The first floor(fraction * b) examples of every minibatch of b stamped and relabelled.
