@@ -66,6 +66,8 @@ def get_config(arg=None):
   c.data.shuffle = "permutation"  # per-epoch shuffle: "permutation" (exact) or "feistel" (cheap)
   c.data.honest_only = False   # split the data over the honest workers only (Byzantine workers
                                # that compute, as in sf/lf, draw i.i.d. from the whole split)
+  c.data.server_examples = 0   # train examples set aside for the server, drawn from the seed and
+                               # never a worker's; fltrust's g0 is computed on them (0 = none)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp
@@ -141,10 +143,15 @@ def get_config(arg=None):
   c.attack = ml_collections.ConfigDict()
   c.attack.name = "sf"         # none, lf, sf, ipm, alie, mimic, gaussian, inf, nan,
                                # optimal_ipm, optimal_alie, min_max, min_sum, fang_krum,
-                               # fang_trmean, signguard_adaptive, clipped_clustering_adaptive
-                               # (docs/attacks.md)
+                               # fang_trmean, signguard_adaptive, clipped_clustering_adaptive,
+                               # backdoor (docs/attacks.md)
   c.attack.options = ml_collections.ConfigDict()  # per-attack options
   a = c.attack.options
+  a.backdoor = dict(size=3,     # the trigger: a size x size square of max-intensity pixels
+                    position="bottom_right",  # in this corner ("top_left", ... )
+                    target=0,    # the label the poisoned examples get
+                    fraction=1.0,  # share of each Byzantine minibatch poisoned (the first ones)
+                    boost=1.0)   # the Byzantine workers send boost x their update
   a.ipm = dict(eps=0.5)        # send -eps * mean(honest); 0.5 as the reference's command line
   a.alie = dict(z=placeholder(float))  # send mean - z * std (None = the z of docs/attacks.md)
   a.mimic = dict(index=placeholder(int))  # the honest row to copy (None = the row farthest

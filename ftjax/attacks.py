@@ -10,10 +10,10 @@ omniscient: it sees every honest update of the current round (the paper's threat
 
 Two families:
 
-* Attacks that run the honest estimator themselves (``none``, ``lf``, ``sf``;
-  ``uses_own_updates=True``): the training step computes the Byzantine
-  workers' own updates (for ``lf`` on flipped labels, see :func:`flip_labels`)
-  and passes them as ``own``.
+* Attacks that run the honest estimator themselves (``none``, ``lf``, ``sf``,
+  ``backdoor``; ``uses_own_updates=True``): the training step computes the
+  Byzantine workers' own updates (for ``lf`` and ``backdoor`` on poisoned data,
+  :mod:`ftjax.poisoning`) and passes them as ``own``.
 * Omniscient attacks (everything else): ``own`` is ``None`` and the rows are
   built from the honest ones. ``ipm``, ``alie``, ``min_max``, ``min_sum`` and
   the ``optimal_*`` line searches make all Byzantine workers send one vector.
@@ -51,7 +51,9 @@ from ftjax import attack_maths as maths
 from ftjax import attack_search as search
 from ftjax import attacks_peers as peers
 from ftjax import registry
+from ftjax import poisoning
 from ftjax.attack_maths import alie_z  # noqa: F401  (public here)
+from ftjax.poisoning import flip_labels  # noqa: F401  (public here)
 
 PyTree = Any
 Aggregator = Callable[[PyTree, jax.Array], tuple]
@@ -83,11 +85,14 @@ class Attack:
   Attributes:
     name: the canonical name (aliases are resolved).
     uses_own_updates: True when the Byzantine workers run the honest estimator
-      themselves (``none``, ``lf``, ``sf``): the step must compute their updates
+      themselves (``none``, ``lf``, ``sf``, ``backdoor``): the step must compute their updates
       and pass them as ``own``. False for omniscient attacks, whose Byzantine
       gradients the step may skip.
     flips_labels: True only for ``lf``: the step feeds the Byzantine workers the
       labels ``(C - 1) - y``.
+    poisoning: for the attacks that poison the Byzantine workers' data (``lf``,
+      ``backdoor``), what the round applies to their minibatches
+      (:mod:`ftjax.poisoning`); None for the others.
     options: the resolved options as sorted ``(name, value)`` pairs.
     needs_aggregator: True when ``ctx.aggregator`` must be set.
     min_honest: the fewest honest rows the formula is defined for.
@@ -98,6 +103,7 @@ class Attack:
   options: tuple = ()
   needs_aggregator: bool = False
   min_honest: int = 1
+  poisoning: Any = None
   count_check: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
   fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
   draw_fn: Optional[Callable] = dataclasses.field(default=None, repr=False, compare=False)
@@ -191,25 +197,6 @@ class Attack:
 # Public helpers
 
 
-def flip_labels(labels: jax.Array, num_classes: int) -> jax.Array:
-  """The label-flipping map of the ``lf`` attack: ``y -> (C - 1) - y``.
-
-  Args:
-    labels: integer class labels in ``[0, C)``, any shape.
-    num_classes: C.
-
-  Returns:
-    The flipped labels, same shape and dtype.
-  """
-  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-      or num_classes < 2:
-    raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
-  return (num_classes - 1 - labels).astype(labels.dtype)
-
-
 def canonical_name(name: str) -> str:
   """Resolves an attack name or alias (case and ``-``/``_`` insensitive).
 
@@ -262,6 +249,7 @@ def make_attack(name: str, **options) -> Attack:
   return Attack(name=spec.name, uses_own_updates=spec.uses_own_updates,
                 flips_labels=spec.flips_labels, options=tuple(sorted(resolved.items())),
                 needs_aggregator=spec.needs_aggregator, min_honest=spec.min_honest,
+                poisoning=None if spec.poisoning is None else spec.poisoning(**resolved),
                 count_check=spec.count_check, fn=spec.build(**resolved),
                 draw_fn=None if spec.draw is None else spec.draw(**resolved))
 
@@ -323,6 +311,11 @@ def _check_own(own: PyTree, honest: PyTree, f: int, name: str) -> None:
 def _build_own(**_):
   """none and lf: the Byzantine workers send what their honest estimator gave."""
   return lambda honest, own, key, ctx, h, f: own
+
+
+def _build_boost(boost, **_):
+  """backdoor: the Byzantine workers send their own updates on poisoned data, times boost."""
+  return lambda honest, own, key, ctx, h, f: jax.tree.map(lambda u: boost * u, own)
 
 
 def _build_sf(**_):
@@ -425,6 +418,13 @@ def _at_least_one(what, v):
   return v
 
 
+def _fraction(what, v):
+  v = _finite(what, v)
+  if not 0 < v <= 1:
+    raise ValueError(f"{what} must be in (0, 1], got {v}.")
+  return v
+
+
 def _check_range(name, opts):
   if not opts["low"] < opts["high"]:
     raise ValueError(f"{name}: need low < high for the search range, got "
@@ -444,6 +444,7 @@ class _Spec(NamedTuple):
   draw: Optional[Callable] = None      # (**options) -> draw(honest, key, f): random values
   count_check: Optional[Callable] = None  # (name, W, f) -> None, raises for counts it refuses
   module: str = __name__               # where it is defined (a user's module, if registered)
+  poisoning: Optional[Callable] = None  # (**options) -> what poisons the Byzantine data
 
 
 def _search_spec(name, kind):
@@ -490,11 +491,21 @@ _CLIPPED_CLUSTERING_ADAPTIVE = _Spec(
                 scale=_positive),
     min_honest=2)
 
+_BACKDOOR = _Spec(
+    "backdoor", _build_boost,
+    defaults=dict(size=3, position="bottom_right", target=0, fraction=1.0, boost=1.0),
+    checks=dict(size=_int_at_least(1), position=_choice(*poisoning.POSITIONS),
+                target=_int_at_least(0), fraction=_fraction, boost=_positive),
+    uses_own_updates=True, poisoning=lambda boost, **o: poisoning.Trigger(**o))
+
 # Every accepted attack name (lower case, "_" for "-") -> its spec. Aliases
 # share their target's spec, whose `name` is the canonical one.
 ATTACKS: dict[str, _Spec] = {
     "none": _Spec("none", _build_own, {}, {}, uses_own_updates=True),
-    "lf": _Spec("lf", _build_own, {}, {}, uses_own_updates=True, flips_labels=True),
+    "lf": _Spec("lf", _build_own, {}, {}, uses_own_updates=True, flips_labels=True,
+                poisoning=poisoning.LabelFlip),
+    "backdoor": _BACKDOOR,
+    "badnets": _BACKDOOR,               # FLPoison's class name, lowercased
     "sf": _Spec("sf", _build_sf, {}, {}, uses_own_updates=True),
     "ipm": _IPM,
     "empire": _IPM,

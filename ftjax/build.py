@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -74,6 +75,9 @@ class Setup:
   attacks: tuple = ()
   # Local steps, client sampling, data over the honest workers (docs/federated.md).
   federated: federated_lib.Federated = federated_lib.Federated()
+  # data.server_examples: the server's own examples, set aside from the train split
+  # (sampling.set_aside) and never drawn by a worker; 0: none.
+  server_examples: int = 0
 
   @property
   def num_honest(self) -> int:
@@ -259,14 +263,19 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
     if model is None and c.model.name not in models_lib.MODELS:  # before loading any data
       raise ValueError(f"Unknown model {c.model.name!r}; choose one of: "
                        f"{', '.join(models_lib.MODELS)}.")
+    server_examples = _check_int("data.server_examples", c.data.get("server_examples", 0), 0)
+    _check_server_rule(aggregator, fed, server_examples)  # before loading any data
     dataset, partition = _data(c, dataset, w - f if fed.honest_only else w,
-                               b * fed.local_steps)
+                               b * fed.local_steps, server_examples)
     builtin = model is None
     if builtin:
       model = models_lib.make_model(c.model.name, num_classes=dataset.num_classes, dtype=dtype,
                                     kernels=c.kernels)
     _check_model_fits(model, dataset, dtype, c.model.name if builtin else type(model).__name__,
                       builtin)
+    for member in family or (attack,):  # a trigger must fit the images (poisoning.Trigger)
+      if hasattr(member.poisoning, "check"):
+        member.poisoning.check(dataset.train_images.shape[1:], dataset.num_classes, b)
   except (ValueError, FileNotFoundError) as e:
     if isinstance(e, ConfigError):
       raise
@@ -287,7 +296,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       eval_every=c.eval_every, eval_batch_size=c.data.eval_batch_size, kernels=c.kernels,
       loop=policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin),
       worker_chunk=chunk, record=record, mesh=mesh, builtin_model=builtin,
-      aggregation=aggregation, attacks=family, federated=fed)
+      aggregation=aggregation, attacks=family, federated=fed, server_examples=server_examples)
 
 
 def _check_rule_layout(aggregator, fed: federated_lib.Federated, sharded: bool) -> None:
@@ -300,10 +309,28 @@ def _check_rule_layout(aggregator, fed: federated_lib.Federated, sharded: bool) 
     if aggregator.stateful or sharded:
       raise ConfigError("aggregator.weights needs a stateless rule in the one-device or "
                         "replicated layout (mesh.aggregation='replicated').")
+  if aggregator.needs_server and sharded:
+    raise ConfigError(f"{aggregator.spec!r} reads the server's own update, which the sharded "
+                      f"aggregation (mesh.aggregation='sharded') does not pass to the rule; use "
+                      f"mesh.aggregation='replicated'.")
   if aggregator.stateful and sharded:
     raise ConfigError(f"{aggregator.spec!r} keeps state across rounds, which the sharded "
                       f"aggregation (mesh.aggregation='sharded') does not hold; use "
                       f"mesh.aggregation='replicated'.")
+
+
+def _check_server_rule(aggregator, fed: federated_lib.Federated, server_examples: int) -> None:
+  """A rule that reads the server's update (fltrust) needs the server's examples and one
+  gradient per round from every worker (the server's update is one gradient)."""
+  if not aggregator.needs_server:
+    return
+  if not server_examples:
+    raise ConfigError(f"{aggregator.spec!r} weighs the workers' updates against the server's "
+                      f"own update, computed on examples the server holds: set "
+                      f"data.server_examples > 0 (the FLTrust paper uses 100).")
+  if fed.local:
+    raise ConfigError(f"{aggregator.spec!r} compares one-gradient server updates with the "
+                      f"workers' rows, so it needs federated.local_steps = 1.")
 
 
 def _layout(c) -> tuple[Optional[Mesh], str]:
@@ -339,21 +366,32 @@ def _rule_and_attacks(c, w: int, f: int, attack: attacks_lib.Attack, attacks: Se
   return aggregator, _attack_family(c, attack, attacks)
 
 
-def _data(c, dataset: Optional[data_lib.Dataset], w: int, b: int):
+def _data(c, dataset: Optional[data_lib.Dataset], w: int, b: int, held_out: int = 0):
   """The dataset (loaded unless given) and the partition over ``w`` workers (None: i.i.d.).
 
   ``w`` counts the workers that hold data and ``b`` the examples each takes
-  per round (K local minibatches of ``workers.batch_size``)."""
+  per round (K local minibatches of ``workers.batch_size``). The partition
+  covers the examples left after the server's ``held_out``
+  (:func:`ftjax.sampling.set_aside`), as indices into the whole split."""
   if dataset is None:
     dataset = data_lib.load_dataset(
         c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
-  sampling.check_batch(dataset, w, b)
+  num = dataset.train_images.shape[0]
+  if held_out >= num:
+    raise ConfigError(f"data.server_examples={held_out} leaves no training examples for the "
+                      f"workers ({dataset.name} has {num}); set it below {num}.")
+  sampling.check_batch(dataset, w, b, held_out)
+  key = jax.random.fold_in(jax.random.key(c.seed), KEY_DATA)
+  pool = np.asarray(sampling.set_aside(key, np.arange(held_out, num), num)) if held_out else None
   partition = sampling.partition_indices(
-      jax.random.fold_in(jax.random.key(c.seed), KEY_DATA), dataset.train_labels, w,
+      key, dataset.train_labels if pool is None else dataset.train_labels[pool], w,
       scheme=c.data.partition, alpha=c.data.alpha,
       shards_per_worker=c.data.shards_per_worker, gamma=c.data.get("gamma", 0.5))
   if partition is not None:
     sampling.check_partition(partition, b)
+    if pool is not None:  # positions in the workers' pool -> examples of the split
+      partition = partition._replace(table=np.where(
+          partition.table >= 0, pool[np.maximum(partition.table, 0)], -1).astype(np.int32))
   return dataset, partition
 
 

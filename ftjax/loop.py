@@ -27,6 +27,7 @@ import optax
 
 from ftjax import data as data_lib
 from ftjax import optim
+from ftjax import poisoning
 from ftjax import policy
 from ftjax import round as round_lib
 from ftjax import sharding
@@ -138,8 +139,9 @@ def init_identity(setup: Setup) -> tuple:
 
 
 def eval_identity(setup: Setup) -> tuple:
-  """What the evaluation program depends on: the model, dtype and test data."""
-  return _identity(setup, ("model", "dtype", "kernels"))
+  """What the evaluation program depends on: the model, dtype and test data, and a
+  backdoor's trigger (:func:`trigger`)."""
+  return _identity(setup, ("model", "dtype", "kernels")) + (trigger(setup),)
 
 
 def _signature(*args) -> tuple:
@@ -353,28 +355,48 @@ def make_eval_data(dataset: data_lib.Dataset, batch_size: int) -> EvalData:
                   jnp.asarray(batches.indices), jnp.asarray(batches.mask))
 
 
+def trigger(setup: Setup) -> Optional[poisoning.Trigger]:
+  """The run's backdoor trigger, whose attack success rate the evaluation reports; None
+  for the other attacks. Reported even with no Byzantine worker (the rate without attack)."""
+  found = setup.attack.poisoning
+  return found if isinstance(found, poisoning.Trigger) else None
+
+
 def make_eval_fn(setup: Setup) -> Callable:
-  """``evaluate(params, batch_stats, eval_data) -> {test_loss, test_acc}`` for one run."""
-  ds = setup.dataset
+  """``evaluate(params, batch_stats, eval_data) -> {test_loss, test_acc[, test_asr]}``.
+
+  For one run; ``test_asr`` (a backdoor's attack success rate,
+  :func:`ftjax.poisoning.asr_counts`) only when the run's attack has a trigger.
+  """
+  ds, stamp = setup.dataset, trigger(setup)
 
   def evaluate(params, batch_stats, data: EvalData):
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
 
+    def logits_of(images):
+      x = data_lib.preprocess(images, ds.mean, ds.std, setup.dtype)
+      return setup.model.apply(variables, x, train=False)
+
     def batch_sums(batch):
       idx, mask = batch
-      x = data_lib.preprocess(data.images[idx], ds.mean, ds.std, setup.dtype)
-      logits = setup.model.apply(variables, x, train=False)
-      y = data.labels[idx]
+      logits, y = logits_of(data.images[idx]), data.labels[idx]
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      return jnp.where(mask, losses, 0).sum(), jnp.where(mask, jnp.argmax(logits, -1) == y,
-                                                         False).sum()
+      sums = (jnp.where(mask, losses, 0).sum(),
+              jnp.where(mask, jnp.argmax(logits, -1) == y, False).sum())
+      if stamp is None:
+        return sums
+      return sums + poisoning.asr_counts(logits_of(stamp.stamp(data.images[idx])), y,
+                                         stamp.target, mask)
 
-    losses, correct = jax.lax.map(batch_sums, (data.indices, data.mask))
+    sums = jax.lax.map(batch_sums, (data.indices, data.mask))
     count = data.mask.sum()
-    return {"test_loss": (losses.sum() / count).astype(jnp.float32),
-            "test_acc": (correct.sum() / count).astype(jnp.float32)}
+    out = {"test_loss": (sums[0].sum() / count).astype(jnp.float32),
+           "test_acc": (sums[1].sum() / count).astype(jnp.float32)}
+    if stamp is not None:
+      out["test_asr"] = (sums[2].sum() / jnp.maximum(sums[3].sum(), 1)).astype(jnp.float32)
+    return out
 
   return evaluate
 

@@ -189,8 +189,8 @@ def training_time(rows: list[dict]) -> list[float]:
   return out
 
 
-def _mean_curve(runs: list[list[dict]], x: str) -> tuple[np.ndarray, ...]:
-  """Per evaluation step over the runs that reached it: mean x, mean, min and max test_acc.
+def _mean_curve(runs: list[list[dict]], x: str, y: str = "test_acc") -> tuple[np.ndarray, ...]:
+  """Per evaluation step over the runs that reached it: mean x, mean, min and max of ``y``.
 
   ``x`` is a metrics column, or "training_time" (:func:`training_time`).
   """
@@ -199,7 +199,7 @@ def _mean_curve(runs: list[list[dict]], x: str) -> tuple[np.ndarray, ...]:
   steps = sorted({r["step"] for rows in runs for r in rows})
   by_step = [[r for rows in runs for r in rows if r["step"] == s] for s in steps]
   xs = np.array([np.mean([r[x] for r in rs]) for rs in by_step])
-  accs = [np.array([r["test_acc"] for r in rs]) for rs in by_step]
+  accs = [np.array([r[y] for r in rs]) for rs in by_step]
   return (xs, np.array([a.mean() for a in accs]), np.array([a.min() for a in accs]),
           np.array([a.max() for a in accs]))
 
@@ -226,6 +226,10 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
                   marker=style.MARKERS[kind % len(style.MARKERS)])
         if band and len(runs) > 1:
           axis.fill_between(xs, 100 * low, 100 * high, color=color, alpha=0.15, linewidth=0)
+        if all("test_asr" in r for rows in runs for r in rows):  # a backdoor's success rate
+          xs, asr = _mean_curve(runs, x, "test_asr")[:2]
+          axis.plot(xs, 100 * asr, color=color, linestyle=":", linewidth=1.2,
+                    label=f"{label}: attack success")
     if not axis.lines:
       axis.text(0.5, 0.5, "no finished evaluation yet", ha="center", va="center",
                 transform=axis.transAxes, color="0.4")
@@ -254,7 +258,8 @@ def curves(workdir: str, ax=None):
   """Test accuracy against rounds: one panel per attack (or value of the first axis).
 
   One line per cell: the mean over its seeds at every evaluation, with a
-  band from the smallest to the largest seed; the panels share their
+  band from the smallest to the largest seed, and for a backdoor's cells a
+  dotted line of the mean attack success rate; the panels share their
   y-axis. ``ax``: axes to draw in, one per panel (default: a new figure).
   Returns the Figure.
   """

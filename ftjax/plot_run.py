@@ -56,7 +56,8 @@ def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, float]]]]:
   """[(y label, [(column, legend label, scale)])] for the columns the rows have."""
   columns = set(rows[0])
   kept = sorted(c for c in columns if c.endswith("kept_byzantine") or c.endswith("kept_honest"))
-  panels = [("accuracy (%)", [("test_acc", "test", 100.0), ("train_acc", "train (honest)", 100.0)]),
+  panels = [("accuracy (%)", [("test_acc", "test", 100.0), ("train_acc", "train (honest)", 100.0),
+                              ("test_asr", "attack success (backdoor)", 100.0)]),
             ("loss", [("test_loss", "test", 1.0), ("train_loss", "train (honest)", 1.0)])]
   if kept:
     panels.append(("rows CTMA kept per round",

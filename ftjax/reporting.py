@@ -30,6 +30,8 @@ CONSOLE_COLUMNS = (  # (name, width, format spec)
     ("test_acc", 8, ".4f"),
     ("steps_per_sec", 13, ".1f"),
 )
+# Shown after test_acc only when the first row has them (a backdoor's attack success rate).
+OPTIONAL_CONSOLE_COLUMNS = (("test_asr", 8, ".4f"),)
 
 
 class MetricsWriteError(OSError):
@@ -182,11 +184,13 @@ class Reporter:
 
   def _print_row(self, row: Mapping[str, Any]) -> None:
     if not self._header_printed:
-      header = " ".join(f"{name:>{width}}" for name, width, _ in CONSOLE_COLUMNS)
-      self._bar.write(header)
+      at = [name for name, _, _ in CONSOLE_COLUMNS].index("test_acc") + 1
+      self._console = (CONSOLE_COLUMNS[:at] + tuple(c for c in OPTIONAL_CONSOLE_COLUMNS
+                                                    if c[0] in row) + CONSOLE_COLUMNS[at:])
+      self._bar.write(" ".join(f"{name:>{width}}" for name, width, _ in self._console))
       self._header_printed = True
     cells = []
-    for name, width, spec in CONSOLE_COLUMNS:
+    for name, width, spec in self._console:
       value = row.get(name, math.nan)
       try:
         cells.append(f"{value:>{width}{spec}}")

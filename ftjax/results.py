@@ -17,8 +17,10 @@ import statistics
 from typing import Any, Optional
 
 # The columns of metrics.jsonl that are not aggregator diagnostics.
-METRIC_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "aggregate_norm",
-                  "wall_time", "steps_per_sec")
+METRIC_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "test_asr",
+                  "aggregate_norm", "wall_time", "steps_per_sec")
+ASR_COLUMNS = ("final_test_asr_mean", "final_test_asr_min", "final_test_asr_max")
+"""results.csv's columns of a backdoor's attack success rate (cells of other attacks: empty)."""
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -47,13 +49,14 @@ def run_summary(rows: list[dict]) -> dict:
     ``final_test_acc`` and ``final_step`` (last row), ``best_test_acc`` and
     ``best_step`` (its first step), ``steps_per_sec`` (median over the
     chunks), ``wall_time`` (last row), ``curve`` ({step: test_acc}) and
-    ``diag``: every aggregator diagnostic averaged over the evaluations.
-    Values are None for a run without rows.
+    ``diag``: every aggregator diagnostic averaged over the evaluations;
+    ``final_test_asr``, a backdoor's attack success rate at the last row
+    (None for the other attacks). Values are None for a run without rows.
   """
   if not rows:
     return {"final_test_acc": None, "final_step": None, "best_test_acc": None,
             "best_step": None, "steps_per_sec": None, "wall_time": None, "curve": {},
-            "diag": {}}
+            "diag": {}, "final_test_asr": None}
   best = max(rows, key=lambda r: r["test_acc"])  # max() keeps the first of equal values
   names = [k for k in rows[0] if k not in METRIC_COLUMNS]
   return {"final_test_acc": rows[-1]["test_acc"], "final_step": rows[-1]["step"],
@@ -61,7 +64,8 @@ def run_summary(rows: list[dict]) -> dict:
           "steps_per_sec": statistics.median(r["steps_per_sec"] for r in rows),
           "wall_time": rows[-1]["wall_time"],
           "curve": {r["step"]: r["test_acc"] for r in rows},
-          "diag": {n: statistics.fmean(r[n] for r in rows if n in r) for n in names}}
+          "diag": {n: statistics.fmean(r[n] for r in rows if n in r) for n in names},
+          "final_test_asr": rows[-1].get("test_asr")}
 
 
 def mean_curve_peak(summaries: list[dict]) -> Optional[int]:
@@ -118,7 +122,9 @@ def cell_table(workdir: str) -> list[dict]:
            "seeds": ";".join(str(r["seed"]) for r in cell["runs"]),
            "status": cell_status, "reason": " | ".join(reasons),
            **_spread([s["final_test_acc"] for s in summaries], "final_test_acc"),
-           **_spread([s["best_test_acc"] for s in summaries], "best_test_acc")}
+           **_spread([s["best_test_acc"] for s in summaries], "best_test_acc"),
+           **_spread([s["final_test_asr"] for s in summaries
+                      if s["final_test_asr"] is not None], "final_test_asr")}
     row["best_step"] = mean_curve_peak(summaries)
     row["best_steps"] = ";".join(str(s["best_step"]) for s in summaries)
     row["final_steps"] = ";".join(str(s["final_step"]) for s in summaries)
@@ -209,8 +215,10 @@ def to_markdown(sweep: dict, table: list[dict]) -> str:
   """``results.md``: the cell table in percentages and the worst case per rule."""
   axes = sweep["axes"]
   diag = sorted({k for row in table for k in row if k.startswith("diag.")})
+  asr = any(row.get("final_test_asr_mean") is not None for row in table)
   header = ([*axes, "seeds", "status", "final acc % (min-max)", "at round",
-             "best acc % (min-max)", "best at round (per seed)", "steps/s", "wall s",
+             "best acc % (min-max)", "best at round (per seed)",
+             *(["final attack success % (min-max)"] if asr else []), "steps/s", "wall s",
              *(diag_label(d) for d in diag)])
   lines = [f"# Sweep {sweep['name']}", "",
            "Test accuracy in percent: mean over the seeds that finished, (min-max) over them. "
@@ -218,6 +226,10 @@ def to_markdown(sweep: dict, table: list[dict]) -> str:
            "is each seed's highest, at the round listed per seed. steps/s (rounds per second "
            "of training, without compilation or evaluation) and wall s (seconds from start to "
            "the last evaluation, compilation included) are medians over the seeds.", ""]
+  if asr:
+    lines += ["Attack success (backdoor cells only): the share of triggered test images of "
+              "the other classes that each seed's final model puts in the target class, in "
+              "percent.", ""]
   if diag:
     lines += ["The aggregator's diagnostics are per round, averaged over the evaluations and "
               "the seeds: rows/round counts the rows of the W workers that got the flag "
@@ -234,6 +246,10 @@ def to_markdown(sweep: dict, table: list[dict]) -> str:
                    f"{_percent(mean)} ({_percent(row[f'{prefix}_min'])}-"
                    f"{_percent(row[f'{prefix}_max'])})")
       cells.append(_steps(row[steps], per_seed))
+    if asr:
+      mean, low, high = (row.get(f"final_test_asr_{k}") for k in ("mean", "min", "max"))
+      cells.append("" if mean is None else
+                   f"{_percent(mean)} ({_percent(low)}-{_percent(high)})")
     cells += [_number(row["steps_per_sec"]), _number(row["wall_time"]),
               *(_number(row.get(d)) for d in diag)]
     lines.append("| " + " | ".join(cells) + " |")
@@ -268,6 +284,8 @@ def write_results(workdir: str) -> tuple[str, str]:
              "final_test_acc_mean", "final_test_acc_min", "final_test_acc_max",
              "best_test_acc_mean", "best_test_acc_min", "best_test_acc_max",
              "best_step", "best_steps", "final_steps", "steps_per_sec", "wall_time"]
+  if any(row.get("final_test_asr_mean") is not None for row in table):
+    columns += list(ASR_COLUMNS)
   columns += sorted({k for row in table for k in row if k.startswith("diag.")})
   csv_path = os.path.join(workdir, "results.csv")
   with open(csv_path, "w", newline="") as fh:

@@ -110,42 +110,60 @@ def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int)
   that compute on data. With ``data.honest_only`` the partition covers the
   honest workers; Byzantine workers that run the honest algorithm (``sf``,
   ``lf``, ``none``) hold no shard and draw theirs i.i.d. from the whole split.
+  With ``data.server_examples`` the server's examples are never drawn
+  (:func:`ftjax.sampling.set_aside`).
   """
   key = purpose_key(state, KEY_DATA)
   per_round = setup.batch_size * setup.federated.local_steps
   num_examples = setup.dataset.train_images.shape[0]
+  held_out = setup.server_examples
+
+  def iid(stream, workers):  # i.i.d. draws from the examples the server does not hold
+    idx = sampling.chunk_indices(stream, state.step, length, num_examples - held_out, workers,
+                                 per_round, shuffle=setup.shuffle)
+    return sampling.set_aside(key, held_out + idx, num_examples) if held_out else idx
+
   if data.table is None:  # i.i.d.: honest_only leaves out the workers that compute nothing
-    workers = setup.num_computed if setup.federated.honest_only else setup.num_workers
-    return sampling.chunk_indices(key, state.step, length, num_examples, workers, per_round,
-                                  shuffle=setup.shuffle)
+    return iid(key, setup.num_computed if setup.federated.honest_only else setup.num_workers)
   steps = state.step + jnp.arange(length, dtype=jnp.int32)
   idx = jax.vmap(lambda s: sampling.worker_round_indices(
       key, s, data.table, data.sizes, per_round, shuffle=setup.shuffle))(steps)
   without = setup.num_computed - data.table.shape[-2]  # computed workers without a shard
   if without > 0:
-    idx = jnp.concatenate([idx, sampling.chunk_indices(
-        jax.random.fold_in(key, 1), state.step, length, num_examples, without, per_round,
-        shuffle=setup.shuffle)], axis=1)
+    idx = jnp.concatenate([idx, iid(jax.random.fold_in(key, 1), without)], axis=1)
   return idx
 
 
+def _poison(setup: Setup, data: DeviceData, x: jax.Array, y: jax.Array):
+  """The Byzantine workers' raw minibatches poisoned by the run's attack, if it poisons
+  (``lf``, ``backdoor``: :mod:`ftjax.poisoning`); the honest ones unchanged."""
+  h, members = setup.num_honest, _members(setup)
+  xb, yb, stamped = x[h:], y[h:], False
+  for i, a in enumerate(members):
+    if a.poisoning is None:
+      continue
+    px, py = a.poisoning.poison(xb, yb, setup.dataset.num_classes, setup.batch_size)
+    # In a round for several attacks, whether this run's attack poisons is an index away.
+    mine = data.attack == i if setup.attacks else True
+    if px is not xb:
+      xb, stamped = jnp.where(mine, px, xb), True
+    yb = jnp.where(mine, py, yb)
+  return (x.at[h:].set(xb) if stamped else x), y.at[h:].set(yb)
+
+
 def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Array):
-  """The computed workers' inputs and labels; Byzantine label flippers flip theirs."""
-  ds, h = setup.dataset, setup.num_honest
+  """The computed workers' inputs and labels; the Byzantine workers' poisoned by a data
+  poisoning attack (:func:`_poison`)."""
+  ds = setup.dataset
   idx = idx[:setup.num_computed]
-  x = data.images[idx]  # uint8 [n, b, H, W, C]
+  x, y = data.images[idx], data.labels[idx]  # uint8 [n, b, H, W, C], int32 [n, b]
+  if setup.num_byzantine and any(a.poisoning is not None for a in _members(setup)):
+    x, y = _poison(setup, data, x, y)
   if ds.augment == "crop_flip":
     # On the raw pixels, so the padding is black as in torchvision.
     x = data_lib.augment_crop_flip(
         jax.random.fold_in(purpose_key(state, KEY_AUGMENT), state.step), x)
   x = data_lib.preprocess(x, ds.mean, ds.std, setup.dtype)
-  y = data.labels[idx]
-  members = setup.attacks or (setup.attack,)
-  if setup.num_byzantine and any(a.flips_labels for a in members):
-    # In a round for several attacks, whether this run's attack flips is an index away.
-    flips = (jnp.asarray([a.flips_labels for a in members])[data.attack] if setup.attacks
-             else True)
-    y = y.at[h:].set(jnp.where(flips, attacks_lib.flip_labels(y[h:], ds.num_classes), y[h:]))
   k = setup.federated.local_steps
   if k > 1:  # [n, K b, ...] -> [n, K, b, ...]: K local minibatches
     x = x.reshape((x.shape[0], k, -1) + x.shape[2:])
@@ -309,7 +327,8 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
   stateless rule). ``extras`` are the attacks' draws (:func:`attack_draws`);
   ``given`` holds the round's ``"attack"`` and ``"aggregator"`` keys, the
   rule's ``"state"``, with client sampling the ``"drawn"`` workers and with
-  ``aggregator.weights`` the per-worker ``"weights"``;
+  ``aggregator.weights`` the per-worker ``"weights"``, for a rule that reads
+  it the server's own update ``"server"`` (:func:`server_update`);
   ``valid`` is the layout's column mask (:func:`ftjax.sharding.lay_out_round`).
   """
   f, h = setup.num_byzantine, setup.num_honest
@@ -355,7 +374,8 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
       aggregate, diagnostics = setup.aggregator(rows, aggregator_key, weights=weights)
       return aggregate, (diagnostics, given["state"])
     aggregate, diagnostics, state = setup.aggregator.update(rows, aggregator_key,
-                                                            given["state"])
+                                                            given["state"],
+                                                            server=given.get("server"))
     return aggregate, (diagnostics, state)
 
   return server_rows
@@ -483,9 +503,27 @@ def _keep_undrawn(drawn: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   return select_rows(jnp.zeros((rows,), bool).at[drawn].set(True, mode="drop"), new, old)
 
 
+def server_update(setup: Setup, state: TrainState, data: DeviceData) -> PyTree:
+  """The server's own update g0, for a rule that reads it (fltrust).
+
+  The gradient of the mean loss over all ``setup.server_examples`` of the
+  server's examples (:func:`ftjax.sampling.set_aside`) as one batch, at x_t
+  (the point the workers differentiate at), not augmented, clipped to
+  ``setup.clip`` as a worker's gradient is; no estimator.
+  """
+  ds = setup.dataset
+  idx = sampling.set_aside(purpose_key(state, KEY_DATA), jnp.arange(setup.server_examples),
+                           ds.train_images.shape[0])
+  x = data_lib.preprocess(data.images[idx], ds.mean, ds.std, setup.dtype)
+  _, grads = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)(
+      state.params, state.batch_stats, x, data.labels[idx])
+  return estimators.clip_by_global_norm(grads, max_norm=setup.clip)
+
+
 def _given(setup: Setup, state: TrainState, data: DeviceData) -> dict:
   """What the server's rows get besides the rows (:func:`make_server_rows`): the round's
-  keys, the rule's state, and the per-worker weights and drawn workers when configured."""
+  keys, the rule's state, the per-worker weights and drawn workers when configured, and
+  the server's own update for a rule that reads it."""
   step = state.step
   given = {"attack": jax.random.fold_in(purpose_key(state, KEY_ATTACK), step),
            "aggregator": jax.random.fold_in(purpose_key(state, KEY_AGGREGATOR), step),
@@ -498,6 +536,8 @@ def _given(setup: Setup, state: TrainState, data: DeviceData) -> dict:
     given["drawn"] = federated.draw_participants(
         jax.random.fold_in(purpose_key(state, KEY_PARTICIPANTS), step), setup.num_workers,
         setup.federated.participants)
+  if setup.aggregator.needs_server:
+    given["server"] = server_update(setup, state, data)
   return given
 
 

@@ -28,18 +28,20 @@ from ftjax.data import Dataset, check_name
 # Per-round sampling
 
 
-def check_batch(dataset: Dataset, num_workers: int, batch_size: int) -> None:
+def check_batch(dataset: Dataset, num_workers: int, batch_size: int, held_out: int = 0) -> None:
   """Refuses a round that needs more distinct examples than the train split has.
 
   Args:
     dataset: the dataset.
     num_workers: W.
     batch_size: b, examples per worker per round.
+    held_out: examples of the split the workers never draw (the server's).
 
   Raises:
     ValueError: if W or b is not positive or W * b exceeds the train split.
   """
-  _check_round(dataset.train_images.shape[0], num_workers, batch_size, dataset.name)
+  what = dataset.name if not held_out else f"{dataset.name} less the server's {held_out}"
+  _check_round(dataset.train_images.shape[0] - held_out, num_workers, batch_size, what)
 
 
 def _check_round(num_examples, num_workers, batch_size, what="the dataset"):
@@ -202,6 +204,34 @@ def chunk_indices(key: jax.Array, first_step: Union[int, jax.Array], length: int
     rounds = jax.vmap(lambda e, start: SHUFFLES[shuffle](
         key, e, num_examples, start, per_round))(epochs, starts)
   return rounds.reshape(length, num_workers, batch_size)
+
+
+# Folded into the data key for the order that sets the server's examples aside (far
+# from the epoch numbers the shuffles fold in).
+_SET_ASIDE_SALT = 0x5E7A51DE
+
+
+def set_aside(key: jax.Array, positions: jax.Array, num_examples: int) -> jax.Array:
+  """The train-split examples at ``positions`` of a keyed order of the split, jittable.
+
+  The order is a keyed Feistel bijection of [0, N) (the "feistel" shuffle's),
+  evaluated only at ``positions``, O(len(positions)). With
+  ``data.server_examples = n`` the server holds the examples at positions
+  [0, n) and the workers' example p (p in [0, N - n)) is the one at position
+  n + p, so no worker ever draws one of the server's.
+
+  Args:
+    key: the run's data key (build.KEY_DATA); the order depends on it alone.
+    positions: int [...] positions in [0, N).
+    num_examples: N (static).
+
+  Returns:
+    int32 example indices, the shape of ``positions``.
+  """
+  round_keys = jax.random.bits(jax.random.fold_in(key, _SET_ASIDE_SALT), (_FEISTEL_ROUNDS,),
+                               jnp.uint32)
+  return _feistel_permute(jnp.asarray(positions, jnp.uint32), round_keys,
+                          _half_bits(num_examples), jnp.uint32(num_examples))
 
 
 class Partition(NamedTuple):

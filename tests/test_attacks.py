@@ -91,8 +91,11 @@ def test_own_update_attacks():
   flags = {n: (attacks.ATTACKS[n].uses_own_updates, attacks.ATTACKS[n].flips_labels)
            for n in CANONICAL}
   assert flags.pop("lf") == (True, True)
-  assert flags.pop("sf") == flags.pop("none") == (True, False)
+  assert flags.pop("sf") == flags.pop("none") == flags.pop("backdoor") == (True, False)
   assert set(flags.values()) == {(False, False)}
+  # The backdoor's workers send their own updates (on poisoned data), times boost.
+  np.testing.assert_allclose(call(make_attack("backdoor", boost=3.0), honest, 2, own)["a"],
+                             3.0 * own["a"])
 
 
 def test_ipm_formula():
@@ -364,7 +367,8 @@ def test_names_aliases_and_canonical():
   assert set(CANONICAL) == {"none", "lf", "sf", "ipm", "alie", "mimic", "gaussian", "inf",
                             "nan", "optimal_ipm", "optimal_alie", "min_max", "min_sum",
                             "fang_krum", "fang_trmean", "signguard_adaptive",
-                            "clipped_clustering_adaptive"}
+                            "clipped_clustering_adaptive", "backdoor"}
+  assert make_attack("BadNets") == make_attack("backdoor")
   assert attacks.canonical_name("fang_median") == "fang_trmean"
   with pytest.raises(ValueError, match="teleport.*valid names:.*alie.*empire"):
     make_attack("teleport")

@@ -234,6 +234,13 @@ def test_one_run_gets_its_curves_ctma_rows_and_norm(tmp_path):
                      for r in rows))
   assert [a.get_ylabel() for a in plot_run.run(w).axes if a.get_visible()] == [
       "accuracy (%)", "loss"]
+  # A backdoor's attack success rate joins the accuracy panel.
+  with open(os.path.join(w, "metrics.jsonl"), "w") as fh:
+    fh.write("".join(json.dumps({**r, "test_asr": t / 20}) + "\n" for r in rows
+                     for t in [r["step"]]))
+  accuracy = plot_run.run(w).axes[0]
+  curves = {l.get_label(): list(l.get_ydata()) for l in accuracy.lines}
+  assert curves["attack success (backdoor)"] == [25.0, 50.0]
 
 
 def test_a_sweep_without_attack_or_heterogeneity_axes_skips_those_heatmaps(tmp_path, capsys):

@@ -11,7 +11,8 @@ flattened into one big matrix. Rules compose as functions::
 Base rules (:mod:`.base`): :func:`avg`, :func:`cwmed`, :func:`cwtm`, :func:`meamed`,
 :func:`gm`, :func:`krum`, :func:`multikrum`, :func:`centered_clipping`; the
 peers' rules registered by name (:mod:`.subsets`: bulyan, mda, smea, monna, cge,
-caf; :mod:`.filters`: dnc, signguard, clustering, clipped_clustering, flame).
+caf; :mod:`.filters`: dnc, signguard, clustering, clipped_clustering, flame; :mod:`.trust`:
+fltrust, which also reads the server's own update, ``rule(updates, key, server=g0)``).
 Meta- and pre-aggregators wrap any rule: :func:`ctma`, :func:`nnm`,
 :func:`nnm_ctma`, :func:`bucketing`, :func:`clip`, :func:`arc` (:mod:`.meta`); they also wrap
 a user-written function (see :func:`rule`), e.g. ``ctma(my_fn, f=2)``.
@@ -56,6 +57,7 @@ from ftjax.aggregators import base as _base_rules  # noqa: F401
 from ftjax.aggregators import filters as _filters  # noqa: F401
 from ftjax.aggregators import meta as _meta_rules  # noqa: F401
 from ftjax.aggregators import subsets as _subsets  # noqa: F401
+from ftjax.aggregators import trust as _trust  # noqa: F401
 from ftjax.aggregators import weighted
 from ftjax.aggregators.base import avg, centered_clip, centered_clipping, cwmed, cwtm, gm
 from ftjax.aggregators.base import krum, meamed, multikrum

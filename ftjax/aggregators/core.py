@@ -91,6 +91,11 @@ class Aggregator:
     return any(a.fn is None and _TABLE[a.name].stochastic for a in self._layers())
 
   @property
+  def needs_server(self) -> bool:
+    """Whether a layer reads the server's own update (``server=``; FLTrust's g0)."""
+    return any(a.fn is None and _TABLE[a.name].server for a in self._layers())
+
+  @property
   def stateful(self) -> bool:
     """Whether the rule keeps state across rounds (:meth:`init_state`, :meth:`update`)."""
     return self._initial_state(None) is not None
@@ -112,8 +117,8 @@ class Aggregator:
     state = self._initial_state(row_like)
     return () if state is None else state
 
-  def update(self, updates: PyTree, key: jax.Array | None, state: PyTree
-             ) -> tuple[PyTree, dict[str, jax.Array], PyTree]:
+  def update(self, updates: PyTree, key: jax.Array | None, state: PyTree, *,
+             server: Any = None) -> tuple[PyTree, dict[str, jax.Array], PyTree]:
     """One round of a rule that keeps state: ``(aggregate, diagnostics, new_state)``.
 
     The optax-style contract of stateful rules (docs/aggregators.md): the
@@ -122,8 +127,8 @@ class Aggregator:
     rule alike.
     """
     if not self.stateful:
-      return (*self(updates, key), state)
-    return self(updates, key, state=state)
+      return (*self(updates, key, server=server), state)
+    return self(updates, key, state=state, server=server)
 
   def with_kernels(self, name: str) -> Aggregator:
     """The same rule with kernel set ``name``.
@@ -145,20 +150,22 @@ class Aggregator:
       a = a.inner
     return out
 
-  def _apply(self, x: PyTree, key: jax.Array | None, state: Any = None
+  def _apply(self, x: PyTree, key: jax.Array | None, state: Any = None, server: Any = None
              ) -> tuple[PyTree, Diagnostics]:
-    """The rule's body on validated rows, under this rule's kernel set."""
+    """The rule's body on validated rows, under this rule's kernel set; ``server`` goes
+    to the layers that read the server's update (:attr:`needs_server`)."""
     with kernels_lib.use(self.kernels):
       if self.fn is not None:
         return _call_user_rule(self.fn, self.name, x, key)
       info = _TABLE[self.name]
+      options = dict(self.options, **({"server": server} if info.server else {}))
       if state is not None:  # a stateful rule: (aggregate, diag, new_state)
-        return info.body(x, key, f=self.f, state=state, **dict(self.options))
+        return info.body(x, key, f=self.f, state=state, **options)
       if self.inner is None:
-        return info.body(x, key, f=self.f, **dict(self.options))
-      return info.body(_InnerRule(self.inner), x, key, f=self.f, **dict(self.options))
+        return info.body(x, key, f=self.f, **options)
+      return info.body(_InnerRule(self.inner, server), x, key, f=self.f, **options)
 
-  def _apply_with_distances(self, x: PyTree, key: jax.Array | None
+  def _apply_with_distances(self, x: PyTree, key: jax.Array | None, server: Any = None
                             ) -> tuple[PyTree, Diagnostics, jax.Array | None]:
     """:meth:`_apply`, plus every row's squared distance [W] to the aggregate, or None.
 
@@ -167,7 +174,7 @@ class Aggregator:
     caller that needs them makes its own pass over the rows.
     """
     if not self._knows_distances():
-      return (*self._apply(x, key), None)
+      return (*self._apply(x, key, server=server), None)
     with kernels_lib.use(self.kernels):
       return _TABLE[self.name].with_distances(x, key, f=self.f, **dict(self.options))
 
@@ -217,7 +224,8 @@ class Aggregator:
     self._validate(num_workers, robust=True)
 
   def __call__(self, updates: PyTree, key: jax.Array | None = None, *,
-               weights: Any = None, state: Any = None) -> tuple[PyTree, dict[str, jax.Array]]:
+               weights: Any = None, state: Any = None,
+               server: Any = None) -> tuple[PyTree, dict[str, jax.Array]]:
     """Aggregates W worker rows.
 
     Args:
@@ -231,6 +239,9 @@ class Aggregator:
         call then returns ``(aggregate, diagnostics, new_state)`` (use
         :meth:`update`). None runs a stateful rule from :meth:`init_state`,
         as in its first round, and returns the pair.
+      server: for a rule that reads the server's own update
+        (:attr:`needs_server`, e.g. fltrust), that update: one row's pytree
+        (no worker axis). Required by such a rule, ignored by the others.
 
     Returns:
       (aggregate with the W axis removed, same structure and dtypes;
@@ -262,6 +273,8 @@ class Aggregator:
     if self.stochastic and key is None:
       raise ValueError(f"{self.spec!r} is stochastic: pass a PRNG key, "
                        f"agg(updates, jax.random.key(seed)).")
+    if self.needs_server:
+      _check_server(self.spec, server, leaves)
     with kernels_lib.use(self.kernels):
       # The rows are computed once, not inside every pass over them.
       updates = rows.materialize(jax.tree.map(jnp.asarray, updates))
@@ -271,11 +284,12 @@ class Aggregator:
                            f"version.")
         return weighted.apply(self, updates, key, weights)
       if not self.stateful:
-        return self._apply(updates, key)
+        return self._apply(updates, key, server=server)
       if state is None:
         return self._apply(updates, key, self.init_state(
-            jax.tree.map(lambda l: jax.ShapeDtypeStruct(l.shape[1:], l.dtype), updates)))[:2]
-      return self._apply(updates, key, state)
+            jax.tree.map(lambda l: jax.ShapeDtypeStruct(l.shape[1:], l.dtype), updates)),
+            server)[:2]
+      return self._apply(updates, key, state, server)
 
   def as_optax(self, key: jax.Array | None = None) -> optax_aggregating.Aggregator:
     """Wraps the rule as an ``optax.experimental.aggregating.Aggregator``.
@@ -317,20 +331,30 @@ class _InnerRule:
   squared distance to its output where the rule knows them (else None).
   """
 
-  def __init__(self, agg: Aggregator):
-    self._agg = agg
+  def __init__(self, agg: Aggregator, server: Any = None):
+    self._agg, self._server = agg, server
 
   def __call__(self, x: PyTree, key: jax.Array | None) -> tuple[PyTree, Diagnostics]:
-    return self._agg._apply(x, key)
+    return self._agg._apply(x, key, server=self._server)
 
   def with_distances(self, x: PyTree, key: jax.Array | None
                      ) -> tuple[PyTree, Diagnostics, jax.Array | None]:
-    return self._agg._apply_with_distances(x, key)
+    return self._agg._apply_with_distances(x, key, self._server)
 
   @property
   def knows_distances(self) -> bool:
     """Whether ``with_distances`` returns the distances rather than None."""
     return self._agg._knows_distances()
+
+
+def _check_server(spec: str, server: Any, leaves: list) -> None:
+  """Refuses a missing server update, or one not shaped like a row of the updates."""
+  given, row = [jnp.shape(l) for l in jax.tree.leaves(server)], [jnp.shape(l)[1:] for l in leaves]
+  if server is None or given != row:
+    raise ValueError(f"{spec!r} weighs the rows against the server's own update: pass it as "
+                     f"server=..., shaped like one row of the updates (leaves {row}), got "
+                     f"{'none' if server is None else given}; in a run set "
+                     f"data.server_examples > 0.")
 
 
 def _takes_key(fn: Callable) -> bool:
@@ -436,6 +460,9 @@ class RuleInfo(NamedTuple):
   # state, or None when these options make the rule stateless. A stateful
   # body takes ``state=`` and returns (aggregate, diag, new_state).
   state: Optional[Callable[..., Any]] = None
+  # Rules that read the server's own update (FLTrust's g0): the body takes ``server=``,
+  # and the round computes that update only for them (Aggregator.needs_server).
+  server: bool = False
 
 
 def _info(build, body, min_rows, robust_rows, requirement, with_distances=None,
@@ -491,7 +518,7 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
              stochastic: bool = False, check: Optional[Callable[..., None]] = None,
              aliases: tuple[str, ...] = (),
              with_distances: Optional[Callable[..., Any]] = None,
-             state: Optional[Callable[..., Any]] = None) -> Callable:
+             state: Optional[Callable[..., Any]] = None, server: bool = False) -> Callable:
   """Registers a rule under a name, so specs, configs and sweeps can name it.
 
   The rule is one function, ``body(updates, key, *, f, **options) ->
@@ -526,6 +553,9 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
       ``state=`` and returns ``(aggregate, diagnostics, new_state)``. The
       round carries the state in ``TrainState.aggregator_state`` and the
       checkpoints (:meth:`Aggregator.update`).
+    server: the rule reads the server's own update (FLTrust's g0, computed by
+      the round on the server's examples, ``data.server_examples``); the body
+      takes ``server=`` (one row's pytree).
 
   Returns:
     A decorator returning a builder: ``builder(f=..., **options)`` (for a
@@ -544,6 +574,8 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
     options = registry.options_from_signature(body, 3 if meta else 2, shape, keyword="f")
     if state is not None:
       options.pop("state", None)  # the round's state, not an option
+    if server:
+      options.pop("server", None)  # the round's server update, not an option
 
     def builder(*args, f: Optional[int] = None if meta else 0, **given):
       return (_meta if meta else lambda n, f, **o: _base(n, f, **o))(
@@ -554,7 +586,7 @@ def register(name: Optional[str] = None, *, meta: bool = False, min_rows: int | 
     info = RuleInfo(builder, body, types.MappingProxyType(options), as_rows(min_rows),
                     as_rows(robust_rows if robust_rows is not None else min_rows), requirement,
                     with_distances=with_distances, stochastic=stochastic, check=check,
-                    meta=meta, registered=True, state=state)
+                    meta=meta, registered=True, state=state, server=server)
     (META_AGGREGATORS if meta else AGGREGATORS)[rule_name] = info
     for alias in aliases:
       ALIASES[_canonical(alias)] = rule_name
