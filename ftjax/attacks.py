@@ -365,61 +365,19 @@ def _build_constant(value):
 
 
 # --------------------------------------------------------------------------
-# Option checks: (qualified option name, value) -> normalised value
-
-
-def _finite(what, v):
-  if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-      or not math.isfinite(v):
-    raise ValueError(f"{what} must be a finite number, got {v!r}.")
-  return float(v)
-
-
-def _nonnegative(what, v):
-  v = _finite(what, v)
-  if v < 0:
-    raise ValueError(f"{what} must be >= 0, got {v}.")
-  return v
-
-
-def _positive(what, v):
-  v = _finite(what, v)
-  if v <= 0:
-    raise ValueError(f"{what} must be > 0, got {v}.")
-  return v
-
-
-def _int_at_least(lowest):
-  def check(what, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lowest:
-      raise ValueError(f"{what} must be an integer >= {lowest}, got {v!r}.")
-    return int(v)
-  return check
-
-
-def _optional(check):
-  def wrapped(what, v):
-    return None if v is None else check(what, v)
-  return wrapped
-
-
-def _choice(*valid):
-  def check(what, v):
-    if v not in valid:
-      raise ValueError(f"{what} must be one of {', '.join(map(repr, valid))}; got {v!r}.")
-    return v
-  return check
+# Option checks: (qualified option name, value) -> normalised value; the common ones are
+# in ftjax.registry.
 
 
 def _at_least_one(what, v):
-  v = _finite(what, v)
+  v = registry.finite(what, v)
   if v < 1:
     raise ValueError(f"{what} must be >= 1, got {v}.")
   return v
 
 
 def _fraction(what, v):
-  v = _finite(what, v)
+  v = registry.finite(what, v)
   if not 0 < v <= 1:
     raise ValueError(f"{what} must be in (0, 1], got {v}.")
   return v
@@ -451,8 +409,8 @@ def _search_spec(name, kind):
   return _Spec(
       name, lambda **o: search.build_optimal(kind, **o),
       defaults=dict(low=0.0, high=10.0, num_candidates=21, refine_steps=8, batch_size=None),
-      checks=dict(low=_finite, high=_finite, num_candidates=_int_at_least(2),
-                  refine_steps=_int_at_least(0), batch_size=_optional(_int_at_least(1))),
+      checks=dict(low=registry.finite, high=registry.finite, num_candidates=registry.int_at_least(2),
+                  refine_steps=registry.int_at_least(0), batch_size=registry.optional(registry.int_at_least(1))),
       needs_aggregator=True, min_honest=2 if kind == "alie" else 1, cross_check=_check_range)
 
 
@@ -460,14 +418,14 @@ def _distance_spec(name):
   return _Spec(
       name, lambda **o: search.build_min_distance(name, **o),
       defaults=dict(perturbation="unit", solver="bisection", gamma_init=10.0, steps=40),
-      checks=dict(perturbation=_choice("unit", "std", "sign"),
-                  solver=_choice("bisection", "exact"), gamma_init=_positive,
-                  steps=_int_at_least(1)),
+      checks=dict(perturbation=registry.choice("unit", "std", "sign"),
+                  solver=registry.choice("bisection", "exact"), gamma_init=registry.positive,
+                  steps=registry.int_at_least(1)),
       min_honest=2)
 
 
-_IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=maths.IPM_REFERENCE_EPS), checks=dict(eps=_finite))
-_ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=_optional(_nonnegative)),
+_IPM = _Spec("ipm", _build_ipm, defaults=dict(eps=maths.IPM_REFERENCE_EPS), checks=dict(eps=registry.finite))
+_ALIE = _Spec("alie", _build_alie, defaults=dict(z=None), checks=dict(z=registry.optional(registry.nonnegative)),
               min_honest=2)
 _OPTIMAL_IPM = _search_spec("optimal_ipm", "ipm")
 _OPTIMAL_ALIE = _search_spec("optimal_alie", "alie")
@@ -475,27 +433,27 @@ _OPTIMAL_ALIE = _search_spec("optimal_alie", "alie")
 _FANG_KRUM = _Spec(
     "fang_krum", peers.build_fang_krum,
     defaults=dict(threshold=1e-5, halvings=30, epsilon=0.0, batch_size=None),
-    checks=dict(threshold=_positive, halvings=_int_at_least(0), epsilon=_nonnegative,
-                batch_size=_optional(_int_at_least(1))),
+    checks=dict(threshold=registry.positive, halvings=registry.int_at_least(0), epsilon=registry.nonnegative,
+                batch_size=registry.optional(registry.int_at_least(1))),
     needs_aggregator=True, min_honest=3, draw=peers.draw_fang_krum,
     count_check=peers.check_fang_krum_counts)
 _FANG_TRMEAN = _Spec("fang_trmean", peers.build_fang_trmean, defaults=dict(b=2.0),
                      checks=dict(b=_at_least_one), draw=peers.draw_uniform)
 _SIGNGUARD_ADAPTIVE = _Spec(
     "signguard_adaptive", peers.build_signguard_adaptive, defaults=dict(magnitude="uniform"),
-    checks=dict(magnitude=_choice("uniform", "median_norm")), draw=peers.draw_signguard)
+    checks=dict(magnitude=registry.choice("uniform", "median_norm")), draw=peers.draw_signguard)
 _CLIPPED_CLUSTERING_ADAPTIVE = _Spec(
     "clipped_clustering_adaptive", peers.build_clipped_clustering_adaptive,
     defaults=dict(linkage="single", margin=0.1, scale=10.0),
-    checks=dict(linkage=_choice("single", "complete", "average"), margin=_finite,
-                scale=_positive),
+    checks=dict(linkage=registry.choice("single", "complete", "average"), margin=registry.finite,
+                scale=registry.positive),
     min_honest=2)
 
 _BACKDOOR = _Spec(
     "backdoor", _build_boost,
     defaults=dict(size=3, position="bottom_right", target=0, fraction=1.0, boost=1.0),
-    checks=dict(size=_int_at_least(1), position=_choice(*poisoning.POSITIONS),
-                target=_int_at_least(0), fraction=_fraction, boost=_positive),
+    checks=dict(size=registry.int_at_least(1), position=registry.choice(*poisoning.POSITIONS),
+                target=registry.int_at_least(0), fraction=_fraction, boost=registry.positive),
     uses_own_updates=True, poisoning=lambda boost, **o: poisoning.Trigger(**o))
 
 # Every accepted attack name (lower case, "_" for "-") -> its spec. Aliases
@@ -512,9 +470,9 @@ ATTACKS: dict[str, _Spec] = {
     "alie": _ALIE,
     "little": _ALIE,
     "mimic": _Spec("mimic", peers.build_mimic, defaults=dict(index=None),
-                   checks=dict(index=_optional(_int_at_least(0)))),
+                   checks=dict(index=registry.optional(registry.int_at_least(0)))),
     "gaussian": _Spec("gaussian", _build_gaussian, defaults=dict(sigma=1.0, center="mean"),
-                      checks=dict(sigma=_nonnegative, center=_choice("mean", "zero")),
+                      checks=dict(sigma=registry.nonnegative, center=registry.choice("mean", "zero")),
                       draw=_draw_gaussian),
     "inf": _Spec("inf", lambda: _build_constant(jnp.inf), {}, {}),
     "nan": _Spec("nan", lambda: _build_constant(jnp.nan), {}, {}),

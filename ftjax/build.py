@@ -31,6 +31,7 @@ from ftjax import kernels
 from ftjax import models as models_lib
 from ftjax import optim
 from ftjax import policy
+from ftjax import registry
 from ftjax import sharding
 
 # Sub-streams of the run's root key, one per purpose.
@@ -166,12 +167,11 @@ def _to_dict(section) -> dict:
   return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
 
-def _check_int(name: str, value: Any, lowest: int) -> int:
-  if not isinstance(value, int) or isinstance(value, bool):
-    raise ConfigError(f"{name} must be an integer, got {value!r}.")
-  if value < lowest:
-    raise ConfigError(f"{name} must be at least {lowest}, got {value}.")
-  return value
+def _check_int(name: str, value: Any, lowest: int, hint: str = "") -> int:
+  try:
+    return registry.int_at_least(lowest, hint)(name, value)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _check_counts(c) -> tuple[int, int, int]:
@@ -188,9 +188,8 @@ def _check_counts(c) -> tuple[int, int, int]:
         f"half of the workers Byzantine (f < W/2); lower workers.byzantine to at most "
         f"{(w - 1) // 2} or raise workers.num to at least {2 * f + 1}.")
   chunk = c.workers.get("chunk", None)
-  if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
-    raise ConfigError(f"workers.chunk must be an integer >= 0 (0: all workers at once; None: "
-                      f"the backend's choice), got {chunk!r}.")
+  if chunk is not None:
+    _check_int("workers.chunk", chunk, 0, "0: all workers at once; None: the backend's choice")
   return w, f, b
 
 
@@ -214,11 +213,9 @@ def _check_scalars(c):
 def _declared_f(c, f: int) -> int:
   """The f the rule is built for (aggregator.f, default workers.byzantine)."""
   declared = c.aggregator.get("f", None)
-  declared = f if declared is None else declared
-  if not isinstance(declared, int) or isinstance(declared, bool) or declared < 0:
-    raise ConfigError(f"aggregator.f must be an integer >= 0, or None for "
-                      f"workers.byzantine, got {declared!r}.")
-  return declared
+  if declared is None:
+    return f
+  return _check_int("aggregator.f", declared, 0, "or None for workers.byzantine")
 
 
 def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset] = None,

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import estimators
+from ftjax import registry
 
 PyTree = Any
 
@@ -81,19 +82,16 @@ def settings(c, num_workers: int, attack, needs_prev: bool, batch_stats_mode: st
     FederatedError: one sentence saying what to change.
   """
   section = c.get("federated", None)
-  k = _field(section, "local_steps", 1)
-  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-    raise FederatedError(f"federated.local_steps must be an integer >= 1, got {k!r}.")
-  lr = _field(section, "local_lr", 0.1)
-  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-    raise FederatedError(f"federated.local_lr must be a positive number, got {lr!r}.")
+  k = registry.int_at_least(1)("federated.local_steps", _field(section, "local_steps", 1))
+  lr = registry.positive("federated.local_lr", _field(section, "local_lr", 0.1))
   send = _field(section, "send", "pseudo_gradient")
   if send not in SEND_MODES:
     raise FederatedError(f"Unknown federated.send {send!r}; valid: {', '.join(SEND_MODES)}.")
-  m = _field(section, "participants", 0) or 0
-  if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= num_workers:
-    raise FederatedError(f"federated.participants must be an integer in [0, {num_workers}] "
-                         f"(0: every worker), got {m!r}.")
+  m = registry.int_at_least(0, "0: every worker")(
+      "federated.participants", _field(section, "participants", 0) or 0)
+  if m > num_workers:
+    raise FederatedError(f"federated.participants={m} is more than workers.num={num_workers}; "
+                         f"draw at most every worker (0: every worker).")
   honest_only = bool(c.data.get("honest_only", False))
   weights = _weights(c.aggregator.get("weights", None), num_workers)
   fed = Federated(k, float(lr), send, 0 if m == num_workers else m, honest_only, weights)

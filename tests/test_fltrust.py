@@ -113,7 +113,7 @@ def _config(**more):
 
 @pytest.mark.parametrize("overrides, match", [
     ({"data.server_examples": 0}, "data.server_examples > 0"),
-    ({"data.server_examples": -1}, "data.server_examples must be at least 0"),
+    ({"data.server_examples": -1}, "data.server_examples must be an integer >= 0"),
     ({"data.server_examples": 5000}, "leaves no training examples"),
     ({"data.server_examples": 1430}, "less the server's 1430"),
     ({"federated.local_steps": 2, "optim.estimator": "sgd"}, "local_steps = 1"),
