@@ -177,7 +177,9 @@ def main(argv):
                f"Produced by `python {' '.join(sys.argv)}` "
                f"(base tree at {_rev(base_tree)}; new: the working tree). One CPU device, "
                f"float32; every measurement in its own process, the two trees' processes "
-               f"interleaved; {os.cpu_count()} CPU cores, jax as installed.", ""]
+               f"interleaved; {os.cpu_count()} CPU cores, jax as installed. Load average "
+               f"(1, 5, 15 min) at the start: "
+               f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.", ""]
       for w in FLAGS.step_workers if FLAGS.steps else ():
         runs = {"base": [], "new": []}
         for rep in range(FLAGS.reps):
@@ -201,6 +203,8 @@ def main(argv):
     finally:
       subprocess.run(["git", "worktree", "remove", "--force", base_tree], cwd=ROOT,
                      capture_output=True)
+  lines += ["Load average (1, 5, 15 min) at the end: " +
+            ", ".join(f"{v:.1f}" for v in os.getloadavg()) + ".", ""]
   with open(os.path.join(ROOT, FLAGS.out), "w") as fh:
     fh.write("\n".join(lines))
   print("\n".join(lines))

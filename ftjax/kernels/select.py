@@ -24,7 +24,7 @@ RADIX_CHUNK_BYTES = 1 << 18
 # Radix select packs three counts (each < _PACK_BASE) into one int32 sum.
 _PACK_BASE = 512
 # Packed sums one counting pass of the radix select adds in its one reduction:
-# the digit width is the widest whose trials fit (docs/benchmarks/select.md).
+# the digit width is the widest whose trials fit (docs/benchmarks/select_digits.md).
 MAX_PACKED_SUMS = 3
 
 
@@ -231,11 +231,10 @@ def _digit_bits(num_ranks: int, w: int) -> int:
 
   A pass with b bits counts 2^b - 1 trial keys per rank; the counts are packed
   (three to an int32 below ``_PACK_BASE`` rows, else one) and added in one
-  variadic reduction of at most ``MAX_PACKED_SUMS`` sums, which costs about
-  much less than as many separate sums (the setting is measured in
-  docs/benchmarks/select.md). The widest digit that fits: 3 bits for one
-  rank, 2 for two to four; W >= 512 (one count per sum): 2 bits for one
-  rank, 1 for more.
+  variadic reduction of at most ``MAX_PACKED_SUMS`` sums, which costs much
+  less than as many separate sums (docs/benchmarks/select_digits.md). The
+  widest digit that fits: 3 bits for one rank, 2 for two or three, 1 for
+  more; at W >= 512 (one count per sum) 2 bits for one rank, 1 for more.
   """
   per_sum = 3 if w < _PACK_BASE else 1
   bits = 1
