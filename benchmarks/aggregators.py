@@ -17,6 +17,15 @@ Writes a Markdown table (``--out``).
   python benchmarks/aggregators.py                  # full grid (slow: tens of minutes)
   python benchmarks/aggregators.py --workers=17 --dims=1000000 --noresnet \
       "--rules=cwtm,ctma(cwtm)" --np_reps=0 --out=/tmp/agg.md   # one cell, no NumPy
+
+``--select_variants`` times the rules once per setting of a constant of
+``ftjax.kernels.select`` (the digit width's ``MAX_PACKED_SUMS``, the
+network's crossover ``NETWORK_MAX_ROWS``), the settings' calls interleaved,
+in a table of its own per cell:
+
+  python benchmarks/aggregators.py --workers=257 --dims=250000 --noresnet \
+      --rules=cwtm,cwmed --np_reps=0 \
+      --select_variants=MAX_PACKED_SUMS:1,MAX_PACKED_SUMS:2,MAX_PACKED_SUMS:5
 """
 
 import os
@@ -35,6 +44,7 @@ import numpy as np
 
 from ftjax import aggregators as agg_lib
 from ftjax.kernels import rows as rows_lib
+from ftjax.kernels import select as select_lib
 
 BASE = ["avg", "cwmed", "cwtm", "gm", "krum", "multikrum", "centered_clipping", "meamed"]
 RULES = BASE + [f"ctma({b})" for b in BASE if b != "cwtm"] + [
@@ -51,6 +61,8 @@ flags.DEFINE_integer("np_reps", 5, "Timed calls of the NumPy baselines (cap to s
 flags.DEFINE_float("max_gb", 6.0, "Skip (W, d) whose float32 working set would exceed this.")
 flags.DEFINE_float("slow_s", 20.0, "A call slower than this is timed once, marked '*'.")
 flags.DEFINE_string("out", "docs/benchmarks/aggregators.md", "Markdown output.")
+flags.DEFINE_list("select_variants", [], "NAME:VALUE settings of ftjax.kernels.select "
+                  "constants, each timed on every rule (interleaved).")
 FLAGS = flags.FLAGS
 
 
@@ -222,7 +234,39 @@ def bench_cell(w, d, rules, reps):
                      compile_s=compile_s))
     print(f"W={w} d={d} f={f} {spec:22s} {ms:10.2f} ms{'*' if slow else ' '} "
           f"numpy {np_ms:10.2f} ms  mem {mem:8.2f} ms  compile {compile_s:5.1f} s", flush=True)
-  return dict(w=w, d=d, f=f, mem=mem, how=how, cands=cands, rows=rows)
+  variants = time_variants(x, f, rules, reps) if FLAGS.select_variants else {}
+  return dict(w=w, d=d, f=f, mem=mem, how=how, cands=cands, rows=rows, variants=variants)
+
+
+def time_variants(x, f, rules, reps):
+  """{(spec, variant): median ms}: each rule jitted under each constant setting.
+
+  Every variant is compiled with its setting in place; the timed calls then
+  rotate over the variants, so that a slow phase of the machine hits all.
+  """
+  key = jax.random.key(1)
+  fns = {}
+  for spec in rules:
+    for variant in FLAGS.select_variants:
+      name, value = variant.split(":")
+      old = getattr(select_lib, name)
+      setattr(select_lib, name, int(value))
+      try:
+        fn = jax.jit(agg_lib.make_aggregator(spec, f, num_workers=x.shape[0]).__call__)
+        jax.block_until_ready(fn(x, key))  # traced and compiled under the setting
+      finally:
+        setattr(select_lib, name, old)
+      fns[(spec, variant)] = fn
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, fn in fns.items():
+      tic = time.perf_counter()
+      jax.block_until_ready(fn(x, key))
+      times[k].append(time.perf_counter() - tic)
+  for k, ts in times.items():
+    print(f"W={x.shape[0]} d={x.shape[1]} {k[0]} {k[1]}: {statistics.median(ts) * 1e3:.2f} ms",
+          flush=True)
+  return {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
 
 
 def markdown(cells, skipped, command):
@@ -235,7 +279,9 @@ def markdown(cells, skipped, command):
       "f = W // 4; one [W, d] float32 leaf. `mem` is the fastest single read of the array",
       "(the hardware bound); `x mem` and `x numpy` are ratios of the rule's time to those.",
       "NumPy baselines are straightforward implementations (np.partition / np.sort / one Gram",
-      "matrix); `-` = no NumPy baseline written.", ""]
+      "matrix); `-` = no NumPy baseline written.",
+      "Load average (1, 5, 15 min) when written: " +
+      ", ".join(f"{v:.1f}" for v in os.getloadavg()) + ".", ""]
   for c in cells:
     cands = ", ".join(f"{k} {v:.2f} ms" for k, v in c["cands"].items())
     lines += [f"## W={c['w']}, d={c['d']:,}, f={c['f']}", "",
@@ -248,6 +294,12 @@ def markdown(cells, skipped, command):
       lines.append(f"| {r['spec']} | {r['ms']:.2f}{'*' if r['slow'] else ''} | "
                    f"{r['ms'] / c['mem']:.1f} | {np_ms} | {ratio} | {r['compile_s']:.1f} |")
     lines.append("")
+    if c["variants"]:
+      lines += ["Constants of `ftjax.kernels.select`, one setting at a time (interleaved calls):",
+                "", "| rule | setting | ms | x mem |", "|---|---|---:|---:|"]
+      for (spec, variant), ms in c["variants"].items():
+        lines.append(f"| {spec} | {variant} | {ms:.2f} | {ms / c['mem']:.1f} |")
+      lines.append("")
   if skipped:
     lines += ["Skipped (float32 working set above --max_gb): " +
               ", ".join(f"W={w} d={d:,}" for w, d in skipped) + ".", ""]

@@ -13,10 +13,15 @@ Rows (float32, MNIST-shaped synthetic data):
   ctma(cwtm): mu2sgd under sign flipping (every worker computes), mu2sgd
   under ALIE (only the honest ones do), momentum under sign flipping;
 * milliseconds per call of every aggregator of ``benchmarks/aggregators.py``
-  at d=1e6 coordinates for each ``--workers`` (f = W // 4).
+  at d=1e6 coordinates for each ``--workers`` (f = W // 4; an entry ``WxD``
+  sets its own d), with the time of one read of the same [W, d] array (the
+  faster of XLA's ones-vector product and NumPy's ``x.sum(0)``) timed in the
+  same process.
 
   python benchmarks/revisions.py --base=HEAD~5            # writes docs/benchmarks/revisions.md
   python benchmarks/revisions.py --base=v0.1 --reps=2 --noaggregators
+  python benchmarks/revisions.py --base=main --nosteps --rules=cwtm,cwmed \
+      --workers=17,65,257,257x10000 --reps=5       # order statistics at large W
 
 Both revisions must expose ``train.build``, ``init_state``,
 ``make_device_data``, ``make_chunk_fn`` and ``aggregators.make_aggregator``.
@@ -39,7 +44,8 @@ flags.DEFINE_string("base", None, "The revision to compare against (any git revi
 flags.DEFINE_integer("reps", 3, "Interleaved repetitions per revision (medians are reported).")
 flags.DEFINE_bool("steps", True, "Time the training-step rows.")
 flags.DEFINE_bool("aggregators", True, "Time the aggregator rows.")
-flags.DEFINE_list("workers", ["17", "65"], "Worker counts of the aggregator rows.")
+flags.DEFINE_list("workers", ["17", "65"], "Worker counts of the aggregator rows; "
+                  "WxD also sets the coordinates of that row (default --dim).")
 flags.DEFINE_list("step_workers", ["17"], "Worker counts of the training-step rows (f = W // 2 "
                   "rounded down below W / 2: 8 at W=17).")
 flags.DEFINE_integer("dim", 1_000_000, "Coordinates of the aggregator rows.")
@@ -88,6 +94,7 @@ _AGG_CHILD = textwrap.dedent("""
     import importlib.util, json, os, statistics, sys, time
     sys.path[:0] = [os.getcwd()]
     import jax, jax.numpy as jnp
+    import numpy as np
     from ftjax import aggregators
     spec = importlib.util.spec_from_file_location(
         "aggregator_bench", os.path.join("benchmarks", "aggregators.py"))
@@ -97,7 +104,19 @@ _AGG_CHILD = textwrap.dedent("""
     specs = json.loads(sys.argv[3]) or bench.RULES
     x = jax.random.normal(jax.random.key(0), (w, d), jnp.float32)
     key = jax.random.key(1)
-    out = {}
+    xn = np.asarray(x)
+    ones = jnp.ones((w,), jnp.float32)
+    matvec = jax.jit(lambda v, o: o @ v)
+    jax.block_until_ready(matvec(x, ones))
+    reads = []
+    for _ in range(5):
+      tic = time.perf_counter()
+      jax.block_until_ready(matvec(x, ones))
+      t_xla = time.perf_counter() - tic
+      tic = time.perf_counter()
+      xn.sum(0)
+      reads.append(min(t_xla, time.perf_counter() - tic))
+    out = {"one read": 1e3 * statistics.median(reads)}
     for spec in specs:
       fn = jax.jit(aggregators.make_aggregator(spec, w // 4))
       jax.block_until_ready(fn(x, key))
@@ -127,14 +146,20 @@ def _rev(tree: str, rev: str = "HEAD") -> str:
                         text=True, check=True).stdout.strip()
 
 
-def _table(title, unit, better, base_runs, new_runs):
-  lines = [f"## {title}", "", f"| row | base {unit} | new {unit} | new / base |",
-           "|---|---:|---:|---:|"]
+def _table(title, unit, better, base_runs, new_runs, per=None):
+  """Medians per row; with ``per``, also each tree's median in units of that row."""
+  extra = f" base / {per} | new / {per} |" if per else ""
+  lines = [f"## {title}", "", f"| row | base {unit} | new {unit} | new / base |" + extra,
+           "|---|---:|---:|---:|" + ("---:|---:|" if per else "")]
+  med = {k: {n: statistics.median(r[n] for r in runs) for n in runs[0]}
+         for k, runs in (("base", base_runs), ("new", new_runs))}
   for name in [k for k in base_runs[0] if k in new_runs[0]]:
-    b = statistics.median(r[name] for r in base_runs)
-    n = statistics.median(r[name] for r in new_runs)
+    b, n = med["base"][name], med["new"][name]
     ratio = n / b if better == "higher" else b / n
-    lines.append(f"| {name} | {b:.2f} | {n:.2f} | {ratio:.3f} |")
+    row = f"| {name} | {b:.2f} | {n:.2f} | {ratio:.3f} |"
+    if per:
+      row += f" {b / med['base'][per]:.1f} | {n / med['new'][per]:.1f} |"
+    lines.append(row)
   lines += ["", f"Ratio > 1: the new tree is faster ({unit}, {better} is better; "
             f"medians of {len(base_runs)} interleaved runs).", ""]
   return lines
@@ -152,7 +177,9 @@ def main(argv):
                f"Produced by `python {' '.join(sys.argv)}` "
                f"(base tree at {_rev(base_tree)}; new: the working tree). One CPU device, "
                f"float32; every measurement in its own process, the two trees' processes "
-               f"interleaved; {os.cpu_count()} CPU cores, jax as installed.", ""]
+               f"interleaved; {os.cpu_count()} CPU cores, jax as installed. Load average "
+               f"(1, 5, 15 min) at the start: "
+               f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.", ""]
       for w in FLAGS.step_workers if FLAGS.steps else ():
         runs = {"base": [], "new": []}
         for rep in range(FLAGS.reps):
@@ -162,18 +189,22 @@ def main(argv):
         lines += _table(f"Training steps, simple_mnist, W={w}, f={(int(w) - 1) // 2}, b=16, "
                         f"ctma(cwtm)", "steps/s", "higher", runs["base"], runs["new"])
       if FLAGS.aggregators:
-        for w in FLAGS.workers:
+        for cell in FLAGS.workers:
+          w, _, d = cell.partition("x")
+          d = int(float(d)) if d else FLAGS.dim
           runs = {"base": [], "new": []}
           for rep in range(FLAGS.reps):
             for name in ("base", "new") if rep % 2 == 0 else ("new", "base"):
-              runs[name].append(_child(trees[name], _AGG_CHILD, w, str(FLAGS.dim),
+              runs[name].append(_child(trees[name], _AGG_CHILD, w, str(d),
                                        json.dumps(FLAGS.rules)))
-              print(f"aggregators W={w} rep {rep} {name}: {runs[name][-1]}", flush=True)
-          lines += _table(f"Aggregators, W={w}, d={FLAGS.dim:,}, f={int(w) // 4}", "ms",
-                          "lower", runs["base"], runs["new"])
+              print(f"aggregators W={w} d={d} rep {rep} {name}: {runs[name][-1]}", flush=True)
+          lines += _table(f"Aggregators, W={w}, d={d:,}, f={int(w) // 4}", "ms",
+                          "lower", runs["base"], runs["new"], per="one read")
     finally:
       subprocess.run(["git", "worktree", "remove", "--force", base_tree], cwd=ROOT,
                      capture_output=True)
+  lines += ["Load average (1, 5, 15 min) at the end: " +
+            ", ".join(f"{v:.1f}" for v in os.getloadavg()) + ".", ""]
   with open(os.path.join(ROOT, FLAGS.out), "w") as fh:
     fh.write("\n".join(lines))
   print("\n".join(lines))

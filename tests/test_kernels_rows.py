@@ -8,7 +8,7 @@ import pytest
 
 from ftjax import aggregators as agg_lib
 from ftjax import kernels
-from ftjax.kernels import distances, rows
+from ftjax.kernels import distances, rows, select
 
 KERNEL_SETS = ("plain", "cpu")
 
@@ -169,6 +169,141 @@ def test_trimmed_sum_drops_huge_values_without_precision_loss():
   expected = np.sort(x, axis=0)[24:w - 24].astype(np.float64).sum(0)
   np.testing.assert_allclose(cpu, expected, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-4)
+
+
+def _adversarial(w, n, seed):
+  """float32 [w, n]: each column block one hard case for an exact select.
+
+  Ties and all-equal columns, -0.0 mixed with +0.0, denormals, huge and tiny
+  magnitudes of both signs, NaN and +-inf (a third of the rows in some
+  columns), whole NaN and inf rows, and values spread over every binade.
+  """
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((w, n)).astype(np.float32)
+  b = n // 8
+  x[:, :b] = rng.integers(-2, 3, size=(w, b))                        # ties
+  x[:, b:b + 4] = 7.0                                                # all equal
+  x[:, b + 4:2 * b] = rng.choice([-0.0, 0.0, 1.0], size=(w, b - 4))  # signed zeros
+  x[:, 2 * b:3 * b] = rng.choice([1e-45, -1e-45, 3e-39, -5e-40, 0.0], size=(w, b))  # denormals
+  x[:, 3 * b:4 * b] = rng.choice([1e30, -1e30, 1e-30, -1e-30, 3e38, -3e38], size=(w, b))
+  x[:, 4 * b:5 * b] = (np.float32(2.0) ** rng.integers(-126, 127, size=(w, b))
+                       * rng.choice([-1, 1], size=(w, b)))             # every binade
+  x[:, 5 * b:6 * b][rng.random((w, b)) < 0.35] = np.nan
+  x[:, 5 * b:6 * b][rng.random((w, b)) < 0.2] = -np.inf
+  x[:, 6 * b:7 * b][rng.random((w, b)) < 0.3] = np.inf
+  x[1] = np.nan
+  x[2] = -np.inf
+  return x
+
+
+@pytest.mark.parametrize("w", [rows.NETWORK_MAX_ROWS - 1, rows.NETWORK_MAX_ROWS,
+                               rows.NETWORK_MAX_ROWS + 1, 257, 513])
+@pytest.mark.parametrize("num_ranks", [1, 2, 3])
+def test_order_statistics_adversarial_across_crossover(w, num_ranks):
+  # Below the crossover the network, above it the radix select, whose digit
+  # width depends on the number of ranks (and on W >= 512, where counts are
+  # not packed): each combination against NumPy's sort. The radix select
+  # compares the floats' bits, so it matches NumPy bit for bit except the sign
+  # of a zero (it orders -0.0 below +0.0, a sort keeps their input order).
+  # XLA:CPU compares denormals as zero, so jnp.sort and the network's
+  # min/max match NumPy once denormals are flushed to zero.
+  ranks = [0, w // 2, w - 1][:num_ranks] if num_ranks < 3 else [w // 4, w // 2, w - 2]
+  x = _adversarial(w, 96, w + num_ranks)
+  s = _np_sorted(x)
+  plain, cpu = both(lambda a: rows.order_statistics(a, ranks), jnp.asarray(x))
+  radix = w > rows.NETWORK_MAX_ROWS
+  for got, exact in ((plain, False), (cpu, radix)):
+    for g, r in zip(got, ranks):
+      if exact:
+        np.testing.assert_array_equal(g, s[r])
+        assert np.all((g.view(np.uint32) == s[r].view(np.uint32)) | (g == 0))
+      else:
+        np.testing.assert_array_equal(_flush(g), _flush(s[r]))
+
+
+def _no_overflow(x):
+  """``x`` with finite magnitudes above 1e37 set to +-1e30: float32 sums of
+  hundreds of them stay finite, so a trimmed sum has a finite reference."""
+  return np.where(np.isfinite(x) & (np.abs(x) > 1e37), np.sign(x) * 1e30, x).astype(np.float32)
+
+
+def _flush(a):
+  return np.where(np.abs(a) < np.finfo(np.float32).tiny, np.float32(0), a)
+
+
+def test_radix_digit_width_fits_the_packed_sums():
+  # The widest digit whose 2^b - 1 trials per rank fit MAX_PACKED_SUMS sums.
+  for w, per_sum in ((257, 3), (600, 1)):
+    for num_ranks in (1, 2, 3, 4):
+      b = select._digit_bits(num_ranks, w)
+      sums = lambda bits: -(-num_ranks * (2 ** bits - 1) // per_sum)
+      assert (sums(b) <= select.MAX_PACKED_SUMS < sums(b + 1)
+              or (b == 1 and sums(1) > select.MAX_PACKED_SUMS))
+  assert [select._digit_bits(k, 257) for k in (1, 2, 3, 4)] == [3, 2, 2, 1]
+
+
+@pytest.mark.parametrize("w", [3, 9, 40])
+def test_radix_select_forced_below_its_crossover(monkeypatch, w):
+  # The crossover is one constant: lowering it sends small W through the radix select.
+  monkeypatch.setattr(select, "NETWORK_MAX_ROWS", 2)
+  x = _no_overflow(_adversarial(w, 64, w))
+  s = _np_sorted(x)
+  ranks = sorted({0, w // 2, w - 1})
+  for r, got in zip(ranks, run("cpu", lambda a: rows.order_statistics(a, ranks),
+                               jnp.asarray(x))):
+    np.testing.assert_array_equal(np.asarray(got), s[r])
+  lo, hi = w // 4, w - 1 - w // 4
+  got = np.asarray(run("cpu", lambda a: rows.trimmed_sum(a, lo, hi), jnp.asarray(x)))
+  kept = s.astype(np.float64)[lo:hi + 1]
+  with np.errstate(invalid="ignore"):
+    expected = kept.sum(0)
+  _assert_trimmed_close(got, expected, kept)
+
+
+def _assert_trimmed_close(got, expected, kept):
+  """float32 sums of k kept values against their float64 sum.
+
+  Any order of k - 1 float32 additions is within (k - 1) eps of the sum of
+  the magnitudes added; XLA:CPU also flushes denormal results to zero, which
+  loses less than the smallest normal float per addition.
+  """
+  ok = np.isfinite(expected)
+  assert np.array_equal(np.isnan(got), np.isnan(expected))
+  assert np.array_equal(got[~ok & ~np.isnan(expected)], expected[~ok & ~np.isnan(expected)])
+  mags = np.abs(np.where(np.isfinite(kept), kept, 0)).sum(0)[ok]
+  k = kept.shape[0]
+  tol = k * np.finfo(np.float32).eps * mags + k * np.finfo(np.float32).tiny
+  assert np.all(np.abs(got[ok] - expected[ok]) <= tol)
+
+
+@pytest.mark.parametrize("w,lo,hi", [(rows.NETWORK_MAX_ROWS + 1, 20, 60), (257, 64, 192),
+                                     (257, 0, 255), (257, 128, 129), (513, 100, 400)])
+def test_trimmed_sum_adversarial(w, lo, hi):
+  # The sum of the kept order statistics of NumPy's sort (in float64), within
+  # float32 summation error: the select's bounds are exact, so only the order
+  # of the additions differs from the sort's sum.
+  x = _adversarial(w, 96, lo + hi)
+  x = _no_overflow(x)
+  kept = _np_sorted(x).astype(np.float64)[lo:hi + 1]
+  with np.errstate(invalid="ignore"):
+    expected = kept.sum(0)
+  for got in both(lambda a: rows.trimmed_sum(a, lo, hi), jnp.asarray(x)):
+    _assert_trimmed_close(got, expected, kept)
+
+
+def test_radix_select_under_vmap():
+  x = np.stack([_no_overflow(_adversarial(rows.NETWORK_MAX_ROWS + 3, 40, s)) for s in range(3)])
+  fn = jax.vmap(lambda a: rows.order_statistics(a, [7, 41]))
+  got = run("cpu", fn, jnp.asarray(x))
+  for b in range(3):
+    s = _np_sorted(x[b])
+    np.testing.assert_array_equal(np.asarray(got[0][b]), s[7])
+    np.testing.assert_array_equal(np.asarray(got[1][b]), s[41])
+  tsum = run("cpu", jax.vmap(lambda a: rows.trimmed_sum(a, 10, 70)), jnp.asarray(x))
+  for b in range(3):
+    kept = _np_sorted(x[b]).astype(np.float64)[10:71]
+    with np.errstate(invalid="ignore"):
+      _assert_trimmed_close(np.asarray(tsum[b]), kept.sum(0), kept)
 
 
 # --------------------------------------------------------------------------
@@ -574,3 +709,15 @@ def test_rule_plain_equals_cpu_float64_keep_ties():
       (p, pd), (c, cd) = _rule_pair(spec, 3, jnp.asarray(x), None, options=opts)
       np.testing.assert_allclose(p, c, rtol=1e-12, atol=1e-12)
       np.testing.assert_array_equal(pd["ctma_kept"], cd["ctma_kept"])
+
+
+@pytest.mark.parametrize("w", [rows.NETWORK_MAX_ROWS + 1, 257])
+@pytest.mark.parametrize("spec", ["cwtm", "cwmed", "meamed"])
+def test_rule_plain_equals_cpu_adversarial_large_w(spec, w):
+  # Ties, signed zeros, denormals, NaN and inf rows and columns (magnitudes
+  # capped at 1e3, so that the order of float32 additions stays within rtol).
+  x = _adversarial(w, 64, 7 * w)
+  x = np.where(np.isfinite(x) & (np.abs(x) > 1e3), np.sign(x) * 1e3, x).astype(np.float32)
+  (p, _), (c, _) = _rule_pair(spec, w // 4, jnp.asarray(x), jax.random.key(0))
+  assert np.array_equal(np.isnan(p), np.isnan(c))
+  np.testing.assert_allclose(c, p, rtol=2e-5, atol=1e-5)

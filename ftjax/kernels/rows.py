@@ -49,12 +49,18 @@ it:
   a median or a trimmed mean costs less than a full sort. Above that many rows
   the network's compile time outweighs its speed, and float32 order statistics
   come from an exact radix select: floats are mapped to order-preserving uint32
-  keys and the key of the r-th smallest value is built bit by bit, with
-  counting passes over chunks of coordinates small enough to stay in cache.
-  The counts reduce along the worker axis made minor inside each chunk, which
-  XLA:CPU reduces far faster than a leading axis; several ranks' counts are
-  packed into one integer sum, since the reductions, not the comparisons,
-  bound those passes. A full sort (:func:`sort`) above the network limit
+  keys and the key of the r-th smallest value is built digit by digit, one
+  counting pass per digit over chunks of coordinates small enough to stay in
+  cache. The counts reduce along the worker axis made minor inside each chunk,
+  which XLA:CPU reduces far faster than a leading axis; the reductions, not
+  the comparisons, bound those passes, so each pass packs the counts of all
+  its trial keys three to an int32 and adds them in one variadic reduction,
+  and the digit is as wide as ``MAX_PACKED_SUMS`` such sums allow (3 bits for
+  one rank, 2 for two ranks at W < 512). A trimmed sum adds the values
+  strictly between its two bounds and counts the bounds' copies in one more
+  such reduction, without sorting. The crossover (``NETWORK_MAX_ROWS``) and
+  the digit width are measured in docs/benchmarks/select.md. A full sort
+  (:func:`sort`) above the network limit
   sorts the floats' order-preserving integer keys with the worker axis minor,
   which XLA:CPU does several times faster than it sorts the floats.
 * Sums over rows are unrolled into one fused elementwise expression that reads

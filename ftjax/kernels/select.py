@@ -21,8 +21,11 @@ from ftjax.kernels._base import _cpu, nan_to_posinf, sum_rows
 NETWORK_MAX_ROWS = 80
 # Radix select works on [W, chunk] blocks of about this many bytes (cache-sized).
 RADIX_CHUNK_BYTES = 1 << 18
-# Radix select packs the counts of up to three ranks (each < _PACK_BASE) into one sum.
+# Radix select packs three counts (each < _PACK_BASE) into one int32 sum.
 _PACK_BASE = 512
+# Packed sums one counting pass of the radix select adds in its one reduction:
+# the digit width is the widest whose trials fit (docs/benchmarks/select_digits.md).
+MAX_PACKED_SUMS = 3
 
 
 def order_statistics(x: jax.Array, ranks: Sequence[int]) -> list[jax.Array]:
@@ -70,7 +73,7 @@ def trimmed_sum(x: jax.Array, lo: int, hi: int) -> jax.Array:
     return jnp.sum(jnp.sort(nan_to_posinf(x), axis=0)[lo:hi + 1], axis=0)
   if not _radix_ok(x):
     return sum_rows(sorted_rows(x)[lo:hi + 1])
-  if lo == hi:  # one value kept: one rank's select takes half the counting passes
+  if lo == hi:  # one value kept: one rank's select takes wider digits, fewer passes
     return order_statistics(x, [lo])[0]
   w = x.shape[0]
   flat = nan_to_posinf(x).reshape(w, -1)
@@ -81,11 +84,18 @@ def trimmed_sum(x: jax.Array, lo: int, hi: int) -> jax.Array:
     v_lo, v_hi = _key_floats(k_lo), _key_floats(k_hi)
     zero = jnp.zeros((), block.dtype)
     between = (keys > k_lo[:, None]) & (keys < k_hi[:, None])
-    inner = jnp.sum(jnp.where(between, block, zero), axis=1)
+    # One variadic reduction: the kept values strictly between the two bounds,
+    # #(<= v_lo) and #(< v_hi) (packed into one int32 sum below _PACK_BASE rows).
+    le = (keys <= k_lo[:, None]).astype(jnp.int32)
+    lt = (keys < k_hi[:, None]).astype(jnp.int32)
+    packed = keys.shape[1] < _PACK_BASE
+    terms = (jnp.where(between, block, zero),) + ((le + lt * _PACK_BASE,) if packed else (le, lt))
+    sums = jax.lax.reduce(terms, (zero,) + (jnp.int32(0),) * (len(terms) - 1),
+                          lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+    inner = sums[0]
+    le_lo, lt_hi = (sums[1] % _PACK_BASE, sums[1] // _PACK_BASE) if packed else sums[1:]
     # Copies of v_lo sit at sorted positions [#(<v_lo), #(<=v_lo)); all of
     # them below lo are trimmed. Likewise copies of v_hi above hi.
-    le_lo = jnp.sum((keys <= k_lo[:, None]).astype(jnp.int32), axis=1)
-    lt_hi = jnp.sum((keys < k_hi[:, None]).astype(jnp.int32), axis=1)
     n_lo = jnp.where(k_lo == k_hi, hi - lo + 1, le_lo - lo)
     n_hi = jnp.where(k_lo == k_hi, 0, hi + 1 - lt_hi)
     part_lo = jnp.where(n_lo > 0, n_lo.astype(block.dtype) * v_lo, zero)
@@ -216,57 +226,70 @@ def _key_floats(k: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _digit_bits(num_ranks: int, w: int) -> int:
+  """Bits of the key each counting pass settles, for ``num_ranks`` ranks of W rows.
+
+  A pass with b bits counts 2^b - 1 trial keys per rank; the counts are packed
+  (three to an int32 below ``_PACK_BASE`` rows, else one) and added in one
+  variadic reduction of at most ``MAX_PACKED_SUMS`` sums, which costs much
+  less than as many separate sums (docs/benchmarks/select_digits.md). The
+  widest digit that fits: 3 bits for one rank, 2 for two or three, 1 for
+  more; at W >= 512 (one count per sum) 2 bits for one rank, 1 for more.
+  """
+  per_sum = 3 if w < _PACK_BASE else 1
+  bits = 1
+  while bits < 8 and -(-num_ranks * (2 ** (bits + 1) - 1) // per_sum) <= MAX_PACKED_SUMS:
+    bits += 1
+  return bits
+
+
+def _packed_counts(keys: jax.Array, trials: Sequence[jax.Array]) -> list[jax.Array]:
+  """``#(keys < t)`` along the last axis of ``keys`` [c, W] for each trial t [c].
+
+  The indicators are packed into int32 sums (three per sum when W < _PACK_BASE)
+  and all sums are one variadic ``lax.reduce``: XLA:CPU then reads the block
+  once for all of them.
+  """
+  w = keys.shape[1]
+  per_sum = 3 if w < _PACK_BASE else 1
+  groups = [trials[i:i + per_sum] for i in range(0, len(trials), per_sum)]
+  codes = tuple(sum((keys < t[:, None]).astype(jnp.int32) * (_PACK_BASE ** i)
+                    for i, t in enumerate(g)) for g in groups)
+  sums = jax.lax.reduce(codes, tuple(jnp.int32(0) for _ in codes),
+                        lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+  return [(total // (_PACK_BASE ** i)) % _PACK_BASE if per_sum > 1 else total
+          for g, total in zip(groups, sums) for i in range(len(g))]
+
+
 def _radix_select(keys: jax.Array, ranks: Sequence[int]) -> list[jax.Array]:
   """Keys of the ``ranks``-th smallest along the last axis of ``keys`` [c, W].
 
-  Greedy from the top bit: t is the largest key with #{key < t} <= r, which is
-  the key of the r-th smallest value. All ranks share each counting pass, and
-  up to three ranks share one packed reduction: the reductions, not the
-  comparisons, bound this loop. The worker axis is minor here, the axis
-  XLA:CPU reduces along fastest.
+  Greedy from the top bit, b bits (one digit) per counting pass: t is the
+  largest key with #{key < t} <= r, which is the key of the r-th smallest
+  value. For the next digit d of t the pass counts the keys below
+  ``t | v << shift`` for v = 1 .. 2^b - 1; the counts grow with v, so the
+  digit is the number of trials whose count is <= r. All ranks and trials
+  share each pass's one variadic reduction (:func:`_packed_counts`); the
+  worker axis is minor here, the axis XLA:CPU reduces along fastest.
   """
-  w = keys.shape[1]
-  # Up to three ranks share one reduction per bit: their counts (each <= W <
-  # _PACK_BASE) are packed into one int32 sum and unpacked after it.
-  packed = 1 < len(ranks) <= 3 and w < _PACK_BASE
+  bits = _digit_bits(len(ranks), keys.shape[1])
 
-  def body(b, ts):
-    bit = jnp.left_shift(jnp.uint32(1), (31 - b).astype(jnp.uint32))
-    trials = [t | bit for t in ts]
-    if packed:
-      code = sum((keys < trial[:, None]).astype(jnp.int32) * (_PACK_BASE ** i)
-                 for i, trial in enumerate(trials))
-      total = jnp.sum(code, axis=1)
-      counts = [(total // (_PACK_BASE ** i)) % _PACK_BASE for i in range(len(trials))]
-    else:
-      counts = [jnp.sum((keys < trial[:, None]).astype(jnp.int32), axis=1) for trial in trials]
-    return tuple(jnp.where(below <= r, trial, t)
-                 for t, trial, below, r in zip(ts, trials, counts, ranks))
+  def digit_pass(ts, shift, b):
+    steps = [jnp.left_shift(jnp.uint32(v), shift) for v in range(1, 2 ** b)]
+    counts = _packed_counts(keys, [t | s for t in ts for s in steps])
+    out = []
+    for i, (t, r) in enumerate(zip(ts, ranks)):
+      digit = sum((c <= r).astype(jnp.uint32) for c in counts[i * len(steps):(i + 1) * len(steps)])
+      out.append(t | jnp.left_shift(digit, shift))
+    return tuple(out)
 
-  init = tuple(jnp.zeros(keys.shape[:1], jnp.uint32) for _ in ranks)
-  if len(ranks) == 1 and w < _PACK_BASE:
-    # One rank: two bits per pass, the counts of the three trial keys packed
-    # into one reduction (16 reductions instead of 32).
-    (r,) = ranks
-
-    def two_bits(b, ts):
-      (t,) = ts
-      shift = (30 - 2 * b).astype(jnp.uint32)
-      hi = jnp.left_shift(jnp.uint32(2), shift)
-      lo = jnp.left_shift(jnp.uint32(1), shift)
-      t_lo, t_hi, t_both = t | lo, t | hi, t | hi | lo
-      code = ((keys < t_lo[:, None]).astype(jnp.int32)
-              + (keys < t_hi[:, None]).astype(jnp.int32) * _PACK_BASE
-              + (keys < t_both[:, None]).astype(jnp.int32) * _PACK_BASE ** 2)
-      total = jnp.sum(code, axis=1)
-      c_lo, c_hi, c_both = (total % _PACK_BASE, (total // _PACK_BASE) % _PACK_BASE,
-                            total // _PACK_BASE ** 2)
-      # Greedy on the high bit, then the low one (counts grow with the key).
-      return (jnp.where(c_both <= r, t_both, jnp.where(
-          c_hi <= r, t_hi, jnp.where(c_lo <= r, t_lo, t))),)
-
-    return list(jax.lax.fori_loop(0, 16, two_bits, init))
-  return list(jax.lax.fori_loop(0, 32, body, init))
+  ts = tuple(jnp.zeros(keys.shape[:1], jnp.uint32) for _ in ranks)
+  full = 32 // bits
+  ts = jax.lax.fori_loop(
+      0, full, lambda p, t: digit_pass(t, (32 - bits * (p + 1)).astype(jnp.uint32), bits), ts)
+  if 32 % bits:
+    ts = digit_pass(ts, jnp.uint32(0), 32 % bits)
+  return list(ts)
 
 
 def _by_chunks(fn, x: jax.Array, num_out: int) -> list[jax.Array]:
