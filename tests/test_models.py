@@ -35,13 +35,13 @@ def _loss_fn(model):
     logits, mut = model.apply({"params": params, "batch_stats": batch_stats}, x,
                               train=True, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (logits, mut["batch_stats"])
+    return loss, (logits, mut.get("batch_stats", {}))
   return loss_fn
 
 
 def _per_worker_grads(model, variables, x, y):
   f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
-  return jax.jit(f)(variables["params"], variables["batch_stats"], x, y)
+  return jax.jit(f)(variables["params"], variables.get("batch_stats", {}), x, y)
 
 
 # --------------------------------------------------------------------------
@@ -180,7 +180,8 @@ def _model_case(name, dtype, kset, shape, workers=3, batch=4):
 
 @pytest.mark.parametrize("name,shape,workers", [
     ("simple_mnist", (10, 10, 1), 3), ("simple_cifar10", (8, 8, 3), 3),
-    ("tiny_cnn", (8, 8, 1), 3), ("tiny_cnn", (8, 8, 1), 70)])  # 70: past 64, the fallback
+    ("tiny_cnn", (8, 8, 1), 3), ("tiny_cnn", (8, 8, 1), 70),  # 70: past 64, the fallback
+    ("cnn_mnist", (16, 16, 1), 3), ("resnet20", (8, 8, 3), 3)])
 @pytest.mark.slow
 def test_per_worker_gradients_cpu_match_plain_float32(name, shape, workers):
   variables, x, y, ref = _reference_grads(name, jnp.float32, shape, workers)
@@ -329,9 +330,17 @@ def _resnet20_option_a():
     ("blades_mlp", (1, 28, 28, 1), _dense(784, 128) + _dense(128, 256) + _dense(256, 10)),
     ("logreg", (1, 28, 28, 1), _dense(784, 10)),
     ("resnet20", (1, 32, 32, 3), _resnet20_option_a()),
+    # The reference's network, 28 -> 14 -> 7 (padded convs); on 32x32x3, 32 -> 16 -> 8.
+    ("simple_mnist", (1, 28, 28, 1), _conv(5, 1, 16) + _bn(16) + _conv(5, 16, 32) + _bn(32)
+     + _dense(32 * 7 * 7, 10)),
+    ("simple_cifar10", (1, 32, 32, 3), _conv(5, 3, 16) + _bn(16) + _conv(5, 16, 32) + _bn(32)
+     + _dense(32 * 8 * 8, 10)),
+    ("tiny_cnn", (1, 8, 8, 1), _conv(3, 1, 4) + _bn(4) + _dense(4 * 4 * 4, 10)),
+    ("mlp", (1, 8, 8, 1), _dense(64, 32) + _dense(32, 10)),
 ])
-def test_peer_models_have_their_published_parameter_counts(name, shape, count):
-  published = {"cnn_mnist": 431_080, "torch_mnist": 1_199_882, "resnet20": 269_722}
+def test_models_have_their_published_parameter_counts(name, shape, count):
+  published = {"cnn_mnist": 431_080, "torch_mnist": 1_199_882, "resnet20": 269_722,
+               "simple_mnist": 29_034}
   assert count == published.get(name, count)  # the hand count is the published one
   variables = jax.eval_shape(lambda: _init(models.make_model(name), shape))
   assert _n_params(variables) == count
