@@ -13,7 +13,11 @@ without the test evaluations. ``--lib=ftjax`` runs ftjax's sweep config
 ByzFL's rate is ``--steps`` rounds over their wall time after ``--warmup``
 rounds; ftjax's is its own timer over one compiled chunk of ``--steps``
 rounds (compilation and the evaluation at the end excluded, and reported as
-overhead). Prints one JSON line.
+overhead). Prints one JSON line. With ``--curve_every=N`` it runs ByzFL's
+program for ``--seed`` instead and prints its test accuracy every N rounds:
+
+  /path/to/peers/python benchmarks/byzfl_speed_runner.py --lib=byzfl \
+    --mnist=mnist.npz --steps=1000 --curve_every=100 --seed=42
 """
 import argparse
 import json
@@ -59,7 +63,7 @@ def byzfl(args):
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(2)
   fw, misc = _byzfl_modules()
-  misc.set_random_seed(42)
+  misc.set_random_seed(args.seed)
   train, test = _mnist_datasets(args.mnist, torch)
   loaders = fw.DataDistributor({
       "data_distribution_name": "dirichlet_niid", "distribution_parameter": 0.5,
@@ -122,7 +126,20 @@ def main():
   p.add_argument("--mnist", required=True)
   p.add_argument("--warmup", type=int, default=10)
   p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--seed", type=int, default=42, help="ByzFL's seed (its README's: 42)")
+  p.add_argument("--curve_every", type=int, default=0,
+                 help="instead of timing, train --steps rounds of ByzFL and print the test "
+                      "accuracy after every this many (the README's printout)")
   args = p.parse_args()
+  if args.curve_every:
+    rounds, accuracy = byzfl(args)
+    curve = {}
+    for step in range(args.curve_every, args.steps + 1, args.curve_every):
+      rounds(args.curve_every)
+      curve[step] = accuracy()
+      print(json.dumps({"lib": "byzfl", "seed": args.seed, "step": step,
+                        "test_acc": curve[step]}), flush=True)
+    return
   t0 = time.perf_counter()
   if args.lib == "byzfl":
     rounds, accuracy = byzfl(args)
