@@ -278,7 +278,9 @@ def test_auto_is_the_backends_kernel_set():
 
 
 def test_unknown_names_and_bad_arguments_are_refused():
-  assert set(models.MODELS) == {"simple_mnist", "simple_cifar10", "resnet18", "tiny_cnn", "mlp"}
+  assert set(models.MODELS) == {"simple_mnist", "simple_cifar10", "resnet18", "tiny_cnn", "mlp",
+                                "resnet20", "cnn_mnist", "torch_mnist", "fc_mnist", "blades_mlp",
+                                "logreg"}
   with pytest.raises(ValueError, match="simple_mnist.*resnet18"):
     models.make_model("lenet")
   with pytest.raises(ValueError, match="auto, plain, cpu"):
