@@ -414,3 +414,11 @@ def test_dropout_follows_its_key_in_training_only():
   assert not np.allclose(run(1), run(2))
   evaluated = model.apply(variables, x, train=False)  # no key needed, deterministic
   np.testing.assert_array_equal(evaluated, model.apply(variables, x, train=False))
+
+
+def test_a_model_too_large_for_the_images_is_refused_at_build():
+  from ftjax import train  # pylint: disable=import-outside-toplevel
+  from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel
+  # cnn_mnist's two unpadded 5x5 convolutions and pools leave nothing of 8x8 digits.
+  with pytest.raises(train.ConfigError, match="too small for model 'cnn_mnist'"):
+    train.build(tiny_config(**{"model.name": "cnn_mnist"}))
