@@ -259,8 +259,9 @@ def make_local_updates(setup: Setup, local_steps: Optional[bool] = None) -> Call
   ``shared = (params, batch_stats, prev_params)`` (``prev_params`` None
   without mu2sgd); ``per_worker = (x, y, worker_state, keys)`` with a leading
   worker axis (``keys`` from :func:`model_keys`). Each worker's gradients are
-  clipped to ``setup.clip`` and fed to its estimator; ``gathered = (loss, logits, stats, prev_stats)`` are what
-  the server step logs and folds into the BatchNorm statistics. With local
+  clipped to ``setup.clip`` and fed to its estimator; ``gathered = (loss,
+  logits, stats, prev_stats)`` are what the server step logs and folds into
+  the BatchNorm statistics. With local
   steps (``local_steps``, default ``setup.federated.local``; ``x`` [n, K, b,
   ...]) the estimator is fed what each worker sends after its K steps
   (:func:`make_local_sgd`), each step's gradient clipped.
