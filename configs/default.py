@@ -70,7 +70,9 @@ def get_config(arg=None):
                                # never a worker's; fltrust's g0 is computed on them (0 = none)
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, tiny_cnn, mlp
+  c.model.name = "simple_mnist"  # simple_mnist, simple_cifar10, resnet18, resnet20, cnn_mnist,
+                               # torch_mnist, fc_mnist, blades_mlp, logreg, tiny_cnn, mlp
+                               # (ftjax list models; docs/architecture.md, "Models")
   c.model.batch_stats = "honest_mean"  # BatchNorm running stats: "honest_mean" of the honest
                                # workers, or "sequential" (every pass in turn, as the original)
 

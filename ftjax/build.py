@@ -36,6 +36,7 @@ from ftjax import sharding
 
 # Sub-streams of the run's root key, one per purpose.
 KEY_INIT, KEY_DATA, KEY_AUGMENT, KEY_ATTACK, KEY_AGGREGATOR, KEY_PARTICIPANTS = range(6)
+KEY_MODEL = 6  # the model's own randomness (dropout): round.model_keys
 
 
 class ConfigError(ValueError):

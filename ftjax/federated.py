@@ -175,10 +175,11 @@ def draw_participants(key: jax.Array, num_workers: int, participants: int) -> ja
 
 
 def local_sgd(value_and_grad: Callable, fed: Federated, clip: Optional[float]) -> Callable:
-  """One worker's K local steps: ``(params, stats, xs, ys) -> ((loss, logits, stats), sent)``.
+  """One worker's K local steps: ``(params, stats, xs, ys, keys) -> ((loss, logits, stats), sent)``.
 
-  ``xs`` [K, b, ...] and ``ys`` [K, b] are the worker's K minibatches;
-  ``value_and_grad(params, stats, x, y) -> ((loss, (logits, stats)), grads)``.
+  ``xs`` [K, b, ...] and ``ys`` [K, b] are the worker's K minibatches, ``keys``
+  [K, 2] the model's key data for each step;
+  ``value_and_grad(params, stats, x, y, key) -> ((loss, (logits, stats)), grads)``.
   Each step's gradient is clipped to ``clip`` before the step
   p <- p - local_lr * g. ``loss`` and ``logits`` are the first step's (at the
   server's model, as the paper's round logs them); ``stats`` the BatchNorm
@@ -195,10 +196,10 @@ def local_sgd(value_and_grad: Callable, fed: Federated, clip: Optional[float]) -
     params = jax.tree.map(lambda p, g: (p - fed.local_lr * g).astype(p.dtype), params, grads)
     return (params, stats, jax.tree.map(jnp.add, total, grads)), (loss, logits)
 
-  def trajectory(params, batch_stats, xs, ys):
+  def trajectory(params, batch_stats, xs, ys, keys):
     zeros = jax.tree.map(jnp.zeros_like, params)
     (last, stats, total), (loss, logits) = jax.lax.scan(
-        step, (params, batch_stats, zeros), (xs, ys))
+        step, (params, batch_stats, zeros), (xs, ys, keys))
     if fed.send == "model_change":
       sent = jax.tree.map(jnp.subtract, params, last)
     else:

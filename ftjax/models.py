@@ -1,4 +1,4 @@
-"""Flax models of the reference plus two tiny test models.
+"""Flax models: the reference's, the peers' standard networks, and two tiny test models.
 
 All models take NHWC float inputs and ``train: bool`` and return logits. Models
 with BatchNorm keep running statistics in the ``"batch_stats"`` collection;
@@ -274,6 +274,18 @@ class Layers:
     """BatchNorm -> ReLU -> MaxPool2 as one block, which the cpu kernels fuse."""
     return BatchNormReLUMaxPool(dtype=self.dtype, kernels=self.kernels, **kwargs)
 
+  def max_pool2(self, x: Array) -> Array:
+    """2x2 max pool, stride 2, floor mode (PyTorch's ``max_pool2d(x, 2, 2)``)."""
+    return layers.max_pool2(x, kernels_lib.resolve(self.kernels))
+
+  def dropout(self, rate: float) -> nn.Module:
+    """Dropout of ``rate``, called as ``(x, deterministic=not train)``.
+
+    In training its mask is drawn from the ``"dropout"`` stream that the round
+    passes to ``apply`` (one key per worker, round and local step; docs/data.md).
+    """
+    return nn.Dropout(rate)
+
 
 # --------------------------------------------------------------------------
 # Models.
@@ -323,36 +335,115 @@ class TinyCNN(nn.Module):
 
 
 class MLP(nn.Module):
-  """Flatten-Dense(hidden)-ReLU-Dense, without BatchNorm (no "batch_stats").
+  """Flatten-[Dense(h)-ReLU(-Dropout)] for each hidden width h-Dense, without BatchNorm.
 
   Attributes:
     num_classes: output logits.
-    hidden: hidden width.
+    hidden: hidden width, or a sequence of them (one hidden layer each).
+    dropout: dropout rate after every hidden layer (0: none).
     layers: the layer implementations.
   """
   num_classes: int = 10
-  hidden: int = 32
+  hidden: int | Sequence[int] = 32
+  dropout: float = 0.0
+  layers: Layers = Layers()
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = x.reshape(x.shape[0], -1)
+    for width in ((self.hidden,) if isinstance(self.hidden, int) else self.hidden):
+      x = nn.relu(self.layers.dense(width)(x))
+      if self.dropout:
+        x = self.layers.dropout(self.dropout)(x, deterministic=not train)
+    return self.layers.dense(self.num_classes)(x)
+
+
+class LogReg(nn.Module):
+  """Multinomial logistic regression: one Dense layer on the flattened image.
+
+  Attributes:
+    num_classes: output logits.
+    layers: the layer implementations.
+  """
+  num_classes: int = 10
+  layers: Layers = Layers()
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    del train
+    return self.layers.dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def _flatten_channels_first(x: Array) -> Array:
+  """[N, H, W, C] -> [N, C H W], PyTorch's ``view(N, -1)`` order of an NCHW tensor."""
+  return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+
+
+class ByzFLCNN(nn.Module):
+  """ByzFL's ``cnn_mnist``: Conv5x5(20)-ReLU-MaxPool2-Conv5x5(50)-ReLU-MaxPool2-
+  Dense(500)-ReLU-Dense.
+
+  Unpadded convolutions; 431,080 parameters on 28x28x1 inputs (the Dense
+  layer's width follows the input; at least 16x16). ByzFL's network ends in
+  ``log_softmax`` and trains with the NLL loss: the same loss and predictions
+  as these logits under cross-entropy.
+
+  Attributes:
+    num_classes: output logits.
+    layers: the layer implementations.
+  """
+  num_classes: int = 10
   layers: Layers = Layers()
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     del train  # No layer behaves differently in training.
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(self.layers.dense(self.hidden)(x))
+    x = self.layers.max_pool2(nn.relu(self.layers.conv(20, 5)(x)))
+    x = self.layers.max_pool2(nn.relu(self.layers.conv(50, 5)(x)))
+    x = nn.relu(self.layers.dense(500)(_flatten_channels_first(x)))
+    return self.layers.dense(self.num_classes)(x)
+
+
+class TorchMNIST(nn.Module):
+  """The PyTorch examples' MNIST net: Conv3x3(32)-ReLU-Conv3x3(64)-ReLU-MaxPool2-
+  Dropout(0.25)-Dense(128)-ReLU-Dropout(0.5)-Dense.
+
+  1,199,882 parameters on 28x28x1 inputs (the Dense layer's width follows the
+  input; at least 6x6). The bucketing paper's code (Karimireddy, He and Jaggi,
+  2022) trains it.
+
+  Attributes:
+    num_classes: output logits.
+    layers: the layer implementations.
+  """
+  num_classes: int = 10
+  layers: Layers = Layers()
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = nn.relu(self.layers.conv(32, 3)(x))
+    x = self.layers.max_pool2(nn.relu(self.layers.conv(64, 3)(x)))
+    x = self.layers.dropout(0.25)(_flatten_channels_first(x), deterministic=not train)
+    x = nn.relu(self.layers.dense(128)(x))
+    x = self.layers.dropout(0.5)(x, deterministic=not train)
     return self.layers.dense(self.num_classes)(x)
 
 
 class BasicBlock(nn.Module):
-  """ResNet basic block: two 3x3 conv-BN, 1x1 conv-BN shortcut when the shape changes.
+  """ResNet basic block: two 3x3 conv-BN, and a shortcut that matches a changed shape.
 
   Attributes:
     features: output channels.
     stride: stride of the first conv and of the shortcut.
     layers: the layer implementations.
+    shortcut: when the shape changes, "conv" (a 1x1 conv-BN projection, He et
+      al.'s option B) or "pad" (the input subsampled by the stride and its
+      channels zero-padded, option A: no parameters).
   """
   features: int
   stride: int = 1
   layers: Layers = Layers()
+  shortcut: str = "conv"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -362,7 +453,12 @@ class BasicBlock(nn.Module):
     out = self.layers.batch_norm()(conv(3, 1, 1)(out), train)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = self.layers.batch_norm()(conv(1, self.stride, 0)(x), train)
+      if self.shortcut == "pad":
+        extra = self.features - x.shape[-1]
+        shortcut = jnp.pad(x[:, ::self.stride, ::self.stride, :],
+                           ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+      else:
+        shortcut = self.layers.batch_norm()(conv(1, self.stride, 0)(x), train)
     return nn.relu(out + shortcut)
 
 
@@ -392,6 +488,33 @@ class ResNet18(nn.Module):
     return self.layers.dense(self.num_classes)(x)
 
 
+class ResNet20(nn.Module):
+  """He et al. (2016)'s CIFAR ResNet-20: Conv3x3(16)-BN-ReLU, three stages of three
+  basic blocks with 16, 32 and 64 channels (stride 2 entering the second and
+  third), global average pool, Dense.
+
+  The option-A shortcut of the paper's CIFAR experiments (subsample, zero-pad
+  the channels; no parameters): 269,722 parameters with 10 classes.
+
+  Attributes:
+    num_classes: output logits.
+    layers: the layer implementations.
+  """
+  num_classes: int = 10
+  layers: Layers = Layers()
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = self.layers.conv(16, 3, padding=1, use_bias=False)(x)
+    x = nn.relu(self.layers.batch_norm()(x, train))
+    for i, features in enumerate((16, 32, 64)):
+      for j in range(3):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(features, stride, layers=self.layers, shortcut="pad")(x, train)
+    x = x.mean(axis=(1, 2))
+    return self.layers.dense(self.num_classes)(x)
+
+
 def _simple_mnist(**kw) -> nn.Module:
   return SimpleCNN(**kw)
 
@@ -401,10 +524,27 @@ def _simple_cifar10(**kw) -> nn.Module:
   return SimpleCNN(**kw)
 
 
+def _fc_mnist(**kw) -> nn.Module:
+  # ByzFL's fc_mnist: 784-100-10.
+  return MLP(hidden=100, **kw)
+
+
+def _blades_mlp(**kw) -> nn.Module:
+  # Blades' MNIST MLP: 784-128-256-10, dropout 0.2 after each hidden layer.
+  return MLP(hidden=(128, 256), dropout=0.2, **kw)
+
+
+# Each model's source and parameter count: docs/architecture.md, "Models".
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "simple_mnist": _simple_mnist,
     "simple_cifar10": _simple_cifar10,
     "resnet18": ResNet18,
+    "resnet20": ResNet20,
+    "cnn_mnist": ByzFLCNN,
+    "torch_mnist": TorchMNIST,
+    "fc_mnist": _fc_mnist,
+    "blades_mlp": _blades_mlp,
+    "logreg": LogReg,
     "tiny_cnn": TinyCNN,
     "mlp": MLP,
 }

@@ -34,7 +34,7 @@ from ftjax import federated
 from ftjax import models as models_lib
 from ftjax import sharding
 from ftjax.build import (KEY_AGGREGATOR, KEY_ATTACK, KEY_AUGMENT, KEY_DATA, KEY_INIT,
-                         KEY_PARTICIPANTS, Setup)
+                         KEY_MODEL, KEY_PARTICIPANTS, Setup)
 
 PyTree = Any
 
@@ -54,6 +54,20 @@ class TrainState(NamedTuple):
 def purpose_key(state: TrainState, purpose: int) -> jax.Array:
   """The run's key for one purpose (build.KEY_*)."""
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), purpose)
+
+
+def model_keys(setup: Setup, state: TrainState) -> jax.Array:
+  """uint32 [W', K, 2]: the key data of the model's randomness (dropout) in this round.
+
+  One key per computed worker i and local step k, ``fold_in(fold_in(fold_in(
+  model_key, step), i), k)``: a function of the run's seed and the round, so
+  a resumed run draws what the uninterrupted one would have drawn.
+  """
+  key = jax.random.fold_in(purpose_key(state, KEY_MODEL), state.step)
+  steps = jnp.arange(setup.federated.local_steps)
+  return jax.vmap(lambda i: jax.vmap(lambda k: jax.random.key_data(
+      jax.random.fold_in(jax.random.fold_in(key, i), k)))(steps))(
+          jnp.arange(setup.num_computed))
 
 
 def init_state(setup: Setup, seed: int) -> TrainState:
@@ -177,13 +191,17 @@ def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Arr
 
 
 def make_loss_fn(model) -> Callable:
-  """One worker's loss on its minibatch: ``(params, stats, x, y) -> (loss, aux)``."""
+  """One worker's loss on its minibatch: ``(params, stats, x, y, key) -> (loss, aux)``.
 
-  def loss_fn(params, batch_stats, x, y):
+  ``key`` is the key data of the model's ``"dropout"`` stream (:func:`model_keys`).
+  """
+
+  def loss_fn(params, batch_stats, x, y, key):
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    logits, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    logits, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                  rngs={"dropout": jax.random.wrap_key_data(key)})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, (logits, mutated.get("batch_stats", {}))
 
@@ -191,9 +209,11 @@ def make_loss_fn(model) -> Callable:
 
 
 def make_worker_gradients(setup: Setup) -> Callable:
-  """``(params, batch_stats, prev_params, x, y) -> (out, prev_grads, prev_stats)``.
+  """``(params, batch_stats, prev_params, x, y, keys) -> (out, prev_grads, prev_stats)``.
 
-  ``x`` [n, b, ...] and ``y`` [n, b] are n workers' minibatches;
+  ``x`` [n, b, ...] and ``y`` [n, b] are n workers' minibatches and ``keys``
+  [n, 2] their model keys (the same for mu2sgd's second pass, which reuses the
+  sample);
   ``out = ((loss, (logits, stats)), grads)`` has a leading worker axis, and
   ``prev_grads`` and ``prev_stats`` are the same workers' gradients and updated
   running statistics at ``prev_params`` on the same minibatches (mu2sgd's
@@ -206,20 +226,20 @@ def make_worker_gradients(setup: Setup) -> Callable:
   """
   value_and_grad = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)
 
-  def passes(grads, params, batch_stats, prev_params, x, y):
-    out = grads(params, batch_stats, x, y)
+  def passes(grads, params, batch_stats, prev_params, x, y, keys):
+    out = grads(params, batch_stats, x, y, keys)
     if prev_params is None:
       return out, None, None
-    (_, (_, prev_stats)), prev_grads = grads(prev_params, batch_stats, x, y)
+    (_, (_, prev_stats)), prev_grads = grads(prev_params, batch_stats, x, y, keys)
     return out, prev_grads, prev_stats
 
-  def gradients(params, batch_stats, prev_params, x, y):
+  def gradients(params, batch_stats, prev_params, x, y, keys):
     chunk = setup.worker_chunk
     if 0 < chunk < x.shape[0]:
       return jax.lax.map(lambda xy: passes(value_and_grad, params, batch_stats, prev_params,
-                                           *xy), (x, y), batch_size=chunk)
-    return passes(jax.vmap(value_and_grad, in_axes=(None, None, 0, 0)), params, batch_stats,
-                  prev_params, x, y)
+                                           *xy), (x, y, keys), batch_size=chunk)
+    return passes(jax.vmap(value_and_grad, in_axes=(None, None, 0, 0, 0)), params, batch_stats,
+                  prev_params, x, y, keys)
 
   return gradients
 
@@ -227,24 +247,25 @@ def make_worker_gradients(setup: Setup) -> Callable:
 def make_local_sgd(setup: Setup) -> Callable:
   """The workers' K local steps (:func:`ftjax.federated.local_sgd`) over the worker axis.
 
-  ``(params, batch_stats, prev_params, x, y) -> (out, None, None)`` like
-  :func:`make_worker_gradients`, with ``x`` [n, K, b, ...] and ``y`` [n, K, b]:
+  ``(params, batch_stats, prev_params, x, y, keys) -> (out, None, None)`` like
+  :func:`make_worker_gradients`, with ``x`` [n, K, b, ...], ``y`` [n, K, b]
+  and ``keys`` [n, K, 2] (one model key per local step):
   ``out = ((loss, (logits, stats)), sent)``, the first step's loss and logits,
   the statistics after the K steps and what each worker sends (already
   clipped step by step). Chunked over the workers as the gradients are.
   """
   value_and_grad = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)
   trajectory = jax.vmap(federated.local_sgd(value_and_grad, setup.federated, setup.clip),
-                        in_axes=(None, None, 0, 0))
+                        in_axes=(None, None, 0, 0, 0))
 
-  def local(params, batch_stats, prev_params, x, y):
+  def local(params, batch_stats, prev_params, x, y, keys):
     del prev_params  # mu2sgd is refused with local steps (federated.settings)
     chunk = setup.worker_chunk
     if 0 < chunk < x.shape[0]:
       (loss, logits, stats), sent = jax.lax.map(
-          lambda xy: trajectory(params, batch_stats, *xy), (x, y), batch_size=chunk)
+          lambda xy: trajectory(params, batch_stats, *xy), (x, y, keys), batch_size=chunk)
     else:
-      (loss, logits, stats), sent = trajectory(params, batch_stats, x, y)
+      (loss, logits, stats), sent = trajectory(params, batch_stats, x, y, keys)
     return ((loss, (logits, stats)), sent), None, None
 
   return local
@@ -254,10 +275,11 @@ def make_local_updates(setup: Setup, local_steps: Optional[bool] = None) -> Call
   """Step 1: ``(shared, per_worker) -> (updates, gathered, worker_state)``.
 
   ``shared = (params, batch_stats, prev_params)`` (``prev_params`` None
-  without mu2sgd); ``per_worker = (x, y, worker_state)`` with a leading
-  worker axis. Each worker's gradients are clipped to ``setup.clip`` and fed
-  to its estimator; ``gathered = (loss, logits, stats, prev_stats)`` are what
-  the server step logs and folds into the BatchNorm statistics. With local
+  without mu2sgd); ``per_worker = (x, y, worker_state, keys)`` with a leading
+  worker axis (``keys`` from :func:`model_keys`). Each worker's gradients are
+  clipped to ``setup.clip`` and fed to its estimator; ``gathered = (loss,
+  logits, stats, prev_stats)`` are what the server step logs and folds into
+  the BatchNorm statistics. With local
   steps (``local_steps``, default ``setup.federated.local``; ``x`` [n, K, b,
   ...]) the estimator is fed what each worker sends after its K steps
   (:func:`make_local_sgd`), each step's gradient clipped.
@@ -276,9 +298,11 @@ def make_local_updates(setup: Setup, local_steps: Optional[bool] = None) -> Call
 
   def local_updates(shared, per_worker):
     params, batch_stats, prev_params = shared
-    x, y, worker_state = per_worker
+    x, y, worker_state, keys = per_worker
+    if not local_steps:
+      keys = keys[:, 0]  # one step: the first local step's key
     ((loss, (logits, stats)), grads), prev_grads, prev_stats = gradients(
-        params, batch_stats, prev_params, x, y)
+        params, batch_stats, prev_params, x, y, keys)
     grads = clip_rows(grads)
     if setup.needs_prev:
       prev_grads = clip_rows(prev_grads)
@@ -585,7 +609,7 @@ def make_round(setup: Setup) -> Callable:
       worker_state = _pad_workers(worker_state, worker_state_rows(setup))
     aggregate, (diagnostics, aggregator_state), gathered, new_worker_state = middle(
         (state.params, state.batch_stats, state.prev_params if setup.needs_prev else None),
-        (x, y, worker_state), extras, given)
+        (x, y, worker_state, model_keys(setup, state)), extras, given)
     drawn = given.get("drawn")
     if drawn is not None:  # the workers not drawn keep their estimator state
       new_worker_state = _keep_undrawn(drawn, new_worker_state, worker_state)

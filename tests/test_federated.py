@@ -94,9 +94,9 @@ def test_one_local_step_is_the_papers_round():
                                   round_lib.sample_chunk(setup, state, data, 1)[0])
     shared = (state.params, state.batch_stats, None)
     plain = round_lib.make_local_updates(setup, local_steps=False)(
-        shared, (x, y, state.worker_state))
+        shared, (x, y, state.worker_state, round_lib.model_keys(setup, state)))
     local = round_lib.make_local_updates(setup, local_steps=True)(
-        shared, (x[:, None], y[:, None], state.worker_state))
+        shared, (x[:, None], y[:, None], state.worker_state, round_lib.model_keys(setup, state)))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(local)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
 
@@ -134,7 +134,8 @@ def test_client_sampling_averages_the_drawn_rows_and_keeps_the_others_state():
     idx = round_lib.sample_chunk(setup, state, data, 1)[0]
     x, y = round_lib._minibatches(setup, state, data, idx)
     rows, _, updated = round_lib.make_local_updates(setup)(
-        (state.params, state.batch_stats, None), (x, y, state.worker_state))
+        (state.params, state.batch_stats, None),
+        (x, y, state.worker_state, round_lib.model_keys(setup, state)))
     new_state, metrics = jax.jit(train.make_round(setup))(state, data, idx)
     drawn = np.asarray(federated.draw_participants(jax.random.fold_in(
         round_lib.purpose_key(state, build_lib.KEY_PARTICIPANTS), 0), 6, 3))
@@ -328,7 +329,8 @@ def test_example_count_weights_reach_the_rule_and_equal_weights_change_nothing()
     by_size, _ = jax.jit(train.make_round(weighted))(state, data, idx)
     x, y = round_lib._minibatches(setup, state, data, idx)
     rows, _, _ = round_lib.make_local_updates(setup)(
-        (state.params, state.batch_stats, None), (x, y, state.worker_state))
+        (state.params, state.batch_stats, None),
+        (x, y, state.worker_state, round_lib.model_keys(setup, state)))
     byz = setup.attack(jax.tree.map(lambda r: r[:4], rows), None, jax.random.fold_in(
         round_lib.purpose_key(state, build_lib.KEY_ATTACK), 0),
         round_lib._attack_context(setup))

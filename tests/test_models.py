@@ -35,13 +35,13 @@ def _loss_fn(model):
     logits, mut = model.apply({"params": params, "batch_stats": batch_stats}, x,
                               train=True, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (logits, mut["batch_stats"])
+    return loss, (logits, mut.get("batch_stats", {}))
   return loss_fn
 
 
 def _per_worker_grads(model, variables, x, y):
   f = jax.vmap(jax.value_and_grad(_loss_fn(model), has_aux=True), in_axes=(None, None, 0, 0))
-  return jax.jit(f)(variables["params"], variables["batch_stats"], x, y)
+  return jax.jit(f)(variables["params"], variables.get("batch_stats", {}), x, y)
 
 
 # --------------------------------------------------------------------------
@@ -180,7 +180,8 @@ def _model_case(name, dtype, kset, shape, workers=3, batch=4):
 
 @pytest.mark.parametrize("name,shape,workers", [
     ("simple_mnist", (10, 10, 1), 3), ("simple_cifar10", (8, 8, 3), 3),
-    ("tiny_cnn", (8, 8, 1), 3), ("tiny_cnn", (8, 8, 1), 70)])  # 70: past 64, the fallback
+    ("tiny_cnn", (8, 8, 1), 3), ("tiny_cnn", (8, 8, 1), 70),  # 70: past 64, the fallback
+    ("cnn_mnist", (16, 16, 1), 3), ("resnet20", (8, 8, 3), 3)])
 @pytest.mark.slow
 def test_per_worker_gradients_cpu_match_plain_float32(name, shape, workers):
   variables, x, y, ref = _reference_grads(name, jnp.float32, shape, workers)
@@ -277,7 +278,9 @@ def test_auto_is_the_backends_kernel_set():
 
 
 def test_unknown_names_and_bad_arguments_are_refused():
-  assert set(models.MODELS) == {"simple_mnist", "simple_cifar10", "resnet18", "tiny_cnn", "mlp"}
+  assert set(models.MODELS) == {"simple_mnist", "simple_cifar10", "resnet18", "tiny_cnn", "mlp",
+                                "resnet20", "cnn_mnist", "torch_mnist", "fc_mnist", "blades_mlp",
+                                "logreg"}
   with pytest.raises(ValueError, match="simple_mnist.*resnet18"):
     models.make_model("lenet")
   with pytest.raises(ValueError, match="auto, plain, cpu"):
@@ -289,3 +292,133 @@ def test_unknown_names_and_bad_arguments_are_refused():
   if not jax.config.read("jax_enable_x64"):
     with pytest.raises(ValueError, match="jax_enable_x64"):
       models.make_model("mlp", dtype=jnp.float64)
+
+
+# --------------------------------------------------------------------------
+# The peers' networks: parameter counts from their layer shapes, forward passes.
+
+
+def _conv(k, cin, cout, bias=True):
+  return k * k * cin * cout + (cout if bias else 0)
+
+
+def _dense(nin, nout):
+  return nin * nout + nout
+
+
+def _bn(c):
+  return 2 * c  # scale and bias (the running statistics are not parameters)
+
+
+def _resnet20_option_a():
+  """He et al.'s CIFAR ResNet-20, counted block by block."""
+  total = _conv(3, 3, 16, bias=False) + _bn(16)
+  cin = 16
+  for width in (16, 32, 64):
+    for _ in range(3):
+      total += _conv(3, cin, width, False) + _bn(width) + _conv(3, width, width, False) + _bn(width)
+      cin = width  # option A: the shortcut has no parameters
+  return total + _dense(64, 10)
+
+
+@pytest.mark.parametrize("name,shape,count", [
+    # ByzFL's cnn_mnist: two unpadded 5x5 convs, 28 -> 24 -> 12 -> 8 -> 4, so 50*4*4 = 800 inputs.
+    ("cnn_mnist", (1, 28, 28, 1), _conv(5, 1, 20) + _conv(5, 20, 50) + _dense(800, 500)
+     + _dense(500, 10)),
+    # PyTorch's MNIST example: 28 -> 26 -> 24 -> 12 after the pool, 64*12*12 = 9216 inputs.
+    ("torch_mnist", (1, 28, 28, 1), _conv(3, 1, 32) + _conv(3, 32, 64) + _dense(9216, 128)
+     + _dense(128, 10)),
+    ("fc_mnist", (1, 28, 28, 1), _dense(784, 100) + _dense(100, 10)),
+    ("blades_mlp", (1, 28, 28, 1), _dense(784, 128) + _dense(128, 256) + _dense(256, 10)),
+    ("logreg", (1, 28, 28, 1), _dense(784, 10)),
+    ("resnet20", (1, 32, 32, 3), _resnet20_option_a()),
+    # The reference's network, 28 -> 14 -> 7 (padded convs); on 32x32x3, 32 -> 16 -> 8.
+    ("simple_mnist", (1, 28, 28, 1), _conv(5, 1, 16) + _bn(16) + _conv(5, 16, 32) + _bn(32)
+     + _dense(32 * 7 * 7, 10)),
+    ("simple_cifar10", (1, 32, 32, 3), _conv(5, 3, 16) + _bn(16) + _conv(5, 16, 32) + _bn(32)
+     + _dense(32 * 8 * 8, 10)),
+    ("tiny_cnn", (1, 8, 8, 1), _conv(3, 1, 4) + _bn(4) + _dense(4 * 4 * 4, 10)),
+    ("mlp", (1, 8, 8, 1), _dense(64, 32) + _dense(32, 10)),
+])
+def test_models_have_their_published_parameter_counts(name, shape, count):
+  published = {"cnn_mnist": 431_080, "torch_mnist": 1_199_882, "resnet20": 269_722,
+               "simple_mnist": 29_034}
+  assert count == published.get(name, count)  # the hand count is the published one
+  variables = jax.eval_shape(lambda: _init(models.make_model(name), shape))
+  assert _n_params(variables) == count
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("cnn_mnist", (2, 16, 16, 1)), ("torch_mnist", (2, 8, 8, 1)), ("fc_mnist", (2, 8, 8, 1)),
+    ("blades_mlp", (2, 8, 8, 1)), ("logreg", (2, 8, 8, 1)), ("resnet20", (2, 8, 8, 3)),
+])
+def test_peer_models_forward_in_both_modes(name, shape):
+  model = models.make_model(name, num_classes=7, kernels="plain")
+  variables = _init(model, shape)
+  x = _normal(0, shape)
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (shape[0], 7) and np.all(np.isfinite(logits))
+  trained, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(1)})
+  assert trained.shape == (shape[0], 7)
+  assert ("batch_stats" in variables) == (name == "resnet20")
+
+
+def test_cnn_mnist_is_byzfls_layer_sequence():
+  """The logits of a hand-written NumPy forward pass of ByzFL's network (float64)."""
+  with jax.enable_x64(True):
+    model = models.make_model("cnn_mnist", dtype=jnp.float64, kernels="plain")
+    x = _normal(3, (2, 16, 16, 1), np.float64)
+    variables = _init(model, x.shape, jnp.float64)
+    got = np.asarray(model.apply(variables, x, train=False))
+  p = jax.tree.map(np.asarray, variables["params"])
+
+  def conv(a, w, b):  # valid 2-D convolution, NHWC with HWIO weights
+    k = w.shape[0]
+    out = np.zeros((a.shape[0], a.shape[1] - k + 1, a.shape[2] - k + 1, w.shape[3]))
+    for i in range(out.shape[1]):
+      for j in range(out.shape[2]):
+        out[:, i, j] = np.einsum("nhwc,hwco->no", a[:, i:i + k, j:j + k], w)
+    return out + b
+
+  def pool(a):
+    n, h, w, c = a.shape
+    return a[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max((2, 4))
+
+  a = pool(np.maximum(conv(np.asarray(x), p["Conv_0"]["kernel"], p["Conv_0"]["bias"]), 0))
+  a = pool(np.maximum(conv(a, p["Conv_1"]["kernel"], p["Conv_1"]["bias"]), 0))
+  a = a.transpose(0, 3, 1, 2).reshape(2, -1)  # PyTorch's NCHW flatten
+  a = np.maximum(a @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0)
+  np.testing.assert_allclose(got, a @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"],
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_resnet20_option_a_shortcut_subsamples_and_pads_channels():
+  block = models.BasicBlock(8, stride=2, shortcut="pad", layers=models.Layers(kernels="plain"))
+  x = _normal(4, (1, 6, 6, 4))
+  variables = _init(block, x.shape)
+  zeroed = jax.tree.map(jnp.zeros_like, variables["params"])  # the residual branch gives 0
+  out = block.apply({"params": zeroed, "batch_stats": variables["batch_stats"]}, x, train=False)
+  want = np.zeros((1, 3, 3, 8), np.float32)
+  want[..., 2:6] = np.asarray(x)[:, ::2, ::2, :]
+  np.testing.assert_allclose(out, np.maximum(want, 0), rtol=0, atol=1e-6)
+  assert "Conv_2" not in variables["params"]  # no projection
+
+
+def test_dropout_follows_its_key_in_training_only():
+  model = models.make_model("blades_mlp", kernels="plain")
+  x = _normal(5, (4, 8, 8, 1))
+  variables = _init(model, x.shape)
+  run = lambda key: model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(key)})
+  assert np.array_equal(run(1), run(1))
+  assert not np.allclose(run(1), run(2))
+  evaluated = model.apply(variables, x, train=False)  # no key needed, deterministic
+  np.testing.assert_array_equal(evaluated, model.apply(variables, x, train=False))
+
+
+def test_a_model_too_large_for_the_images_is_refused_at_build():
+  from ftjax import train  # pylint: disable=import-outside-toplevel
+  from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel
+  # cnn_mnist's two unpadded 5x5 convolutions and pools leave nothing of 8x8 digits.
+  with pytest.raises(train.ConfigError, match="too small for model 'cnn_mnist'"):
+    train.build(tiny_config(**{"model.name": "cnn_mnist"}))
