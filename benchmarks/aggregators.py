@@ -14,6 +14,8 @@ calls after a warm-up call), side by side in the same run with:
 Writes a Markdown table (``--out``).
 
   python benchmarks/aggregators.py --quick          # W=17, d=1e4 and 1e6
+  python benchmarks/aggregators.py --workers=17,65 --dims=1000000 --noresnet --weighted \
+      "--rules=avg,cwmed,cwtm,gm,ctma(cwtm)" --np_reps=0 --out=docs/benchmarks/aggregators_weighted.md
   python benchmarks/aggregators.py                  # full grid (slow: tens of minutes)
   python benchmarks/aggregators.py --workers=17 --dims=1000000 --noresnet \
       "--rules=cwtm,ctma(cwtm)" --np_reps=0 --out=/tmp/agg.md   # one cell, no NumPy
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import aggregators as agg_lib
+from ftjax.aggregators import weighted
 from ftjax.kernels import rows as rows_lib
 from ftjax.kernels import select as select_lib
 
@@ -60,6 +63,8 @@ flags.DEFINE_integer("np_reps", 5, "Timed calls of the NumPy baselines (cap to s
                      "0 skips them).")
 flags.DEFINE_float("max_gb", 6.0, "Skip (W, d) whose float32 working set would exceed this.")
 flags.DEFINE_float("slow_s", 20.0, "A call slower than this is timed once, marked '*'.")
+flags.DEFINE_bool("weighted", False, "Also time each rule with unequal per-worker weights "
+                  "(weights 1..W; rules with a weighted version only).")
 flags.DEFINE_string("out", "docs/benchmarks/aggregators.md", "Markdown output.")
 flags.DEFINE_list("select_variants", [], "NAME:VALUE settings of ftjax.kernels.select "
                   "constants, each timed on every rule (interleaved).")
@@ -230,12 +235,25 @@ def bench_cell(w, d, rules, reps):
     np_ms, np_slow = (_time(lambda: np_fn(xn, f), min(reps, FLAGS.np_reps))
                       if np_fn and FLAGS.np_reps > 0
                       else (float("nan"), False))
+    weighted_ms = time_weighted(agg, x, key, reps) if FLAGS.weighted else float("nan")
     rows.append(dict(spec=spec, ms=ms, slow=slow, np_ms=np_ms, np_slow=np_slow,
-                     compile_s=compile_s))
+                     compile_s=compile_s, weighted_ms=weighted_ms))
     print(f"W={w} d={d} f={f} {spec:22s} {ms:10.2f} ms{'*' if slow else ' '} "
           f"numpy {np_ms:10.2f} ms  mem {mem:8.2f} ms  compile {compile_s:5.1f} s", flush=True)
   variants = time_variants(x, f, rules, reps) if FLAGS.select_variants else {}
   return dict(w=w, d=d, f=f, mem=mem, how=how, cands=cands, rows=rows, variants=variants)
+
+
+def time_weighted(agg, x, key, reps):
+  """Median ms of ``agg`` with unequal weights 1..W (NaN for a rule without a weighted
+  version): the weighted formulas, not the equal-weights shortcut."""
+  try:
+    weighted.check(agg)
+  except ValueError:
+    return float("nan")
+  weights = jnp.arange(1, x.shape[0] + 1, dtype=jnp.float32)
+  fn = jax.jit(lambda x_, k, w_: agg(x_, k, weights=w_))
+  return _time(lambda: jax.block_until_ready(fn(x, key, weights)), reps)[0]
 
 
 def time_variants(x, f, rules, reps):
@@ -286,13 +304,18 @@ def markdown(cells, skipped, command):
     cands = ", ".join(f"{k} {v:.2f} ms" for k, v in c["cands"].items())
     lines += [f"## W={c['w']}, d={c['d']:,}, f={c['f']}", "",
               f"Memory pass: {c['mem']:.2f} ms ({c['how']}; candidates: {cands}).", "",
-              "| rule | ms | x mem | numpy ms | x numpy | compile s |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| rule | ms | x mem | numpy ms | x numpy | compile s |"
+              + (" weighted ms | x unweighted |" if FLAGS.weighted else ""),
+              "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if FLAGS.weighted else "")]
     for r in c["rows"]:
       np_ms = "-" if np.isnan(r["np_ms"]) else f"{r['np_ms']:.2f}{'*' if r['np_slow'] else ''}"
       ratio = "-" if np.isnan(r["np_ms"]) else f"{r['ms'] / r['np_ms']:.2f}"
-      lines.append(f"| {r['spec']} | {r['ms']:.2f}{'*' if r['slow'] else ''} | "
-                   f"{r['ms'] / c['mem']:.1f} | {np_ms} | {ratio} | {r['compile_s']:.1f} |")
+      line = (f"| {r['spec']} | {r['ms']:.2f}{'*' if r['slow'] else ''} | "
+              f"{r['ms'] / c['mem']:.1f} | {np_ms} | {ratio} | {r['compile_s']:.1f} |")
+      if FLAGS.weighted:
+        wm = r["weighted_ms"]
+        line += (" - | - |" if np.isnan(wm) else f" {wm:.2f} | {wm / r['ms']:.2f} |")
+      lines.append(line)
     lines.append("")
     if c["variants"]:
       lines += ["Constants of `ftjax.kernels.select`, one setting at a time (interleaved calls):",

@@ -20,169 +20,26 @@ coordinate slices) are applied around steps 1 and 2 by
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ftjax import sampling
 from ftjax import attacks as attacks_lib
-from ftjax import data as data_lib
 from ftjax import estimators
 from ftjax import federated
 from ftjax import models as models_lib
 from ftjax import sharding
-from ftjax.build import (KEY_AGGREGATOR, KEY_ATTACK, KEY_AUGMENT, KEY_DATA, KEY_INIT,
-                         KEY_MODEL, KEY_PARTICIPANTS, Setup)
+from ftjax import round_data
+from ftjax.build import KEY_AGGREGATOR, KEY_ATTACK, KEY_PARTICIPANTS, Setup
+# The run's state, and the data the round reads, live in their own modules; their
+# names are the round's too.
+from ftjax.round_data import DeviceData, make_device_data, sample_chunk  # noqa: F401
+from ftjax.state import (TrainState, init_state, init_states, model_key,  # noqa: F401
+                         model_keys, purpose_key)
 
 PyTree = Any
-
-
-class TrainState(NamedTuple):
-  """The whole state of a run; a pytree of arrays."""
-  step: jax.Array          # int32 []: rounds done so far
-  params: PyTree           # the query point x_t (the evaluated model)
-  prev_params: PyTree      # x_{t-1} for mu2sgd's second gradient; () otherwise
-  batch_stats: PyTree      # BatchNorm running statistics ({} without BatchNorm)
-  server_state: PyTree     # server optax state (holds the anchor w_t for mu2sgd)
-  worker_state: PyTree     # estimator states stacked on a leading axis [num_computed]
-  rng: jax.Array           # uint32 key data of the run's root key
-  aggregator_state: PyTree = ()  # a stateful rule's state across rounds; () for the others
-
-
-def purpose_key(state: TrainState, purpose: int) -> jax.Array:
-  """The run's key for one purpose (build.KEY_*)."""
-  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), purpose)
-
-
-def model_keys(setup: Setup, state: TrainState) -> jax.Array:
-  """uint32 [W', K, 2]: the key data of the model's randomness (dropout) in this round.
-
-  One key per computed worker i and local step k, ``fold_in(fold_in(fold_in(
-  model_key, step), i), k)``: a function of the run's seed and the round, so
-  a resumed run draws what the uninterrupted one would have drawn.
-  """
-  key = jax.random.fold_in(purpose_key(state, KEY_MODEL), state.step)
-  steps = jnp.arange(setup.federated.local_steps)
-  return jax.vmap(lambda i: jax.vmap(lambda k: jax.random.key_data(
-      jax.random.fold_in(jax.random.fold_in(key, i), k)))(steps))(
-          jnp.arange(setup.num_computed))
-
-
-def init_state(setup: Setup, seed: int) -> TrainState:
-  """Initial state: model init, estimator and server states, root key."""
-  root = jax.random.key(seed)
-  sample = jnp.zeros((1,) + setup.dataset.train_images.shape[1:], setup.dtype)
-  variables = setup.model.init(jax.random.fold_in(root, KEY_INIT), sample, train=False)
-  params = variables["params"]
-  worker_state = jax.vmap(setup.worker_tx.init, in_axes=None,
-                          axis_size=setup.num_computed)(params)
-  return TrainState(
-      step=jnp.zeros([], jnp.int32), params=params,
-      prev_params=jax.tree.map(jnp.array, params) if setup.needs_prev else (),
-      batch_stats=variables.get("batch_stats", {}), server_state=setup.server_tx.init(params),
-      worker_state=worker_state, rng=jax.random.key_data(root),
-      aggregator_state=setup.aggregator.init_state(params))
-
-
-def init_states(setup: Setup, seeds) -> TrainState:
-  """:func:`init_state` for several seeds, stacked on a leading runs axis [R]."""
-  return jax.vmap(lambda seed: init_state(setup, seed))(jnp.asarray(seeds))
-
-
-# --------------------------------------------------------------------------
-# The data a round reads
-# --------------------------------------------------------------------------
-
-
-class DeviceData(NamedTuple):
-  """The training split, resident on device; the round gathers from it."""
-  images: jax.Array   # uint8 [N, H, W, C]
-  labels: jax.Array   # int32 [N]
-  table: Optional[jax.Array] = None  # int32 [W, S] per-worker shards (non-i.i.d.), or None
-  sizes: Optional[jax.Array] = None  # int32 [W] shard sizes
-  attack: Optional[jax.Array] = None  # int32 []: the run's attack in Setup.attacks, or None
-
-
-def make_device_data(setup: Setup) -> DeviceData:
-  """Puts the training split (and the per-worker partition, if any) on device."""
-  ds, partition = setup.dataset, setup.partition
-  images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
-  attack = (jnp.asarray(setup.attacks.index(setup.attack), jnp.int32) if setup.attacks
-            else None)
-  if partition is None:
-    return DeviceData(images, labels, attack=attack)
-  return DeviceData(images, labels, jnp.asarray(partition.table), jnp.asarray(partition.sizes),
-                    attack)
-
-
-def sample_chunk(setup: Setup, state: TrainState, data: DeviceData, length: int) -> jax.Array:
-  """The workers' example indices for the ``length`` rounds from ``state.step``.
-
-  int32 [length, W', K b]: K local minibatches of b for each of the W' workers
-  that compute on data. With ``data.honest_only`` the partition covers the
-  honest workers; Byzantine workers that run the honest algorithm (``sf``,
-  ``lf``, ``none``) hold no shard and draw theirs i.i.d. from the whole split.
-  With ``data.server_examples`` the server's examples are never drawn
-  (:func:`ftjax.sampling.set_aside`).
-  """
-  key = purpose_key(state, KEY_DATA)
-  per_round = setup.batch_size * setup.federated.local_steps
-  num_examples = setup.dataset.train_images.shape[0]
-  held_out = setup.server_examples
-
-  def iid(stream, workers):  # i.i.d. draws from the examples the server does not hold
-    idx = sampling.chunk_indices(stream, state.step, length, num_examples - held_out, workers,
-                                 per_round, shuffle=setup.shuffle)
-    return sampling.set_aside(key, held_out + idx, num_examples) if held_out else idx
-
-  if data.table is None:  # i.i.d.: honest_only leaves out the workers that compute nothing
-    return iid(key, setup.num_computed if setup.federated.honest_only else setup.num_workers)
-  steps = state.step + jnp.arange(length, dtype=jnp.int32)
-  idx = jax.vmap(lambda s: sampling.worker_round_indices(
-      key, s, data.table, data.sizes, per_round, shuffle=setup.shuffle))(steps)
-  without = setup.num_computed - data.table.shape[-2]  # computed workers without a shard
-  if without > 0:
-    idx = jnp.concatenate([idx, iid(jax.random.fold_in(key, 1), without)], axis=1)
-  return idx
-
-
-def _poison(setup: Setup, data: DeviceData, x: jax.Array, y: jax.Array):
-  """The Byzantine workers' raw minibatches poisoned by the run's attack, if it poisons
-  (``lf``, ``backdoor``: :mod:`ftjax.poisoning`); the honest ones unchanged."""
-  h, members = setup.num_honest, _members(setup)
-  xb, yb, stamped = x[h:], y[h:], False
-  for i, a in enumerate(members):
-    if a.poisoning is None:
-      continue
-    px, py = a.poisoning.poison(xb, yb, setup.dataset.num_classes, setup.batch_size)
-    # In a round for several attacks, whether this run's attack poisons is an index away.
-    mine = data.attack == i if setup.attacks else True
-    if px is not xb:
-      xb, stamped = jnp.where(mine, px, xb), True
-    yb = jnp.where(mine, py, yb)
-  return (x.at[h:].set(xb) if stamped else x), y.at[h:].set(yb)
-
-
-def _minibatches(setup: Setup, state: TrainState, data: DeviceData, idx: jax.Array):
-  """The computed workers' inputs and labels; the Byzantine workers' poisoned by a data
-  poisoning attack (:func:`_poison`)."""
-  ds = setup.dataset
-  idx = idx[:setup.num_computed]
-  x, y = data.images[idx], data.labels[idx]  # uint8 [n, b, H, W, C], int32 [n, b]
-  if setup.num_byzantine and any(a.poisoning is not None for a in _members(setup)):
-    x, y = _poison(setup, data, x, y)
-  if ds.augment == "crop_flip":
-    # On the raw pixels, so the padding is black as in torchvision.
-    x = data_lib.augment_crop_flip(
-        jax.random.fold_in(purpose_key(state, KEY_AUGMENT), state.step), x)
-  x = data_lib.preprocess(x, ds.mean, ds.std, setup.dtype)
-  k = setup.federated.local_steps
-  if k > 1:  # [n, K b, ...] -> [n, K, b, ...]: K local minibatches
-    x = x.reshape((x.shape[0], k, -1) + x.shape[2:])
-    y = y.reshape((y.shape[0], k, -1))
-  return x, y
 
 
 # --------------------------------------------------------------------------
@@ -317,10 +174,6 @@ def make_local_updates(setup: Setup, local_steps: Optional[bool] = None) -> Call
 # --------------------------------------------------------------------------
 
 
-def _members(setup: Setup) -> tuple:
-  return setup.attacks or (setup.attack,)
-
-
 def attack_draws(setup: Setup, params: PyTree, key: jax.Array) -> list:
   """The random values of every attack the round serves, as one flat list of leaves.
 
@@ -330,7 +183,7 @@ def attack_draws(setup: Setup, params: PyTree, key: jax.Array) -> list:
   ctx = _attack_context(setup)
   honest = jax.tree.map(lambda p: jax.ShapeDtypeStruct((setup.num_honest,) + p.shape, p.dtype),
                         params)
-  return [leaf for a in _members(setup) for leaf in jax.tree.leaves(a.draw(honest, key, ctx))]
+  return [leaf for a in round_data.attack_members(setup) for leaf in jax.tree.leaves(a.draw(honest, key, ctx))]
 
 
 def _attack_context(setup: Setup) -> attacks_lib.AttackContext:
@@ -357,7 +210,7 @@ def make_server_rows(setup: Setup, params_like: PyTree, attack_index: Optional[j
   """
   f, h = setup.num_byzantine, setup.num_honest
   ctx = _attack_context(setup)
-  members = _members(setup)
+  members = round_data.attack_members(setup)
   honest_shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct((h,) + p.shape, p.dtype),
                                params_like)
   # Where each member's draws sit in the flat extras list.
@@ -535,12 +388,9 @@ def server_update(setup: Setup, state: TrainState, data: DeviceData) -> PyTree:
   (the point the workers differentiate at), not augmented, clipped to
   ``setup.clip`` as a worker's gradient is; no estimator.
   """
-  ds = setup.dataset
-  idx = sampling.set_aside(purpose_key(state, KEY_DATA), jnp.arange(setup.server_examples),
-                           ds.train_images.shape[0])
-  x = data_lib.preprocess(data.images[idx], ds.mean, ds.std, setup.dtype)
+  x, y = round_data.server_batch(setup, state, data)
   _, grads = jax.value_and_grad(make_loss_fn(setup.model), has_aux=True)(
-      state.params, state.batch_stats, x, data.labels[idx])
+      state.params, state.batch_stats, x, y, model_key(state, setup.num_workers, 0))
   return estimators.clip_by_global_norm(grads, max_norm=setup.clip)
 
 
@@ -598,7 +448,7 @@ def make_round(setup: Setup) -> Callable:
   def train_step(state: TrainState, data: DeviceData, idx: Optional[jax.Array] = None):
     if idx is None:
       idx = sample_chunk(setup, state, data, 1)[0]
-    x, y = _minibatches(setup, state, data, idx)
+    x, y = round_data.minibatches(setup, state, data, idx)
     given = _given(setup, state, data)
     middle = sharding.lay_out_round(
         local_updates, make_server_rows(setup, state.params, data.attack), setup.mesh,

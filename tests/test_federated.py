@@ -11,6 +11,7 @@ import pytest
 from ftjax import build as build_lib
 from ftjax import federated
 from ftjax import round as round_lib
+from ftjax import round_data
 from ftjax import train
 from test_train import tiny_config
 
@@ -75,7 +76,7 @@ def test_local_steps_equal_a_numpy_fedavg_of_a_linear_model(send):
     data = train.make_device_data(setup)
     idx = round_lib.sample_chunk(setup, state, data, 1)[0]
     assert idx.shape == (5, 3 * 4)  # W workers, K minibatches of b
-    x, y = round_lib._minibatches(setup, state, data, idx)
+    x, y = round_data.minibatches(setup, state, data, idx)
     new_state, _ = jax.jit(train.make_round(setup))(state, data, idx)
     want_w, want_b = _fedavg_numpy(state.params, x, y, 3, 0.05, 0.5, c.optim.lr, send)
   np.testing.assert_allclose(new_state.params["Dense_0"]["kernel"], want_w, rtol=0, atol=1e-13)
@@ -90,7 +91,7 @@ def test_one_local_step_is_the_papers_round():
     setup = train.build(c)
     state = train.init_state(setup, c.seed)
     data = train.make_device_data(setup)
-    x, y = round_lib._minibatches(setup, state, data,
+    x, y = round_data.minibatches(setup, state, data,
                                   round_lib.sample_chunk(setup, state, data, 1)[0])
     shared = (state.params, state.batch_stats, None)
     plain = round_lib.make_local_updates(setup, local_steps=False)(
@@ -132,7 +133,7 @@ def test_client_sampling_averages_the_drawn_rows_and_keeps_the_others_state():
         lambda a: a + 0.01 * jnp.arange(6.0).reshape((6,) + (1,) * (a.ndim - 1))
         if a.dtype == jnp.float64 else a, state.worker_state))
     idx = round_lib.sample_chunk(setup, state, data, 1)[0]
-    x, y = round_lib._minibatches(setup, state, data, idx)
+    x, y = round_data.minibatches(setup, state, data, idx)
     rows, _, updated = round_lib.make_local_updates(setup)(
         (state.params, state.batch_stats, None),
         (x, y, state.worker_state, round_lib.model_keys(setup, state)))
@@ -327,7 +328,7 @@ def test_example_count_weights_reach_the_rule_and_equal_weights_change_nothing()
     plain, _ = jax.jit(train.make_round(setup))(state, data, idx)
     same, _ = jax.jit(train.make_round(equal))(state, data, idx)
     by_size, _ = jax.jit(train.make_round(weighted))(state, data, idx)
-    x, y = round_lib._minibatches(setup, state, data, idx)
+    x, y = round_data.minibatches(setup, state, data, idx)
     rows, _, _ = round_lib.make_local_updates(setup)(
         (state.params, state.batch_stats, None),
         (x, y, state.worker_state, round_lib.model_keys(setup, state)))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ftjax import round as round_lib
+from ftjax import round_data
 from ftjax import train
 from tests.test_train import tiny_config
 
@@ -13,7 +14,7 @@ from tests.test_train import tiny_config
 def _rows(setup, state, keys_state):
   """The computed workers' rows at ``state``, with the model keys of ``keys_state``."""
   data = train.make_device_data(setup)
-  x, y = round_lib._minibatches(setup, state, data,
+  x, y = round_data.minibatches(setup, state, data,
                                 round_lib.sample_chunk(setup, state, data, 1)[0])
   rows, _, _ = jax.jit(round_lib.make_local_updates(setup))(
       (state.params, state.batch_stats, None),

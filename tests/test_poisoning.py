@@ -18,6 +18,7 @@ from ftjax import loop as loop_lib
 from ftjax import poisoning
 from ftjax import results
 from ftjax import round as round_lib
+from ftjax import round_data
 from ftjax import train
 from test_train import tiny_config
 
@@ -92,7 +93,7 @@ def test_the_round_poisons_the_byzantine_minibatches_of_the_runs_attack():
   raw, labels = ds.train_images[idx], ds.train_labels[idx]
   for index, name in enumerate(["none", "lf", "backdoor"]):
     data = round_lib.make_device_data(setup)._replace(attack=jnp.asarray(index, jnp.int32))
-    x, y = round_lib._minibatches(setup, state, data, jnp.asarray(idx))
+    x, y = round_data.minibatches(setup, state, data, jnp.asarray(idx))
     want_raw, want_y = raw.copy(), labels.copy()
     if name == "lf":
       want_y[3:] = 9 - labels[3:]

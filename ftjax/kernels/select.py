@@ -3,6 +3,7 @@
 * :func:`order_statistics`: ``jnp.sort(x, 0)[r]`` for each rank r.
 * :func:`trimmed_sum`: ``jnp.sort(x, 0)[lo:hi + 1].sum(0)``.
 * :func:`sort`: ``jnp.sort(x, 0)``, every rank.
+* :func:`sort_with`: the same sort carrying a payload (the weighted rules' weights).
 
 NaN is ordered as +inf, so a NaN is trimmed like any extreme value. The plain
 versions sort; the CPU versions are described in :mod:`ftjax.kernels.rows`.
@@ -126,6 +127,33 @@ def sort(x: jax.Array) -> jax.Array:
   if x.shape[0] > NETWORK_MAX_ROWS:
     return _key_sort(nan_to_posinf(x))
   return jnp.stack(sorted_rows(x))
+
+
+def sort_with(x: jax.Array, payload: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``x`` sorted along its leading axis, NaN ordered as +inf, with ``payload`` carried.
+
+  ``jax.lax.sort((x, payload), dimension=0, num_keys=1)``: entry j of the
+  second output is the payload of the j-th smallest value of each coordinate
+  (the weighted rules' weights). Tied values may carry their payloads in
+  either order. On the CPU set, up to ``NETWORK_MAX_ROWS`` rows go through
+  Batcher's network with each compare-exchange moving the payload too
+  (XLA:CPU's sort of several operands along a major axis is far slower).
+
+  Args:
+    x: array [W, ...] with a static W.
+    payload: array of ``x``'s shape.
+  """
+  x = nan_to_posinf(x)
+  w = x.shape[0]
+  if not _cpu() or w > NETWORK_MAX_ROWS:
+    return jax.lax.sort((x, payload), dimension=0, num_keys=1)
+  rows, carried = [x[j] for j in range(w)], [payload[j] for j in range(w)]
+  for a, b in batcher_network(w):
+    swap = rows[b] < rows[a]
+    rows[a], rows[b] = jnp.where(swap, rows[b], rows[a]), jnp.where(swap, rows[a], rows[b])
+    carried[a], carried[b] = (jnp.where(swap, carried[b], carried[a]),
+                              jnp.where(swap, carried[a], carried[b]))
+  return jnp.stack(rows), jnp.stack(carried)
 
 
 def _key_sort(x: jax.Array) -> jax.Array:
