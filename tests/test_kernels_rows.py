@@ -744,3 +744,16 @@ def test_sort_with_carries_the_payload_with_its_value(w):
                                    payload[key[:, c] == value, c].sum(), rtol=1e-6)
         if count == 1:
           assert carried[values[:, c] == value, c] == payload[key[:, c] == value, c]
+
+
+def test_sort_with_over_blocks_and_a_remainder(monkeypatch):
+  # Blocks of 3 columns over 10 (three full blocks and a remainder of one), trailing
+  # axes flattened: the same values and payloads as one plain sort.
+  monkeypatch.setattr(select, "SORT_WITH_BLOCK", 5 * 3)
+  rng = np.random.default_rng(0)
+  x = rng.permutation(5 * 10).reshape(5, 2, 5).astype(np.float32)
+  payload = rng.random(x.shape).astype(np.float32)
+  for values, carried in both(select.sort_with, jnp.asarray(x), jnp.asarray(payload)):
+    order = np.argsort(x, axis=0)
+    np.testing.assert_array_equal(values, np.take_along_axis(x, order, 0))
+    np.testing.assert_array_equal(carried, np.take_along_axis(payload, order, 0))
