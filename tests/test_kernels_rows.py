@@ -721,39 +721,3 @@ def test_rule_plain_equals_cpu_adversarial_large_w(spec, w):
   (p, _), (c, _) = _rule_pair(spec, w // 4, jnp.asarray(x), jax.random.key(0))
   assert np.array_equal(np.isnan(p), np.isnan(c))
   np.testing.assert_allclose(c, p, rtol=2e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("w", [1, 2, 5, 17, 81])
-def test_sort_with_carries_the_payload_with_its_value(w):
-  # Distinct values (so every payload has one place) with NaN and +-inf among them,
-  # then ties: the values sort as NumPy's, and each tie carries its payloads in
-  # some order (their sum per tied value is what the weighted rules read).
-  rng = np.random.default_rng(w)
-  x = rng.permutation(w * 40).reshape(w, 40).astype(np.float32) - 20 * w
-  x[rng.random(x.shape) < 0.05] = np.inf
-  x[rng.random(x.shape) < 0.05] = -np.inf
-  x[0, :3] = np.nan
-  payload = rng.random(x.shape).astype(np.float32)
-  for values, carried in both(select.sort_with, jnp.asarray(x), jnp.asarray(payload)):
-    key = np.where(np.isnan(x), np.inf, x)
-    np.testing.assert_array_equal(values, np.sort(key, axis=0))
-    for c in range(x.shape[1]):
-      distinct = np.unique(key[:, c], return_counts=True)
-      for value, count in zip(*distinct):
-        np.testing.assert_allclose(carried[values[:, c] == value, c].sum(),
-                                   payload[key[:, c] == value, c].sum(), rtol=1e-6)
-        if count == 1:
-          assert carried[values[:, c] == value, c] == payload[key[:, c] == value, c]
-
-
-def test_sort_with_over_blocks_and_a_remainder(monkeypatch):
-  # Blocks of 3 columns over 10 (three full blocks and a remainder of one), trailing
-  # axes flattened: the same values and payloads as one plain sort.
-  monkeypatch.setattr(select, "SORT_WITH_BLOCK", 5 * 3)
-  rng = np.random.default_rng(0)
-  x = rng.permutation(5 * 10).reshape(5, 2, 5).astype(np.float32)
-  payload = rng.random(x.shape).astype(np.float32)
-  for values, carried in both(select.sort_with, jnp.asarray(x), jnp.asarray(payload)):
-    order = np.argsort(x, axis=0)
-    np.testing.assert_array_equal(values, np.take_along_axis(x, order, 0))
-    np.testing.assert_array_equal(carried, np.take_along_axis(payload, order, 0))

@@ -67,7 +67,7 @@ def _sorted_with_cumulative(leaf: jax.Array, v: jax.Array) -> tuple[jax.Array, j
   no result below (a tie's values are equal).
   """
   mass = jnp.broadcast_to(v.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf.shape)
-  values, mass = rows.sort_with(leaf, mass)
+  values, mass = jax.lax.sort((rows.nan_to_posinf(leaf), mass), dimension=0, num_keys=1)
   return values, jnp.cumsum(mass, axis=0)
 
 

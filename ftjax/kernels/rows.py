@@ -116,7 +116,7 @@ from ftjax.kernels._base import (  # noqa: F401
 # modules; their public names are reachable from here.
 from ftjax.kernels.select import (  # noqa: F401
     NETWORK_MAX_ROWS, RADIX_CHUNK_BYTES, batcher_network, order_statistics, sort,
-    sort_with, sorted_rows, trimmed_sum)
+    sorted_rows, trimmed_sum)
 from ftjax.kernels.distances import (  # noqa: F401
     coordinate_sum, gram, mix, pairwise_sqdist, sqdist)
 

@@ -3,7 +3,6 @@
 * :func:`order_statistics`: ``jnp.sort(x, 0)[r]`` for each rank r.
 * :func:`trimmed_sum`: ``jnp.sort(x, 0)[lo:hi + 1].sum(0)``.
 * :func:`sort`: ``jnp.sort(x, 0)``, every rank.
-* :func:`sort_with`: the same sort carrying a payload (the weighted rules' weights).
 
 NaN is ordered as +inf, so a NaN is trimmed like any extreme value. The plain
 versions sort; the CPU versions are described in :mod:`ftjax.kernels.rows`.
@@ -20,8 +19,6 @@ from ftjax.kernels._base import _cpu, nan_to_posinf, sum_rows
 
 # Above this many rows the sorting network's compile time outweighs its speed.
 NETWORK_MAX_ROWS = 80
-# sort_with's network runs on [W, columns] blocks of about this many values.
-SORT_WITH_BLOCK = 1 << 20
 # Radix select works on [W, chunk] blocks of about this many bytes (cache-sized).
 RADIX_CHUNK_BYTES = 1 << 18
 # Radix select packs three counts (each < _PACK_BASE) into one int32 sum.
@@ -129,56 +126,6 @@ def sort(x: jax.Array) -> jax.Array:
   if x.shape[0] > NETWORK_MAX_ROWS:
     return _key_sort(nan_to_posinf(x))
   return jnp.stack(sorted_rows(x))
-
-
-def sort_with(x: jax.Array, payload: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``x`` sorted along its leading axis, NaN ordered as +inf, with ``payload`` carried.
-
-  ``jax.lax.sort((x, payload), dimension=0, num_keys=1)``: entry j of the
-  second output is the payload of the j-th smallest value of each coordinate
-  (the weighted rules' weights). Tied values may carry their payloads in
-  either order. On the CPU set, up to ``NETWORK_MAX_ROWS`` rows go through
-  Batcher's network with each compare-exchange moving the payload too
-  (XLA:CPU's sort of several operands along a major axis is far slower), on
-  blocks of ``SORT_WITH_BLOCK`` values: XLA does not fuse this network into
-  one loop, so every compare-exchange writes its outputs, and a block keeps
-  them small.
-
-  Args:
-    x: array [W, ...] with a static W.
-    payload: array of ``x``'s shape.
-  """
-  x = nan_to_posinf(x)
-  w = x.shape[0]
-  if not _cpu() or w > NETWORK_MAX_ROWS:
-    return jax.lax.sort((x, payload), dimension=0, num_keys=1)
-  xs, ps = x.reshape(w, -1), payload.reshape(w, -1)
-  n = xs.shape[1]
-  c = max(1, min(n, SORT_WITH_BLOCK // w))
-  full = n // c
-  out = (jnp.zeros_like(xs), jnp.zeros_like(ps))
-  if full:
-    def block(i, acc):
-      parts = [jax.lax.dynamic_slice_in_dim(a, i * c, c, axis=1) for a in (xs, ps)]
-      return tuple(jax.lax.dynamic_update_slice_in_dim(a, r, i * c, axis=1)
-                   for a, r in zip(acc, _network_with(*parts)))
-    out = jax.lax.fori_loop(0, full, block, out)
-  if n % c:
-    rest = _network_with(xs[:, full * c:], ps[:, full * c:])
-    out = tuple(a.at[:, full * c:].set(r) for a, r in zip(out, rest))
-  return out[0].reshape(x.shape), out[1].reshape(payload.shape)
-
-
-def _network_with(x: jax.Array, payload: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Batcher's network on the rows of ``x`` [W, c], ``payload`` moved alongside."""
-  w = x.shape[0]
-  rows, carried = [x[j] for j in range(w)], [payload[j] for j in range(w)]
-  for a, b in batcher_network(w):
-    swap = rows[b] < rows[a]
-    rows[a], rows[b] = jnp.where(swap, rows[b], rows[a]), jnp.where(swap, rows[a], rows[b])
-    carried[a], carried[b] = (jnp.where(swap, carried[b], carried[a]),
-                              jnp.where(swap, carried[a], carried[b]))
-  return jnp.stack(rows), jnp.stack(carried)
 
 
 def _key_sort(x: jax.Array) -> jax.Array:
