@@ -165,7 +165,8 @@ def check(aggregator: agg_lib.Aggregator, num_workers: int, *, dim: int = 50,
 
   The last ``aggregator.f`` rows are hostile, the others honest
   (:func:`honest_rows`). A rule whose robustness condition fails for this
-  W and f (:meth:`Aggregator.check`) is reported as refused, not run.
+  W and f (:meth:`Aggregator.check`) is reported as refused, not run. A rule
+  that reads the server's own update (fltrust) gets the honest rows' mean.
 
   Returns:
     One :class:`Cell` per (dtype, kind).
@@ -187,7 +188,11 @@ def check(aggregator: agg_lib.Aggregator, num_workers: int, *, dim: int = 50,
     x64 = jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
     with x64:
       keys = jax.random.split(jax.random.key(seed), len(kinds))
-      outs, _ = jax.jit(jax.vmap(aggregator.__call__))(jnp.asarray(inputs), keys)
+      # A rule that weighs the rows against the server's own update (fltrust) gets the
+      # honest rows' mean: the update the server's examples give in expectation.
+      server = jnp.asarray(honest.mean(0)) if aggregator.needs_server else None
+      call = lambda x, k: aggregator(x, k, server=server)
+      outs, _ = jax.jit(jax.vmap(call))(jnp.asarray(inputs), keys)
       outs = np.asarray(outs)
     reference = _reference_rows(aggregator, honest)
     cells += [Cell(spec, k, num_workers, f, name, spread(o, reference), "")

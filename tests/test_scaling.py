@@ -65,13 +65,14 @@ def test_chunked_gradients_equal_one_worker_at_a_time():
     x = jnp.asarray(rng.normal(size=(7, 4, 8, 8, 1)))
     y = jnp.asarray(rng.integers(0, 10, (7, 4)), jnp.int32)
     prev = jax.tree.map(lambda p: p + 0.01, state.params)
+    keys = jax.vmap(lambda i: round_lib.model_key(state, i, 0))(jnp.arange(7))
     out, prev_grads, prev_stats = round_lib.make_worker_gradients(setup)(
-        state.params, state.batch_stats, prev, x, y)
+        state.params, state.batch_stats, prev, x, y, keys)
     (loss, (logits, stats)), grads = out
     one = jax.jit(jax.value_and_grad(round_lib.make_loss_fn(setup.model), has_aux=True))
     for i in range(7):
-      (l_i, (z_i, s_i)), g_i = one(state.params, state.batch_stats, x[i], y[i])
-      (_, (_, ps_i)), pg_i = one(prev, state.batch_stats, x[i], y[i])
+      (l_i, (z_i, s_i)), g_i = one(state.params, state.batch_stats, x[i], y[i], keys[i])
+      (_, (_, ps_i)), pg_i = one(prev, state.batch_stats, x[i], y[i], keys[i])
       np.testing.assert_allclose(loss[i], l_i, rtol=1e-12)
       np.testing.assert_allclose(logits[i], z_i, rtol=1e-12, atol=1e-12)
       for tree, want in ((grads, g_i), (stats, s_i), (prev_grads, pg_i), (prev_stats, ps_i)):
@@ -113,8 +114,9 @@ def test_auto_loop_follows_the_chunk_past_64_workers(chunk, friendly):
   state = jax.eval_shape(lambda: train.init_state(setup, 0))
   x = jax.ShapeDtypeStruct((65, 4, 12, 12, 1), jnp.float32)
   y = jax.ShapeDtypeStruct((65, 4), jnp.int32)
+  keys = jax.ShapeDtypeStruct((65, 2), jnp.uint32)
   jaxpr = jax.make_jaxpr(round_lib.make_worker_gradients(setup))(
-      state.params, state.batch_stats, state.prev_params, x, y).jaxpr
+      state.params, state.batch_stats, state.prev_params, x, y, keys).jaxpr
   convs = _conv_eqns(jaxpr)
   assert convs
   assert all(_plain_forward(e) for e in convs) == friendly
