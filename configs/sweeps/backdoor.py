@@ -18,7 +18,10 @@ TFDS "mnist") and the number of rounds (default 100, evaluated every 50).
 
 import ml_collections
 
-from configs.sweeps.federated import _parse
+try:
+  from configs.sweeps.federated import _parse  # a checkout
+except ImportError:
+  from ftjax.configs.sweeps.federated import _parse  # installed with ftjax
 
 RULES = ["avg", "cwtm", "cwmed", "gm", "krum", "multikrum", "centered_clipping", "dnc",
          "signguard", "clipped_clustering", "flame", "fltrust"]

@@ -25,20 +25,15 @@ TFDS "mnist") and the number of rounds (default 1000). Seeds 1-5, one cell.
 
 import ml_collections
 
-
-def _parse(arg):
-  path, rounds = "", 1000
-  for part in (arg or "").split(","):
-    if part.startswith("rounds="):
-      rounds = int(part[len("rounds="):])
-    elif part:
-      path = part
-  return ("configs/mnist.py:" + path if path else "configs/mnist.py"), rounds
+try:
+  from configs.sweeps.federated import _parse  # a checkout
+except ImportError:
+  from ftjax.configs.sweeps.federated import _parse  # installed with ftjax
 
 
 def get_config(arg=None):
   """``arg``: ``PATH[,rounds=N]``."""
-  base, rounds = _parse(arg)
+  base, rounds = _parse(arg, rounds=1000)
   s = ml_collections.ConfigDict()
   s.name = "byzfl_readme"
   s.base = base

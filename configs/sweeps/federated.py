@@ -28,8 +28,9 @@ RULES = [
 ]
 
 
-def _parse(arg):
-  path, rounds = "", 100
+def _parse(arg, rounds=100):
+  """``PATH[,rounds=N]`` -> (the base run config with the MNIST path, N or ``rounds``)."""
+  path = ""
   for part in (arg or "").split(","):
     if part.startswith("rounds="):
       rounds = int(part[len("rounds="):])

@@ -62,7 +62,8 @@ from ftjax.aggregators import weighted
 from ftjax.aggregators.base import avg, centered_clip, centered_clipping, cwmed, cwtm, gm
 from ftjax.aggregators.base import krum, meamed, multikrum
 from ftjax.aggregators.core import AGGREGATORS, ALIASES, META_AGGREGATORS, Aggregator
-from ftjax.aggregators.core import AggregatorState, RuleInfo, canonical
+from ftjax.aggregators.core import RuleInfo, canonical
+from ftjax.aggregators.optax_adapter import AggregatorState
 from ftjax.aggregators.core import options_of, register, register_table, rule, shipped
 from ftjax.aggregators.specs import make_aggregator, spec_layers
 from ftjax.aggregators.meta import arc, bucketing, clip, ctma, nearest_neighbour_mix, nnm

@@ -20,6 +20,8 @@ from optax.experimental import aggregating as optax_aggregating
 
 from ftjax import kernels as kernels_lib
 from ftjax import registry
+from ftjax.aggregators import optax_adapter
+from ftjax.aggregators import user_rules
 from ftjax.aggregators import weighted
 from ftjax.kernels import rows
 from ftjax.aggregators import options as options_lib
@@ -33,12 +35,6 @@ RuleFn = Callable[[PyTree, Optional[jax.Array]], tuple[PyTree, Diagnostics]]
 # --------------------------------------------------------------------------
 # The Aggregator
 # --------------------------------------------------------------------------
-
-
-class AggregatorState(NamedTuple):
-  """State of :meth:`Aggregator.as_optax`."""
-  key: jax.Array    # PRNG key; folded with the count for stochastic rules
-  count: jax.Array  # int32 [], number of updates so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +152,7 @@ class Aggregator:
     to the layers that read the server's update (:attr:`needs_server`)."""
     with kernels_lib.use(self.kernels):
       if self.fn is not None:
-        return _call_user_rule(self.fn, self.name, x, key)
+        return user_rules.call(self.fn, self.name, x, key)
       info = _TABLE[self.name]
       options = dict(self.options, **({"server": server} if info.server else {}))
       if state is not None:  # a stateful rule: (aggregate, diag, new_state)
@@ -307,21 +303,10 @@ class Aggregator:
         update folds in its count.
 
     Returns:
-      The optax aggregator; its state is an :class:`AggregatorState`.
+      The optax aggregator; its state is an
+      :class:`~ftjax.aggregators.optax_adapter.AggregatorState`.
     """
-    if key is None:
-      key = jax.random.key(0)
-
-    def init_fn(params):
-      del params
-      return AggregatorState(key=key, count=jnp.zeros([], jnp.int32))
-
-    def update_fn(per_elt_updates, state, params=None, **extra_args):
-      del params, extra_args
-      agg, diagnostics = self(per_elt_updates, jax.random.fold_in(state.key, state.count))
-      return (agg, diagnostics), AggregatorState(key=state.key, count=state.count + 1)
-
-    return optax_aggregating.Aggregator(init=init_fn, update=update_fn)
+    return optax_adapter.as_optax(self, key)
 
 
 class _InnerRule:
@@ -355,26 +340,6 @@ def _check_server(spec: str, server: Any, leaves: list) -> None:
                      f"server=..., shaped like one row of the updates (leaves {row}), got "
                      f"{'none' if server is None else given}; in a run set "
                      f"data.server_examples > 0.")
-
-
-def _takes_key(fn: Callable) -> bool:
-  """Whether ``fn`` takes two positional arguments (updates, key)."""
-  try:
-    params = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):
-    return False
-  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-  return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
-
-
-def _call_user_rule(fn: Callable, name: str, x: PyTree, key) -> tuple[PyTree, Diagnostics]:
-  if not _takes_key(fn):
-    return fn(x), {}
-  out = fn(x, key)
-  if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
-    raise ValueError(f"Rule {name!r} takes (updates, key), so it must return (aggregate, "
-                     f"diagnostics dict); a function of updates alone may return the aggregate.")
-  return out[0], dict(out[1])
 
 
 # --------------------------------------------------------------------------
