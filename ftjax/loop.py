@@ -175,28 +175,51 @@ def _run_data(data: round_lib.DeviceData, r: int) -> round_lib.DeviceData:
   return data if data.table is None else data._replace(table=data.table[r], sizes=data.sizes[r])
 
 
-def make_runs_round(train_step: Callable, layout: str) -> Callable:
-  """The round over a leading runs axis R: ``(states, data, indices [R, W, b])``.
+class RunsRound(NamedTuple):
+  """The round over R runs, with the form their states take between rounds.
+
+  ``enter`` turns the stacked states ``[R, ...]`` into the carry, ``step(carry,
+  data, indices [R, W, b]) -> (carry, metrics [R])`` is one round, ``leave``
+  stacks the carry again. Unrolled runs travel as a tuple of R states, so that
+  no round slices the states out of the stack and stacks them again (a copy of
+  every state buffer per round).
+  """
+  enter: Callable
+  step: Callable
+  leave: Callable
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def make_runs_round(train_step: Callable, layout: str) -> RunsRound:
+  """The round over a leading runs axis R.
 
   ``layout`` (:func:`ftjax.policy.runs_layout`): "vmap", "map" (the runs one
   after another inside the program) or "unroll" (one copy of the round per
   run) of ``train_step`` (:func:`ftjax.round.make_round`). The data is shared,
   except a per-run partition table.
   """
+  if layout == "unroll":
+    def enter(state):
+      return tuple(jax.tree.map(lambda a: a[r], state) for r in range(state.step.shape[0]))
+
+    def unrolled(carry, data, idx):
+      outs = [train_step(s, _run_data(data, r), idx[r]) for r, s in enumerate(carry)]
+      return tuple(state for state, _ in outs), _stack([metrics for _, metrics in outs])
+
+    return RunsRound(enter, unrolled, _stack)
 
   def step(state, data, idx):
     if layout == "vmap":
       return jax.vmap(train_step, in_axes=(0, _run_data_axes(data), 0))(state, data, idx)
-    if layout == "unroll":
-      outs = [train_step(jax.tree.map(lambda a: a[r], state), _run_data(data, r), idx[r])
-              for r in range(idx.shape[0])]
-      return jax.tree.map(lambda *a: jnp.stack(a), *outs)
     if data.table is None:
       return jax.lax.map(lambda a: train_step(a[0], data, a[1]), (state, idx))
     return jax.lax.map(lambda a: train_step(a[0], data._replace(table=a[2], sizes=a[3]), a[1]),
                        (state, idx, data.table, data.sizes))
 
-  return step
+  return RunsRound(lambda state: state, step, lambda state: state)
 
 
 def make_chunk_fn(setup: Setup, loop: Optional[str] = None, *, runs: bool = False,
@@ -253,11 +276,13 @@ def _sample(setup: Setup, state, data, length: int) -> jax.Array:
 def _compile_scan(setup: Setup, train_step: Callable, layout: str, state, data,
                   length: int) -> CompiledChunk:
   """The chunk as one jitted ``lax.scan`` over its rounds, the state donated."""
-  step = make_runs_round(train_step, layout)
+  runs = make_runs_round(train_step, layout)
 
   def scan_chunk(state, data):
-    state, metrics = jax.lax.scan(lambda s, idx: step(s, data, idx), state,
-                                  _sample(setup, state, data, length))
+    indices = _sample(setup, state, data, length)
+    carry, metrics = jax.lax.scan(lambda c, idx: runs.step(c, data, idx), runs.enter(state),
+                                  indices)
+    state = runs.leave(carry)
     metrics = jax.tree.map(lambda m: m.mean(0), metrics)
     metrics["finite"] = jax.vmap(_all_finite)(state.params)
     return state, metrics
@@ -272,34 +297,39 @@ def _compile_scan(setup: Setup, train_step: Callable, layout: str, state, data,
 def _compile_host(setup: Setup, train_step: Callable, layout: str, state, data,
                   length: int) -> CompiledChunk:
   """The chunk as a host loop dispatching the jitted, donated round without waiting."""
-  step = make_runs_round(train_step, layout)
+  runs = make_runs_round(train_step, layout)
   sample = functools.partial(_sample, setup, length=length)
   sampler = jax.jit(sample).lower(state, data).compile()
   indices = sharding.replicated_struct(setup.mesh, jax.eval_shape(sample, state, data))
+  carry = jax.eval_shape(runs.enter, state)
+  enter, leave = runs.enter, runs.leave
+  if layout == "unroll":  # compiled once here, not dispatched leaf by leaf on every call
+    enter, leave = jax.jit(enter).lower(state).compile(), jax.jit(leave).lower(carry).compile()
 
-  def one_round(state, data, indices, i):
-    return step(state, data, indices[i])
+  def one_round(carry, data, indices, i):
+    return runs.step(carry, data, indices[i])
 
-  rnd = jax.jit(one_round, donate_argnums=0).lower(state, data, indices, jnp.int32(0)).compile()
-  _, step_metrics = jax.eval_shape(one_round, state, data, indices, jnp.int32(0))
+  rnd = jax.jit(one_round, donate_argnums=0).lower(carry, data, indices, jnp.int32(0)).compile()
+  _, step_metrics = jax.eval_shape(one_round, carry, data, indices, jnp.int32(0))
 
-  def summarize(state, metrics):
+  def summarize(carry, metrics):
     metrics = jax.tree.map(lambda *m: jnp.stack(m).mean(0), *metrics)
-    metrics["finite"] = jax.vmap(_all_finite)(state.params)
+    metrics["finite"] = jax.vmap(_all_finite)(runs.leave(carry).params)
     return metrics
 
-  summary = jax.jit(summarize).lower(state, [step_metrics] * length).compile()
+  summary = jax.jit(summarize).lower(carry, [step_metrics] * length).compile()
 
   def run(state, data):
     state, data = round_lib.place(setup, state), round_lib.place(setup, data)
     idx = sampler(state, data)
+    carry = enter(state)
     metrics = []
     for i in range(length):
-      state, m = rnd(state, data, idx, jnp.int32(i))
+      carry, m = rnd(carry, data, idx, jnp.int32(i))
       if setup.mesh is not None and len(metrics) >= policy.MAX_ROUNDS_IN_FLIGHT - 1:
         jax.block_until_ready(metrics[-1])
       metrics.append(m)
-    return state, summary(state, metrics)
+    return leave(carry), summary(carry, metrics)
 
   return CompiledChunk(run, *_cost(rnd), "host", (sampler, rnd, summary))
 
