@@ -68,7 +68,7 @@ class Setup:
   kernels: str               # the config's kernel set ("auto" resolves per backend)
   loop: str                  # "scan" or "host" (policy.loop_kind)
   worker_chunk: int          # workers differentiated at once, 0: all (policy.worker_chunk)
-  record: dict               # the config as JSON, with the resolved aggregator (config.json)
+  fields: dict               # the config as given, as JSON (config.json, the resume check)
   mesh: Optional[Mesh] = None  # the workers are split over it; None: one device
   builtin_model: bool = True   # the model comes from models.MODELS (not the user's own)
   aggregation: str = "replicated"  # mesh.aggregation: the aggregator's layout on the mesh
@@ -105,6 +105,19 @@ class Setup:
   def num_rows(self) -> int:
     """Rows the aggregator reduces each round: W, or the m drawn workers."""
     return self.federated.participants or self.num_workers
+
+  @property
+  def record(self) -> dict:
+    """The config's fields with the aggregator resolved (its spec and f)."""
+    record = json.loads(json.dumps(self.fields))
+    record["aggregator"].update(spec=self.aggregator.spec, f=self.aggregator.f)
+    return record
+
+  @property
+  def resolved(self) -> dict:
+    """What the config resolved to, written beside it in config.json."""
+    return {"aggregator": self.aggregator.spec, "f": self.aggregator.f,
+            "attack": self.attack.name, "loop": self.loop, "worker_chunk": self.worker_chunk}
 
   @property
   def sharded(self) -> bool:
@@ -283,8 +296,6 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   num_computed = w if f and attack.uses_own_updates else w - f
   per_device = -(-num_computed // (1 if mesh is None else mesh.devices.size))
   chunk = policy.worker_chunk(c.kernels, per_device, c.workers.get("chunk", None))
-  record = json.loads(c.to_json())
-  record["aggregator"].update(spec=aggregator.spec, f=aggregator.f)
   return Setup(
       dataset=dataset, model=model, worker_tx=worker_tx, server_tx=server_tx,
       aggregator=aggregator, attack=attack, num_workers=w, num_byzantine=f, batch_size=b,
@@ -293,7 +304,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       batch_stats_mode=batch_stats_mode, shuffle=c.data.shuffle, num_steps=c.num_steps,
       eval_every=c.eval_every, eval_batch_size=c.data.eval_batch_size, kernels=c.kernels,
       loop=policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin),
-      worker_chunk=chunk, record=record, mesh=mesh, builtin_model=builtin,
+      worker_chunk=chunk, fields=json.loads(c.to_json()), mesh=mesh, builtin_model=builtin,
       aggregation=aggregation, attacks=family, federated=fed, server_examples=server_examples)
 
 

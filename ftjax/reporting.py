@@ -78,7 +78,7 @@ class Reporter:
     workdir: where metrics.csv and metrics.jsonl live.
     total_steps: number of training rounds of the whole run (for the ETA).
     start_step: the step the run (re)starts from; later rows are discarded.
-    wandb_config: the ``c.wandb`` section, or None.
+    wandb_config: the config's ``wandb`` fields (a dict), or None.
     run_config: the whole config, recorded by W&B.
     show_progress: draw the tqdm bar (off in tests).
     print_rows: print a console table row per evaluation (off inside a sweep,
@@ -99,16 +99,16 @@ class Reporter:
                           dynamic_ncols=True, disable=not show_progress,
                           file=sys.stderr, leave=False)
     self._wandb = None
-    if wandb_config is not None and wandb_config.enabled:
+    wb = wandb_config or {}
+    if wb.get("enabled"):
       # W&B is a mirror of the local files: when it is missing, unreachable or
       # not logged in, the run goes on with one warning.
       try:
         import wandb  # Imported lazily: W&B is optional at run time.
         self._wandb = wandb.init(
-            project=wandb_config.project, entity=wandb_config.entity or None,
-            name=wandb_config.name or None, mode=wandb_config.mode, dir=workdir,
-            config=dict(run_config or {}), resume="allow",
-            id=wandb_config.run_id or None)
+            project=wb["project"], entity=wb.get("entity") or None,
+            name=wb.get("name") or None, mode=wb["mode"], dir=workdir,
+            config=dict(run_config or {}), resume="allow", id=wb.get("run_id") or None)
       except Exception as e:  # pylint: disable=broad-except
         self._wandb_failed("start", e)
 

@@ -200,14 +200,18 @@ def _build_runs(configs, workdirs, dataset, model, attacks, results) -> dict:
       continue
     try:
       workdir_lib.check_workdir(workdirs[i])
-      workdir_lib.check_resume_config(workdirs[i], config)
       shared = dataset if dataset is not None or not setups else next(iter(setups.values())).dataset
       setups[i] = build(config, shared, model, attacks=attacks)
+      workdir_lib.check_resume_config(workdirs[i], setups[i].fields)
     except ConfigError as e:
       if len(configs) == 1:
         raise
       results[i] = RunResult(workdirs[i], {}, e)
   return setups
+
+
+def _but_seed(setup: Setup) -> dict:
+  return {k: v for k, v in setup.fields.items() if k != "seed"}
 
 
 def _stack_data(setups: dict, owner: list):
@@ -247,28 +251,27 @@ def _train_runs(configs, workdirs, dataset, model, programs, on_rounds, note, me
   if not live:
     return results
   first = setups[live[0]]
-  c = configs[live[0]]
-  if any(workdir_lib.config_fields(configs[i], ["seed"]) != workdir_lib.config_fields(c, ["seed"]) for i in live):
+  if any(_but_seed(setups[i]) != _but_seed(first) for i in live):
     raise ValueError("train_runs needs configs that differ only in their seed.")
   if mesh is not None and first.mesh is not None:
     raise ConfigError("Runs spread over devices each live on one device: set the runs' "
                       "config.devices = 1.")
   for i in live:
-    workdir_lib.write_config(workdirs[i], configs[i], setups[i])
+    workdir_lib.write_config(workdirs[i], setups[i])
   for group in _table_groups(setups):
-    _run_group(configs, workdirs, {i: setups[i] for i in group}, programs, on_rounds, note,
+    _run_group(num_slots, workdirs, {i: setups[i] for i in group}, programs, on_rounds, note,
                mesh, console, results)
   return results
 
 
-def _run_group(configs, workdirs, setups, programs, on_rounds, note, mesh, console, results):
+def _run_group(num_slots, workdirs, setups, programs, on_rounds, note, mesh, console, results):
   """Trains the runs of ``setups`` as one program; the other slots compute copies."""
   live = list(setups)
   first = setups[live[0]]
   # Every slot gets a run's seed and data; empty and failed slots borrow the first run's.
-  owner = [i if i in setups else live[0] for i in range(len(configs))]
-  states = _init_states(first, [configs[i].seed for i in owner], programs)
-  runs = {i: workdir_lib.RunFiles(workdirs[i], configs[i], first, console, _take_runs(states, i))
+  owner = [i if i in setups else live[0] for i in range(num_slots)]
+  states = _init_states(first, [setups[i].seed for i in owner], programs)
+  runs = {i: workdir_lib.RunFiles(workdirs[i], setups[i], console, _take_runs(states, i))
           for i in live}
   if note is None:
     note = runs[live[0]].reporter.note if console else (

@@ -125,8 +125,8 @@ def check_workdir(sweep: Sweep, workdir: str) -> None:
                               f"this sweep no longer has{again}.")
     for run in now[cell["cell"]].runs:
       try:
-        workdir_lib.check_resume_config(
-            os.path.join(workdir, run.workdir), run.config)
+        workdir_lib.check_resume_config(os.path.join(workdir, run.workdir),
+                                        workdir_lib.config_fields(run.config))
       except train.ConfigError as e:
         raise train.ConfigError(f"The sweep config changed for the cell {cell['cell']!r}: "
                                 f"{e}") from None

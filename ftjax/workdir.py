@@ -13,7 +13,6 @@ import os
 import time
 from typing import Sequence
 
-import ml_collections
 
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import configfiles
@@ -91,8 +90,11 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir that holds another config's run, or checkpoints of an unknown one."""
+def check_resume_config(workdir: str, fields: dict) -> None:
+  """Refuses a workdir that holds another config's run, or checkpoints of an unknown one.
+
+  ``fields``: the config's fields as JSON (:func:`config_fields`, ``Setup.fields``).
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -106,7 +108,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} cannot be read as JSON ({e}); the workdir is damaged: restore "
                       f"the file or use another --workdir.") from None
-  now = _comparable(json.loads(config.to_json()))
+  now = _comparable(fields)
   if saved != now:
     raise ConfigError(
         f"The workdir {workdir!r} holds a run with a different config "
@@ -114,22 +116,20 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
         f"or use another --workdir.")
 
 
-def write_config(workdir: str, config, setup: Setup) -> None:
-  """config.json: the config, plus the rule and f it resolved to."""
-  fields = json.loads(config.to_json())
-  fields["resolved"] = {"aggregator": setup.aggregator.spec, "f": setup.aggregator.f,
-                        "attack": setup.attack.name, "loop": setup.loop,
-                        "worker_chunk": setup.worker_chunk}
+def write_config(workdir: str, setup: Setup) -> None:
+  """config.json: the config, plus what it resolved to (the rule, f, attack, loop)."""
   with open(os.path.join(workdir, "config.json"), "w") as fh:
-    json.dump(fields, fh, indent=2)
+    json.dump({**setup.fields, "resolved": setup.resolved}, fh, indent=2)
 
 
 class RunFiles:
   """One run's workdir: its checkpointer, reporter, last row and bookkeeping."""
 
-  def __init__(self, workdir: str, config, setup: Setup, console: bool, start_state):
-    self.workdir, self.config = workdir, config
-    self.checkpointer = checkpoint_lib.Checkpointer(workdir, enabled=config.checkpoint.enabled)
+  def __init__(self, workdir: str, setup: Setup, console: bool, start_state):
+    self.workdir = workdir
+    fields = setup.fields
+    self.checkpointer = checkpoint_lib.Checkpointer(workdir,
+                                                    enabled=fields["checkpoint"]["enabled"])
     self.meta = {"best_test_acc": -1.0, "best_step": 0, "wall_time": 0.0}
     restored = self.checkpointer.restore_latest(start_state)
     self.restored = restored is not None
@@ -138,8 +138,8 @@ class RunFiles:
       self.meta.update(restored[1])
     self.step = int(self.state.step) if self.restored else 0
     self.reporter = reporting.Reporter(
-        workdir, total_steps=setup.num_steps, start_step=self.step, wandb_config=config.wandb,
-        run_config=json.loads(config.to_json()), show_progress=console and config.progress,
+        workdir, total_steps=setup.num_steps, start_step=self.step, wandb_config=fields["wandb"],
+        run_config=fields, show_progress=console and fields["progress"],
         print_rows=console)
     self.row = self.reporter.rows[-1] if self.reporter.rows else {}
     self.wall_start = time.perf_counter() - self.meta["wall_time"]
