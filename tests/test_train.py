@@ -265,6 +265,41 @@ def test_a_config_run_again_in_the_process_compiles_nothing(tmp_path):
   assert loop_lib.SHARED.compiled == compiled + 3
 
 
+def test_nothing_after_build_reads_the_config(tmp_path, monkeypatch):
+  # Every read of a ConfigDict after build() returns is recorded: the run, its
+  # workdir, reporting and programs work from the Setup alone.
+  from ml_collections import config_dict
+  from ftjax import run as run_lib
+  reads, built = [], []
+  real_getattr, real_getitem = config_dict.ConfigDict.__getattr__, config_dict.ConfigDict.__getitem__
+
+  def getattr_(self, name):
+    if built and not name.startswith("_"):
+      reads.append(name)
+    return real_getattr(self, name)
+
+  def getitem_(self, key):
+    if built:
+      reads.append(key)
+    return real_getitem(self, key)
+
+  def build(*args, **kwargs):
+    setup = build_lib.build(*args, **kwargs)
+    built.append(setup)
+    return setup
+
+  monkeypatch.setattr(config_dict.ConfigDict, "__getattr__", getattr_)
+  monkeypatch.setattr(config_dict.ConfigDict, "__getitem__", getitem_)
+  monkeypatch.setattr(run_lib, "build", build)
+  c = tiny_config(num_steps=3)
+  result = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert built and reads == []
+  with open(tmp_path / "run" / "config.json") as fh:
+    record = json.load(fh)
+  assert record["resolved"]["aggregator"] == "ctma(cwtm)" and record["aggregator"]["f"] is None
+  assert result.metrics["step"] == 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loop", ["scan", "host"])
 def test_second_chunk_does_not_recompile(loop):
