@@ -20,6 +20,8 @@ Rows (float32, MNIST-shaped synthetic data):
 
   python benchmarks/revisions.py --base=HEAD~5            # writes docs/benchmarks/revisions.md
   python benchmarks/revisions.py --base=v0.1 --reps=2 --noaggregators
+  python benchmarks/revisions.py --base=af7d99b --noaggregators --step_workers=257 \
+      --step_rows="mu2sgd sf"                    # one row at a large W
   python benchmarks/revisions.py --base=main --nosteps --rules=cwtm,cwmed \
       --workers=17,65,257,257x10000 --reps=5       # order statistics at large W
 
@@ -48,6 +50,8 @@ flags.DEFINE_list("workers", ["17", "65"], "Worker counts of the aggregator rows
                   "WxD also sets the coordinates of that row (default --dim).")
 flags.DEFINE_list("step_workers", ["17"], "Worker counts of the training-step rows (f = W // 2 "
                   "rounded down below W / 2: 8 at W=17).")
+flags.DEFINE_list("step_rows", ["mu2sgd sf", "mu2sgd alie", "momentum sf"],
+                  "Training-step rows to time ('estimator attack').")
 flags.DEFINE_integer("dim", 1_000_000, "Coordinates of the aggregator rows.")
 flags.DEFINE_list("rules", [], "Aggregator specs to time (default: every rule of "
                   "benchmarks/aggregators.py).")
@@ -55,7 +59,6 @@ flags.DEFINE_string("out", "docs/benchmarks/revisions.md", "Markdown output.")
 flags.mark_flag_as_required("base")
 FLAGS = flags.FLAGS
 
-STEP_ROWS = (("mu2sgd", "sf"), ("mu2sgd", "alie"), ("momentum", "sf"))
 
 # The child runs inside one revision's tree; it only uses API both revisions have.
 _STEP_CHILD = textwrap.dedent("""
@@ -141,6 +144,23 @@ def _child(tree: str, script: str, *args: str) -> dict:
   return json.loads(line[len("RESULT "):])
 
 
+def _matmul_rate() -> float:
+  """The machine's float32 matmul rate in GFLOP/s (XLA, 2048^3, best of 5), in a child."""
+  script = textwrap.dedent("""
+      import time, jax, jax.numpy as jnp
+      a = jnp.ones((2048, 2048), jnp.float32); f = jax.jit(jnp.matmul)
+      f(a, a).block_until_ready(); best = float("inf")
+      for _ in range(5):
+        tic = time.perf_counter(); f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - tic)
+      print("RESULT", 2 * 2048 ** 3 / best / 1e9)
+      """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  return float(out.split("RESULT")[-1])
+
+
 def _rev(tree: str, rev: str = "HEAD") -> str:
   return subprocess.run(["git", "rev-parse", "--short", rev], cwd=tree, capture_output=True,
                         text=True, check=True).stdout.strip()
@@ -149,8 +169,9 @@ def _rev(tree: str, rev: str = "HEAD") -> str:
 def _table(title, unit, better, base_runs, new_runs, per=None):
   """Medians per row; with ``per``, also each tree's median in units of that row."""
   extra = f" base / {per} | new / {per} |" if per else ""
-  lines = [f"## {title}", "", f"| row | base {unit} | new {unit} | new / base |" + extra,
-           "|---|---:|---:|---:|" + ("---:|---:|" if per else "")]
+  lines = [f"## {title}", "", f"| row | base {unit} | new {unit} | new / base |" + extra
+           + " every process (base; new) |",
+           "|---|---:|---:|---:|" + ("---:|---:|" if per else "") + "---|"]
   med = {k: {n: statistics.median(r[n] for r in runs) for n in runs[0]}
          for k, runs in (("base", base_runs), ("new", new_runs))}
   for name in [k for k in base_runs[0] if k in new_runs[0]]:
@@ -159,7 +180,9 @@ def _table(title, unit, better, base_runs, new_runs, per=None):
     row = f"| {name} | {b:.2f} | {n:.2f} | {ratio:.3f} |"
     if per:
       row += f" {b / med['base'][per]:.1f} | {n / med['new'][per]:.1f} |"
-    lines.append(row)
+    every = "; ".join(", ".join(f"{r[name]:.2f}" for r in runs)
+                      for runs in (base_runs, new_runs))
+    lines.append(row + f" {every} |")
   lines += ["", f"Ratio > 1: the new tree is faster ({unit}, {better} is better; "
             f"medians of {len(base_runs)} interleaved runs).", ""]
   return lines
@@ -177,14 +200,16 @@ def main(argv):
                f"Produced by `python {' '.join(sys.argv)}` "
                f"(base tree at {_rev(base_tree)}; new: the working tree). One CPU device, "
                f"float32; every measurement in its own process, the two trees' processes "
-               f"interleaved; {os.cpu_count()} CPU cores, jax as installed. Load average "
+               f"interleaved; {os.cpu_count()} CPU cores, jax as installed, float32 "
+               f"matmul {_matmul_rate():.0f} GFLOP/s (2048^3, XLA). Load average "
                f"(1, 5, 15 min) at the start: "
                f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.", ""]
       for w in FLAGS.step_workers if FLAGS.steps else ():
         runs = {"base": [], "new": []}
         for rep in range(FLAGS.reps):
           for name in ("base", "new") if rep % 2 == 0 else ("new", "base"):
-            runs[name].append(_child(trees[name], _STEP_CHILD, json.dumps(STEP_ROWS), w))
+            rows = [row.split() for row in FLAGS.step_rows]
+            runs[name].append(_child(trees[name], _STEP_CHILD, json.dumps(rows), w))
             print(f"steps W={w} rep {rep} {name}: {runs[name][-1]}", flush=True)
         lines += _table(f"Training steps, simple_mnist, W={w}, f={(int(w) - 1) // 2}, b=16, "
                         f"ctma(cwtm)", "steps/s", "higher", runs["base"], runs["new"])
