@@ -301,10 +301,12 @@ def _compile_host(setup: Setup, train_step: Callable, layout: str, state, data,
   sample = functools.partial(_sample, setup, length=length)
   sampler = jax.jit(sample).lower(state, data).compile()
   indices = sharding.replicated_struct(setup.mesh, jax.eval_shape(sample, state, data))
-  carry = jax.eval_shape(runs.enter, state)
-  enter, leave = runs.enter, runs.leave
+  enter, leave, carry = runs.enter, runs.leave, state
   if layout == "unroll":  # compiled once here, not dispatched leaf by leaf on every call
-    enter, leave = jax.jit(enter).lower(state).compile(), jax.jit(leave).lower(carry).compile()
+    enter = jax.jit(enter).lower(state).compile()
+    carry = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(runs.enter, state), enter.output_shardings)
+    leave = jax.jit(leave).lower(carry).compile()
 
   def one_round(carry, data, indices, i):
     return runs.step(carry, data, indices[i])
