@@ -304,8 +304,10 @@ def _compile_host(setup: Setup, train_step: Callable, layout: str, state, data,
   enter, leave, carry = runs.enter, runs.leave, state
   if layout == "unroll":  # compiled once here, not dispatched leaf by leaf on every call
     enter = jax.jit(enter).lower(state).compile()
-    carry = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         jax.eval_shape(runs.enter, state), enter.output_shardings)
+    carry = jax.eval_shape(runs.enter, state)
+    if setup.mesh is not None:  # compiled for the shardings the split gives the states
+      carry = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           carry, enter.output_shardings)
     leave = jax.jit(leave).lower(carry).compile()
 
   def one_round(carry, data, indices, i):
