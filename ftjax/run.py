@@ -89,7 +89,8 @@ def runs_mesh(devices: int = 1) -> Optional[jax.sharding.Mesh]:
 def _diverged(setup: Setup, workdir: str, step: int, length: int, metrics: dict,
               saved: bool) -> TrainingDiverged:
   """The error for a chunk from ``step`` whose loss or model is not finite."""
-  kept = (f"The last good checkpoint (step {step}) is kept in {workdir}" if step > 0 and saved
+  recorded = step > 0 or setup.eval_at_start  # a row, and its checkpoint, at the chunk's start
+  kept = (f"The last good checkpoint (step {step}) is kept in {workdir}" if recorded and saved
           else "No checkpoint was written")
   advice = ["lower optim.lr"]
   if setup.clip is None:
