@@ -525,7 +525,9 @@ def test_declared_f_with_no_attackers_trains_and_logs_every_row_as_honest(tmp_pa
   c = tiny_config(**{"aggregator.f": 2, "workers.byzantine": 0})
   result = train.train_and_evaluate(c, str(tmp_path))
   assert int(result.state.step) == 6
-  for row in _rows(str(tmp_path)):
+  rows = _rows(str(tmp_path))
+  assert [r["step"] for r in rows] == [0, 3, 6]
+  for row in rows[1:]:  # the rounds' rows (the step-0 row has no round metrics)
     # CTMA built for f = 2 keeps W - f = 3 of the 5 rows, all of them honest.
     assert row["ctma_kept_honest"] == 3.0 and row["ctma_kept_byzantine"] == 0.0
     assert np.isfinite(row["test_loss"])
