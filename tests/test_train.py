@@ -220,19 +220,23 @@ def test_main_end_to_end(tmp_path):
          "--config.num_steps=4", "--config.eval_every=2", "--config.workers.num=5",
          "--config.workers.byzantine=1", "--config.workers.batch_size=4",
          "--config.model.name=tiny_cnn", "--config.attack.name=ipm",
-         "--config.aggregator.name=cwmed", "--config.aggregator.meta=nnm+ctma"]
+         "--config.aggregator.name=cwmed", "--config.aggregator.meta=nnm+ctma",
+         "--config.eval_steps=1,3", "--config.data.validation=0.2"]
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = _rows(str(workdir))
-  assert [r["step"] for r in rows] == [0, 2, 4]  # eval_at_start: the initial model's row
+  # eval_at_start: the initial model's row; eval_steps as written on the command line.
+  assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
   assert 0.0 <= rows[-1]["test_acc"] <= 1.0
   with open(workdir / "metrics.csv") as fh:
     header = fh.readline().strip().split(",")
   for column in ("step", "train_loss", "train_acc", "test_loss", "test_acc", "wall_time",
-                 "steps_per_sec"):
+                 "steps_per_sec", "val_loss", "val_acc"):
     assert column in header
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["aggregator"]["meta"] == "nnm+ctma"
+  assert (saved["eval_steps"], saved["data"]["validation"]) == ("1,3", 0.2)
+  assert "(on validation)" in out.stderr
 
 
 def test_main_reports_bad_input_in_one_line(tmp_path):
