@@ -32,6 +32,7 @@ from ftjax import models as models_lib
 from ftjax import optim
 from ftjax import policy
 from ftjax import registry
+from ftjax import results
 from ftjax import sharding
 
 # Sub-streams of the run's root key, one per purpose.
@@ -86,7 +87,7 @@ class Setup:
   # the dataset as loaded, before that split (what later builds of the same data reuse).
   eval_steps: tuple = ()
   eval_at_start: bool = False
-  report_last_k: int = 1
+  report_last_k: int = 5
   validation: Optional[data_lib.Validation] = None
   source: Optional[data_lib.Dataset] = None
 
@@ -236,10 +237,10 @@ def _check_scalars(c):
 def _check_evaluation(c, num_steps: int) -> tuple[tuple, bool, int, float]:
   """eval_steps (a string of steps, or a sequence), eval_at_start, report_last_k and
   data.validation, each checked; the steps sorted and without repeats."""
-  at_start = c.get("eval_at_start", False)
+  at_start = c.get("eval_at_start", True)  # a config without the fields: their defaults
   if not isinstance(at_start, bool):
     raise ConfigError(f"eval_at_start must be True or False, got {at_start!r}.")
-  last_k = _check_int("report_last_k", c.get("report_last_k", 1), 1)
+  last_k = _check_int("report_last_k", c.get("report_last_k", results.DEFAULT_LAST_K), 1)
   given = c.get("eval_steps", "") or ()
   items = given.replace(",", " ").split() if isinstance(given, str) else list(given)
   steps = []

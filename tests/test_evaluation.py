@@ -18,6 +18,7 @@ from ftjax import results
 from ftjax import round as round_lib
 from ftjax import round_data
 from ftjax import sampling
+from ftjax import sweep as sweep_lib
 from ftjax import train
 from ftjax.build import KEY_DATA
 from ftjax.state import purpose_key
@@ -220,6 +221,34 @@ def test_a_fresh_start_drops_a_stale_step_zero_row(tmp_path):
   r.close()
   r = reporting.Reporter(str(tmp_path), total_steps=4, show_progress=False, print_rows=False)
   assert r.rows == []  # the files were rewritten empty
+
+
+@pytest.mark.slow
+def test_a_sweep_holds_out_the_same_validation_split_as_a_lone_run(tmp_path):
+  """The sweep loads the data once and splits it per run: its runs' validation rows are
+  those of the same runs trained alone."""
+  import ml_collections
+  s = ml_collections.ConfigDict()
+  s.name, s.base, s.seeds, s.max_batch = "val", "configs/default.py", (1, 2), 8
+  over = {"num_steps": 2, "eval_every": 2, "workers.num": 5, "workers.byzantine": 1,
+          "workers.batch_size": 4, "model.name": "mlp", "data.validation": 0.2,
+          "eval_steps": "1", "report_last_k": 2}
+  s.overrides, s.grid, s.cells = tuple(over.items()), (), []
+  programs = loop_lib.ProgramCache()
+  sweep_lib.run_sweep(s, str(tmp_path / "sweep"), progress=False, programs=programs,
+                      write=lambda line: None)
+  [cell] = results.read_sweep(str(tmp_path / "sweep"))["cells"]
+  for run in cell["runs"]:
+    swept = _rows(str(tmp_path / "sweep" / run["workdir"]))
+    alone = str(tmp_path / f"alone{run['seed']}")
+    train.train_runs([_config(seed=run["seed"], **over)], [alone], programs=programs)
+    lone = _rows(alone)
+    assert [r["step"] for r in swept] == [r["step"] for r in lone] == [0, 1, 2]
+    for a, b in zip(swept, lone):
+      assert (a["val_acc"], a["val_loss"], a["test_acc"]) == (b["val_acc"], b["val_loss"],
+                                                              b["test_acc"])
+  [row] = results.cell_table(str(tmp_path / "sweep"))
+  assert row["best_on"] == "validation" and row["last_k"] == "2"
 
 
 # --------------------------------------------------------------------------
