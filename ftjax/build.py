@@ -242,7 +242,8 @@ def _check_evaluation(c, num_steps: int) -> tuple[tuple, bool, int, float]:
     raise ConfigError(f"eval_at_start must be True or False, got {at_start!r}.")
   last_k = _check_int("report_last_k", c.get("report_last_k", results.DEFAULT_LAST_K), 1)
   given = c.get("eval_steps", "") or ()
-  items = given.replace(",", " ").split() if isinstance(given, str) else list(given)
+  items = (given.replace(",", " ").split() if isinstance(given, str)
+           else list(given) if isinstance(given, (list, tuple)) else [given])
   steps = []
   for item in items:
     try:

@@ -108,6 +108,13 @@ def test_eval_at_start_must_be_a_bool():
 def test_chosen_steps_parse_from_a_string_or_a_sequence():
   assert train.build(_config(num_steps=9, eval_steps=" 7,3, 3 ")).eval_steps == (3, 7)
   assert train.build(_config(num_steps=9)).eval_steps == ()
+  c = _config(num_steps=9)
+  del c["eval_steps"]  # a config file that gives a tuple instead of the string
+  c.eval_steps = (7, 3, 3)
+  assert train.build(c).eval_steps == (3, 7)
+  c.eval_steps = (7, 3.5)
+  with pytest.raises(train.ConfigError, match="3.5 is not a step"):
+    train.build(c)
 
 
 # --------------------------------------------------------------------------
