@@ -29,6 +29,10 @@ def get_config(arg=None):
   c.dtype = "float32"          # "float32", or "float64" for parity with the original
   c.num_steps = 600            # training rounds (iterations)
   c.eval_every = 50            # rounds per compiled chunk; evaluate + checkpoint after each
+  c.eval_steps = ""            # more steps to evaluate at, besides every eval_every: "100,500,1000"
+                               # (chunks end there); "" = none (docs/sweeps.md, "Evaluation")
+  c.eval_at_start = True       # evaluate the initial model: a row at step 0, before any round
+  c.report_last_k = 5          # summaries add the mean test accuracy of the last k evaluations
   c.progress = True            # draw a progress bar with ETA on stderr
   c.loop = "auto"              # rounds between evaluations: "scan" (lax.scan), "host" (async
                                # dispatch of the jitted round); "auto" = scan, except on CPU
@@ -56,7 +60,11 @@ def get_config(arg=None):
   c.data.name = "digits"       # "digits" (built in, offline), "npz", or a TFDS name ("mnist", ...)
   c.data.path = ""             # the .npz file when name == "npz"
   c.data.data_dir = ""         # TFDS data_dir ("" = TFDS default, ~/tensorflow_datasets)
-  c.data.eval_batch_size = 1000  # test-set evaluation batch
+  c.data.eval_batch_size = 1000  # test-set (and validation) evaluation batch
+  c.data.validation = 0.0      # fraction v of the train split held out for validation: floor(v N)
+                               # examples, the same for every seed, never a worker's or the
+                               # server's; rows gain val_acc/val_loss and "best" is chosen on
+                               # them (0 = none; ByzFL's benchmark holds out 0.2; docs/data.md)
   c.data.partition = "iid"     # worker data split: "iid" (the paper's), "iid_split", "dirichlet",
                                # "shards", "gamma_similarity", "extreme" (docs/data.md)
   c.data.alpha = 0.5           # Dirichlet concentration for partition="dirichlet" (small = skewed)

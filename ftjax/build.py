@@ -32,6 +32,7 @@ from ftjax import models as models_lib
 from ftjax import optim
 from ftjax import policy
 from ftjax import registry
+from ftjax import results
 from ftjax import sharding
 
 # Sub-streams of the run's root key, one per purpose.
@@ -80,6 +81,15 @@ class Setup:
   # data.server_examples: the server's own examples, set aside from the train split
   # (sampling.set_aside) and never drawn by a worker; 0: none.
   server_examples: int = 0
+  # Evaluation (docs/sweeps.md, "Evaluation"): the steps evaluated besides every
+  # eval_every, a row for the initial model, the k of the last-k mean; the examples held
+  # out of the train split for validation (data.validation; ``dataset`` is the rest) and
+  # the dataset as loaded, before that split (what later builds of the same data reuse).
+  eval_steps: tuple = ()
+  eval_at_start: bool = False
+  report_last_k: int = 5
+  validation: Optional[data_lib.Validation] = None
+  source: Optional[data_lib.Dataset] = None
 
   @property
   def num_honest(self) -> int:
@@ -224,6 +234,34 @@ def _check_scalars(c):
   return (jnp.float64 if c.dtype == "float64" else jnp.float32), (clip or None)
 
 
+def _check_evaluation(c, num_steps: int) -> tuple[tuple, bool, int, float]:
+  """eval_steps (a string of steps, or a sequence), eval_at_start, report_last_k and
+  data.validation, each checked; the steps sorted and without repeats."""
+  at_start = c.get("eval_at_start", True)  # a config without the fields: their defaults
+  if not isinstance(at_start, bool):
+    raise ConfigError(f"eval_at_start must be True or False, got {at_start!r}.")
+  last_k = _check_int("report_last_k", c.get("report_last_k", results.DEFAULT_LAST_K), 1)
+  given = c.get("eval_steps", "") or ()
+  items = (given.replace(",", " ").split() if isinstance(given, str)
+           else list(given) if isinstance(given, (list, tuple)) else [given])
+  steps = []
+  for item in items:
+    try:
+      step = int(item) if isinstance(item, str) or not isinstance(item, bool) else None
+    except (TypeError, ValueError):
+      step = None
+    if step is None or step != float(item) or not 1 <= step <= num_steps:
+      raise ConfigError(f"eval_steps={given!r}: {item!r} is not a step in [1, num_steps="
+                        f"{num_steps}]; give steps as \"100,500,1000\" (step 0 is eval_at_start).")
+    steps.append(step)
+  fraction = c.data.get("validation", 0.0)
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+      0 <= fraction < 1):
+    raise ConfigError(f"data.validation must be a fraction of the train split in [0, 1) "
+                      f"(0 = no validation split; 0.2 holds out 20%), got {fraction!r}.")
+  return tuple(sorted(set(steps))), at_start, last_k, float(fraction)
+
+
 def _declared_f(c, f: int) -> int:
   """The f the rule is built for (aggregator.f, default workers.byzantine)."""
   declared = c.aggregator.get("f", None)
@@ -260,6 +298,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
   c = config
   w, f, b = _check_counts(c)
   dtype, clip = _check_scalars(c)
+  eval_steps, eval_at_start, last_k, fraction = _check_evaluation(c, c.num_steps)
   try:  # The libraries' own ValueErrors carry the sentence to show the user.
     mesh, aggregation = _layout(c)
     attack = _make_attack(c, c.attack.name)
@@ -276,6 +315,7 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
                        f"{', '.join(models_lib.MODELS)}.")
     server_examples = _check_int("data.server_examples", c.data.get("server_examples", 0), 0)
     _check_server_rule(aggregator, fed, server_examples)  # before loading any data
+    source, dataset, validation = _split(c, dataset, fraction)
     dataset, partition = _data(c, dataset, w - f if fed.honest_only else w,
                                b * fed.local_steps, server_examples)
     builtin = model is None
@@ -305,7 +345,9 @@ def build(config: ml_collections.ConfigDict, dataset: Optional[data_lib.Dataset]
       eval_every=c.eval_every, eval_batch_size=c.data.eval_batch_size, kernels=c.kernels,
       loop=policy.loop_kind(c.loop, c.kernels, chunk or per_device, builtin),
       worker_chunk=chunk, fields=json.loads(c.to_json()), mesh=mesh, builtin_model=builtin,
-      aggregation=aggregation, attacks=family, federated=fed, server_examples=server_examples)
+      aggregation=aggregation, attacks=family, federated=fed, server_examples=server_examples,
+      eval_steps=eval_steps, eval_at_start=eval_at_start, report_last_k=last_k,
+      validation=validation, source=source)
 
 
 def _check_rule_layout(aggregator, fed: federated_lib.Federated, sharded: bool) -> None:
@@ -375,16 +417,30 @@ def _rule_and_attacks(c, w: int, f: int, attack: attacks_lib.Attack, attacks: Se
   return aggregator, _attack_family(c, attack, attacks)
 
 
-def _data(c, dataset: Optional[data_lib.Dataset], w: int, b: int, held_out: int = 0):
-  """The dataset (loaded unless given) and the partition over ``w`` workers (None: i.i.d.).
+def _split(c, dataset: Optional[data_lib.Dataset], fraction: float):
+  """The dataset as loaded (unless given), the train split the run trains on, and the
+  validation split held out of it (None without ``data.validation``)."""
+  if dataset is None:
+    dataset = data_lib.load_dataset(
+        c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
+  if not fraction:
+    return dataset, dataset, None
+  num = dataset.train_images.shape[0]
+  count = data_lib.validation_count(fraction, num)
+  if not 1 <= count < num:
+    raise ConfigError(f"data.validation={fraction} holds out {count} of the {num} training "
+                      f"examples of {dataset.name}; choose a fraction that keeps at least one "
+                      f"example on each side.")
+  return (dataset, *data_lib.split_validation(dataset, count))
+
+
+def _data(c, dataset: data_lib.Dataset, w: int, b: int, held_out: int = 0):
+  """The dataset and the partition over ``w`` workers (None: i.i.d.).
 
   ``w`` counts the workers that hold data and ``b`` the examples each takes
   per round (K local minibatches of ``workers.batch_size``). The partition
   covers the examples left after the server's ``held_out``
   (:func:`ftjax.sampling.set_aside`), as indices into the whole split."""
-  if dataset is None:
-    dataset = data_lib.load_dataset(
-        c.data.name, path=c.data.path or None, data_dir=c.data.data_dir or None)
   num = dataset.train_images.shape[0]
   if held_out >= num:
     raise ConfigError(f"data.server_examples={held_out} leaves no training examples for the "

@@ -1,10 +1,12 @@
 """Orbax checkpoints of the latest and the best training state.
 
 Two managers live under ``<workdir>/checkpoints``: ``latest`` (rewritten at every
-evaluation, used to resume) and ``best`` (rewritten when the test accuracy
-improves). Each checkpoint holds the whole :class:`ftjax.train.TrainState`
-(model, server and per-worker estimator states, step, PRNG key data) plus a
-small JSON of bookkeeping (best accuracy so far, wall time spent).
+evaluation, used to resume) and ``best`` (rewritten when an evaluation becomes the
+run's best: :func:`ftjax.results.best_row`, on the validation accuracy when the run holds
+a validation split out, else on the test accuracy). Each checkpoint holds the whole
+:class:`ftjax.train.TrainState` (model, server and per-worker estimator states, step,
+PRNG key data) plus a small JSON of bookkeeping (the best evaluation's test accuracy and
+step, wall time spent).
 """
 
 from __future__ import annotations

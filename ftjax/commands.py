@@ -35,8 +35,9 @@ are documented.
 CONFIG_FIELDS = """\
 The config fields, each documented on its line in configs/default.py
 ({default}):
-seed, dtype, num_steps, eval_every, loop, devices, kernels, mesh.*,
-workers.* (num, byzantine, batch_size), data.* (name, path, partition, alpha, ...),
+seed, dtype, num_steps, eval_every, eval_steps, eval_at_start, report_last_k, loop,
+devices, kernels, mesh.*, workers.* (num, byzantine, batch_size),
+data.* (name, path, partition, alpha, validation, ...),
 model.*, optim.* (estimator, lr, clip, ...), aggregator.* (name, meta, f, options.*),
 attack.* (name, options.*), checkpoint.*, wandb.*. The names they accept: ftjax list.
 """

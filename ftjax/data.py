@@ -431,6 +431,51 @@ def load_dataset(name: str, *, path: Optional[str] = None, data_dir: Optional[st
                  augment=augment if augment is not None else spec.augment)
 
 
+# ----------------------------------------------------------------------------
+# The validation split
+
+# Seeds the order that picks the validation examples: a constant, so that every run on
+# one dataset (every seed of a sweep) holds out the same examples.
+VALIDATION_SEED = 0
+
+
+class Validation(NamedTuple):
+  """Examples held out of the train split for model selection (``data.validation``)."""
+  indices: np.ndarray  # int64 [n], sorted: their positions in the loaded train split
+  images: np.ndarray   # uint8 [n, H, W, C]
+  labels: np.ndarray   # int32 [n]
+
+
+def validation_count(fraction: float, num_examples: int) -> int:
+  """floor(fraction * N): the examples ``data.validation = fraction`` holds out."""
+  return int(math.floor(fraction * num_examples))
+
+
+_SPLITS: dict = {}  # (id(dataset), n) -> (dataset, (rest, validation)): the last few splits
+
+
+def split_validation(dataset: Dataset, count: int) -> tuple[Dataset, Validation]:
+  """The train split less ``count`` held-out examples, and those examples.
+
+  The held-out positions are the first ``count`` of
+  ``np.random.default_rng(VALIDATION_SEED).permutation(N)``, sorted: they depend
+  on N alone, never on a run's seed. The rest keeps the train split's order,
+  so every later draw (the partitions, the server's examples, the workers'
+  shuffles) works on it as on a smaller train split. The last few splits are
+  kept, so the runs of a sweep share one copy.
+  """
+  key = (id(dataset), count)
+  if key not in _SPLITS:
+    num = dataset.train_images.shape[0]
+    held = np.sort(np.random.default_rng(VALIDATION_SEED).permutation(num)[:count])
+    rest = np.delete(np.arange(num), held)
+    split = (dataclasses.replace(dataset, train_images=dataset.train_images[rest],
+                                 train_labels=dataset.train_labels[rest]),
+             Validation(held, dataset.train_images[held], dataset.train_labels[held]))
+    while len(_SPLITS) >= 4:
+      del _SPLITS[next(iter(_SPLITS))]
+    _SPLITS[key] = (dataset, split)  # the dataset kept alive, so its id is not reused
+  return _SPLITS[key][1]
 
 
 # ----------------------------------------------------------------------------

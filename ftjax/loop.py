@@ -37,7 +37,8 @@ PyTree = Any
 
 
 # Config fields that do not change the compiled round (the chunk length is keyed apart).
-_NOT_IN_ROUND = ("num_steps", "eval_every", "wandb", "checkpoint", "progress")
+_NOT_IN_ROUND = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "eval_steps",
+                 "eval_at_start", "report_last_k")
 # JAX settings that change what a function traces to (float64 enters through the dtypes).
 _TRACE_FLAGS = ("jax_default_matmul_precision", "jax_default_prng_impl",
                 "jax_threefry_partitionable", "jax_numpy_rank_promotion")
@@ -375,18 +376,23 @@ def _one_run(compile_runs: Callable) -> Callable:
 
 
 class EvalData(NamedTuple):
-  """The test split on device and the batches that cover it once."""
+  """A split to evaluate on (the test split, or the validation split) on device and the
+  batches that cover it once."""
   images: jax.Array    # uint8 [M, H, W, C]
   labels: jax.Array    # int32 [M]
   indices: jax.Array   # int32 [num_batches, batch]; padded entries point at 0
   mask: jax.Array      # bool [num_batches, batch]; False on padded entries
 
 
-def make_eval_data(dataset: data_lib.Dataset, batch_size: int) -> EvalData:
-  """Puts the test split on device with the batches of :func:`ftjax.data.eval_batches`."""
-  batches = data_lib.eval_batches(dataset.test_images.shape[0], batch_size)
-  return EvalData(jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels),
-                  jnp.asarray(batches.indices), jnp.asarray(batches.mask))
+def make_eval_data(dataset: data_lib.Dataset, batch_size: int,
+                   split: Optional[data_lib.Validation] = None) -> EvalData:
+  """Puts the test split (or ``split``, the validation split ``Setup.validation``) on
+  device with the batches of :func:`ftjax.data.eval_batches`."""
+  images, labels = ((dataset.test_images, dataset.test_labels) if split is None
+                    else (split.images, split.labels))
+  batches = data_lib.eval_batches(images.shape[0], batch_size)
+  return EvalData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(batches.indices),
+                  jnp.asarray(batches.mask))
 
 
 def trigger(setup: Setup) -> Optional[poisoning.Trigger]:
@@ -396,13 +402,15 @@ def trigger(setup: Setup) -> Optional[poisoning.Trigger]:
   return found if isinstance(found, poisoning.Trigger) else None
 
 
-def make_eval_fn(setup: Setup) -> Callable:
+def make_eval_fn(setup: Setup, split: str = "test") -> Callable:
   """``evaluate(params, batch_stats, eval_data) -> {test_loss, test_acc[, test_asr]}``.
 
   For one run; ``test_asr`` (a backdoor's attack success rate,
   :func:`ftjax.poisoning.asr_counts`) only when the run's attack has a trigger.
+  ``split="val"`` names the results ``val_loss`` and ``val_acc`` (the validation
+  split's, without the attack success rate).
   """
-  ds, stamp = setup.dataset, trigger(setup)
+  ds, stamp = setup.dataset, trigger(setup) if split == "test" else None
 
   def evaluate(params, batch_stats, data: EvalData):
     variables = {"params": params}
@@ -426,8 +434,8 @@ def make_eval_fn(setup: Setup) -> Callable:
 
     sums = jax.lax.map(batch_sums, (data.indices, data.mask))
     count = data.mask.sum()
-    out = {"test_loss": (sums[0].sum() / count).astype(jnp.float32),
-           "test_acc": (sums[1].sum() / count).astype(jnp.float32)}
+    out = {f"{split}_loss": (sums[0].sum() / count).astype(jnp.float32),
+           f"{split}_acc": (sums[1].sum() / count).astype(jnp.float32)}
     if stamp is not None:
       out["test_asr"] = (sums[2].sum() / jnp.maximum(sums[3].sum(), 1)).astype(jnp.float32)
     return out
@@ -436,9 +444,11 @@ def make_eval_fn(setup: Setup) -> Callable:
 
 
 def compile_eval(setup: Setup, states: round_lib.TrainState, eval_data: EvalData,
-                 programs: ProgramCache) -> Callable:
-  """The evaluation of every run of ``states`` (leading runs axis), compiled and cached."""
-  fn = jax.vmap(make_eval_fn(setup), in_axes=(0, 0, None))
-  key = ("eval", eval_identity(setup), _signature(states.params, states.batch_stats, eval_data))
+                 programs: ProgramCache, split: str = "test") -> Callable:
+  """The evaluation of every run of ``states`` (leading runs axis), compiled and cached;
+  ``split`` as :func:`make_eval_fn`."""
+  fn = jax.vmap(make_eval_fn(setup, split), in_axes=(0, 0, None))
+  key = ("eval", split, eval_identity(setup),
+         _signature(states.params, states.batch_stats, eval_data))
   return programs.get(key, lambda: jax.jit(fn).lower(
       states.params, states.batch_stats, eval_data).compile())

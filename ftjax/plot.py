@@ -182,8 +182,9 @@ def training_time(rows: list[dict]) -> list[float]:
   steps_per_sec leaves out compilation and evaluation (``wall_time`` has both).
   """
   total, previous, out = 0.0, 0, []
-  for row in rows:
-    total += (row["step"] - previous) / row["steps_per_sec"]
+  for row in rows:  # the step-0 row (no rounds before it) adds nothing
+    if row["step"] > previous:
+      total += (row["step"] - previous) / row["steps_per_sec"]
     previous = row["step"]
     out.append(total)
   return out
@@ -226,6 +227,10 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
                   marker=style.MARKERS[kind % len(style.MARKERS)])
         if band and len(runs) > 1:
           axis.fill_between(xs, 100 * low, 100 * high, color=color, alpha=0.15, linewidth=0)
+        if all("val_acc" in r for rows in runs for r in rows):  # a held-out validation split
+          xs, val = _mean_curve(runs, x, "val_acc")[:2]
+          axis.plot(xs, 100 * val, color=color, linestyle="--", linewidth=0.9, alpha=0.7,
+                    label=f"{label}: validation")
         if all("test_asr" in r for rows in runs for r in rows):  # a backdoor's success rate
           xs, asr = _mean_curve(runs, x, "test_asr")[:2]
           axis.plot(xs, 100 * asr, color=color, linestyle=":", linewidth=1.2,
@@ -257,8 +262,10 @@ def _curve_figure(workdir: str, x: str, xlabel: str, ax, band: bool, title: str)
 def curves(workdir: str, ax=None):
   """Test accuracy against rounds: one panel per attack (or value of the first axis).
 
-  One line per cell: the mean over its seeds at every evaluation, with a
-  band from the smallest to the largest seed, and for a backdoor's cells a
+  One line per cell: the mean over its seeds at every evaluation (from step 0
+  when the runs evaluated the initial model), with a band from the smallest
+  to the largest seed; for cells that hold a validation split out a thin
+  dashed line of the mean validation accuracy, and for a backdoor's cells a
   dotted line of the mean attack success rate; the panels share their
   y-axis. ``ax``: axes to draw in, one per panel (default: a new figure).
   Returns the Figure.

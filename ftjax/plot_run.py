@@ -1,6 +1,6 @@
 """The figure of one run's workdir (``ftjax train``): its curves against rounds.
 
-Panels, on one shared round axis: test (and honest workers' train) accuracy;
+Panels, on one shared round axis: test (and honest workers' train, and validation) accuracy;
 test and train loss; then, when the run logged them, the rows CTMA kept
 (Byzantine and honest, per round, averaged over the evaluation interval) and
 the norm of the aggregate. The rule's colour is its colour in every figure
@@ -54,11 +54,13 @@ def _title(workdir: str) -> tuple[str, str]:
 
 def _panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str, float]]]]:
   """[(y label, [(column, legend label, scale)])] for the columns the rows have."""
-  columns = set(rows[0])
+  columns = {k for row in rows for k in row}  # the step-0 row has no training metrics
   kept = sorted(c for c in columns if c.endswith("kept_byzantine") or c.endswith("kept_honest"))
   panels = [("accuracy (%)", [("test_acc", "test", 100.0), ("train_acc", "train (honest)", 100.0),
+                              ("val_acc", "validation", 100.0),
                               ("test_asr", "attack success (backdoor)", 100.0)]),
-            ("loss", [("test_loss", "test", 1.0), ("train_loss", "train (honest)", 1.0)])]
+            ("loss", [("test_loss", "test", 1.0), ("train_loss", "train (honest)", 1.0),
+                      ("val_loss", "validation", 1.0)])]
   if kept:
     panels.append(("rows CTMA kept per round",
                    [(c, results_lib.diag_label(c).rsplit(" (", 1)[0], 1.0) for c in kept]))

@@ -40,7 +40,8 @@ AXIS_NAMES = {"attack.name": "attack", "workers.byzantine": "f", "workers.num": 
               "data.alpha": "Dirichlet alpha", "data.gamma": "gamma",
               "data.shards_per_worker": "shards per worker", "optim.estimator": "estimator",
               "aggregator.name": "rule", "aggregator.meta": "meta-aggregator",
-              "aggregator.f": "rule's f", "optim.lr": "lr"}
+              "aggregator.f": "rule's f", "optim.lr": "lr",
+              "data.validation": "validation share"}
 VALUE_NAMES = {
     "attack.name": {"alie": "ALIE", "ipm": "IPM", "sf": "sign flipping",
                     "lf": "label flipping", "none": "no attack", "optimal_ipm": "optimal IPM",

@@ -30,8 +30,9 @@ CONSOLE_COLUMNS = (  # (name, width, format spec)
     ("test_acc", 8, ".4f"),
     ("steps_per_sec", 13, ".1f"),
 )
-# Shown after test_acc only when the first row has them (a backdoor's attack success rate).
-OPTIONAL_CONSOLE_COLUMNS = (("test_asr", 8, ".4f"),)
+# Shown after test_acc only when the first row has them (a backdoor's attack success rate,
+# the validation accuracy).
+OPTIONAL_CONSOLE_COLUMNS = (("test_asr", 8, ".4f"), ("val_acc", 8, ".4f"))
 
 
 class MetricsWriteError(OSError):
@@ -78,6 +79,8 @@ class Reporter:
     workdir: where metrics.csv and metrics.jsonl live.
     total_steps: number of training rounds of the whole run (for the ETA).
     start_step: the step the run (re)starts from; later rows are discarded.
+    resumed: whether the run resumes from a checkpoint at ``start_step``; a run
+      that starts afresh discards every row, its step-0 row included.
     wandb_config: the config's ``wandb`` fields (a dict), or None.
     run_config: the whole config, recorded by W&B.
     show_progress: draw the tqdm bar (off in tests).
@@ -87,11 +90,11 @@ class Reporter:
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
                wandb_config=None, run_config: Optional[Mapping[str, Any]] = None,
-               show_progress: bool = True, print_rows: bool = True):
+               show_progress: bool = True, print_rows: bool = True, resumed: bool = True):
     self.workdir = workdir
     self.csv_path = os.path.join(workdir, "metrics.csv")
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self.rows = _truncate_jsonl(self.jsonl_path, start_step)
+    self.rows = _truncate_jsonl(self.jsonl_path, start_step if resumed else -1)
     self._rewrite_files()
     self._header_printed = False
     self._print_rows = print_rows
@@ -192,6 +195,9 @@ class Reporter:
     cells = []
     for name, width, spec in self._console:
       value = row.get(name, math.nan)
+      if name not in row:  # the step-0 row has no training metrics
+        cells.append(f"{'-':>{width}}")
+        continue
       try:
         cells.append(f"{value:>{width}{spec}}")
       except (ValueError, TypeError):

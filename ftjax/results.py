@@ -18,7 +18,9 @@ from typing import Any, Optional
 
 # The columns of metrics.jsonl that are not aggregator diagnostics.
 METRIC_COLUMNS = ("step", "train_loss", "train_acc", "test_loss", "test_acc", "test_asr",
-                  "aggregate_norm", "wall_time", "steps_per_sec")
+                  "val_loss", "val_acc", "aggregate_norm", "wall_time", "steps_per_sec")
+DEFAULT_LAST_K = 5
+"""``report_last_k`` of a run whose config.json predates the field (configs/default.py's)."""
 ASR_COLUMNS = ("final_test_asr_mean", "final_test_asr_min", "final_test_asr_max")
 """results.csv's columns of a backdoor's attack success rate (cells of other attacks: empty)."""
 
@@ -42,43 +44,84 @@ def read_status(workdir: str) -> dict[tuple[str, int], dict]:
   return {(e["cell"], e["seed"]): e for e in read_jsonl(os.path.join(workdir, "status.jsonl"))}
 
 
-def run_summary(rows: list[dict]) -> dict:
+def selected_on(rows: list[dict]) -> str:
+  """What "best" is chosen on: "validation" when the rows carry ``val_acc``, else "test"."""
+  return "validation" if rows and "val_acc" in rows[0] else "test"
+
+
+def _selection_key(rows: list[dict]) -> str:
+  return "val_acc" if selected_on(rows) == "validation" else "test_acc"
+
+
+def best_row(rows: list[dict]) -> dict:
+  """The row of the best evaluation: the highest ``val_acc`` when the run holds a
+  validation split out, else the highest ``test_acc``; the first of equal values."""
+  key = _selection_key(rows)
+  return max(rows, key=lambda r: r[key])  # max() keeps the first of equal values
+
+
+def last_k_mean(rows: list[dict], k: int) -> float:
+  """The mean test accuracy of the last ``k`` rows (of all of them when there are fewer)."""
+  return statistics.fmean(r["test_acc"] for r in rows[-k:])
+
+
+def run_summary(rows: list[dict], last_k: int = DEFAULT_LAST_K) -> dict:
   """One run's summary from its metrics rows (one per evaluation).
 
   Returns:
-    ``final_test_acc`` and ``final_step`` (last row), ``best_test_acc`` and
-    ``best_step`` (its first step), ``steps_per_sec`` (median over the
-    chunks), ``wall_time`` (last row), ``curve`` ({step: test_acc}) and
-    ``diag``: every aggregator diagnostic averaged over the evaluations;
-    ``final_test_asr``, a backdoor's attack success rate at the last row
-    (None for the other attacks). Values are None for a run without rows.
+    ``final_test_acc`` and ``final_step`` (last row); ``best_test_acc`` and
+    ``best_step``: the test accuracy and step of :func:`best_row`, chosen on
+    ``best_on`` ("validation" or "test"); ``last_k_test_acc``, the mean test
+    accuracy of the last ``last_k`` rows (:func:`last_k_mean`), and ``last_k``;
+    ``steps_per_sec`` (median over the chunks), ``wall_time`` (last row),
+    ``curve`` ({step: test_acc}) and ``diag``: every aggregator diagnostic
+    averaged over the evaluations; ``final_test_asr``, a backdoor's attack
+    success rate at the last row (None for the other attacks). Values are None
+    for a run without rows.
   """
   if not rows:
     return {"final_test_acc": None, "final_step": None, "best_test_acc": None,
-            "best_step": None, "steps_per_sec": None, "wall_time": None, "curve": {},
-            "diag": {}, "final_test_asr": None}
-  best = max(rows, key=lambda r: r["test_acc"])  # max() keeps the first of equal values
-  names = [k for k in rows[0] if k not in METRIC_COLUMNS]
+            "best_step": None, "best_on": None, "last_k_test_acc": None, "last_k": last_k,
+            "steps_per_sec": None, "wall_time": None, "curve": {}, "selection_curve": {},
+            "diag": {},
+            "final_test_asr": None}
+  best = best_row(rows)
+  names = [k for k in rows[-1] if k not in METRIC_COLUMNS]
+  chunks = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]  # not the step-0 row
   return {"final_test_acc": rows[-1]["test_acc"], "final_step": rows[-1]["step"],
           "best_test_acc": best["test_acc"], "best_step": best["step"],
-          "steps_per_sec": statistics.median(r["steps_per_sec"] for r in rows),
+          "best_on": selected_on(rows), "last_k_test_acc": last_k_mean(rows, last_k),
+          "last_k": last_k,
+          "steps_per_sec": statistics.median(chunks) if chunks else None,
           "wall_time": rows[-1]["wall_time"],
           "curve": {r["step"]: r["test_acc"] for r in rows},
+          "selection_curve": {r["step"]: r[_selection_key(rows)] for r in rows},
           "diag": {n: statistics.fmean(r[n] for r in rows if n in r) for n in names},
           "final_test_asr": rows[-1].get("test_asr")}
 
 
 def mean_curve_peak(summaries: list[dict]) -> Optional[int]:
-  """The evaluated step where the seeds' mean test accuracy peaks (the first of equal peaks).
+  """The evaluated step where the seeds' mean accuracy peaks (the first of equal peaks):
+  the validation accuracy for runs that hold a validation split out, else the test one.
 
   Over the steps that every run evaluated; None when they share none.
   """
   if not summaries:
     return None
-  steps = sorted(set.intersection(*(set(s["curve"]) for s in summaries)))
+  curves = [s.get("selection_curve", s["curve"]) for s in summaries]
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
   if not steps:
     return None
-  return max(steps, key=lambda t: statistics.fmean(s["curve"][t] for s in summaries))
+  return max(steps, key=lambda t: statistics.fmean(c[t] for c in curves))
+
+
+def report_last_k(run_workdir: str) -> int:
+  """The run's ``report_last_k`` from its config.json (:data:`DEFAULT_LAST_K` without one)."""
+  try:
+    with open(os.path.join(run_workdir, "config.json")) as fh:
+      return int(json.load(fh).get("report_last_k", DEFAULT_LAST_K))
+  except (OSError, ValueError, TypeError):
+    return DEFAULT_LAST_K
 
 
 def _spread(values: list[float], prefix: str) -> dict:
@@ -96,7 +139,9 @@ def cell_table(workdir: str) -> list[dict]:
   and "partial" otherwise, with the reasons in ``reason``. ``best_step`` is
   the evaluated step where the seeds' mean accuracy peaks
   (:func:`mean_curve_peak`); ``best_steps`` and ``final_steps`` list each
-  finished seed's best and last evaluated step, ";"-separated.
+  finished seed's best and last evaluated step, ";"-separated. ``best_test_acc``
+  is each seed's test accuracy at its best row (:func:`best_row`), chosen on
+  ``best_on``; ``last_k_test_acc`` the mean of its last ``last_k`` rows.
   """
   sweep = read_sweep(workdir)
   status = read_status(workdir)
@@ -108,8 +153,9 @@ def cell_table(workdir: str) -> list[dict]:
       state = entry["status"] if entry else "not finished"
       states.append(state)
       if state == "ok":
-        summaries.append(run_summary(read_jsonl(
-            os.path.join(workdir, run["workdir"], "metrics.jsonl"))))
+        path = os.path.join(workdir, run["workdir"])
+        summaries.append(run_summary(read_jsonl(os.path.join(path, "metrics.jsonl")),
+                                     report_last_k(path)))
       else:
         reasons.append(f"seed {run['seed']}: {entry['reason'] if entry else 'not finished'}")
     if all(s == "ok" for s in states):
@@ -123,13 +169,17 @@ def cell_table(workdir: str) -> list[dict]:
            "status": cell_status, "reason": " | ".join(reasons),
            **_spread([s["final_test_acc"] for s in summaries], "final_test_acc"),
            **_spread([s["best_test_acc"] for s in summaries], "best_test_acc"),
+           **_spread([s["last_k_test_acc"] for s in summaries], "last_k_test_acc"),
+           "last_k": ";".join(sorted({str(s["last_k"]) for s in summaries})),
+           "best_on": ";".join(sorted({s["best_on"] for s in summaries})),
            **_spread([s["final_test_asr"] for s in summaries
                       if s["final_test_asr"] is not None], "final_test_asr")}
     row["best_step"] = mean_curve_peak(summaries)
     row["best_steps"] = ";".join(str(s["best_step"]) for s in summaries)
     row["final_steps"] = ";".join(str(s["final_step"]) for s in summaries)
     for name in ("steps_per_sec", "wall_time"):
-      row[name] = statistics.median(s[name] for s in summaries) if summaries else None
+      values = [s[name] for s in summaries if s[name] is not None]
+      row[name] = statistics.median(values) if values else None
     diag_names = sorted({n for s in summaries for n in s["diag"]})
     for name in diag_names:
       row[f"diag.{name}"] = statistics.fmean(s["diag"][name] for s in summaries
@@ -216,14 +266,21 @@ def to_markdown(sweep: dict, table: list[dict]) -> str:
   axes = sweep["axes"]
   diag = sorted({k for row in table for k in row if k.startswith("diag.")})
   asr = any(row.get("final_test_asr_mean") is not None for row in table)
+  on = " or ".join(sorted({o for row in table for o in row["best_on"].split(";") if o}))
+  last_k = " or ".join(sorted({k for row in table for k in row["last_k"].split(";") if k}))
   header = ([*axes, "seeds", "status", "final acc % (min-max)", "at round",
-             "best acc % (min-max)", "best at round (per seed)",
+             f"best (on {on or 'test'}) acc % (min-max)", "best at round (per seed)",
+             f"mean of last {last_k or DEFAULT_LAST_K} evals acc % (min-max)",
              *(["final attack success % (min-max)"] if asr else []), "steps/s", "wall s",
              *(diag_label(d) for d in diag)])
   lines = [f"# Sweep {sweep['name']}", "",
            "Test accuracy in percent: mean over the seeds that finished, (min-max) over them. "
-           "The final accuracy is that of each seed's last evaluation (at round); the best "
-           "is each seed's highest, at the round listed per seed. steps/s (rounds per second "
+           "The final accuracy is that of each seed's last evaluation (at round). The best is "
+           "each seed's test accuracy at its best evaluation, at the round listed per seed: "
+           "the one of highest validation accuracy for a run that holds a validation split "
+           "out (best on validation), else the one of highest test accuracy (best on test); "
+           "the first of equal values. The mean of the last k evaluations averages each "
+           "seed's last k test accuracies. steps/s (rounds per second "
            "of training, without compilation or evaluation) and wall s (seconds from start to "
            "the last evaluation, compilation included) are medians over the seeds.", ""]
   if asr:
@@ -246,6 +303,9 @@ def to_markdown(sweep: dict, table: list[dict]) -> str:
                    f"{_percent(mean)} ({_percent(row[f'{prefix}_min'])}-"
                    f"{_percent(row[f'{prefix}_max'])})")
       cells.append(_steps(row[steps], per_seed))
+    mean = row["last_k_test_acc_mean"]
+    cells.append("" if mean is None else f"{_percent(mean)} ({_percent(row['last_k_test_acc_min'])}"
+                 f"-{_percent(row['last_k_test_acc_max'])})")
     if asr:
       mean, low, high = (row.get(f"final_test_asr_{k}") for k in ("mean", "min", "max"))
       cells.append("" if mean is None else
@@ -282,8 +342,10 @@ def write_results(workdir: str) -> tuple[str, str]:
   table = cell_table(workdir)
   columns = ["cell", *sweep["axes"], "seeds", "status", "reason",
              "final_test_acc_mean", "final_test_acc_min", "final_test_acc_max",
-             "best_test_acc_mean", "best_test_acc_min", "best_test_acc_max",
-             "best_step", "best_steps", "final_steps", "steps_per_sec", "wall_time"]
+             "best_test_acc_mean", "best_test_acc_min", "best_test_acc_max", "best_on",
+             "best_step", "best_steps", "final_steps", "last_k_test_acc_mean",
+             "last_k_test_acc_min", "last_k_test_acc_max", "last_k", "steps_per_sec",
+             "wall_time"]
   if any(row.get("final_test_asr_mean") is not None for row in table):
     columns += list(ASR_COLUMNS)
   columns += sorted({k for row in table for k in row if k.startswith("diag.")})

@@ -89,7 +89,8 @@ def runs_mesh(devices: int = 1) -> Optional[jax.sharding.Mesh]:
 def _diverged(setup: Setup, workdir: str, step: int, length: int, metrics: dict,
               saved: bool) -> TrainingDiverged:
   """The error for a chunk from ``step`` whose loss or model is not finite."""
-  kept = (f"The last good checkpoint (step {step}) is kept in {workdir}" if step > 0 and saved
+  recorded = step > 0 or setup.eval_at_start  # a row, and its checkpoint, at the chunk's start
+  kept = (f"The last good checkpoint (step {step}) is kept in {workdir}" if recorded and saved
           else "No checkpoint was written")
   advice = ["lower optim.lr"]
   if setup.clip is None:
@@ -200,7 +201,7 @@ def _build_runs(configs, workdirs, dataset, model, attacks, results) -> dict:
       continue
     try:
       workdir_lib.check_workdir(workdirs[i])
-      shared = dataset if dataset is not None or not setups else next(iter(setups.values())).dataset
+      shared = dataset if dataset is not None or not setups else next(iter(setups.values())).source
       setups[i] = build(config, shared, model, attacks=attacks)
       workdir_lib.check_resume_config(workdirs[i], setups[i].fields)
     except ConfigError as e:
@@ -283,6 +284,7 @@ def _run_group(num_slots, workdirs, setups, programs, on_rounds, note, mesh, con
   group = _Group(first, _stack_data(setups, owner), states, programs, mesh, console, note)
   failing = True
   try:
+    group.record_start(runs)
     while any(runs[i].step < first.num_steps for i in runs):
       for i, error in group.advance(runs, on_rounds).items():
         results[i] = RunResult(workdirs[i], runs[i].row, error)
@@ -326,13 +328,46 @@ class _Group:
     self.spread = sharding.runs_placement(mesh, RUNS_AXIS,
                                           functools.partial(round_lib.place, setup))
     self.states, self.data = self.spread(states), self.spread(data, data=True)
-    self.eval_data = sharding.replicate(
-        mesh if mesh is not None else setup.mesh,
-        loop_lib.make_eval_data(setup.dataset, setup.eval_batch_size))
     self.chunk_fn = loop_lib.make_chunk_fn(setup, runs=True, programs=programs,
                                            runs_layout="vmap" if mesh is not None else None)
-    self.evaluate = loop_lib.compile_eval(setup, self.states, self.eval_data, programs)
+    # The test split, and the validation split when the run holds one out: (program, data).
+    self.evaluations = []
+    for split, held in (("test", None), ("val", setup.validation)):
+      if split == "val" and held is None:
+        continue
+      data = sharding.replicate(mesh if mesh is not None else setup.mesh,
+                                loop_lib.make_eval_data(setup.dataset, setup.eval_batch_size,
+                                                        held))
+      self.evaluations.append((loop_lib.compile_eval(setup, self.states, data, programs, split),
+                               data))
     self.compiled = set()
+
+  def evaluate(self) -> dict:
+    """Every slot's evaluation: {name: [R] values} (test, and validation when held out)."""
+    out = {}
+    for program, data in self.evaluations:
+      out.update(jax.device_get(program(self.states.params, self.states.batch_stats, data)))
+    return out
+
+  def record_start(self, runs: dict) -> None:
+    """The row at step 0 (the initial model) of the runs that start from it and have none
+    (a run resumed from step 0 has its row already)."""
+    starting = [i for i, r in runs.items() if self.setup.eval_at_start and r.step == 0
+                and not any(row["step"] == 0 for row in r.reporter.rows)]
+    if starting:
+      evaluation = self.evaluate()
+      for i in starting:
+        runs[i].record({"step": 0, **{k: float(v[i]) for k, v in evaluation.items()},
+                        "wall_time": time.perf_counter() - runs[i].wall_start},
+                       _take_runs(self.states, i))
+
+  def _length(self, step: int) -> int:
+    """Rounds from ``step`` to the next evaluation: the next multiple of eval_every, the
+    next of eval_steps, or the last step, whichever comes first."""
+    setup = self.setup
+    ends = [step + setup.eval_every - step % setup.eval_every, setup.num_steps]
+    ends += [s for s in setup.eval_steps if s > step][:1]
+    return min(ends) - step
 
   def _chunk(self, length: int) -> Callable:
     tic = time.perf_counter()
@@ -351,7 +386,7 @@ class _Group:
     setup = self.setup
     step = min(r.step for r in runs.values() if r.step < setup.num_steps)
     moving = [i for i, r in runs.items() if r.step == step]
-    length = min(setup.eval_every - step % setup.eval_every, setup.num_steps - step)
+    length = self._length(step)
     slots = jax.tree.leaves(self.states.step)[0].shape[0]
     source = [i if i in moving else moving[0] for i in range(slots)]
     everyone = source == list(range(slots))
@@ -377,8 +412,7 @@ class _Group:
     self.states = self.spread(new_states if everyone
                               else _where_runs(keep, new_states, self.states))
     if advanced:
-      evaluation = jax.device_get(self.evaluate(self.states.params, self.states.batch_stats,
-                                                self.eval_data))
+      evaluation = self.evaluate()
       for i in advanced:
         runs[i].reporter.advance(length)
         runs[i].record({"step": step + length,

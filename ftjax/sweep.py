@@ -89,8 +89,8 @@ def validate(sweep: Sweep, dataset=None, model=None) -> tuple[dict, dict]:
         key = json.dumps({k: c.data[k] for k in ("name", "path", "data_dir")})
         with run_lib.x64_scope([c]):
           setup = train.build(c, dataset if dataset is not None else loaded.get(key), model)
-        loaded.setdefault(key, setup.dataset)
-        datasets[(cell.name, run.seed)] = setup.dataset
+        loaded.setdefault(key, setup.source)  # as loaded: each run holds its validation out
+        datasets[(cell.name, run.seed)] = setup.source
         widths[(cell.name, run.seed)] = (None if setup.partition is None
                                          else setup.partition.table.shape)
       except train.ConfigError as e:
@@ -147,11 +147,13 @@ def _append_status(workdir: str, entry: dict) -> None:
 
 
 def _status_entry(run: Run, workdir: str, reason: str = "") -> dict:
-  summary = results_lib.run_summary(
-      results_lib.read_jsonl(os.path.join(workdir, run.workdir, "metrics.jsonl")))
+  path = os.path.join(workdir, run.workdir)
+  summary = results_lib.run_summary(results_lib.read_jsonl(os.path.join(path, "metrics.jsonl")),
+                                    results_lib.report_last_k(path))
   return {"cell": run.cell, "seed": run.seed, "status": "failed" if reason else "ok",
           "reason": reason, **{k: summary[k] for k in ("final_test_acc", "best_test_acc",
-                                                       "best_step", "steps_per_sec",
+                                                       "best_step", "best_on",
+                                                       "last_k_test_acc", "steps_per_sec",
                                                        "wall_time")}}
 
 
@@ -186,7 +188,8 @@ class _Table:
     if ok:
       final = [100 * e["final_test_acc"] for e in ok]
       best = statistics.fmean(100 * e["best_test_acc"] for e in ok)
-      speed = statistics.median(e["steps_per_sec"] for e in ok)
+      speeds = [e["steps_per_sec"] for e in ok if e["steps_per_sec"] is not None]
+      speed = statistics.median(speeds) if speeds else float("nan")
       spread = f"{statistics.fmean(final):.1f} ({min(final):.1f}-{max(final):.1f})"
       numbers = f"{spread:>22}  {best:>10.1f}  {speed:>8.1f}"
     else:

@@ -17,11 +17,12 @@ from typing import Sequence
 from ftjax import checkpoint as checkpoint_lib
 from ftjax import configfiles
 from ftjax import reporting
+from ftjax import results
 from ftjax.build import ConfigError, Setup
 
 # Config fields that may change between an interrupted run and its resume.
 RESUMABLE_FIELDS = ("num_steps", "eval_every", "wandb", "checkpoint", "progress", "loop",
-                    "devices", "mesh")
+                    "devices", "mesh", "eval_steps", "eval_at_start", "report_last_k")
 
 
 def config_fields(config, drop: Sequence[str] = ()) -> dict:
@@ -130,6 +131,7 @@ class RunFiles:
     fields = setup.fields
     self.checkpointer = checkpoint_lib.Checkpointer(workdir,
                                                     enabled=fields["checkpoint"]["enabled"])
+    self.last_k = setup.report_last_k
     self.meta = {"best_test_acc": -1.0, "best_step": 0, "wall_time": 0.0}
     restored = self.checkpointer.restore_latest(start_state)
     self.restored = restored is not None
@@ -140,7 +142,7 @@ class RunFiles:
     self.reporter = reporting.Reporter(
         workdir, total_steps=setup.num_steps, start_step=self.step, wandb_config=fields["wandb"],
         run_config=fields, show_progress=console and fields["progress"],
-        print_rows=console)
+        print_rows=console, resumed=self.restored)
     self.row = self.reporter.rows[-1] if self.reporter.rows else {}
     self.wall_start = time.perf_counter() - self.meta["wall_time"]
 
@@ -148,10 +150,11 @@ class RunFiles:
     """Writes an evaluation row, then the latest (and, when best, the best) checkpoint.
 
     The row goes first: a crash between the two leaves a row past the
-    checkpoint, which a resume drops."""
+    checkpoint, which a resume drops. The best row is :func:`ftjax.results.best_row`'s
+    (on validation when the run holds a validation split out, else on test)."""
     self.reporter.write(row)
     self.row, self.step = row, row["step"]
-    best = row["test_acc"] >= self.meta["best_test_acc"]
+    best = results.best_row(self.reporter.rows) is self.reporter.rows[-1]
     if best:
       self.meta.update(best_test_acc=row["test_acc"], best_step=row["step"])
     self.meta["wall_time"] = row["wall_time"]
@@ -170,9 +173,12 @@ class RunFiles:
       self.reporter.close()
 
   def summary(self) -> str:
-    row = self.row
-    return (f"Finished {self.workdir} at step {row.get('step', self.step)}: test accuracy "
-            f"{row.get('test_acc', float('nan')):.4f} (best {self.meta['best_test_acc']:.4f} "
-            f"at step {self.meta['best_step']}), {self.meta['wall_time']:.0f} s. Metrics in "
-            f"{self.reporter.csv_path}; plot with `ftjax plot --workdir="
-            f"{self.workdir}`.")
+    """The closing line: the last, best and last-k mean test accuracies (docs/sweeps.md)."""
+    s = results.run_summary(self.reporter.rows, self.last_k)
+    if s["final_step"] is None:
+      return f"Finished {self.workdir} at step {self.step} with no evaluation row."
+    return (f"Finished {self.workdir} at step {s['final_step']}: test accuracy "
+            f"{s['final_test_acc']:.4f}, best {s['best_test_acc']:.4f} at step {s['best_step']} "
+            f"(on {s['best_on']}), mean of the last {s['last_k']} evaluations "
+            f"{s['last_k_test_acc']:.4f}; {self.meta['wall_time']:.0f} s. Metrics in "
+            f"{self.reporter.csv_path}; plot with `ftjax plot --workdir={self.workdir}`.")

@@ -153,7 +153,7 @@ def test_train_by_config_name_from_another_directory(tmp_path):
                cwd=str(tmp_path))
   assert out.returncode == 0, out.stderr[-3000:]
   with open(tmp_path / "run" / "metrics.csv") as fh:
-    assert len(fh.readlines()) == 2  # header and the evaluation at step 2
+    assert len(fh.readlines()) == 3  # header, the initial model's row and the one at step 2
   out = _ftjax(["plot", f"--workdir={tmp_path / 'run'}"], cwd=str(tmp_path))
   assert out.returncode == 0, out.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / "run" / "plots")) == ["run.pdf", "run.png"]

@@ -6,7 +6,7 @@ import pytest
 
 from configs import cifar10, default, mnist, reference
 from ftjax import sampling
-from ftjax import aggregators, attacks, data, estimators
+from ftjax import aggregators, attacks, data, estimators, results
 
 
 def test_default_config_echoes_every_aggregator_default():
@@ -66,3 +66,8 @@ def test_default_config_echoes_partition_defaults_and_leaves_f_to_the_workers():
   assert c.data.partition in sampling.PARTITIONS
   # None: the aggregator is built for workers.byzantine, the number that attack.
   assert c.aggregator.f is None
+
+
+def test_default_config_echoes_the_last_k_that_tables_assume_for_older_runs():
+  # results.py reads k from each run's config.json, and DEFAULT_LAST_K when it predates it.
+  assert default.get_config().report_last_k == results.DEFAULT_LAST_K

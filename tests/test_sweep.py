@@ -152,8 +152,9 @@ def test_two_seeds_batched_equal_two_separate_runs_in_float64(tmp_path, separate
       assert a.dtype == b.dtype == np.dtype(dtype)
       np.testing.assert_allclose(b, a, rtol=tolerance, atol=tolerance)
     rows_a, rows_b = _rows(str(alone_dir / f"alone{s}")), _rows(str(tmp_path / f"b{s}"))
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [10, 20]
-    for ra, rb in zip(rows_a, rows_b):
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [0, 10, 20]
+    assert rows_b[0]["test_loss"] == pytest.approx(rows_a[0]["test_loss"], rel=1e-12)
+    for ra, rb in zip(rows_a[1:], rows_b[1:]):
       for key in ("train_loss", "test_loss", "aggregate_norm"):
         assert rb[key] == pytest.approx(ra[key], rel=1e-5), key
   # The two seeds really are different runs.
@@ -261,7 +262,7 @@ def test_a_diverging_seed_fails_alone_and_its_sibling_goes_on(tmp_path, monkeypa
   assert out[0].error is None and out[0].metrics["step"] == 20
   assert isinstance(out[1].error, train.TrainingDiverged)
   assert "between steps 0 and 10" in str(out[1].error)
-  assert _rows(str(tmp_path / "s2")) == []
+  assert [r["step"] for r in _rows(str(tmp_path / "s2"))] == [0]  # the initial model's row
   _same_metrics(_rows(str(tmp_path / "s1")), _rows(str(tmp_path / "ref")))
 
 
@@ -358,7 +359,7 @@ def test_cells_that_differ_only_in_the_attack_share_one_program(tmp_path, monkey
   losses = []
   for key, path in dirs_alone.items():
     a, b = _rows(path), _rows(dirs_shared[key])
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [10]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 10]
     for key_ in ("train_loss", "test_loss", "aggregate_norm"):
       assert b[-1][key_] == pytest.approx(a[-1][key_], rel=1e-5), (key, key_)
     losses.append(a[-1]["train_loss"])

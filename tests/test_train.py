@@ -106,13 +106,13 @@ def test_resume_gives_identical_metrics(tmp_path):
   parts = str(tmp_path / "parts")
   c_half = tiny_config(num_steps=3)
   train.train_and_evaluate(c_half, parts)
-  assert [r["step"] for r in _rows(parts)] == [3]
+  assert [r["step"] for r in _rows(parts)] == [0, 3]  # the initial model's row, then step 3
   train.train_and_evaluate(c, parts)  # same workdir: resumes at step 3
   a, b = _rows(full), _rows(parts)
-  assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 3, 6]
   for ra, rb in zip(a, b):
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-      assert ra[key] == rb[key], key
+      assert ra.get(key) == rb.get(key), key
   assert os.path.isdir(os.path.join(parts, "checkpoints", "best"))
 
 
@@ -130,7 +130,9 @@ def test_a_record_without_a_newer_field_resumes_at_its_default(tmp_path):
   train.train_and_evaluate(c, str(tmp_path))
   path = tmp_path / "config.json"
   record = json.loads(path.read_text())
-  del record["federated"], record["aggregator"]["weights"]  # written before these existed
+  # Written before these existed (the evaluation fields may change on resume anyway).
+  del record["federated"], record["aggregator"]["weights"], record["data"]["validation"]
+  del record["eval_steps"], record["eval_at_start"], record["report_last_k"]
   path.write_text(json.dumps(record))
   longer = tiny_config(num_steps=4, eval_every=2, **{"model.name": "mlp"})
   assert train.train_and_evaluate(longer, str(tmp_path)).metrics["step"] == 4
@@ -188,7 +190,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(train.TrainingDiverged) as err:
     train.train_and_evaluate(c, str(tmp_path))
   rows = _rows(str(tmp_path)) if os.path.exists(tmp_path / "metrics.jsonl") else []
-  assert all(np.isfinite(r["train_loss"]) for r in rows)
+  assert all(np.isfinite(r["train_loss"]) for r in rows if r["step"] > 0)
   if rows:  # the message names the checkpoint that exists
     assert f"last good checkpoint (step {rows[-1]['step']})" in str(err.value)
     assert str(rows[-1]["step"]) in os.listdir(tmp_path / "checkpoints" / "latest")
@@ -197,13 +199,17 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_divergence_in_the_first_chunk_says_nothing_was_saved(tmp_path):
+def test_divergence_in_the_first_chunk_names_the_initial_checkpoint_or_none(tmp_path):
   c = tiny_config(**{"workers.byzantine": 0, "aggregator.name": "avg", "aggregator.meta": "none",
                      "attack.name": "none", "optim.clip": None, "optim.lr": 1e30,
                      "optim.estimator": "sgd", "model.name": "mlp", "eval_every": 5,
                      "num_steps": 5})
+  with pytest.raises(train.TrainingDiverged, match=r"last good checkpoint \(step 0\)"):
+    train.train_and_evaluate(c, str(tmp_path / "a"))  # the initial model's, eval_at_start
+  assert "0" in os.listdir(tmp_path / "a" / "checkpoints" / "latest")
+  c.eval_at_start = False
   with pytest.raises(train.TrainingDiverged, match="No checkpoint was written"):
-    train.train_and_evaluate(c, str(tmp_path))
+    train.train_and_evaluate(c, str(tmp_path / "b"))
 
 
 @pytest.mark.slow
@@ -214,19 +220,23 @@ def test_main_end_to_end(tmp_path):
          "--config.num_steps=4", "--config.eval_every=2", "--config.workers.num=5",
          "--config.workers.byzantine=1", "--config.workers.batch_size=4",
          "--config.model.name=tiny_cnn", "--config.attack.name=ipm",
-         "--config.aggregator.name=cwmed", "--config.aggregator.meta=nnm+ctma"]
+         "--config.aggregator.name=cwmed", "--config.aggregator.meta=nnm+ctma",
+         "--config.eval_steps=1,3", "--config.data.validation=0.2"]
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = _rows(str(workdir))
-  assert [r["step"] for r in rows] == [2, 4]
+  # eval_at_start: the initial model's row; eval_steps as written on the command line.
+  assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
   assert 0.0 <= rows[-1]["test_acc"] <= 1.0
   with open(workdir / "metrics.csv") as fh:
     header = fh.readline().strip().split(",")
   for column in ("step", "train_loss", "train_acc", "test_loss", "test_acc", "wall_time",
-                 "steps_per_sec"):
+                 "steps_per_sec", "val_loss", "val_acc"):
     assert column in header
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["aggregator"]["meta"] == "nnm+ctma"
+  assert (saved["eval_steps"], saved["data"]["validation"]) == ("1,3", 0.2)
+  assert "(on validation)" in out.stderr
 
 
 def test_main_reports_bad_input_in_one_line(tmp_path):
@@ -499,7 +509,7 @@ def test_unreachable_wandb_leaves_a_warning_and_local_logs(tmp_path, monkeypatch
   c = tiny_config(**{"wandb.enabled": True, "wandb.mode": "online", "num_steps": 2,
                      "eval_every": 2, "model.name": "mlp"})
   result = train.train_and_evaluate(c, str(tmp_path))
-  assert result.metrics["step"] == 2 and [r["step"] for r in _rows(str(tmp_path))] == [2]
+  assert result.metrics["step"] == 2 and [r["step"] for r in _rows(str(tmp_path))] == [0, 2]
   warnings = [l for l in capsys.readouterr().err.splitlines() if "Weights & Biases" in l]
   assert len(warnings) == 1 and "CommError" in warnings[0]
 
@@ -519,7 +529,9 @@ def test_declared_f_with_no_attackers_trains_and_logs_every_row_as_honest(tmp_pa
   c = tiny_config(**{"aggregator.f": 2, "workers.byzantine": 0})
   result = train.train_and_evaluate(c, str(tmp_path))
   assert int(result.state.step) == 6
-  for row in _rows(str(tmp_path)):
+  rows = _rows(str(tmp_path))
+  assert [r["step"] for r in rows] == [0, 3, 6]
+  for row in rows[1:]:  # the rounds' rows (the step-0 row has no round metrics)
     # CTMA built for f = 2 keeps W - f = 3 of the 5 rows, all of them honest.
     assert row["ctma_kept_honest"] == 3.0 and row["ctma_kept_byzantine"] == 0.0
     assert np.isfinite(row["test_loss"])
