@@ -582,6 +582,29 @@ def test_pairwise_sqdist_identical_rows_get_identical_distances(w):
         assert np.all(d[np.ix_(others, others)][~np.eye(len(others), dtype=bool)] > 0)
 
 
+def _np_smallest_mask(v, k):
+  """NumPy's stable argsort, NaN as +inf: each row's first k columns, as a mask."""
+  order = np.argsort(np.where(np.isnan(v), np.inf, v), axis=1, kind="stable")[:, :k]
+  mask = np.zeros(v.shape, bool)
+  np.put_along_axis(mask, order, True, axis=1)
+  return mask
+
+
+# c: top_k of the k smallest (k <= c - k + 1) or of the c - k + 1 largest, and
+# above NETWORK_MAX_ROWS columns the radix select; R != C (not only square).
+@pytest.mark.parametrize("r,c,k", [(7, 9, 2), (9, 9, 7), (9, 9, 9), (5, 97, 90), (97, 97, 3)])
+def test_smallest_mask_is_stable_argsort(r, c, k):
+  rng = np.random.default_rng(c + k)
+  v = rng.integers(0, 4, size=(r, c)).astype(np.float32)  # many exact ties
+  v[:, ::3] = rng.standard_normal((r, len(range(0, c, 3))))
+  v[0, 1], v[1, 2], v[2, 0], v[3, 4] = np.nan, np.inf, -np.inf, -0.0
+  v[4] = 1.0  # a row of one value: the k lowest columns
+  expected = _np_smallest_mask(v, k)
+  for got in both(lambda a: rows.smallest_mask(a, k), jnp.asarray(v)):
+    np.testing.assert_array_equal(got, expected)
+  assert np.all(expected.sum(1) == k)
+
+
 @pytest.mark.parametrize("n", [7, 40, 203])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_mix_is_weights_times_masked_rows(small_slices, n, dtype):

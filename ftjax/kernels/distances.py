@@ -9,6 +9,9 @@ plain version):
   Gram matrix of the rows centred on a point.
 * :func:`mix`: ``m @ x``, the combinations of the rows with the weights of
   ``m`` [V, W] (the mixing step of nearest-neighbour mixing).
+* :func:`smallest_mask`: True at each row's k smallest entries of a distance
+  matrix, ties to the lower column (``argsort(v, 1, stable=True)[:, :k]`` as a
+  mask; nearest-neighbour mixing's neighbourhoods).
 * :func:`coordinate_sum`: the identity on a sum over coordinates; its
   ``psum`` over the devices when the coordinates are sharded.
 
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 
 from ftjax import kernels as kernels_lib
 from ftjax.kernels._base import UNROLL_MAX_ROWS, _cpu, nan_to_posinf, sum_rows
+from ftjax.kernels.select import NETWORK_MAX_ROWS, order_statistics
 
 PyTree = Any
 
@@ -48,6 +52,10 @@ SQDIST_LONG_SLICES = 16
 GRAM_BLOCK_BYTES = 1 << 19
 GRAM_MIN_BLOCK = 256
 GRAM_UNROLL = 16
+# mix: rows of at most this many bytes take one product; below it the blocks'
+# copies cost more than their cache locality saves
+# (docs/benchmarks/distance_profile.md).
+MIX_BLOCK_MIN_BYTES = 1 << 25
 
 
 def coordinate_sum(partial: jax.Array) -> jax.Array:
@@ -210,9 +218,10 @@ def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """``m @ x``: row v of the result is ``sum_i m[v, i] * x[i]``.
 
   Rows with ``mask[i] == False`` are read as zeros, so they contribute nothing
-  even when they hold NaN or inf. The CPU version masks and multiplies one
+  even when they hold NaN or inf. The CPU version takes one product up to
+  ``MIX_BLOCK_MIN_BYTES`` of rows; above, it masks and multiplies one
   cache-sized block of columns at a time (groups of ``GRAM_UNROLL`` blocks per
-  loop step on long rows).
+  loop step).
 
   Args:
     x: array [W, ...].
@@ -234,7 +243,7 @@ def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
 
   n = flat.shape[1]
   s = _block_width(w, x.dtype)
-  if not _cpu() or n < 2 * s:
+  if not _cpu() or n < 2 * s or flat.size * flat.dtype.itemsize <= MIX_BLOCK_MIN_BYTES:
     return product(flat).reshape((m.shape[0],) + x.shape[1:])
   # Groups of GRAM_UNROLL blocks per loop step (compile time), then the rest.
   group = GRAM_UNROLL * s
@@ -253,6 +262,42 @@ def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
                            axis=1)
     out = jax.lax.dynamic_update_slice_in_dim(out, rest, start, axis=1)
   return out.reshape((m.shape[0],) + x.shape[1:])
+
+
+def smallest_mask(values: jax.Array, k: int) -> jax.Array:
+  """bool [R, C]: True at the ``k`` smallest entries of each row, ties to the lower column.
+
+  The definition: the first ``k`` columns of each row's stable argsort (NaN
+  ordered as +inf), as a mask. The CPU version finds each row's k-th smallest
+  value t (``jax.lax.top_k`` of the shorter side up to ``NETWORK_MAX_ROWS``
+  columns, the radix select of :func:`ftjax.kernels.rows.order_statistics`
+  above) and keeps the entries below t and, in column order, as many entries
+  equal to t as the k places left: the same entries as the stable sort, since
+  both break ties by column, at the cost of a few elementwise passes instead of
+  sorting every row.
+
+  Args:
+    values: [R, C] array, C >= k >= 1.
+    k: entries kept per row.
+
+  Returns:
+    bool [R, C] with exactly ``k`` True entries per row.
+  """
+  r, c = values.shape
+  v = nan_to_posinf(values)
+  if not _cpu():
+    order = jnp.argsort(v, axis=1, stable=True)[:, :k]
+    return jnp.zeros((r, c), bool).at[jnp.arange(r)[:, None], order].set(True)
+  if c > NETWORK_MAX_ROWS:
+    t = order_statistics(v.T, [k - 1])[0]
+  elif k <= c - k + 1:
+    t = -jax.lax.top_k(-v, k)[0][:, -1]
+  else:
+    t = jax.lax.top_k(v, c - k + 1)[0][:, -1]
+  below = v < t[:, None]
+  tie = v == t[:, None]
+  room = k - jnp.sum(below, axis=1, keepdims=True)
+  return below | (tie & (jnp.cumsum(tie, axis=1) <= room))
 
 
 def _block_width(w: int, dtype) -> int:
