@@ -622,6 +622,19 @@ def test_mix_is_weights_times_masked_rows(small_slices, n, dtype):
       assert got.dtype == dtype and got.shape == (w, n, 1)
       np.testing.assert_allclose(got[..., 0], expected,
                                  rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
+    # keep_masked: the masked rows come back as they are (NaN and inf included).
+    for got in both(lambda a, b, c: rows.mix(a, b, c, keep_masked=True), x, m, mask):
+      np.testing.assert_array_equal(got[~mask], x[~mask])
+      np.testing.assert_allclose(got[mask], expected[mask],
+                                 rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
+
+
+def test_mix_keep_masked_needs_a_mask_and_square_weights():
+  x = jnp.ones((3, 4))
+  with pytest.raises(ValueError, match="keep_masked"):
+    rows.mix(x, jnp.ones((2, 3)), jnp.ones(3, bool), keep_masked=True)
+  with pytest.raises(ValueError, match="keep_masked"):
+    rows.mix(x, jnp.ones((3, 3)), keep_masked=True)
 
 
 # --------------------------------------------------------------------------

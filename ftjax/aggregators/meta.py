@@ -80,11 +80,7 @@ def nearest_neighbour_mix(updates: PyTree, f: int) -> PyTree:
   # neighbours; the mixed rows are one product of it with the rows.
   weights = jnp.where(rows.smallest_mask(dist, w - f), 1.0 / (w - f), 0.0).astype(dist.dtype)
 
-  def mix_leaf(leaf):
-    shape = (w,) + (1,) * (leaf.ndim - 1)
-    return jnp.where(finite.reshape(shape), rows.mix(leaf, weights, finite), leaf)
-
-  return jax.tree.map(mix_leaf, updates)
+  return jax.tree.map(lambda leaf: rows.mix(leaf, weights, finite, keep_masked=True), updates)
 
 
 def _nnm(inner: RuleFn, x, key, *, f):

@@ -214,53 +214,55 @@ def _finite_mean(x: jax.Array) -> jax.Array:
   return jnp.sum(terms, axis=0)
 
 
-def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None,
+        keep_masked: bool = False) -> jax.Array:
   """``m @ x``: row v of the result is ``sum_i m[v, i] * x[i]``.
 
   Rows with ``mask[i] == False`` are read as zeros, so they contribute nothing
-  even when they hold NaN or inf. The CPU version takes one product up to
-  ``MIX_BLOCK_MIN_BYTES`` of rows; above, it masks and multiplies one
-  cache-sized block of columns at a time (groups of ``GRAM_UNROLL`` blocks per
-  loop step).
+  even when they hold NaN or inf; with ``keep_masked`` (V == W) they are also
+  returned as they are instead of mixed. The CPU version takes one product up
+  to ``MIX_BLOCK_MIN_BYTES`` of rows; above, a loop masks, multiplies and
+  writes one cache-sized block of columns per step (``GRAM_UNROLL`` steps
+  written out per loop iteration), with nothing copied but each block's result.
 
   Args:
     x: array [W, ...].
     m: [V, W] weights (cast to ``x.dtype``).
     mask: optional bool [W].
+    keep_masked: return the masked rows unchanged (needs ``mask`` and V == W).
 
   Returns:
     Array [V, ...] like ``x``'s trailing shape, in ``x.dtype``.
   """
   w = x.shape[0]
+  if keep_masked and (mask is None or m.shape[0] != w):
+    raise ValueError(f"mix(keep_masked=True) needs a mask and a square [W, W] m; got "
+                     f"m of shape {m.shape} for {w} rows and mask={mask is not None}.")
   flat = x.reshape(w, -1)
   m = m.astype(x.dtype)
   zero = jnp.zeros((), x.dtype)
 
   def product(block):
-    if mask is not None:
-      block = jnp.where(mask[:, None], block, zero)
-    return jnp.dot(m, block, precision=jax.lax.Precision.HIGHEST)
+    if mask is None:
+      return jnp.dot(m, block, precision=jax.lax.Precision.HIGHEST)
+    mixed = jnp.dot(m, jnp.where(mask[:, None], block, zero), precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(mask[:, None], mixed, block) if keep_masked else mixed
 
   n = flat.shape[1]
   s = _block_width(w, x.dtype)
   if not _cpu() or n < 2 * s or flat.size * flat.dtype.itemsize <= MIX_BLOCK_MIN_BYTES:
     return product(flat).reshape((m.shape[0],) + x.shape[1:])
-  # Groups of GRAM_UNROLL blocks per loop step (compile time), then the rest.
-  group = GRAM_UNROLL * s
-  groups = n // group if n > group else 0
-  out = jnp.zeros((m.shape[0], n), x.dtype)
-  if groups:
-    def body(i, acc):
-      block = jax.lax.dynamic_slice_in_dim(flat, i * group, group, axis=1)
-      mixed = jnp.concatenate([product(block[:, j * s:(j + 1) * s])
-                               for j in range(GRAM_UNROLL)], axis=1)
-      return jax.lax.dynamic_update_slice_in_dim(acc, mixed, i * group, axis=1)
-    out = jax.lax.fori_loop(0, groups, body, out)
-  start = groups * group
-  if start < n:
-    rest = jnp.concatenate([product(flat[:, lo:min(lo + s, n)]) for lo in range(start, n, s)],
-                           axis=1)
-    out = jax.lax.dynamic_update_slice_in_dim(out, rest, start, axis=1)
+  blocks = n // s
+
+  def body(i, out):
+    block = jax.lax.dynamic_slice_in_dim(flat, i * s, s, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(out, product(block), i * s, axis=1)
+
+  out = jax.lax.fori_loop(0, blocks, body, jnp.zeros((m.shape[0], n), x.dtype),
+                          unroll=min(GRAM_UNROLL, blocks))
+  if blocks * s < n:
+    out = jax.lax.dynamic_update_slice_in_dim(out, product(flat[:, blocks * s:]), blocks * s,
+                                              axis=1)
   return out.reshape((m.shape[0],) + x.shape[1:])
 
 
