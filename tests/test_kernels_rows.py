@@ -605,6 +605,28 @@ def test_smallest_mask_is_stable_argsort(r, c, k):
   assert np.all(expected.sum(1) == k)
 
 
+@pytest.mark.parametrize("c,k", [(9, 0), (9, 4), (9, 8), (97, 60)])
+def test_smallest_sum_within_rounding_of_sorted_sum(c, k):
+  rng = np.random.default_rng(c + k)
+  v = rng.random((6, c)).astype(np.float32) * 10.0 ** rng.integers(-3, 4, size=(6, c))
+  v[1, 3] = np.nan   # ordered as +inf
+  v[2, :] = np.inf
+  expected = np.sort(np.where(np.isnan(v), np.inf, v).astype(np.float64), axis=1)[:, :k].sum(1)
+  u = np.finfo(np.float32).eps / 2
+  for got in both(lambda a: rows.smallest_sum(a, k), jnp.asarray(v)):
+    assert got.dtype == np.float32
+    fin = np.isfinite(expected)
+    np.testing.assert_array_equal(got[~fin], expected[~fin])
+    assert np.all(np.abs(got[fin] - expected[fin]) <= max(k - 1, 1) * u * expected[fin])
+  # Rows of a distance matrix of copies (rows 0, 3 and 5 of the points): equal sums.
+  x = rng.standard_normal((c, 3))
+  x[[3, 5]] = x[0]
+  d = ((x[:, None] - x[None]) ** 2).sum(-1).astype(np.float32)
+  np.fill_diagonal(d, np.inf)
+  for got in both(lambda a: rows.smallest_sum(a, k), jnp.asarray(d)):
+    assert got[0] == got[3] == got[5]
+
+
 @pytest.mark.parametrize("n", [7, 40, 203])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_mix_is_weights_times_masked_rows(small_slices, n, dtype):

@@ -12,6 +12,8 @@ plain version):
 * :func:`smallest_mask`: True at each row's k smallest entries of a distance
   matrix, ties to the lower column (``argsort(v, 1, stable=True)[:, :k]`` as a
   mask; nearest-neighbour mixing's neighbourhoods).
+* :func:`smallest_sum`: ``sort(v, 1)[:, :k].sum(1)``, the sum of each row's k
+  smallest entries (Krum's scores).
 * :func:`coordinate_sum`: the identity on a sum over coordinates; its
   ``psum`` over the devices when the coordinates are sharded.
 
@@ -300,6 +302,32 @@ def smallest_mask(values: jax.Array, k: int) -> jax.Array:
   tie = v == t[:, None]
   room = k - jnp.sum(below, axis=1, keepdims=True)
   return below | (tie & (jnp.cumsum(tie, axis=1) <= room))
+
+
+def smallest_sum(values: jax.Array, k: int) -> jax.Array:
+  """[R]: the sum of each row's ``k`` smallest entries (NaN as +inf; NaN sums as +inf).
+
+  The definition sorts each row and adds its first k entries in that order.
+  The CPU version adds the entries of :func:`smallest_mask` in column order
+  instead: the same entries, so the two differ by rounding only (for entries
+  of one sign, as distances are, each is within (k - 1) u times the sum of
+  the k entries of the exact sum, u the unit roundoff). Rows holding the same values with zeros moved around (the
+  rows of copies of one point in a distance matrix) still get bitwise equal
+  sums, since adding 0 is exact.
+
+  Args:
+    values: [R, C] array, C >= k >= 0.
+    k: entries added per row.
+
+  Returns:
+    [R] array in ``values.dtype``.
+  """
+  v = nan_to_posinf(values)
+  if k == 0:
+    return jnp.zeros(v.shape[:1], v.dtype)
+  if not _cpu():
+    return nan_to_posinf(jnp.sum(jnp.sort(v, axis=1)[:, :k], axis=1))
+  return nan_to_posinf(jnp.sum(jnp.where(smallest_mask(v, k), v, jnp.zeros((), v.dtype)), axis=1))
 
 
 def _block_width(w: int, dtype) -> int:
