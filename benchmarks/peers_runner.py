@@ -92,7 +92,10 @@ def _peer(lib, rule, f, m):
                "cwmed": lambda: fa.Median(), "avg": fa.Average,
                "meamed": lambda: fa.Meamed(f=f),
                "gm_zero_3": lambda: fa.GeometricMedian(nu=0.1, T=3),
-               "cclip_zero_1": lambda: fa.CenteredClipping(L=1, tau=10.0),
+               # ByzFL's centred clipping starts each call from the previous
+               # call's output (ftjax's init="previous"): a fresh one per call
+               # starts from zero, as the first call of a run does.
+               "cclip_zero_1": lambda: lambda x: fa.CenteredClipping(L=1, tau=10.0)(x),
                "mda": lambda: fa.MDA(f=f), "smea": lambda: fa.SMEA(f=f),
                "monna": lambda: fa.MoNNA(f=f, idx=0), "caf": lambda: fa.CAF(f=f),
                "arc": lambda: _mean_of_rows(fa.ARC(f=f)),
