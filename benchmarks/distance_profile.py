@@ -19,6 +19,10 @@ a warm-up call:
 * ``gemm``: the rule's product flops (2 W^2 d; nnm 4 W^2 d) at the machine's
   2048^3 matmul rate, measured in the same process.
 
+With ``--block_bytes``, ``gram`` is also timed with
+``distances.GRAM_BLOCK_BYTES`` set to each value (a second table: whether
+another block size would serve a shape better).
+
 Then the whole rule runs 3 times under ``jax.profiler`` (a Perfetto trace) and
 the ``--top`` XLA operations with the largest summed durations are listed
 (per call). The machine is shared: the load average is recorded per cell.
@@ -48,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 from ftjax import aggregators as agg_lib  # noqa: E402
 from ftjax import kernels  # noqa: E402
 from ftjax.aggregators import maths, meta  # noqa: E402
-from ftjax.kernels import rows  # noqa: E402
+from ftjax.kernels import distances, rows  # noqa: E402
 
 CELLS = ["krum:64:65536:8", "multikrum:80:65536:20", "nnm:196:4096:32", "nnm:17:1000000:4",
          "krum:257:10000:64"]
@@ -136,9 +140,19 @@ def profile(cell, args, rate):
     a["sel"] = fns["select"][0](a["dist"])
     ms = {name: timed(fn, *build(a), reps=args.reps) for name, (fn, build) in fns.items()}
     top = trace_top(fns["rule"][0], x, args.top)
+    blocks = {}
+    default = distances.GRAM_BLOCK_BYTES
+    for size in [int(v) for v in args.block_bytes.split(",") if v]:
+      distances.GRAM_BLOCK_BYTES = size
+      try:  # a fresh jit: the block size is read while tracing
+        blocks[size] = timed(jax.jit(lambda v, c: rows.pairwise_sqdist(v, c)[0]), x, a["c"],
+                             reps=args.reps)
+      finally:
+        distances.GRAM_BLOCK_BYTES = default
   flops = (4 if rule == "nnm" else 2) * w * w * d
   ms["gemm"] = 1e3 * flops / (rate * 1e9)
-  return {"cell": (rule, w, d, f), "ms": ms, "top": top, "load": (load, os.getloadavg()[0])}
+  return {"cell": (rule, w, d, f), "ms": ms, "top": top, "blocks": blocks,
+          "load": (load, os.getloadavg()[0])}
 
 
 def write(args, results, rate):
@@ -159,6 +173,16 @@ def write(args, results, rate):
     vals = [f"{r['ms'][c]:.2f}" for c in cols]
     lines.append(f"| {rule} W={w} d={d:,} f={f} | " + " | ".join(vals)
                  + f" | {r['load'][0]:.1f}-{r['load'][1]:.1f} |")
+  sizes = sorted({b for r in results for b in r["blocks"]})
+  if sizes:
+    lines += ["", "`gram` with other block sizes (`GRAM_BLOCK_BYTES`; the default is "
+              f"{distances.GRAM_BLOCK_BYTES:,} bytes; milliseconds, same process):", "",
+              "| cell | " + " | ".join(f"{b:,} B" for b in sizes) + " |",
+              "|---|" + "---:|" * len(sizes)]
+    for r in results:
+      rule, w, d, f = r["cell"]
+      lines.append(f"| {rule} W={w} d={d:,} | " + " | ".join(
+          f"{r['blocks'][b]:.2f}" if b in r["blocks"] else "-" for b in sizes) + " |")
   lines += ["", "Longest XLA operations of the whole rule (summed over a call, from a "
             "`jax.profiler` Perfetto trace; names as XLA gives them):", ""]
   for r in results:
@@ -174,6 +198,8 @@ def main():
   p.add_argument("--cells", default=",".join(CELLS), help="rule:W:d:f,...")
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--top", type=int, default=6)
+  p.add_argument("--block_bytes", default="65536,131072,262144,1048576,2097152",
+                 help="GRAM_BLOCK_BYTES values to time gram with ('' for none).")
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks",
                                                "distance_profile.md"))
   args = p.parse_args()

@@ -74,70 +74,73 @@ def _ftjax(rule, f, m):
   return prepare, call, result
 
 
+def _byzfl_rule(rule, f):
+  """ByzFL's function of the [W, d] tensor for ``rule``."""
+  # byzfl/__init__ imports its benchmark package (torchvision); the rules
+  # themselves do not need it, so the package is entered without running it.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import types
+  spec = importlib.util.find_spec("byzfl")
+  pkg = types.ModuleType("byzfl")
+  pkg.__path__ = list(spec.submodule_search_locations)
+  sys.modules["byzfl"] = pkg
+  from byzfl import aggregators as fa  # pylint: disable=g-import-not-at-top
+  return {"krum": lambda: fa.Krum(f=f), "multikrum": lambda: fa.MultiKrum(f=f),
+          "nnm": lambda: fa.NNM(f=f), "cwtm": lambda: fa.TrMean(f=f),
+          "cwmed": lambda: fa.Median(), "avg": fa.Average,
+          "meamed": lambda: fa.Meamed(f=f),
+          "gm_zero_3": lambda: fa.GeometricMedian(nu=0.1, T=3),
+          # ByzFL's centred clipping starts each call from the previous call's
+          # output (ftjax's init="previous"): a fresh one per call starts from
+          # zero, as the first call of a run does.
+          "cclip_zero_1": lambda: lambda x: fa.CenteredClipping(L=1, tau=10.0)(x),
+          "mda": lambda: fa.MDA(f=f), "smea": lambda: fa.SMEA(f=f),
+          "monna": lambda: fa.MoNNA(f=f, idx=0), "caf": lambda: fa.CAF(f=f),
+          "arc": lambda: _mean_of_rows(fa.ARC(f=f)),
+          "clip": lambda: _mean_of_rows(fa.Clipping(c=2.0))}[rule]()
+
+
+def _byzpy_rule(rule, f, m):
+  """byzpy's function of the list of W per-worker tensors for ``rule``."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from byzpy import pre_aggregators as pre
+  from byzpy.aggregators import coordinate_wise as cw
+  from byzpy.aggregators import geometric_wise as gw
+  from byzpy.aggregators import norm_wise as nw
+  pres = {"nnm": lambda: pre.NearestNeighborMixing(f=f), "arc": lambda: pre.ARC(f=f),
+          "clip": lambda: pre.Clipping(threshold=2.0)}
+  if rule in pres:
+    p = pres[rule]()
+    rows = lambda xs: torch.stack(list(p.pre_aggregate(xs)))
+    return rows if rule == "nnm" else lambda xs: rows(xs).mean(0)
+  return {"krum": lambda: gw.Krum(f=f), "multikrum": lambda: gw.MultiKrum(f=f, q=m),
+          "cwtm": lambda: cw.CoordinateWiseTrimmedMean(f=f),
+          "cwmed": lambda: cw.CoordinateWiseMedian(),
+          "meamed": lambda: cw.MeanOfMedians(f=f),
+          "gm_median_tol": lambda: gw.GeometricMedian(tol=1e-6, max_iter=256, eps=1e-12,
+                                                      init="median"),
+          "cclip_mean_10": lambda: nw.CenteredClipping(c_tau=10.0, M=10, init="mean"),
+          "mda": lambda: gw.MinimumDiameterAveraging(f=f), "smea": lambda: gw.SMEA(f=f),
+          "monna": lambda: gw.MoNNA(f=f, reference_index=0),
+          "cge": lambda: nw.ComparativeGradientElimination(f=f),
+          "caf": lambda: nw.CAF(f=f)}[rule]().aggregate
+
+
 def _peer(lib, rule, f, m):
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(2)
   if lib == "byzfl":
-    # byzfl/__init__ imports its benchmark package (torchvision); the rules
-    # themselves do not need it, so the package is entered without running it.
-    import importlib.util  # pylint: disable=g-import-not-at-top
-    import types
-    spec = importlib.util.find_spec("byzfl")
-    pkg = types.ModuleType("byzfl")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["byzfl"] = pkg
-    from byzfl import aggregators as fa  # pylint: disable=g-import-not-at-top
-    rule_fn = {"krum": lambda: fa.Krum(f=f), "multikrum": lambda: fa.MultiKrum(f=f),
-               "nnm": lambda: fa.NNM(f=f), "cwtm": lambda: fa.TrMean(f=f),
-               "cwmed": lambda: fa.Median(), "avg": fa.Average,
-               "meamed": lambda: fa.Meamed(f=f),
-               "gm_zero_3": lambda: fa.GeometricMedian(nu=0.1, T=3),
-               # ByzFL's centred clipping starts each call from the previous
-               # call's output (ftjax's init="previous"): a fresh one per call
-               # starts from zero, as the first call of a run does.
-               "cclip_zero_1": lambda: lambda x: fa.CenteredClipping(L=1, tau=10.0)(x),
-               "mda": lambda: fa.MDA(f=f), "smea": lambda: fa.SMEA(f=f),
-               "monna": lambda: fa.MoNNA(f=f, idx=0), "caf": lambda: fa.CAF(f=f),
-               "arc": lambda: _mean_of_rows(fa.ARC(f=f)),
-               "clip": lambda: _mean_of_rows(fa.Clipping(c=2.0))}[rule]()
-
-    def prepare(x):
-      return torch.from_numpy(x)
-
-    def call(x):
-      with torch.no_grad():
-        return rule_fn(x)
+    method = _byzfl_rule(rule, f)
+    prepare = torch.from_numpy
   else:
-    from byzpy.aggregators import coordinate_wise as cw  # pylint: disable=g-import-not-at-top
-    from byzpy.aggregators import geometric_wise as gw
-    from byzpy import pre_aggregators as pre
-    from byzpy.aggregators import norm_wise as nw
-    pres = {"nnm": lambda: pre.NearestNeighborMixing(f=f), "arc": lambda: pre.ARC(f=f),
-            "clip": lambda: pre.Clipping(threshold=2.0)}
-    if rule in pres:
-      p = pres[rule]()
-      rows = lambda xs: torch.stack(list(p.pre_aggregate(xs)))
-      method = rows if rule == "nnm" else lambda xs: rows(xs).mean(0)
-    else:
-      agg = {"krum": lambda: gw.Krum(f=f), "multikrum": lambda: gw.MultiKrum(f=f, q=m),
-             "cwtm": lambda: cw.CoordinateWiseTrimmedMean(f=f),
-             "cwmed": lambda: cw.CoordinateWiseMedian(),
-             "meamed": lambda: cw.MeanOfMedians(f=f),
-             "gm_median_tol": lambda: gw.GeometricMedian(tol=1e-6, max_iter=256, eps=1e-12,
-                                                         init="median"),
-             "cclip_mean_10": lambda: nw.CenteredClipping(c_tau=10.0, M=10, init="mean"),
-             "mda": lambda: gw.MinimumDiameterAveraging(f=f), "smea": lambda: gw.SMEA(f=f),
-             "monna": lambda: gw.MoNNA(f=f, reference_index=0),
-             "cge": lambda: nw.ComparativeGradientElimination(f=f),
-             "caf": lambda: nw.CAF(f=f)}[rule]()
-      method = agg.aggregate
+    method = _byzpy_rule(rule, f, m)
 
     def prepare(x):  # byzpy takes a sequence of per-worker tensors
       return list(torch.unbind(torch.from_numpy(x), 0))
 
-    def call(xs):
-      with torch.no_grad():
-        return method(xs)
+  def call(x):
+    with torch.no_grad():
+      return method(x)
 
   def result(res):
     return res.numpy(), {}
