@@ -24,7 +24,16 @@ matrix-vector product with a ones vector and NumPy's ``x.sum(0)``).
 
 Writes ``--out`` (Markdown), with the rates and the load averages seen.
 
+``--only=agreement`` instead checks, without timing, every other rule that
+ftjax shares with ByzFL or byzpy (``peers_runner.AGREEMENT``: avg, meamed, gm,
+centred clipping, MDA, SMEA, MoNNA, CGE, CAF, ARC, static clipping) on small
+rows with f far rows, each peer built with the parameters of ftjax's
+definition; selection rules report whether the same rows were averaged, the
+others the largest difference relative to the largest value. It writes
+``docs/benchmarks/peers_agreement.md``.
+
   python benchmarks/peers.py                          # everything (long on 2 cores)
+  python benchmarks/peers.py --only=agreement
   python benchmarks/peers.py --only=headline --rules=cwtm --out=/tmp/cwtm.md
   python benchmarks/peers.py --peers_python=/path/to/venv/bin/python --deadline_s=1800
 """
@@ -226,10 +235,76 @@ def write(args, rows, rates, reads, not_run, started):
     fh.write("\n".join(lines) + "\n")
 
 
+# Agreement cases whose output is the mean of the rows they select.
+SELECTIONS = ("mda", "smea", "monna", "cge")
+AGREEMENT_SHAPE = (11, 1000, 2)  # W, d, f: C(11, 2) = 55 subsets for MDA and SMEA
+
+
+def agreement_rows(w, d, f):
+  """Standard normal rows, the last f of them shifted and scaled far from the others."""
+  x = np.random.default_rng(w * 7919 + d).standard_normal((w, d))
+  x[w - f:] = 4.0 * x[w - f:] + 3.0
+  return x.astype(np.float32)
+
+
+def run_agreement(args, tmp):
+  sys.path.insert(0, HERE)
+  from peers_runner import AGREEMENT  # pylint: disable=g-import-not-at-top
+  w, d, f = AGREEMENT_SHAPE
+  x = agreement_rows(w, d, f)
+  path = os.path.join(tmp, "x.npy")
+  np.save(path, x)
+  one = argparse.Namespace(**{**vars(args), "reps": 1, "budget_s": 0.0})
+  rows = []
+  for case, (spec, options, peers) in AGREEMENT.items():
+    if case not in args.rules.split(",") and args.rules != ",".join(RULES):
+      continue
+    outs = {}
+    for lib in ("ftjax",) + peers:
+      out_path = os.path.join(tmp, f"{lib}.npz")
+      res = run_lib(lib, one, case, f, None, path, out_path)
+      outs[lib] = res.get("error") or np.load(out_path)["out"].astype(np.float64)
+      if "load" in res:
+        args.loads.append(res["load"])
+    row = {"case": case, "spec": spec, "options": options}
+    for lib in peers:
+      a, b = outs[lib], outs["ftjax"]
+      if isinstance(a, str) or isinstance(b, str):
+        row[lib] = "failed: " + (a if isinstance(a, str) else b)[:60]
+        continue
+      rel = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+      if case in SELECTIONS:
+        row[lib] = "same set" if rel < 1e-5 else f"other set (rel {rel:.1e})"
+      else:
+        row[lib] = f"rel {rel:.1e}"
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  lines = [
+      "# ftjax against ByzFL and byzpy: agreement of the other shared rules", "",
+      "Written by `python benchmarks/peers.py " + " ".join(args.argv) + "`.", "",
+      f"One call per library on the same float32 rows: W = {w}, d = {d:,}, f = {f}; "
+      f"standard normal rows, the last {f} scaled by 4 and shifted by 3 (far rows). "
+      "ftjax under XLA:CPU; ByzFL and byzpy under torch "
+      f"{args.torch_version}, each peer built with the parameters that make its "
+      "definition ftjax's (below). Selection rules (mean of the rows they select): "
+      "`same set` when the outputs agree to 1e-5 relative; otherwise the largest "
+      "difference relative to the largest value of ftjax's output. `-`: that library "
+      "has no such rule. krum, multikrum, nnm, cwtm and cwmed are in "
+      "[peers.md](peers.md). Why each difference is there: "
+      "[aggregators.md](../aggregators.md#against-byzfl-and-byzpy).", "",
+      "| case | ftjax spec and options | ByzFL | byzpy |", "|---|---|---|---|"]
+  for row in rows:
+    opts = f" `{json.dumps(row['options'])}`" if row["options"] else ""
+    lines.append(f"| {row['case']} | `{row['spec']}`{opts} | {row.get('byzfl', '-')} | "
+                 f"{row.get('byzpy', '-')} |")
+  with open(args.out, "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--peers_python", default="/work/peers-venv/bin/python")
-  p.add_argument("--only", choices=["all", "headline", "grid"], default="all")
+  p.add_argument("--only", choices=["all", "headline", "grid", "agreement"], default="all")
   p.add_argument("--rules", default=",".join(RULES), help="Only these rules.")
   p.add_argument("--workers", default="17,65,257")
   p.add_argument("--dims", default="10000,1000000")
@@ -246,6 +321,12 @@ def main():
   args.torch_version = subprocess.run(
       [args.peers_python, "-c", "import torch; print(torch.__version__)"],
       capture_output=True, text=True, check=True).stdout.strip()
+  if args.only == "agreement":
+    if args.out == p.get_default("out"):
+      args.out = os.path.join(ROOT, "docs", "benchmarks", "peers_agreement.md")
+    with tempfile.TemporaryDirectory() as tmp:
+      run_agreement(args, tmp)
+    return
   cells = []
   if args.only in ("all", "headline"):
     cells += HEADLINE

@@ -27,6 +27,7 @@ def small_slices(monkeypatch):
   monkeypatch.setattr(distances, "GRAM_BLOCK_BYTES", 256)
   monkeypatch.setattr(distances, "GRAM_MIN_BLOCK", 4)
   monkeypatch.setattr(distances, "GRAM_UNROLL", 3)
+  monkeypatch.setattr(distances, "MIX_BLOCK_MIN_BYTES", 0)  # mix takes its blocks too
 
 
 @pytest.fixture(autouse=True)

@@ -568,6 +568,22 @@ def test_nnm_duplicates_faulty_rows_and_leaves_match_numpy(small_slices, dtype):
                                  rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
+def test_nnm_above_network_rows_matches_numpy():
+  # W > NETWORK_MAX_ROWS: the neighbourhoods come from the radix select; copies
+  # of rows tie exactly and a NaN row stays as it is.
+  w, f, n = 97, 24, 8
+  x = np.random.default_rng(9).integers(-2, 3, size=(w, n)).astype(np.float32)
+  x[[10, 50, 96]] = x[3]
+  x[20, 1] = np.nan
+  expected = _np_nnm_faulty(x, f)
+  for k in ("plain", "cpu"):
+    with kernels.use(k):
+      got = np.asarray(jax.jit(lambda t: agg_lib.nearest_neighbour_mix(t, f))(jnp.asarray(x)))
+    np.testing.assert_array_equal(got[20], x[20])
+    good = np.arange(w) != 20
+    np.testing.assert_allclose(got[good], expected[good], rtol=1e-6, atol=1e-6)
+
+
 def test_bucketing_matches_definition_and_uses_key():
   x = np.asarray(jax.random.normal(jax.random.key(12), (W, 5)), np.float64)
   key = jax.random.key(3)

@@ -582,6 +582,51 @@ def test_pairwise_sqdist_identical_rows_get_identical_distances(w):
         assert np.all(d[np.ix_(others, others)][~np.eye(len(others), dtype=bool)] > 0)
 
 
+def _np_smallest_mask(v, k):
+  """NumPy's stable argsort, NaN as +inf: each row's first k columns, as a mask."""
+  order = np.argsort(np.where(np.isnan(v), np.inf, v), axis=1, kind="stable")[:, :k]
+  mask = np.zeros(v.shape, bool)
+  np.put_along_axis(mask, order, True, axis=1)
+  return mask
+
+
+# c: top_k of the k smallest (k <= c - k + 1) or of the c - k + 1 largest, and
+# above NETWORK_MAX_ROWS columns the radix select; R != C (not only square).
+@pytest.mark.parametrize("r,c,k", [(7, 9, 2), (9, 9, 7), (9, 9, 9), (5, 97, 90), (97, 97, 3)])
+def test_smallest_mask_is_stable_argsort(r, c, k):
+  rng = np.random.default_rng(c + k)
+  v = rng.integers(0, 4, size=(r, c)).astype(np.float32)  # many exact ties
+  v[:, ::3] = rng.standard_normal((r, len(range(0, c, 3))))
+  v[0, 1], v[1, 2], v[2, 0], v[3, 4] = np.nan, np.inf, -np.inf, -0.0
+  v[4] = 1.0  # a row of one value: the k lowest columns
+  expected = _np_smallest_mask(v, k)
+  for got in both(lambda a: rows.smallest_mask(a, k), jnp.asarray(v)):
+    np.testing.assert_array_equal(got, expected)
+  assert np.all(expected.sum(1) == k)
+
+
+@pytest.mark.parametrize("c,k", [(9, 0), (9, 4), (9, 8), (97, 60)])
+def test_smallest_sum_within_rounding_of_sorted_sum(c, k):
+  rng = np.random.default_rng(c + k)
+  v = rng.random((6, c)).astype(np.float32) * 10.0 ** rng.integers(-3, 4, size=(6, c))
+  v[1, 3] = np.nan   # ordered as +inf
+  v[2, :] = np.inf
+  expected = np.sort(np.where(np.isnan(v), np.inf, v).astype(np.float64), axis=1)[:, :k].sum(1)
+  u = np.finfo(np.float32).eps / 2
+  for got in both(lambda a: rows.smallest_sum(a, k), jnp.asarray(v)):
+    assert got.dtype == np.float32
+    fin = np.isfinite(expected)
+    np.testing.assert_array_equal(got[~fin], expected[~fin])
+    assert np.all(np.abs(got[fin] - expected[fin]) <= max(k - 1, 1) * u * expected[fin])
+  # Rows of a distance matrix of copies (rows 0, 3 and 5 of the points): equal sums.
+  x = rng.standard_normal((c, 3))
+  x[[3, 5]] = x[0]
+  d = ((x[:, None] - x[None]) ** 2).sum(-1).astype(np.float32)
+  np.fill_diagonal(d, np.inf)
+  for got in both(lambda a: rows.smallest_sum(a, k), jnp.asarray(d)):
+    assert got[0] == got[3] == got[5]
+
+
 @pytest.mark.parametrize("n", [7, 40, 203])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_mix_is_weights_times_masked_rows(small_slices, n, dtype):
@@ -599,6 +644,19 @@ def test_mix_is_weights_times_masked_rows(small_slices, n, dtype):
       assert got.dtype == dtype and got.shape == (w, n, 1)
       np.testing.assert_allclose(got[..., 0], expected,
                                  rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
+    # keep_masked: the masked rows come back as they are (NaN and inf included).
+    for got in both(lambda a, b, c: rows.mix(a, b, c, keep_masked=True), x, m, mask):
+      np.testing.assert_array_equal(got[~mask], x[~mask])
+      np.testing.assert_allclose(got[mask], expected[mask],
+                                 rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
+
+
+def test_mix_keep_masked_needs_a_mask_and_square_weights():
+  x = jnp.ones((3, 4))
+  with pytest.raises(ValueError, match="keep_masked"):
+    rows.mix(x, jnp.ones((2, 3)), jnp.ones(3, bool), keep_masked=True)
+  with pytest.raises(ValueError, match="keep_masked"):
+    rows.mix(x, jnp.ones((3, 3)), keep_masked=True)
 
 
 # --------------------------------------------------------------------------

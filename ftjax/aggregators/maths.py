@@ -179,8 +179,7 @@ def krum_scores(dist: jax.Array, f: int, num_neighbours: int | None = None) -> j
   """Krum score per row: sum of squared distances to its nearest others (krum_neighbours)."""
   w = dist.shape[0]
   others = jnp.where(jnp.eye(w, dtype=bool), jnp.inf, dist)
-  nearest = jnp.sort(others, axis=1)[:, :krum_neighbours(w, f, num_neighbours)]
-  return rows.nan_to_posinf(jnp.sum(nearest, axis=1))
+  return rows.smallest_sum(others, krum_neighbours(w, f, num_neighbours))
 
 
 def sqdist_to_combination(dist: jax.Array, weights: jax.Array, finite: jax.Array) -> jax.Array:

@@ -76,16 +76,11 @@ def nearest_neighbour_mix(updates: PyTree, f: int) -> PyTree:
   # -1 on the diagonal: x_i is always among its own neighbours, even when
   # other rows coincide with it.
   dist = jnp.where(jnp.eye(w, dtype=bool), -1.0, dist)
-  order = jnp.argsort(dist, axis=1, stable=True)[:, :w - f]
   # The selection matrix: row i holds 1/(W - f) at the columns of its
   # neighbours; the mixed rows are one product of it with the rows.
-  weights = jnp.zeros((w, w), dist.dtype).at[jnp.arange(w)[:, None], order].set(1.0 / (w - f))
+  weights = jnp.where(rows.smallest_mask(dist, w - f), 1.0 / (w - f), 0.0).astype(dist.dtype)
 
-  def mix_leaf(leaf):
-    shape = (w,) + (1,) * (leaf.ndim - 1)
-    return jnp.where(finite.reshape(shape), rows.mix(leaf, weights, finite), leaf)
-
-  return jax.tree.map(mix_leaf, updates)
+  return jax.tree.map(lambda leaf: rows.mix(leaf, weights, finite, keep_masked=True), updates)
 
 
 def _nnm(inner: RuleFn, x, key, *, f):

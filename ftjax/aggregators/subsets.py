@@ -92,8 +92,7 @@ def _bulyan(x, key, *, f, num_neighbours=None):
     k = n_t - f - 2 if num_neighbours is None else num_neighbours - t
     k = max(0, min(k, n_t - 1))
     others = jnp.where(pool[None, :] & off_diagonal, dist, jnp.inf)
-    score = jnp.sum(jnp.sort(others, axis=1)[:, :k], axis=1)
-    score = jnp.where(pool, rows.nan_to_posinf(score), jnp.inf)
+    score = jnp.where(pool, rows.smallest_sum(others, k), jnp.inf)
     i = jnp.argmin(score)
     i = jnp.where(pool[i], i, jnp.argmax(pool))  # every score +inf: the first pool row
     chosen.append(i)

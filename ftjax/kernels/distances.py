@@ -9,6 +9,11 @@ plain version):
   Gram matrix of the rows centred on a point.
 * :func:`mix`: ``m @ x``, the combinations of the rows with the weights of
   ``m`` [V, W] (the mixing step of nearest-neighbour mixing).
+* :func:`smallest_mask`: True at each row's k smallest entries of a distance
+  matrix, ties to the lower column (``argsort(v, 1, stable=True)[:, :k]`` as a
+  mask; nearest-neighbour mixing's neighbourhoods).
+* :func:`smallest_sum`: ``sort(v, 1)[:, :k].sum(1)``, the sum of each row's k
+  smallest entries (Krum's scores).
 * :func:`coordinate_sum`: the identity on a sum over coordinates; its
   ``psum`` over the devices when the coordinates are sharded.
 
@@ -28,6 +33,7 @@ import jax.numpy as jnp
 
 from ftjax import kernels as kernels_lib
 from ftjax.kernels._base import UNROLL_MAX_ROWS, _cpu, nan_to_posinf, sum_rows
+from ftjax.kernels.select import NETWORK_MAX_ROWS, order_statistics
 
 PyTree = Any
 
@@ -48,6 +54,10 @@ SQDIST_LONG_SLICES = 16
 GRAM_BLOCK_BYTES = 1 << 19
 GRAM_MIN_BLOCK = 256
 GRAM_UNROLL = 16
+# mix: rows of at most this many bytes take one product; below it the blocks'
+# copies cost more than their cache locality saves
+# (docs/benchmarks/distance_profile.md).
+MIX_BLOCK_MIN_BYTES = 1 << 25
 
 
 def coordinate_sum(partial: jax.Array) -> jax.Array:
@@ -206,53 +216,118 @@ def _finite_mean(x: jax.Array) -> jax.Array:
   return jnp.sum(terms, axis=0)
 
 
-def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def mix(x: jax.Array, m: jax.Array, mask: jax.Array | None = None,
+        keep_masked: bool = False) -> jax.Array:
   """``m @ x``: row v of the result is ``sum_i m[v, i] * x[i]``.
 
   Rows with ``mask[i] == False`` are read as zeros, so they contribute nothing
-  even when they hold NaN or inf. The CPU version masks and multiplies one
-  cache-sized block of columns at a time (groups of ``GRAM_UNROLL`` blocks per
-  loop step on long rows).
+  even when they hold NaN or inf; with ``keep_masked`` (V == W) they are also
+  returned as they are instead of mixed. The CPU version takes one product up
+  to ``MIX_BLOCK_MIN_BYTES`` of rows; above, a loop masks, multiplies and
+  writes one cache-sized block of columns per step (``GRAM_UNROLL`` steps
+  written out per loop iteration), with nothing copied but each block's result.
 
   Args:
     x: array [W, ...].
     m: [V, W] weights (cast to ``x.dtype``).
     mask: optional bool [W].
+    keep_masked: return the masked rows unchanged (needs ``mask`` and V == W).
 
   Returns:
     Array [V, ...] like ``x``'s trailing shape, in ``x.dtype``.
   """
   w = x.shape[0]
+  if keep_masked and (mask is None or m.shape[0] != w):
+    raise ValueError(f"mix(keep_masked=True) needs a mask and a square [W, W] m; got "
+                     f"m of shape {m.shape} for {w} rows and mask={mask is not None}.")
   flat = x.reshape(w, -1)
   m = m.astype(x.dtype)
   zero = jnp.zeros((), x.dtype)
 
   def product(block):
-    if mask is not None:
-      block = jnp.where(mask[:, None], block, zero)
-    return jnp.dot(m, block, precision=jax.lax.Precision.HIGHEST)
+    if mask is None:
+      return jnp.dot(m, block, precision=jax.lax.Precision.HIGHEST)
+    mixed = jnp.dot(m, jnp.where(mask[:, None], block, zero), precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(mask[:, None], mixed, block) if keep_masked else mixed
 
   n = flat.shape[1]
   s = _block_width(w, x.dtype)
-  if not _cpu() or n < 2 * s:
+  if not _cpu() or n < 2 * s or flat.size * flat.dtype.itemsize <= MIX_BLOCK_MIN_BYTES:
     return product(flat).reshape((m.shape[0],) + x.shape[1:])
-  # Groups of GRAM_UNROLL blocks per loop step (compile time), then the rest.
-  group = GRAM_UNROLL * s
-  groups = n // group if n > group else 0
-  out = jnp.zeros((m.shape[0], n), x.dtype)
-  if groups:
-    def body(i, acc):
-      block = jax.lax.dynamic_slice_in_dim(flat, i * group, group, axis=1)
-      mixed = jnp.concatenate([product(block[:, j * s:(j + 1) * s])
-                               for j in range(GRAM_UNROLL)], axis=1)
-      return jax.lax.dynamic_update_slice_in_dim(acc, mixed, i * group, axis=1)
-    out = jax.lax.fori_loop(0, groups, body, out)
-  start = groups * group
-  if start < n:
-    rest = jnp.concatenate([product(flat[:, lo:min(lo + s, n)]) for lo in range(start, n, s)],
-                           axis=1)
-    out = jax.lax.dynamic_update_slice_in_dim(out, rest, start, axis=1)
+  blocks = n // s
+
+  def body(i, out):
+    block = jax.lax.dynamic_slice_in_dim(flat, i * s, s, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(out, product(block), i * s, axis=1)
+
+  out = jax.lax.fori_loop(0, blocks, body, jnp.zeros((m.shape[0], n), x.dtype),
+                          unroll=min(GRAM_UNROLL, blocks))
+  if blocks * s < n:
+    out = jax.lax.dynamic_update_slice_in_dim(out, product(flat[:, blocks * s:]), blocks * s,
+                                              axis=1)
   return out.reshape((m.shape[0],) + x.shape[1:])
+
+
+def smallest_mask(values: jax.Array, k: int) -> jax.Array:
+  """bool [R, C]: True at the ``k`` smallest entries of each row, ties to the lower column.
+
+  The definition: the first ``k`` columns of each row's stable argsort (NaN
+  ordered as +inf), as a mask. The CPU version finds each row's k-th smallest
+  value t (``jax.lax.top_k`` of the shorter side up to ``NETWORK_MAX_ROWS``
+  columns, the radix select of :func:`ftjax.kernels.rows.order_statistics`
+  above) and keeps the entries below t and, in column order, as many entries
+  equal to t as the k places left: the same entries as the stable sort, since
+  both break ties by column, at the cost of a few elementwise passes instead of
+  sorting every row.
+
+  Args:
+    values: [R, C] array, C >= k >= 1.
+    k: entries kept per row.
+
+  Returns:
+    bool [R, C] with exactly ``k`` True entries per row.
+  """
+  r, c = values.shape
+  v = nan_to_posinf(values)
+  if not _cpu():
+    order = jnp.argsort(v, axis=1, stable=True)[:, :k]
+    return jnp.zeros((r, c), bool).at[jnp.arange(r)[:, None], order].set(True)
+  if c > NETWORK_MAX_ROWS:
+    t = order_statistics(v.T, [k - 1])[0]
+  elif k <= c - k + 1:
+    t = -jax.lax.top_k(-v, k)[0][:, -1]
+  else:
+    t = jax.lax.top_k(v, c - k + 1)[0][:, -1]
+  below = v < t[:, None]
+  tie = v == t[:, None]
+  room = k - jnp.sum(below, axis=1, keepdims=True)
+  return below | (tie & (jnp.cumsum(tie, axis=1) <= room))
+
+
+def smallest_sum(values: jax.Array, k: int) -> jax.Array:
+  """[R]: the sum of each row's ``k`` smallest entries (NaN as +inf; NaN sums as +inf).
+
+  The definition sorts each row and adds its first k entries in that order.
+  The CPU version adds the entries of :func:`smallest_mask` in column order
+  instead: the same entries, so the two differ by rounding only (for entries
+  of one sign, as distances are, each is within (k - 1) u times the sum of
+  the k entries of the exact sum, u the unit roundoff). Rows holding the same values with zeros moved around (the
+  rows of copies of one point in a distance matrix) still get bitwise equal
+  sums, since adding 0 is exact.
+
+  Args:
+    values: [R, C] array, C >= k >= 0.
+    k: entries added per row.
+
+  Returns:
+    [R] array in ``values.dtype``.
+  """
+  v = nan_to_posinf(values)
+  if k == 0:
+    return jnp.zeros(v.shape[:1], v.dtype)
+  if not _cpu():
+    return nan_to_posinf(jnp.sum(jnp.sort(v, axis=1)[:, :k], axis=1))
+  return nan_to_posinf(jnp.sum(jnp.where(smallest_mask(v, k), v, jnp.zeros((), v.dtype)), axis=1))
 
 
 def _block_width(w: int, dtype) -> int:

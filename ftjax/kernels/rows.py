@@ -14,6 +14,8 @@ What each primitive computes (its plain version, in ``jax.numpy``):
 * :func:`gram`: ``y @ y.T`` for ``y`` [W, n].
 * :func:`pairwise_sqdist`: ``|x_i - x_j|^2`` for every pair of rows.
 * :func:`mix`: ``m @ x``, combinations of the rows.
+* :func:`smallest_mask`: each row's k smallest entries of a matrix, as a mask;
+  :func:`smallest_sum`: their sum.
 * :func:`coordinate_sum`: the identity on a sum over coordinates; its
   ``psum`` over the devices when the coordinates are sharded.
 
@@ -118,7 +120,7 @@ from ftjax.kernels.select import (  # noqa: F401
     NETWORK_MAX_ROWS, RADIX_CHUNK_BYTES, batcher_network, order_statistics, sort,
     sorted_rows, trimmed_sum)
 from ftjax.kernels.distances import (  # noqa: F401
-    coordinate_sum, gram, mix, pairwise_sqdist, sqdist)
+    coordinate_sum, gram, mix, pairwise_sqdist, smallest_mask, smallest_sum, sqdist)
 
 PyTree = Any
 
