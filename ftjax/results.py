@@ -293,47 +293,53 @@ def to_markdown(sweep: dict, table: list[dict]) -> str:
               "(kept by CTMA, selected by Krum, clipped), split into the honest workers' and "
               "the Byzantine workers' rows.", ""]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for row in table:
-    cells = [*(_number(row[a]) for a in axes), ", ".join(row["seeds"].split(";")),
-             row["status"]]
-    for prefix, steps, per_seed in (("final_test_acc", "final_steps", False),
-                                    ("best_test_acc", "best_steps", True)):
-      mean = row[f"{prefix}_mean"]
-      cells.append("" if mean is None else
-                   f"{_percent(mean)} ({_percent(row[f'{prefix}_min'])}-"
-                   f"{_percent(row[f'{prefix}_max'])})")
-      cells.append(_steps(row[steps], per_seed))
-    mean = row["last_k_test_acc_mean"]
-    cells.append("" if mean is None else f"{_percent(mean)} ({_percent(row['last_k_test_acc_min'])}"
-                 f"-{_percent(row['last_k_test_acc_max'])})")
-    if asr:
-      mean, low, high = (row.get(f"final_test_asr_{k}") for k in ("mean", "min", "max"))
-      cells.append("" if mean is None else
-                   f"{_percent(mean)} ({_percent(low)}-{_percent(high)})")
-    cells += [_number(row["steps_per_sec"]), _number(row["wall_time"]),
-              *(_number(row.get(d)) for d in diag)]
-    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["| " + " | ".join(_cells(row, axes, asr, diag)) + " |" for row in table]
   failed = [row for row in table if row["reason"]]
   if failed:
     lines += ["", "Failed or unfinished runs:", ""]
     lines += [f"* {_cell_name(row, axes)}: {row['reason']}" for row in failed]
-  worst = worst_case(table, axes)
-  if worst is not None:
-    lines += ["", "## Worst case per rule over the attacks", "",
-              "The smallest final test accuracy (mean over the seeds, %) over the attacks, "
-              "and the attack that achieves it.", "",
-              "| rule | " + " | ".join(worst["columns"]) + " |",
-              "|" + "---|" * (len(worst["columns"]) + 1)]
-    for rule, by_column in worst["rows"].items():
-      cells = []
-      for column in worst["columns"]:
-        if column not in by_column:
-          cells.append("")
-        else:
-          value, attack = by_column[column]
-          cells.append(f"failed ({attack})" if value is None else f"{_percent(value)} ({attack})")
-      lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+  lines += _worst_section(worst_case(table, axes))
   return "\n".join(lines) + "\n"
+
+
+def _range(row: dict, prefix: str) -> str:
+  """``mean (min-max)`` in percent of the ``prefix`` columns, or "" when none finished."""
+  mean = row.get(f"{prefix}_mean")
+  return ("" if mean is None else
+          f"{_percent(mean)} ({_percent(row[f'{prefix}_min'])}-{_percent(row[f'{prefix}_max'])})")
+
+
+def _cells(row: dict, axes: list, asr: bool, diag: list) -> list[str]:
+  """One cell's row of results.md."""
+  cells = [*(_number(row[a]) for a in axes), ", ".join(row["seeds"].split(";")), row["status"],
+           _range(row, "final_test_acc"), _steps(row["final_steps"], False),
+           _range(row, "best_test_acc"), _steps(row["best_steps"], True),
+           _range(row, "last_k_test_acc")]
+  if asr:
+    cells.append(_range(row, "final_test_asr"))
+  return cells + [_number(row["steps_per_sec"]), _number(row["wall_time"]),
+                  *(_number(row.get(d)) for d in diag)]
+
+
+def _worst_section(worst) -> list[str]:
+  """The worst case per rule over the attacks (nothing without an attack axis)."""
+  if worst is None:
+    return []
+  lines = ["", "## Worst case per rule over the attacks", "",
+           "The smallest final test accuracy (mean over the seeds, %) over the attacks, "
+           "and the attack that achieves it.", "",
+           "| rule | " + " | ".join(worst["columns"]) + " |",
+           "|" + "---|" * (len(worst["columns"]) + 1)]
+  for rule, by_column in worst["rows"].items():
+    cells = []
+    for column in worst["columns"]:
+      if column not in by_column:
+        cells.append("")
+      else:
+        value, attack = by_column[column]
+        cells.append(f"failed ({attack})" if value is None else f"{_percent(value)} ({attack})")
+    lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def write_results(workdir: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from tests.test_train import tiny_config
 from ftjax import loop as loop_lib
 from ftjax import plot
 from ftjax import plot_run
@@ -25,19 +25,10 @@ from ftjax.state import purpose_key
 
 
 def _config(**overrides):
-  """A config of a few rounds of the mlp on the built-in digits."""
-  c = default.get_config()
-  c.num_steps, c.eval_every, c.progress = 4, 2, False
-  c.workers.num, c.workers.byzantine, c.workers.batch_size = 5, 1, 4
-  c.model.name = "mlp"
-  c.data.eval_batch_size = 100  # several batches, the last one padded
-  for key, value in overrides.items():
-    section = c
-    *path, last = key.split(".")
-    for p in path:
-      section = section[p]
-    section[last] = value
-  return c
+  """A config of a few rounds of the mlp on the built-in digits; evaluation batches of
+  100 (several batches, the last one padded)."""
+  return tiny_config(**{"num_steps": 4, "eval_every": 2, "model.name": "mlp",
+                        "data.eval_batch_size": 100, **overrides})
 
 
 def _rows(workdir):
